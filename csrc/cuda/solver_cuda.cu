@@ -1,0 +1,181 @@
+// CUDA kernels of the solver ops (schemas in csrc/hypergrad.cpp), mirroring cpu/solver_cpu.cpp.
+// Every launch runs on the current stream and reads its per-row scalars from device memory, so a
+// solve never waits on the host. Reductions are two-pass and deterministic: a grid of
+// (blocks per row) x rows writes float64 partial sums (warp shuffles, then one value per block),
+// and one block per row adds them up in a fixed order.
+// Only c10's light CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS and cuSPARSE
+// headers, which a bare CUDA toolkit (nvcc and the runtime) does not ship.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../solver_common.h"
+
+namespace hypergrad {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocksPerRow = 1024;
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int offset = warpSize / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of v over the block; the result is valid in thread 0.
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.0;
+  if (warp == 0) v = warp_sum(v);
+  return v;
+}
+
+// out[row] = sum of partial[row, 0..blocks).
+__global__ void sum_partials_kernel(const double* __restrict__ partial, int blocks, double* __restrict__ out) {
+  const int row = blockIdx.x;
+  double s = 0.0;
+  for (int i = threadIdx.x; i < blocks; i += blockDim.x) s += partial[row * blocks + i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) out[row] = s;
+}
+
+// partial[row, block] = sum over this block's grid-stride slice of row `row` of a*b (float64).
+template <typename T>
+__global__ void row_dot_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
+                               double* __restrict__ partial) {
+  const int64_t row = blockIdx.y, off = row * n;
+  double s = 0.0;
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x)
+    s += static_cast<double>(a[off + j]) * static_cast<double>(b[off + j]);
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = s;
+}
+
+// alpha = num/den on active rows; x += alpha p; r -= alpha q; partial sums of the new r.r.
+template <typename T>
+__global__ void cg_step_kernel(T* __restrict__ x, T* __restrict__ r, const T* __restrict__ p,
+                               const T* __restrict__ q, const double* __restrict__ num,
+                               const double* __restrict__ den, const bool* __restrict__ active,
+                               int64_t n, double* __restrict__ partial) {
+  const int64_t row = blockIdx.y, off = row * n;
+  const T alpha = step_size<T>(active[row], num[row], den[row]);
+  double s = 0.0;
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t k = off + j;
+    x[k] += alpha * p[k];
+    const T rk = r[k] - alpha * q[k];
+    r[k] = rk;
+    s += static_cast<double>(rk) * static_cast<double>(rk);
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = s;
+}
+
+// p = z + (num_new/num_old) p on active rows.
+template <typename T>
+__global__ void cg_direction_kernel(T* __restrict__ p, const T* __restrict__ z, const double* __restrict__ num_new,
+                                    const double* __restrict__ num_old, const bool* __restrict__ active,
+                                    int64_t n) {
+  const int64_t row = blockIdx.y, off = row * n;
+  if (!active[row]) return;
+  const T beta = direction_ratio<T>(num_new[row], num_old[row]);
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x)
+    p[off + j] = z[off + j] + beta * p[off + j];
+}
+
+// Enough blocks per row to fill the device about four times over, at most one per kThreads elements.
+dim3 row_grid(RowLayout layout) {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t wanted = std::max<int64_t>(1, (4 * sms + layout.rows - 1) / layout.rows);
+  const int64_t needed = (layout.n + kThreads - 1) / kThreads;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>({wanted, needed, kMaxBlocksPerRow}));
+  TORCH_CHECK(layout.rows <= 65535, "hypergrad: at most 65535 right-hand sides per call on CUDA, got ",
+              layout.rows);
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(layout.rows));
+}
+
+void finish_row_sums(const at::Tensor& partial, dim3 grid, at::Tensor& out, cudaStream_t stream) {
+  sum_partials_kernel<<<grid.y, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), grid.x,
+                                                       out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor row_dot_cuda(const at::Tensor& a, const at::Tensor& b) {
+  const auto layout = check_vector(a, "a", a, "row_dot");
+  check_vector(b, "b", a, "row_dot");
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto out = new_row_scalars(a);
+  if (layout.n == 0) return out.zero_();
+  const dim3 grid = row_grid(layout);
+  auto partial = at::empty({layout.rows, (int64_t)grid.x}, a.options().dtype(at::kDouble));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "row_dot_cuda", [&] {
+    row_dot_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                                            layout.n, partial.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  finish_row_sums(partial, grid, out, stream);
+  return out;
+}
+
+at::Tensor cg_step_cuda(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const at::Tensor& q,
+                        const at::Tensor& num, const at::Tensor& den, const at::Tensor& active) {
+  const auto layout = check_vector(x, "x", x, "cg_step");
+  check_vector(r, "r", x, "cg_step");
+  check_vector(p, "p", x, "cg_step");
+  check_vector(q, "q", x, "cg_step");
+  check_row_scalars(num, "num", x, at::kDouble, "cg_step");
+  check_row_scalars(den, "den", x, at::kDouble, "cg_step");
+  check_row_scalars(active, "active", x, at::kBool, "cg_step");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto rr = new_row_scalars(x);
+  if (layout.n == 0) return rr.zero_();
+  const dim3 grid = row_grid(layout);
+  auto partial = at::empty({layout.rows, (int64_t)grid.x}, x.options().dtype(at::kDouble));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_cuda", [&] {
+    cg_step_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        x.mutable_data_ptr<scalar_t>(), r.mutable_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
+        q.const_data_ptr<scalar_t>(), num.const_data_ptr<double>(), den.const_data_ptr<double>(),
+        active.const_data_ptr<bool>(), layout.n, partial.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  finish_row_sums(partial, grid, rr, stream);
+  return rr;
+}
+
+void cg_direction_cuda(at::Tensor& p, const at::Tensor& z, const at::Tensor& num_new, const at::Tensor& num_old,
+                       const at::Tensor& active) {
+  const auto layout = check_vector(p, "p", p, "cg_direction");
+  check_vector(z, "z", p, "cg_direction");
+  check_row_scalars(num_new, "num_new", p, at::kDouble, "cg_direction");
+  check_row_scalars(num_old, "num_old", p, at::kDouble, "cg_direction");
+  check_row_scalars(active, "active", p, at::kBool, "cg_direction");
+  const c10::cuda::CUDAGuard guard(p.device());
+  if (layout.n == 0) return;
+  const dim3 grid = row_grid(layout);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "cg_direction_cuda", [&] {
+    cg_direction_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        p.mutable_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), num_new.const_data_ptr<double>(),
+        num_old.const_data_ptr<double>(), active.const_data_ptr<bool>(), layout.n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hypergrad, CUDA, m) {
+  m.impl("row_dot", &row_dot_cuda);
+  m.impl("cg_step", &cg_step_cuda);
+  m.impl("cg_direction", &cg_direction_cuda);
+}
+
+}  // namespace hypergrad

@@ -1,0 +1,78 @@
+// Input checks shared by the CPU and CUDA kernels of hypergrad._C. Each failure says what was
+// wrong and what the op expects, so that a direct caller of torch.ops.hypergrad.* can act on it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#ifndef HYPERGRAD_TORCH_VERSION
+#define HYPERGRAD_TORCH_VERSION "unknown"
+#endif
+#ifndef HYPERGRAD_CUDA_VERSION
+#define HYPERGRAD_CUDA_VERSION ""
+#endif
+
+#ifdef __CUDACC__
+#define HYPERGRAD_HOST_DEVICE __host__ __device__
+#else
+#define HYPERGRAD_HOST_DEVICE
+#endif
+
+namespace hypergrad {
+
+// The [rows, n] view of a solver vector: rows = 1 for a [n] vector, B for a [B, n] batch.
+struct RowLayout {
+  int64_t rows;
+  int64_t n;
+};
+
+inline RowLayout check_vector(const at::Tensor& t, const char* name, const at::Tensor& like,
+                              const char* op) {
+  TORCH_CHECK_VALUE(t.dim() == 1 || t.dim() == 2, "hypergrad::", op, ": ", name,
+              " must be a vector [n] or a batch of vectors [B, n], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "hypergrad::", op,
+              ": ", name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), "hypergrad::", op, ": ", name, " has shape ", t.sizes(),
+              " but the first vector argument has shape ", like.sizes(), "; all vectors must match");
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), "hypergrad::", op, ": ", name, " is ",
+              t.scalar_type(), " but the first vector argument is ", like.scalar_type(),
+              "; convert both to one dtype");
+  TORCH_CHECK_VALUE(t.device() == like.device(), "hypergrad::", op, ": ", name, " is on ", t.device(),
+              " but the first vector argument is on ", like.device(), "; move both to one device");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "hypergrad::", op, ": ", name,
+              " must be contiguous; call .contiguous() on it first");
+  if (t.dim() == 1) return {1, t.size(0)};
+  return {t.size(0), t.size(1)};
+}
+
+// Per-row scalars: float64 (or bool for masks), shaped like the rows of `like`, same device.
+inline void check_row_scalars(const at::Tensor& s, const char* name, const at::Tensor& like,
+                              at::ScalarType dtype, const char* op) {
+  auto rows = like.sizes().slice(0, like.dim() - 1);
+  TORCH_CHECK_VALUE(s.sizes() == rows, "hypergrad::", op, ": ", name, " must hold one value per row, shape ",
+              rows, ", got ", s.sizes());
+  TORCH_CHECK_VALUE(s.scalar_type() == dtype, "hypergrad::", op, ": ", name, " must be ", dtype, ", got ",
+              s.scalar_type());
+  TORCH_CHECK_VALUE(s.device() == like.device(), "hypergrad::", op, ": ", name, " is on ", s.device(),
+              " but the vectors are on ", like.device());
+  TORCH_CHECK_VALUE(s.is_contiguous(), "hypergrad::", op, ": ", name, " must be contiguous");
+}
+
+inline at::Tensor new_row_scalars(const at::Tensor& like) {
+  auto rows = like.sizes().slice(0, like.dim() - 1);
+  return at::empty(rows, like.options().dtype(at::kDouble));
+}
+
+// alpha of one row of cg_step: num / den where the row is active with positive den, else 0.
+template <typename T>
+HYPERGRAD_HOST_DEVICE inline T step_size(bool active, double num, double den) {
+  return (active && den > 0.0) ? static_cast<T>(num / den) : T(0);
+}
+
+// beta of one row of cg_direction: num_new / num_old, 0 when num_old is 0.
+template <typename T>
+HYPERGRAD_HOST_DEVICE inline T direction_ratio(double num_new, double num_old) {
+  return num_old != 0.0 ? static_cast<T>(num_new / num_old) : T(0);
+}
+
+}  // namespace hypergrad

@@ -1,0 +1,18 @@
+"""hypergrad: higher-order autodiff for bilevel problems.
+
+Hessian-vector products (hypergrad.hvp), batched Krylov solvers with device-side scalars
+(hypergrad.solve) and the total derivative through a follower's optimum (hypergrad.total_grad),
+the computation at the heart of the TGDA attack of Lu, Kamath & Yu, "Indiscriminate Data Poisoning
+Attacks on Neural Networks" (TMLR 2022), eq. 15-17. The solvers' vector work runs in the fused
+kernels of the compiled extension hypergrad._C when it is built, and in pure PyTorch otherwise.
+"""
+from ._ops import build_info, has_cuda_extension, has_extension, use_extension
+from .hvp import HessianOperator, flatten, hessian_operator, hvp, unflatten
+from .solvers import METHODS, SolveInfo, solve
+from .total_grad import total_grad
+
+__all__ = [
+    "HessianOperator", "METHODS", "SolveInfo", "build_info", "flatten", "has_cuda_extension",
+    "has_extension", "hessian_operator", "hvp", "solve", "total_grad", "unflatten", "use_extension",
+]
+__version__ = "0.1.0"

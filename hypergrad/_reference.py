@@ -1,0 +1,80 @@
+"""Pure-PyTorch twins of the ops of hypergrad._C, with the same signatures and semantics.
+
+They run wherever the compiled library or a device kernel is missing, and they are the oracle
+the tests hold the kernels to. The ops are the vector work of the Krylov solvers that compute
+(H_ww + damping I)^-1 grad_w l in the total derivative of Lu, Kamath & Yu (TMLR 2022), eq. 15-17.
+
+Vectors are contiguous float32/float64 tensors shaped [n] or [B, n] (one system per row); per-row
+scalars are float64 tensors shaped like the rows ([] or [B]); masks are bool tensors of that shape.
+"""
+import torch
+
+_VECTOR_DTYPES = (torch.float32, torch.float64)
+
+
+def check_vector(op, name, t, like):
+    """Raises ValueError unless t is a valid solver vector matching the op's first vector `like`."""
+    if t.dim() not in (1, 2):
+        raise ValueError(f"hypergrad::{op}: {name} must be a vector [n] or a batch of vectors [B, n], "
+                         f"got shape {list(t.shape)}")
+    if t.dtype not in _VECTOR_DTYPES:
+        raise ValueError(f"hypergrad::{op}: {name} must be float32 or float64, got {t.dtype}")
+    if t.shape != like.shape:
+        raise ValueError(f"hypergrad::{op}: {name} has shape {list(t.shape)} but the first vector "
+                         f"argument has shape {list(like.shape)}; all vectors must match")
+    if t.dtype != like.dtype:
+        raise ValueError(f"hypergrad::{op}: {name} is {t.dtype} but the first vector argument is "
+                         f"{like.dtype}; convert both to one dtype")
+    if t.device != like.device:
+        raise ValueError(f"hypergrad::{op}: {name} is on {t.device} but the first vector argument is on "
+                         f"{like.device}; move both to one device")
+    if not t.is_contiguous():
+        raise ValueError(f"hypergrad::{op}: {name} must be contiguous; call .contiguous() on it first")
+
+
+def check_row_scalars(op, name, s, like, dtype):
+    """Raises ValueError unless s holds one `dtype` value per row of `like`, on its device."""
+    rows = like.shape[:-1]
+    if s.shape != rows:
+        raise ValueError(f"hypergrad::{op}: {name} must hold one value per row, shape {list(rows)}, "
+                         f"got {list(s.shape)}")
+    if s.dtype != dtype:
+        raise ValueError(f"hypergrad::{op}: {name} must be {dtype}, got {s.dtype}")
+    if s.device != like.device:
+        raise ValueError(f"hypergrad::{op}: {name} is on {s.device} but the vectors are on {like.device}")
+    if not s.is_contiguous():
+        raise ValueError(f"hypergrad::{op}: {name} must be contiguous")
+
+
+def row_dot(a, b):
+    """<a_i, b_i> for every row i, accumulated in float64."""
+    check_vector("row_dot", "a", a, a)
+    check_vector("row_dot", "b", b, a)
+    return (a.double() * b.double()).sum(-1)
+
+
+def cg_step(x, r, p, q, num, den, active):
+    """alpha_i = num_i/den_i on active rows with den_i > 0 (else 0); x += alpha p; r -= alpha q.
+
+    Updates x and r in place and returns <r_i, r_i> of the updated r in float64.
+    """
+    for name, t in (("x", x), ("r", r), ("p", p), ("q", q)):
+        check_vector("cg_step", name, t, x)
+    check_row_scalars("cg_step", "num", num, x, torch.float64)
+    check_row_scalars("cg_step", "den", den, x, torch.float64)
+    check_row_scalars("cg_step", "active", active, x, torch.bool)
+    alpha = torch.where(active & (den > 0), num / den, torch.zeros_like(num)).to(x.dtype).unsqueeze(-1)
+    x.add_(alpha * p)
+    r.sub_(alpha * q)
+    return row_dot(r, r)
+
+
+def cg_direction(p, z, num_new, num_old, active):
+    """p_i = z_i + (num_new_i/num_old_i) p_i on active rows (beta = 0 where num_old_i = 0), in place."""
+    check_vector("cg_direction", "p", p, p)
+    check_vector("cg_direction", "z", z, p)
+    check_row_scalars("cg_direction", "num_new", num_new, p, torch.float64)
+    check_row_scalars("cg_direction", "num_old", num_old, p, torch.float64)
+    check_row_scalars("cg_direction", "active", active, p, torch.bool)
+    beta = torch.where(num_old != 0, num_new / num_old, torch.zeros_like(num_new)).to(p.dtype).unsqueeze(-1)
+    p.copy_(torch.where(active.unsqueeze(-1), z + beta * p, p))

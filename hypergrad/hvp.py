@@ -1,0 +1,182 @@
+"""Hessian-vector products of a scalar loss, as reusable operators on flat vectors.
+
+Two modes compute the same H v:
+  * "reverse" (reverse-over-reverse): the gradient g = dL/dw is built once with create_graph=True;
+    each product is one backward pass through g (the graph is reused, nothing is recomputed).
+    This is the mode total_grad uses: the same graph also yields the mixed term of the total
+    derivative (Lu, Kamath & Yu, TMLR 2022, eq. 15-17).
+  * "forward" (forward-over-reverse, torch.func): H v = jvp(grad L, (w,), (v,)); it needs the loss
+    as a function of the parameters, loss_fn(*params).
+
+Batched products (v of shape [B, n]) run as one vectorised backward (is_grads_batched / vmap)
+where the model's operations allow it and fall back to a loop over the rows otherwise.
+"""
+import torch
+
+MODES = ("reverse", "forward")
+
+
+def as_tuple(params, what="params"):
+    """A tensor or a sequence of tensors as a tuple; raises a clear error for anything else."""
+    if isinstance(params, torch.Tensor):
+        return (params,)
+    try:
+        params = tuple(params)
+    except TypeError:
+        raise TypeError(f"{what} must be a tensor or a sequence of tensors, got {type(params).__name__}") from None
+    if not params or not all(isinstance(p, torch.Tensor) for p in params):
+        raise TypeError(f"{what} must be a non-empty sequence of tensors")
+    return params
+
+
+def flatten(tensors, batched=False):
+    """Concatenates tensors into one flat vector [n], or [B, n] when batched (leading dim B kept)."""
+    if batched:
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(flat, like):
+    """Splits a flat vector [n] (or [B, n]) into tensors shaped like `like` (with a leading B)."""
+    sizes = [p.numel() for p in like]
+    lead = flat.shape[:-1]
+    return tuple(chunk.reshape(*lead, *p.shape) for chunk, p in zip(flat.split(sizes, dim=-1), like))
+
+
+def _zeros_for_unused(grads, params):
+    return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+
+
+class HessianOperator:
+    """v -> H v for the Hessian of a scalar loss w.r.t. params, on flat vectors [n] or [B, n].
+
+    Build it with `HessianOperator.reverse(loss, params)` (or `.from_gradient(grads, params)` when
+    the gradient graph exists already) or `HessianOperator.forward(loss_fn, params)`. Calling the
+    operator (or `.matvec`) on v returns H v of the same shape and dtype as v.
+    """
+
+    def __init__(self, params, product):
+        self.params = params
+        self.n = sum(p.numel() for p in params)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self._product = product
+
+    @classmethod
+    def from_gradient(cls, grads, params):
+        """Reverse-over-reverse operator on an existing gradient graph (create_graph=True)."""
+        grads, params = as_tuple(grads, "grads"), as_tuple(params)
+        if any(not g.requires_grad for g in grads):
+            raise ValueError("the gradient has no graph: compute it with torch.autograd.grad(..., create_graph=True)")
+        batching = {"vectorised": True}
+
+        def product(v):
+            batched = v.dim() == 2
+            outs = unflatten(v, params)
+            if batched and batching["vectorised"]:
+                try:
+                    hv = torch.autograd.grad(grads, params, outs, retain_graph=True, allow_unused=True,
+                                             is_grads_batched=True)
+                    return flatten(_zeros_for_unused_batched(hv, params, v.shape[0]), batched=True)
+                except RuntimeError:
+                    batching["vectorised"] = False  # an op without a batching rule: loop instead
+            if batched:
+                return torch.stack([product(row) for row in v])
+            hv = torch.autograd.grad(grads, params, outs, retain_graph=True, allow_unused=True)
+            return flatten(_zeros_for_unused(hv, params))
+
+        return cls(params, product)
+
+    @classmethod
+    def reverse(cls, loss, params):
+        """Reverse-over-reverse operator of the scalar tensor `loss` (its graph must reach params)."""
+        params = as_tuple(params)
+        _check_scalar_loss(loss)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        if any(g is None for g in grads):
+            raise ValueError("the loss does not depend on every tensor in params")
+        return cls.from_gradient(grads, params)
+
+    @classmethod
+    def forward(cls, loss_fn, params):
+        """Forward-over-reverse operator of loss_fn(*params) (torch.func.jvp of torch.func.grad)."""
+        params = as_tuple(params)
+        if not callable(loss_fn):
+            raise TypeError("forward mode needs the loss as a function of the parameters: loss_fn(*params)")
+        primals = tuple(p.detach() for p in params)
+        argnums = tuple(range(len(params)))
+        grad_fn = torch.func.grad(loss_fn, argnums=argnums)
+
+        def single(v):
+            return flatten(torch.func.jvp(lambda *w: grad_fn(*w), primals, unflatten(v, params))[1])
+
+        def product(v):
+            return torch.func.vmap(single)(v) if v.dim() == 2 else single(v)
+
+        return cls(params, product)
+
+    def matvec(self, v):
+        """H v for v of shape [n] or [B, n] (n = total number of parameter entries)."""
+        if v.dim() not in (1, 2) or v.shape[-1] != self.n:
+            raise ValueError(f"v must have shape [{self.n}] or [B, {self.n}] (n = number of parameter "
+                             f"entries), got {list(v.shape)}")
+        return self._product(v.to(self.dtype))
+
+    __call__ = matvec
+
+
+def _zeros_for_unused_batched(grads, params, batch):
+    return tuple(p.new_zeros((batch, *p.shape)) if g is None else g for g, p in zip(grads, params))
+
+
+def _check_scalar_loss(loss):
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("loss must be a scalar tensor (one element)")
+    if not loss.requires_grad:
+        raise ValueError("loss has no graph: compute it from parameters that require grad")
+
+
+def hvp(loss, params, v, *, mode="reverse"):
+    """Hessian of the scalar `loss` w.r.t. `params` times v.
+
+    Args:
+        loss: a scalar tensor whose graph reaches params (mode "reverse"), or a callable
+            loss(*params) returning one (either mode).
+        params: a tensor or a sequence of tensors.
+        v: shaped like params (a tensor, or a sequence matching params), or batched with a
+            leading dimension B on every tensor.
+        mode: "reverse" (reverse-over-reverse) or "forward" (forward-over-reverse). (default: "reverse")
+
+    Returns:
+        H v in the structure of v: a tensor when params is a tensor, else a tuple.
+
+    Examples:
+        >>> w = torch.randn(3, requires_grad=True)
+        >>> hvp((w ** 3).sum(), w, torch.ones(3))  # 6 w
+    """
+    single_tensor = isinstance(params, torch.Tensor)
+    params = as_tuple(params)
+    vs = as_tuple(v, "v")
+    if len(vs) != len(params):
+        raise ValueError(f"v has {len(vs)} tensors but params has {len(params)}")
+    batched = vs[0].dim() == params[0].dim() + 1
+    for vi, p in zip(vs, params):
+        expected = p.shape if not batched else (vs[0].shape[0], *p.shape)
+        if tuple(vi.shape) != tuple(expected):
+            raise ValueError(f"v must be shaped like params (or with one leading batch dimension): "
+                             f"expected {list(expected)}, got {list(vi.shape)}")
+    op = hessian_operator(loss, params, mode=mode)
+    out = unflatten(op.matvec(flatten(vs, batched=batched)), params)
+    return out[0] if single_tensor else out
+
+
+def hessian_operator(loss, params, *, mode="reverse"):
+    """The HessianOperator of `loss` w.r.t. params in the given mode (see `hvp` for the arguments)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    params = as_tuple(params)
+    if mode == "forward":
+        return HessianOperator.forward(loss, params)
+    if callable(loss):
+        loss = loss(*params)
+    return HessianOperator.reverse(loss, params)

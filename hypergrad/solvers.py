@@ -1,0 +1,253 @@
+"""Krylov solvers for (A + damping I) x = b with batched right-hand sides and device-side scalars.
+
+A is given only through products v -> A v (for example the Hessian-vector products of
+hypergrad.hvp). In TGDA (Lu, Kamath & Yu, TMLR 2022, eq. 15-17, Algorithm 1 line 4) A is the
+follower's Hessian H_ww and b = grad_w l; the paper's code uses conjugate gradient on the normal
+equations ("cgnr" here).
+
+b is [n] (one system) or [B, n] (B systems solved together, one per row, each with its own
+convergence: a row that has converged, or met non-positive curvature, stops changing while the
+others go on). Every per-row scalar (dot products, step sizes, flags) stays on the device in
+float64; the host is synchronised only once every `check_every` iterations, to stop early when
+every row is done. The vector work of CG and CGNR runs in the fused kernels of hypergrad._C.
+
+Methods:
+  * "cg": conjugate gradient, for symmetric positive definite A. A direction with p.Ap <= 0 stops
+    that row and sets info.negative_curvature.
+  * "cgnr": CG on the normal equations A^T A x = A^T b (two products per iteration), safe for
+    indefinite A; the reported residual is that of the original system.
+  * "minres": MINRES (Paige & Saunders 1975) for symmetric, possibly indefinite A.
+  * "neumann": truncated Neumann series x = eta sum_j (I - eta A)^j b, for SPD A with
+    eta < 2 / lambda_max (eta estimated by power iteration unless given).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from . import _ops
+
+METHODS = ("cg", "cgnr", "minres", "neumann")
+
+
+@dataclass
+class SolveInfo:
+    """What a solve did. Tensors are shaped like the rows of b ([] or [B]).
+
+    Attributes:
+        method: the method used.
+        iterations: iterations each system took (int64).
+        residual_norm: ||b - (A + damping I) x|| per system (for minres and neumann, the
+            recurrence's value, equal to it in exact arithmetic).
+        converged: whether each system met max(rtol ||b||, atol).
+        negative_curvature: whether CG met a direction with p.Ap <= 0 (always False otherwise).
+        num_matvecs: the number of calls to matvec (one call serves every row of a batch).
+        x: the solution, ready to warm-start the next solve (x0).
+    """
+
+    method: str
+    iterations: torch.Tensor
+    residual_norm: torch.Tensor
+    converged: torch.Tensor
+    negative_curvature: torch.Tensor
+    num_matvecs: int
+    x: torch.Tensor
+
+
+class _Counted:
+    """matvec with damping added, counting its calls."""
+
+    def __init__(self, matvec, damping):
+        self.matvec, self.damping, self.calls = matvec, damping, 0
+
+    def __call__(self, v):
+        self.calls += 1
+        out = self.matvec(v)
+        if out.shape != v.shape:
+            raise ValueError(f"matvec returned shape {list(out.shape)} for input {list(v.shape)}; "
+                             "it must return A v shaped like v")
+        return out + self.damping * v if self.damping else out
+
+
+def _col(s, like):
+    """Per-row float64 scalars as a column broadcastable against vectors like `like`."""
+    return s.to(like.dtype).unsqueeze(-1)
+
+
+def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0, damping=0.0,
+          check_every=4, neumann_scale=None):
+    """Solves (A + damping I) x = b for one or a batch of right-hand sides.
+
+    Args:
+        matvec: callable v -> A v for v of shape [n] or [B, n] (A symmetric).
+        b: right-hand side [n], or [B, n] for B systems solved together.
+        method: "cg", "cgnr", "minres" or "neumann". (default: "cg")
+        x0: initial guess shaped like b, e.g. info.x of a previous solve. (default: zeros)
+        maxiter: most iterations per system. (default: n for cg/cgnr/minres, 100 for neumann)
+        rtol: relative tolerance on the residual norm, per system. (default: 1e-5)
+        atol: absolute tolerance; a system stops when ||r|| <= max(rtol ||b||, atol). (default: 0.0)
+        damping: Tikhonov damping added to A's diagonal. (default: 0.0)
+        check_every: iterations between host synchronisations that test whether all systems are
+            done. (default: 4)
+        neumann_scale: eta of the Neumann series. (default: 1 / lambda_max by power iteration)
+
+    Returns:
+        (x, info): x shaped like b, info a SolveInfo.
+
+    Examples:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x, info = solve(lambda v: v @ A, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(b, torch.Tensor) or b.dim() not in (1, 2):
+        raise ValueError("b must be a tensor of shape [n] or [B, n]")
+    if b.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"b must be float32 or float64, got {b.dtype}")
+    if x0 is not None and (x0.shape != b.shape):
+        raise ValueError(f"x0 must be shaped like b {list(b.shape)}, got {list(x0.shape)}")
+    if rtol < 0 or atol < 0 or damping < 0:
+        raise ValueError("rtol, atol and damping must be non-negative")
+    if check_every < 1:
+        raise ValueError("check_every must be at least 1")
+    if maxiter is None:
+        maxiter = 100 if method == "neumann" else b.shape[-1]
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be non-negative, got {maxiter}")
+    b = b.contiguous()
+    A = _Counted(matvec, damping)
+    x = torch.zeros_like(b) if x0 is None else x0.detach().to(b.dtype).clone().contiguous()
+    r = b - A(x) if x0 is not None else b.clone()
+    bnorm = _ops.row_dot(b, b).sqrt()
+    tol2 = torch.clamp(bnorm * rtol, min=atol) ** 2
+    run = {"cg": _cg, "cgnr": _cgnr, "minres": _minres, "neumann": _neumann}[method]
+    iterations, rr, negative = run(A, b, x, r, tol2, maxiter, check_every, neumann_scale)
+    info = SolveInfo(method=method, iterations=iterations, residual_norm=rr.sqrt(), converged=rr <= tol2,
+                     negative_curvature=negative, num_matvecs=A.calls, x=x)
+    return x, info
+
+
+def _all_done(k, active, check_every):
+    """The one host synchronisation of the loop: every `check_every` iterations."""
+    return k % check_every == 0 and not bool(active.any())
+
+
+def _cg(A, b, x, r, tol2, maxiter, check_every, _):
+    rows = b.shape[:-1]
+    rs = _ops.row_dot(r, r)
+    active = rs > tol2
+    negative = torch.zeros(rows, dtype=torch.bool, device=b.device)
+    iterations = torch.zeros(rows, dtype=torch.int64, device=b.device)
+    p = r.clone()
+    for k in range(maxiter):
+        if _all_done(k, active, check_every):
+            break
+        Ap = A(p)
+        pAp = _ops.row_dot(p, Ap)
+        negative |= active & (pAp <= 0)
+        stepping = active & (pAp > 0)
+        rr = _ops.cg_step(x, r, p, Ap, rs, pAp, stepping)  # alpha = rs / pAp
+        iterations += stepping
+        active = stepping & (rr > tol2)
+        _ops.cg_direction(p, r, rr, rs, active)  # beta = rr / rs
+        rs = rr
+    return iterations, rs, negative
+
+
+def _cgnr(A, b, x, r, tol2, maxiter, check_every, _):
+    # CG on A^2 x = A b (A symmetric): z = A r is the normal-equation residual.
+    rows = b.shape[:-1]
+    rs = _ops.row_dot(r, r)
+    active = rs > tol2
+    iterations = torch.zeros(rows, dtype=torch.int64, device=b.device)
+    z = A(r)
+    zz = _ops.row_dot(z, z)
+    p = z.clone()
+    for k in range(maxiter):
+        if _all_done(k, active, check_every):
+            break
+        w = A(p)
+        ww = _ops.row_dot(w, w)
+        stepping = active & (ww > 0)
+        rs = _ops.cg_step(x, r, p, w, zz, ww, stepping)  # alpha = |z|^2 / |A p|^2
+        iterations += stepping
+        active = stepping & (rs > tol2)
+        z = A(r)
+        zz_new = _ops.row_dot(z, z)
+        _ops.cg_direction(p, z, zz_new, zz, active)
+        zz = zz_new
+    return iterations, rs, torch.zeros(rows, dtype=torch.bool, device=b.device)
+
+
+def _minres(A, b, x, r, tol2, maxiter, check_every, _):
+    # Paige & Saunders' MINRES without preconditioner, every scalar a float64 tensor per row.
+    rows = b.shape[:-1]
+    zeros = torch.zeros(rows, dtype=torch.float64, device=b.device)
+    iterations = torch.zeros(rows, dtype=torch.int64, device=b.device)
+    beta = _ops.row_dot(r, r).sqrt()
+    phibar = beta.clone()
+    active = phibar ** 2 > tol2
+    r1, r2, y = r.clone(), r.clone(), r.clone()
+    oldb, dbar, epsln, sn = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+    cs = torch.full(rows, -1.0, dtype=torch.float64, device=b.device)
+    w, w2 = torch.zeros_like(b), torch.zeros_like(b)
+    tiny = torch.finfo(torch.float64).tiny
+    for k in range(maxiter):
+        if _all_done(k, active, check_every):
+            break
+        v = _col(torch.where(beta > 0, 1.0 / beta.clamp(min=tiny), zeros), b) * y
+        y = A(v)
+        if k > 0:
+            y = y - _col(torch.where(oldb > 0, beta / oldb.clamp(min=tiny), zeros), b) * r1
+        alfa = _ops.row_dot(v, y)
+        y = y - _col(torch.where(beta > 0, alfa / beta.clamp(min=tiny), zeros), b) * r2
+        r1, r2 = r2, y
+        oldb, beta = beta, _ops.row_dot(y, y).sqrt()
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        gamma = torch.hypot(gbar, beta).clamp(min=tiny)
+        cs, sn = gbar / gamma, beta / gamma
+        phi = cs * phibar
+        phibar = torch.where(active, sn * phibar, phibar)
+        w1, w2 = w2, w
+        w = (v - _col(oldeps, b) * w1 - _col(delta, b) * w2) * _col(1.0 / gamma, b)
+        x.add_(_col(torch.where(active, phi, zeros), b) * w)
+        iterations += active
+        active = active & (phibar ** 2 > tol2) & (beta > 0)
+    return iterations, phibar ** 2, torch.zeros(rows, dtype=torch.bool, device=b.device)
+
+
+def _neumann(A, b, x, r, tol2, maxiter, check_every, scale):
+    # x_k = x_0 + eta sum_{j<k} (I - eta A)^j r_0, whose residual b - A x_k is (I - eta A)^k r_0.
+    rows = b.shape[:-1]
+    iterations = torch.zeros(rows, dtype=torch.int64, device=b.device)
+    if scale is None:
+        eta = _power_iteration_scale(A, b)
+    else:
+        eta = torch.full(rows, float(scale), dtype=torch.float64, device=b.device)
+    term = r.clone()  # the residual of the current x
+    rs = _ops.row_dot(term, term)
+    active = rs > tol2
+    for k in range(maxiter):
+        if _all_done(k, active, check_every):
+            break
+        step = _col(torch.where(active, eta, torch.zeros_like(eta)), b)
+        x.add_(step * term)
+        term = term - step * A(term)
+        rs = _ops.row_dot(term, term)
+        iterations += active
+        active = active & (rs > tol2)
+    return iterations, rs, torch.zeros(rows, dtype=torch.bool, device=b.device)
+
+
+def _power_iteration_scale(A, b, steps=20):
+    """eta = 1 / lambda_max(A) per row, lambda_max estimated by power iteration from b."""
+    v = b / _col(_ops.row_dot(b, b).sqrt().clamp(min=torch.finfo(torch.float64).tiny), b)
+    lam = torch.zeros(b.shape[:-1], dtype=torch.float64, device=b.device)
+    for _ in range(steps):
+        Av = A(v)
+        lam = _ops.row_dot(v, Av).abs()
+        v = Av / _col(_ops.row_dot(Av, Av).sqrt().clamp(min=torch.finfo(torch.float64).tiny), b)
+    return 1.0 / lam.clamp(min=torch.finfo(torch.float64).tiny)

@@ -1,0 +1,88 @@
+"""The total derivative of a leader's loss through its follower's optimum.
+
+For a leader with parameters theta and a follower with parameters w that minimises f(theta, w),
+the leader's loss l(theta, w) has the total derivative (Lu, Kamath & Yu, TMLR 2022, eq. 15-17;
+Fiez et al. 2020; Algorithm 1 line 4 of TGDA):
+
+    D_theta l = grad_theta l - grad2_{theta w} f . (grad2_{ww} f + damping I)^-1 . grad_w l
+
+Flow of one call (shared/DESIGN.md, "one TGDA leader step"):
+  1. f is evaluated once and g_w = grad_w f is built with create_graph=True (its graph reaches
+     both w and theta);
+  2. b = grad_w l (and grad_theta l) from one backward pass of l;
+  3. v solves (H_ww + damping I) v = b by hypergrad.solve, each matvec one backward pass through
+     g_w (reverse mode) or a forward-over-reverse product (forward mode);
+  4. the mixed term grad_theta <g_w, v> is one more backward pass through g_w;
+  5. D_theta l = grad_theta l - mixed.
+"""
+import torch
+
+from .hvp import MODES, HessianOperator, as_tuple, flatten, unflatten
+from .solvers import solve
+
+
+def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method="cg", maxiter=100,
+               rtol=1e-6, atol=0.0, damping=0.0, hvp_mode="reverse", x0=None, return_info=False,
+               check_every=4):
+    """D_theta l: the derivative of the leader loss through the follower's optimum.
+
+    Args:
+        leader_loss: zero-argument callable returning the scalar l at the current theta and w.
+        follower_loss: zero-argument callable returning the scalar f at the current theta and w.
+            With hvp_mode="forward" it is called as follower_loss(*w) with the follower parameters,
+            and must compute f from those arguments (forward-over-reverse needs f as a function).
+        leader_params: theta, a tensor or a sequence of tensors that require grad.
+        follower_params: w, a tensor or a sequence of tensors that require grad.
+        method: solver of (H_ww + damping I) v = grad_w l: "cg", "cgnr", "minres" or "neumann".
+            (default: "cg")
+        maxiter: most solver iterations. (default: 100)
+        rtol: relative tolerance of the solve. (default: 1e-6)
+        atol: absolute tolerance of the solve. (default: 0.0)
+        damping: added to the Hessian's diagonal. (default: 0.0)
+        hvp_mode: "reverse" (reverse-over-reverse, reusing the gradient graph) or "forward"
+            (forward-over-reverse through torch.func). (default: "reverse")
+        x0: warm start for v, e.g. info.x of the previous call. (default: zeros)
+        return_info: also return the solver's SolveInfo. (default: False)
+        check_every: solver iterations between host synchronisations. (default: 4)
+
+    Returns:
+        A tuple of tensors shaped like leader_params holding D_theta l (no sign flipped: an
+        attacker ascends along it), and the SolveInfo when return_info is True.
+    """
+    theta = as_tuple(leader_params, "leader_params")
+    w = as_tuple(follower_params, "follower_params")
+    if hvp_mode not in MODES:
+        raise ValueError(f"hvp_mode must be one of {MODES}, got {hvp_mode!r}")
+    for name, group in (("leader_params", theta), ("follower_params", w)):
+        if not all(p.requires_grad for p in group):
+            raise ValueError(f"every tensor of {name} must require grad")
+    f = follower_loss(*w) if hvp_mode == "forward" else follower_loss()
+    _check_scalar("follower_loss", f)
+    g_w = torch.autograd.grad(f, w, create_graph=True, allow_unused=True)
+    if any(g is None for g in g_w):
+        raise ValueError("follower_loss does not depend on every follower parameter")
+    l = leader_loss()
+    _check_scalar("leader_loss", l)
+    dl = torch.autograd.grad(l, theta + w, allow_unused=True)
+    dl = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(dl, theta + w))
+    dl_theta, dl_w = dl[:len(theta)], dl[len(theta):]
+
+    if hvp_mode == "forward":
+        hessian = HessianOperator.forward(follower_loss, w)
+    else:
+        hessian = HessianOperator.from_gradient(g_w, w)
+    b = flatten(dl_w)
+    if x0 is not None:
+        x0 = x0.detach().reshape(b.shape).to(b.dtype)
+    v, info = solve(hessian, b, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
+                    damping=damping, check_every=check_every)
+    mixed = torch.autograd.grad(g_w, theta, unflatten(v, w), allow_unused=True)
+    out = tuple(d if m is None else d - m for d, m in zip(dl_theta, mixed))
+    return (out, info) if return_info else out
+
+
+def _check_scalar(name, value):
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ValueError(f"{name} must return a scalar tensor (one element)")
+    if not value.requires_grad:
+        raise ValueError(f"{name} returned a tensor without a graph: compute it from the parameters")

@@ -1,0 +1,124 @@
+"""Build of hypergrad._C, the compiled core of hypergrad (see shared DESIGN: rules of the build).
+
+C++ kernels are always built. CUDA kernels are built when
+  * FORCE_CUDA=1 (even on a machine without a GPU), or
+  * torch is a CUDA build and a CUDA toolkit whose major version matches torch.version.cuda is
+    found (CUDA_HOME, CUDA_PATH, nvcc on PATH, or /usr/local/cuda, in that order).
+HYPERGRAD_FORCE_CPU=1 skips them. Without a visible GPU and without TORCH_CUDA_ARCH_LIST the
+CUDA kernels are compiled for the data-centre GPUs this project targets (8.0 and 9.0, with PTX).
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+
+def _log(message):
+    print(f"[hypergrad build] {message}", file=sys.stderr)
+
+
+def _find_cuda_home():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.exists(os.path.join(os.environ[var], "bin", "nvcc")):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _plan_cuda():
+    """Decides whether to build the CUDA kernels; returns (build, cuda_home, nvcc_version)."""
+    import torch
+
+    if _flag("HYPERGRAD_FORCE_CPU"):
+        _log("HYPERGRAD_FORCE_CPU=1: building the CPU kernels only")
+        return False, None, None
+    cuda_home = _find_cuda_home()
+    version = _nvcc_version(cuda_home) if cuda_home else None
+    if _flag("FORCE_CUDA"):
+        if version is None:
+            sys.exit("[hypergrad build] FORCE_CUDA=1 but no nvcc was found: set CUDA_HOME to the "
+                     "CUDA toolkit (the folder holding bin/nvcc)")
+        _log(f"FORCE_CUDA=1: building CUDA kernels with nvcc {version} from {cuda_home}")
+        return True, cuda_home, version
+    if torch.version.cuda is None:
+        _log(f"torch {torch.__version__} is a CPU build: building the CPU kernels only")
+        return False, None, None
+    if version is None:
+        _log(f"torch is built for CUDA {torch.version.cuda} but no CUDA toolkit was found "
+             "(set CUDA_HOME): building the CPU kernels only")
+        return False, None, None
+    if version.split(".")[0] != torch.version.cuda.split(".")[0]:
+        _log(f"nvcc {version} in {cuda_home} does not match torch's CUDA {torch.version.cuda}: "
+             "building the CPU kernels only (FORCE_CUDA=1 overrides)")
+        return False, None, None
+    _log(f"building CUDA kernels with nvcc {version} from {cuda_home}")
+    return True, cuda_home, version
+
+
+def _extensions():
+    build_cuda, cuda_home, cuda_version = _plan_cuda()
+    if build_cuda:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = cuda_home
+        import torch
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+            _log("no GPU visible and TORCH_CUDA_ARCH_LIST unset: compiling for 8.0;9.0+PTX")
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = [os.path.relpath(p, here) for p in
+               sorted(glob.glob(os.path.join(here, "csrc", "*.cpp")))
+               + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))]
+    macros = [("HYPERGRAD_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx_flags = ["-O3", "-fopenmp-simd"]
+    if not build_cuda:
+        return [CppExtension("hypergrad._C", sources, define_macros=macros,
+                             extra_compile_args={"cxx": cxx_flags})]
+    sources += [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))]
+    macros.append(("HYPERGRAD_CUDA_VERSION", f'"{cuda_version}"'))
+    return [CUDAExtension("hypergrad._C", sources, define_macros=macros,
+                          extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())
+
+
+def _has_ninja_module():
+    try:
+        import ninja  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+setup(
+    packages=find_packages(include=["hypergrad", "hypergrad.*", "tgda_attack", "tgda_attack.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+)

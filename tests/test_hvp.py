@@ -1,0 +1,95 @@
+"""hypergrad.hvp against the dense Hessian of a small MLP (torch.autograd.functional.hessian)."""
+import pytest
+import torch
+
+import hypergrad
+
+
+def _mlp_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    shapes = [(7, 5), (7,), (3, 7), (3,)]
+    params = [(0.5 * torch.randn(s, generator=g, dtype=torch.float64)).requires_grad_() for s in shapes]
+
+    def loss_fn(w1, b1, w2, b2):
+        h = torch.nn.functional.leaky_relu(x @ w1.T + b1, 0.2)
+        h = torch.tanh(h)  # a smooth layer so that the Hessian has curvature in every block
+        return torch.nn.functional.cross_entropy(h @ w2.T + b2, y)
+
+    return loss_fn, params
+
+
+def _dense_hessian(loss_fn, params):
+    flat = hypergrad.flatten([p.detach() for p in params])
+    return torch.autograd.functional.hessian(lambda f: loss_fn(*hypergrad.unflatten(f, params)), flat)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_hvp_matches_dense_hessian(mode, batched):
+    loss_fn, params = _mlp_problem()
+    H = _dense_hessian(loss_fn, params)
+    n = H.shape[0]
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn((4, n) if batched else (n,), generator=g, dtype=torch.float64)
+    v = hypergrad.unflatten(V, params)
+    loss = loss_fn if mode == "forward" else loss_fn(*params)
+    out = hypergrad.hvp(loss, params, v, mode=mode)
+    got = hypergrad.flatten(out, batched=batched)
+    torch.testing.assert_close(got, V @ H, rtol=1e-10, atol=1e-12)
+
+
+def test_operator_reuses_one_gradient_graph_for_many_products():
+    loss_fn, params = _mlp_problem(seed=1)
+    calls = {"n": 0}
+
+    def counting(*p):
+        calls["n"] += 1
+        return loss_fn(*p)
+
+    op = hypergrad.HessianOperator.reverse(counting(*params), params)
+    H = _dense_hessian(loss_fn, params)
+    for seed in range(5):
+        v = torch.randn(op.n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        torch.testing.assert_close(op(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert calls["n"] == 1  # one forward pass served every product
+
+
+def test_batched_product_falls_back_to_a_loop_when_vmap_cannot_batch():
+    # torch.autograd.grad(is_grads_batched=True) has no batching rule for every operation; the
+    # operator must then loop over rows and still give the right answer.
+    loss_fn, params = _mlp_problem(seed=2)
+    op = hypergrad.HessianOperator.reverse(loss_fn(*params), params)
+    real_grad = torch.autograd.grad
+
+    def failing_batched(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule")
+        return real_grad(*args, **kwargs)
+
+    V = torch.randn(3, op.n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.autograd.grad, saved = failing_batched, torch.autograd.grad
+    try:
+        got = op(V)
+    finally:
+        torch.autograd.grad = saved
+    torch.testing.assert_close(got, V @ _dense_hessian(loss_fn, params), rtol=1e-10, atol=1e-12)
+
+
+def test_single_tensor_params_return_a_tensor():
+    w = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    out = hypergrad.hvp((w ** 3).sum(), w, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(out, 6 * w.detach())
+
+
+def test_bad_arguments():
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="shaped like params"):
+        hypergrad.hvp((w ** 2).sum(), w, torch.ones(4))
+    with pytest.raises(ValueError, match="mode"):
+        hypergrad.hvp((w ** 2).sum(), w, torch.ones(3), mode="sideways")
+    with pytest.raises(ValueError, match="scalar"):
+        hypergrad.hvp(w ** 2, w, torch.ones(3))
+    with pytest.raises(TypeError, match="function of the parameters"):
+        hypergrad.hvp((w ** 2).sum(), w, torch.ones(3), mode="forward")

@@ -1,0 +1,154 @@
+"""The fused solver ops of hypergrad._C against their pure-PyTorch twins and torch.library.opcheck."""
+import pytest
+import torch
+
+import hypergrad
+from hypergrad import _ops, _reference
+from testing import DEVICES, DTYPES, needs_extension, tol
+
+SHAPES = [(1,), (7,), (1001,), (100_003,), (3, 1), (4, 1001), (2, 70_001)]
+
+
+def _make(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = shape[:-1]
+    vecs = [torch.randn(shape, generator=g, dtype=dtype).to(device) for _ in range(4)]
+    num = torch.rand(rows, generator=g, dtype=torch.float64).to(device) + 0.5
+    den = torch.rand(rows, generator=g, dtype=torch.float64).to(device) + 0.5
+    active = (torch.rand(rows, generator=g) > 0.3).to(device)
+    return vecs, num, den, active
+
+
+def _closed_form(x, r, p, q, num, den, active):
+    """The CG step written out in float64: the independent oracle of both implementations."""
+    alpha = torch.where(active & (den > 0), num / den, torch.zeros_like(num)).unsqueeze(-1)
+    x2 = x.double() + alpha * p.double()
+    r2 = r.double() - alpha * q.double()
+    return x2, r2, (r2 * r2).sum(-1)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_row_dot_matches_float64_sum(shape, dtype, device):
+    (a, b, _, _), *_ = _make(shape, dtype, device)
+    expected = (a.double() * b.double()).sum(-1)
+    kernel = torch.ops.hypergrad.row_dot(a, b)
+    assert kernel.dtype == torch.float64 and kernel.shape == expected.shape
+    torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(_reference.row_dot(a, b), expected, rtol=1e-12, atol=1e-10)
+
+
+def test_row_dot_accumulates_float32_in_float64():
+    # 2^24 + n ones: a float32 accumulator stalls at 2^24, a float64 one does not.
+    n = 1 << 12
+    a = torch.ones(n, dtype=torch.float32)
+    a[0] = 2.0 ** 12  # a[0]^2 = 2^24
+    b = a.clone()
+    expected = 2.0 ** 24 + (n - 1)
+    assert _ops.row_dot(a, b).item() == expected
+    assert _reference.row_dot(a, b).item() == expected
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cg_step_matches_closed_form_and_twin(shape, dtype, device):
+    (x, r, p, q), num, den, active = _make(shape, dtype, device)
+    if len(shape) == 2:
+        den[0] = -1.0  # a row with non-positive curvature must not move
+    x_ref, r_ref, rr_ref = _closed_form(x, r, p, q, num, den, active)
+    xk, rk = x.clone(), r.clone()
+    rr = torch.ops.hypergrad.cg_step(xk, rk, p, q, num, den, active)
+    xt, rt = x.clone(), r.clone()
+    rr_twin = _reference.cg_step(xt, rt, p, q, num, den, active)
+    for got_x, got_r, got_rr in ((xk, rk, rr), (xt, rt, rr_twin)):
+        torch.testing.assert_close(got_x.double(), x_ref, **tol(dtype))
+        torch.testing.assert_close(got_r.double(), r_ref, **tol(dtype))
+        torch.testing.assert_close(got_rr, (got_r.double() ** 2).sum(-1), rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(got_rr, rr_ref, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-8)
+    inactive = ~(active & (den > 0))
+    assert torch.equal(xk[inactive], x[inactive]) and torch.equal(rk[inactive], r[inactive])
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cg_direction_matches_closed_form_and_twin(shape, dtype, device):
+    (p, z, _, _), num_new, num_old, active = _make(shape, dtype, device)
+    if len(shape) == 2:
+        num_old[-1] = 0.0  # beta defined as 0
+    beta = torch.where(num_old != 0, num_new / num_old, torch.zeros_like(num_new)).unsqueeze(-1)
+    expected = torch.where(active.unsqueeze(-1), z.double() + beta * p.double(), p.double())
+    pk, pt = p.clone(), p.clone()
+    torch.ops.hypergrad.cg_direction(pk, z, num_new, num_old, active)
+    _reference.cg_direction(pt, z, num_new, num_old, active)
+    torch.testing.assert_close(pk.double(), expected, **tol(dtype))
+    torch.testing.assert_close(pt.double(), expected, **tol(dtype))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5,), (3, 17)])
+def test_opcheck(shape, dtype, device):
+    (x, r, p, q), num, den, active = _make(shape, dtype, device)
+    torch.library.opcheck(torch.ops.hypergrad.row_dot.default, (x, r))
+    torch.library.opcheck(torch.ops.hypergrad.cg_step.default, (x.clone(), r.clone(), p, q, num, den, active))
+    torch.library.opcheck(torch.ops.hypergrad.cg_direction.default, (p.clone(), q, num, den, active))
+
+
+def _bad_inputs(device):
+    x = torch.randn(4, 10, device=device)
+    rows = torch.ones(4, dtype=torch.float64, device=device)
+    mask = torch.ones(4, dtype=torch.bool, device=device)
+    cases = {
+        "shape": ((x, torch.randn(4, 11, device=device)), "shape"),
+        "rank": ((torch.randn(2, 2, 2, device=device), torch.randn(2, 2, 2, device=device)), r"\[n\]"),
+        "dtype": ((x, x.double()), "one dtype"),
+        "int dtype": ((x.int(), x.int()), "float32 or float64"),
+        "non-contiguous": ((torch.randn(10, 4, device=device).t(), x), "contiguous"),
+    }
+    step_cases = {
+        "scalar dtype": ((x.clone(), x.clone(), x, x, rows.float(), rows, mask), "num must be"),
+        "scalar shape": ((x.clone(), x.clone(), x, x, rows[:3], rows, mask), "one value per row"),
+        "mask dtype": ((x.clone(), x.clone(), x, x, rows, rows, rows), "active must be"),
+    }
+    return cases, step_cases
+
+
+@pytest.mark.parametrize("backend", ["extension", "reference"])
+def test_bad_input_raises_clear_value_error(backend):
+    if backend == "extension" and not hypergrad.has_extension():
+        pytest.skip("hypergrad._C is not built")
+    row_dot = torch.ops.hypergrad.row_dot if backend == "extension" else _reference.row_dot
+    cg_step = torch.ops.hypergrad.cg_step if backend == "extension" else _reference.cg_step
+    cases, step_cases = _bad_inputs("cpu")
+    for args, message in cases.values():
+        with pytest.raises(ValueError, match=message):
+            row_dot(*args)
+    for args, message in step_cases.values():
+        with pytest.raises(ValueError, match=message):
+            cg_step(*args)
+
+
+@pytest.mark.cuda
+@needs_extension
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices_raise_clear_value_error():
+    a = torch.randn(10, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        torch.ops.hypergrad.row_dot(a, a.cpu())
+    with pytest.raises(ValueError, match="device"):
+        _reference.row_dot(a, a.cpu())
+
+
+def test_routing_follows_use_extension():
+    a = torch.randn(3, 5)
+    with hypergrad.use_extension(False):
+        assert not hypergrad.has_extension()
+        torch.testing.assert_close(_ops.row_dot(a, a), (a.double() ** 2).sum(-1))
+    assert hypergrad.has_extension() == (hypergrad.build_info()["extension_loaded"])

@@ -1,0 +1,140 @@
+"""hypergrad.solve against dense solves (torch.linalg.solve) on SPD and indefinite systems."""
+import pytest
+import torch
+
+import hypergrad
+from testing import BACKENDS, DEVICES
+
+TIGHT = {torch.float64: 1e-11, torch.float32: 1e-5}
+
+
+def _spd(n, cond=50.0, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
+    return ((q * eig) @ q.T).to(dtype)
+
+
+def _indefinite(n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.linspace(1.0, 5.0, n, dtype=torch.float64) * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
+    return ((q * eig) @ q.T).to(dtype)
+
+
+def _rhs(shape, seed=1, dtype=torch.float64):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def _rel_err(x, ref):
+    return ((x.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
+def _dense(A, b, damping=0.0):
+    A = A.double() + damping * torch.eye(A.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(A, b.double().T).T if b.dim() == 2 else torch.linalg.solve(A, b.double())
+
+
+@pytest.mark.parametrize("use_ext", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", hypergrad.METHODS)
+@pytest.mark.parametrize("shape", [(40,), (3, 40)])
+def test_spd_solve_matches_dense(method, dtype, shape, device, use_ext):
+    A = _spd(40, dtype=dtype).to(device)
+    b = _rhs(shape, dtype=dtype).to(device)
+    with hypergrad.use_extension(use_ext):
+        x, info = hypergrad.solve(lambda v: v @ A, b, method=method, rtol=TIGHT[dtype] / 10, maxiter=2000,
+                                  damping=0.5)
+    assert x.shape == b.shape and x.dtype == dtype
+    assert _rel_err(x.cpu(), _dense(A.cpu(), b.cpu(), damping=0.5)) < (1e-9 if dtype == torch.float64 else 2e-4)
+    assert bool(info.converged.all()) and not bool(info.negative_curvature.any())
+    # the reported residual is the true one
+    true_res = (b.double() - (x.double() @ A.double() + 0.5 * x.double())).norm(dim=-1)
+    torch.testing.assert_close(info.residual_norm.cpu(), true_res.cpu(), rtol=0.1, atol=1e-3 if dtype == torch.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("use_ext", BACKENDS)
+@pytest.mark.parametrize("method", ["cgnr", "minres"])
+def test_indefinite_solve_matches_dense(method, use_ext):
+    A = _indefinite(30)
+    b = _rhs((2, 30))
+    with hypergrad.use_extension(use_ext):
+        x, info = hypergrad.solve(lambda v: v @ A, b, method=method, rtol=1e-12, maxiter=500)
+    assert _rel_err(x, _dense(A, b)) < 1e-9
+    assert bool(info.converged.all())
+
+
+@pytest.mark.parametrize("use_ext", BACKENDS)
+def test_cg_stops_and_reports_negative_curvature(use_ext):
+    A = -_spd(20)  # negative definite: the first direction already has p.Ap < 0
+    b = torch.stack([_rhs(20), torch.zeros(20, dtype=torch.float64)])
+    with hypergrad.use_extension(use_ext):
+        x, info = hypergrad.solve(lambda v: v @ A, b, method="cg", maxiter=50)
+    assert info.negative_curvature.tolist() == [True, False]
+    assert info.converged.tolist() == [False, True]  # the zero right-hand side is solved by x = 0
+    assert info.iterations.tolist() == [0, 0]
+    assert torch.equal(x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("method", hypergrad.METHODS)
+def test_maxiter_is_honoured(method):
+    A = _spd(60, cond=1e4)
+    b = _rhs((2, 60))
+    x, info = hypergrad.solve(lambda v: v @ A, b, method=method, maxiter=3, rtol=1e-14)
+    assert info.iterations.tolist() == [3, 3]
+    assert not bool(info.converged.any())
+    per_iteration = {"cg": 1, "cgnr": 2, "minres": 1, "neumann": 1}[method]
+    setup = {"cg": 0, "cgnr": 1, "minres": 0, "neumann": 20}[method]  # neumann: power iteration
+    assert info.num_matvecs == setup + 3 * per_iteration
+
+
+@pytest.mark.parametrize("method", hypergrad.METHODS)
+def test_warm_start(method):
+    A = _spd(50, cond=100.0)
+    b = _rhs(50)
+    exact = _dense(A, b)
+    _, cold = hypergrad.solve(lambda v: v @ A, b, method=method, rtol=1e-8, maxiter=3000)
+    x, info = hypergrad.solve(lambda v: v @ A, b, method=method, rtol=1e-8, maxiter=3000, x0=exact)
+    assert info.iterations.item() == 0 and bool(info.converged)
+    torch.testing.assert_close(x, exact)
+    near = exact + 1e-4 * _rhs(50, seed=7)
+    _, warm = hypergrad.solve(lambda v: v @ A, b, method=method, rtol=1e-8, maxiter=3000, x0=near)
+    assert warm.iterations.item() < cold.iterations.item()
+
+
+def test_each_system_converges_on_its_own():
+    A = _spd(30, cond=1e3)
+    b = torch.stack([_rhs(30), torch.zeros(30, dtype=torch.float64), _rhs(30, seed=5)])
+    x, info = hypergrad.solve(lambda v: v @ A, b, method="cg", rtol=1e-10, maxiter=200)
+    assert info.iterations[1].item() == 0
+    assert bool(info.converged.all())
+    assert _rel_err(x[[0, 2]], _dense(A, b[[0, 2]])) < 1e-8
+
+
+def test_host_synchronises_only_every_few_iterations(monkeypatch):
+    from hypergrad import solvers
+
+    checks = []
+    real = solvers._all_done
+    monkeypatch.setattr(solvers, "_all_done", lambda k, active, every: checks.append(k % every == 0) or real(k, active, every))
+    A = _spd(40, cond=1e6)
+    hypergrad.solve(lambda v: v @ A, _rhs(40), method="cg", rtol=1e-30, maxiter=40, check_every=8)
+    synced = [k for k, did in enumerate(checks) if did]
+    assert synced == [0, 8, 16, 24, 32]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "gmres"}, "method"),
+    ({"rtol": -1.0}, "non-negative"),
+    ({"x0": torch.zeros(3)}, "x0"),
+    ({"maxiter": -2}, "maxiter"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        hypergrad.solve(lambda v: v, torch.ones(4, dtype=torch.float64), **kwargs)
+
+
+def test_matvec_of_wrong_shape_is_reported():
+    with pytest.raises(ValueError, match="matvec returned shape"):
+        hypergrad.solve(lambda v: v[:-1], torch.ones(4, dtype=torch.float64))

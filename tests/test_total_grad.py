@@ -1,0 +1,142 @@
+"""hypergrad.total_grad against a closed form (ridge regression) and finite differences."""
+import pytest
+import torch
+
+import hypergrad
+from testing import BACKENDS
+
+LAM = 0.3
+
+
+def _ridge_problem(seed=0, n_tr=30, n_p=4, n_v=20, d=5):
+    """Follower: ridge regression on D_tr U D_p, D_p = (theta, y_p); leader: squared loss on D_v."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    X, y, Xv, yv, yp = r(n_tr, d), r(n_tr), r(n_v, d), r(n_v), r(n_p)
+    theta = r(n_p, d).requires_grad_()
+    w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():  # the follower at its optimum w*(theta)
+        Xa, ya = torch.cat([X, theta]), torch.cat([y, yp])
+        w.copy_(torch.linalg.solve(Xa.T @ Xa + LAM * torch.eye(d, dtype=torch.float64), Xa.T @ ya))
+    follower = lambda: 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * ((theta @ w - yp) ** 2).sum() + 0.5 * LAM * (w ** 2).sum()  # noqa: E731
+    leader = lambda: 0.5 * ((Xv @ w - yv) ** 2).sum()  # noqa: E731
+    return X, y, Xv, yv, yp, theta, w, follower, leader
+
+
+def _ridge_closed_form(X, y, Xv, yv, yp, theta, w):
+    """D_theta_i l = -[(theta_i . u) w* + e_i u], u = (X^T X + lam I)^-1 grad_w l, e_i = theta_i.w* - y_i."""
+    theta, w = theta.detach(), w.detach()
+    Xa = torch.cat([X, theta])
+    A = Xa.T @ Xa + LAM * torch.eye(X.shape[1], dtype=torch.float64)
+    u = torch.linalg.solve(A, Xv.T @ (Xv @ w - yv))
+    e = theta @ w - yp
+    return -((theta @ u)[:, None] * w[None, :] + e[:, None] * u[None, :])
+
+
+@pytest.mark.parametrize("use_ext", BACKENDS)
+@pytest.mark.parametrize("method", ["cg", "cgnr", "minres"])
+@pytest.mark.parametrize("hvp_mode", ["reverse", "forward"])
+def test_ridge_matches_closed_form(method, hvp_mode, use_ext):
+    X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem()
+    if hvp_mode == "forward":  # forward-over-reverse needs f as a function of w
+        follower_fn = lambda w_: 0.5 * ((X @ w_ - y) ** 2).sum() + 0.5 * ((theta @ w_ - yp) ** 2).sum() + 0.5 * LAM * (w_ ** 2).sum()  # noqa: E731
+    else:
+        follower_fn = follower
+    with hypergrad.use_extension(use_ext):
+        (got,), info = hypergrad.total_grad(leader, follower_fn, [theta], [w], method=method, maxiter=200,
+                                            rtol=1e-13, hvp_mode=hvp_mode, return_info=True)
+    expected = _ridge_closed_form(X, y, Xv, yv, yp, theta, w)
+    assert bool(info.converged)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-9
+
+
+def test_ridge_matches_autograd_through_the_exact_optimum():
+    # An independent route: differentiate l(w*(theta)) with w*(theta) = solve(X^T X + lam I, X^T y).
+    X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem(seed=4)
+    Xa, ya = torch.cat([X, theta]), torch.cat([y, yp])
+    w_star = torch.linalg.solve(Xa.T @ Xa + LAM * torch.eye(X.shape[1], dtype=torch.float64), Xa.T @ ya)
+    (expected,) = torch.autograd.grad(0.5 * ((Xv @ w_star - yv) ** 2).sum(), theta)
+    (got,) = hypergrad.total_grad(leader, follower, theta, w, rtol=1e-13)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-9
+
+
+def _logistic_problem(seed=0):
+    """Strongly convex follower: L2-regularised softmax regression on D_tr U D_p(theta)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    Xv = torch.randn(25, 4, generator=g, dtype=torch.float64)
+    yv = torch.randint(0, 3, (25,), generator=g)
+    yp = torch.tensor([0, 1, 2])
+    theta = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    W = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    ce = torch.nn.functional.cross_entropy
+
+    def f_of(th, W_, b_):
+        Xa, ya = torch.cat([X, th]), torch.cat([y, yp])
+        return ce(Xa @ W_.T + b_, ya, reduction="sum") / 43 + 0.05 * ((W_ ** 2).sum() + (b_ ** 2).sum())
+
+    def l_of(W_, b_):
+        return ce(Xv @ W_.T + b_, yv)
+
+    return theta, W, b, f_of, l_of
+
+
+def _argmin(f_of, th, W, b):
+    """The follower's optimum by Newton's method on the dense Hessian (to machine precision)."""
+    flat = torch.zeros(W.numel() + b.numel(), dtype=torch.float64)
+    split = lambda v: (v[:W.numel()].reshape(W.shape), v[W.numel():])  # noqa: E731
+    obj = lambda v: f_of(th, *split(v))  # noqa: E731
+    for _ in range(30):
+        grad = torch.autograd.functional.jacobian(obj, flat)
+        flat = flat - torch.linalg.solve(torch.autograd.functional.hessian(obj, flat), grad)
+    return split(flat)
+
+
+def test_logistic_matches_central_finite_differences():
+    theta, W, b, f_of, l_of = _logistic_problem()
+    with torch.no_grad():
+        W_star, b_star = _argmin(f_of, theta.detach(), W, b)
+        W.copy_(W_star)
+        b.copy_(b_star)
+    (got,), info = hypergrad.total_grad(lambda: l_of(W, b), lambda: f_of(theta, W, b), [theta], [W, b],
+                                        method="cg", rtol=1e-14, maxiter=500, return_info=True)
+    assert bool(info.converged)
+    h = 1e-5
+    fd = torch.zeros_like(theta)
+    base = theta.detach()
+    for idx in range(base.numel()):
+        e = torch.zeros(base.numel(), dtype=torch.float64)
+        e[idx] = h
+        e = e.reshape(base.shape)
+        up = l_of(*_argmin(f_of, base + e, W, b)).item()
+        down = l_of(*_argmin(f_of, base - e, W, b)).item()
+        fd.view(-1)[idx] = (up - down) / (2 * h)
+    assert ((got - fd).norm() / fd.norm()).item() < 1e-6
+
+
+def test_mixed_term_only_when_leader_loss_ignores_theta():
+    # The leader loss of the paper (L(D_v, w)) does not depend on theta: D_theta l is then
+    # -grad2_{theta w} f . v, and a leader loss that does depend on theta adds grad_theta l.
+    X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem(seed=2)
+    (plain,) = hypergrad.total_grad(leader, follower, theta, w, rtol=1e-13)
+    (shifted,) = hypergrad.total_grad(lambda: leader() + (theta ** 2).sum(), follower, theta, w, rtol=1e-13)
+    torch.testing.assert_close(shifted - plain, 2 * theta.detach())
+
+
+def test_warm_start_from_info():
+    X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem(seed=3)
+    _, first = hypergrad.total_grad(leader, follower, theta, w, rtol=1e-10, return_info=True)
+    _, second = hypergrad.total_grad(leader, follower, theta, w, rtol=1e-10, return_info=True, x0=first.x)
+    assert first.iterations.item() > 0 and second.iterations.item() == 0
+
+
+def test_bad_arguments():
+    X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem()
+    with pytest.raises(ValueError, match="require grad"):
+        hypergrad.total_grad(leader, follower, theta.detach(), w)
+    with pytest.raises(ValueError, match="hvp_mode"):
+        hypergrad.total_grad(leader, follower, theta, w, hvp_mode="sideways")
+    with pytest.raises(ValueError, match="scalar"):
+        hypergrad.total_grad(lambda: Xv @ w, follower, theta, w)

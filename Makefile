@@ -1,0 +1,34 @@
+# Two commands for a fresh machine (see README.md):
+#   make demo   sets up .venv and runs the main job
+#   make test   sets up .venv and runs the tests
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu hypergrad/*.py tgda_attack/*.py tgda_attack/*/*.py)
+
+.PHONY: demo test bench gpu-check install clean
+
+demo: $(VENV)/.installed
+	$(PY) benchmarks/compare_leader_step.py --defenders lr nn --dtypes float32 --repeats 1
+
+test: $(VENV)/.installed
+	cd tests && ../$(VENV)/bin/python -m pytest -q .
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/compare_leader_step.py --defenders lr nn --repeats 3
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+install: $(VENV)/.installed
+
+# pip builds hypergrad._C in an isolated environment against the pinned torch, then installs the
+# package (the tests run against the installed package, not the source tree).
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install '.[test]'
+	$(PY) -c "import hypergrad, json; print(json.dumps(hypergrad.build_info(), indent=1))"
+	touch $@
+
+clean:
+	rm -rf build dist *.egg-info $(VENV)

@@ -21,15 +21,25 @@ def _log(message):
     print(f"[hypergrad build] {message}", file=sys.stderr)
 
 
+def _is_toolkit(path):
+    """A folder with nvcc and the CUDA runtime headers: a toolkit an extension can be built with."""
+    return bool(path) and all(os.path.exists(os.path.join(path, *p)) for p in
+                              (("bin", "nvcc"), ("include", "cuda_runtime.h")))
+
+
 def _find_cuda_home():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and os.path.exists(os.path.join(os.environ[var], "bin", "nvcc")):
-            return os.environ[var]
+    """CUDA_HOME, CUDA_PATH, /usr/local/cuda, then the toolkit around nvcc on PATH.
+
+    torch's own guess follows `which nvcc`, which on some machines is a wrapper script in
+    /usr/local/bin: the toolkit it runs is elsewhere, and linking against /usr/local fails.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for path in candidates:
+        if _is_toolkit(path):
+            return path
     return None
 
 

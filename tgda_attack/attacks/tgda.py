@@ -1,0 +1,208 @@
+"""The Total Gradient Descent Ascent (TGDA) attack of Lu, Kamath & Yu, "Indiscriminate Data
+Poisoning Attacks on Neural Networks" (TMLR 2022): Algorithm 1, eq. 15-17.
+
+The attacker L_theta generates the poisons D_p = L_theta(D_p^0) from clean points and their labels
+(clean label: the labels never change). For T epochs over D_tr in batches, each batch takes
+  * m leader steps of total gradient ascent, theta += alpha * D_theta l, where D_theta l is the
+    derivative of l through the defender's optimum (hypergrad.total_grad), and
+  * n follower steps of gradient descent on f = L(D_tr U D_p(theta), w): w -= beta * grad_w f.
+Options the paper studies: l = L(D_v, w) (non-zero-sum, default) or l = f (zero-sum, Table 5);
+partial warm start (default) or cold start, where each batch's follower steps restart from the
+pretrained w (Table 8); the attacker as leader (default) or the defender as leader (Table 4).
+
+With the defender as leader the roles swap: the defender descends the total derivative of f
+through the attacker's response, w -= beta * D_w f, and the attacker, as follower, takes n
+gradient ascent steps on f, the only loss its poisons enter directly (L(D_v, w) does not depend
+on theta, so it cannot steer a follower).
+"""
+import copy
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import hypergrad
+
+from ..data import initial_poison_indices, poison_budget
+
+logger = logging.getLogger(__name__)
+
+WARM_STARTS = ("partial", "cold")
+LEADERS = ("attacker", "defender")
+FORMULATIONS = ("non-zero-sum", "zero-sum")
+
+
+class TGDAAttack:
+    """TGDA poisoning: trains the attacker network by total gradient ascent against the defender.
+
+    Args:
+        defender: the pretrained defender F (an nn.Module; the attack works on a copy).
+        attacker: the attacker L, called as attacker(x, y) -> poisoned x (the attack works on a copy).
+        epsilon: poison budget as a fraction of |D_tr|. (default: 0.03)
+        epochs: T, passes over D_tr. (default: 200)
+        batch_size: points of D_tr (and of D_v) per step. (default: 1000)
+        alpha: attacker step size. (default: 0.01)
+        leader_steps: m, leader steps per batch. (default: 1)
+        beta: defender step size. (default: 0.1)
+        follower_steps: n, follower steps per batch. (default: 20)
+        solver: hypergrad.solve method for the total gradient. (default: "cgnr", the paper's)
+        solver_iterations: most solver iterations per leader step. (default: 16)
+        solver_rtol: relative tolerance of the solve. (default: 1e-6)
+        damping: added to the Hessian's diagonal. (default: 0.0)
+        warm_start: "partial" or "cold". (default: "partial")
+        leader: "attacker" or "defender". (default: "attacker")
+        formulation: "non-zero-sum" (l = L(D_v, w)) or "zero-sum" (l = f). (default: "non-zero-sum")
+        init: D_p^0 as the "first" epsilon*N points of D_tr or a seeded "random" choice. (default: "first")
+        pixel_range: the poisons are clamped to it. (default: (-1.0, 1.0))
+        seed: seed of the batch order. (default: 0)
+        checkpoint: file to save progress to after every epoch and to resume from. (default: None)
+        verbose: show a progress bar. (default: False)
+    """
+
+    name = "tgda"
+
+    def __init__(self, defender, attacker, epsilon=0.03, *, epochs=200, batch_size=1000, alpha=0.01,
+                 leader_steps=1, beta=0.1, follower_steps=20, solver="cgnr", solver_iterations=16,
+                 solver_rtol=1e-6, damping=0.0, warm_start="partial", leader="attacker",
+                 formulation="non-zero-sum", init="first", pixel_range=(-1.0, 1.0), seed=0,
+                 checkpoint=None, verbose=False):
+        poison_budget(1, epsilon)  # validates epsilon
+        for name, value in (("epochs", epochs), ("leader_steps", leader_steps), ("follower_steps", follower_steps),
+                            ("solver_iterations", solver_iterations)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if alpha <= 0 or beta <= 0:
+            raise ValueError("the step sizes alpha and beta must be positive")
+        if solver not in hypergrad.METHODS:
+            raise ValueError(f"solver must be one of {hypergrad.METHODS}, got {solver!r}")
+        for name, value, allowed in (("warm_start", warm_start, WARM_STARTS), ("leader", leader, LEADERS),
+                                     ("formulation", formulation, FORMULATIONS), ("init", init, ("first", "random"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if damping < 0:
+            raise ValueError("damping must be non-negative")
+        self.defender, self.attacker = defender, attacker
+        self.epsilon, self.epochs, self.batch_size = epsilon, epochs, batch_size
+        self.alpha, self.leader_steps, self.beta, self.follower_steps = alpha, leader_steps, beta, follower_steps
+        self.solver, self.solver_iterations, self.solver_rtol, self.damping = solver, solver_iterations, solver_rtol, damping
+        self.warm_start, self.leader, self.formulation, self.init = warm_start, leader, formulation, init
+        self.pixel_range, self.seed, self.checkpoint, self.verbose = pixel_range, seed, checkpoint, verbose
+        self.history = []
+
+    def poison(self, x, y, x_val=None, y_val=None):
+        """Runs Algorithm 1 on D_tr = (x, y) and returns the poisons (x_poison, y_poison).
+
+        D_v = (x_val, y_val) is the attacker's validation set; without it 30% of (x, y) is held
+        out as D_v (a seeded split) and the attack runs on the rest. After the call the trained
+        attacker is `attacker_`, the defender at the end of the game `defender_`, and `history`
+        holds the losses of every epoch.
+        """
+        if x_val is None or y_val is None:
+            from ..data import split_train_val
+            x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
+        if len(x) != len(y) or len(x_val) != len(y_val):
+            raise ValueError("images and labels must have the same length")
+        defender, attacker = copy.deepcopy(self.defender), copy.deepcopy(self.attacker)
+        ref = next(defender.parameters())
+        x, x_val = x.to(ref.device, ref.dtype), x_val.to(ref.device, ref.dtype)
+        y, y_val = y.to(ref.device), y_val.to(ref.device)
+        attacker.to(ref.device, ref.dtype)
+        w = [p for p in defender.parameters() if p.requires_grad]
+        theta = [p for p in attacker.parameters() if p.requires_grad]
+        w_pre = [p.detach().clone() for p in w]
+
+        n_poison = poison_budget(len(y), self.epsilon)
+        if n_poison == 0:
+            raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to craft")
+        idx = initial_poison_indices(len(y), n_poison, self.init, self.seed).to(ref.device)
+        x_p0, y_p0 = x[idx], y[idx]
+
+        start_epoch = self._resume(defender, attacker)
+        n_batches = math.ceil(len(y) / self.batch_size)
+        bar = tqdm(range(start_epoch, self.epochs), desc="TGDA attack", disable=not self.verbose,
+                   initial=start_epoch, total=self.epochs)
+        for epoch in bar:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(y), generator=g).to(ref.device)
+            p_order = torch.randperm(n_poison, generator=g).to(ref.device)
+            v_order = torch.randperm(len(y_val), generator=g).to(ref.device)
+            stats = []
+            for b in range(n_batches):
+                tr = order[b * self.batch_size:(b + 1) * self.batch_size]
+                pp = p_order[b * n_poison // n_batches:(b + 1) * n_poison // n_batches]
+                vv = v_order.roll(-b * self.batch_size)[:self.batch_size]
+                stats.append(self._step(defender, attacker, w, theta, w_pre, x[tr], y[tr], x_p0[pp], y_p0[pp],
+                                        x_val[vv], y_val[vv]))
+            record = {"epoch": epoch + 1, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
+            self.history.append(record)
+            bar.set_postfix(leader_loss=f"{record['leader_loss']:.4f}", follower_loss=f"{record['follower_loss']:.4f}")
+            self._save(defender, attacker, epoch + 1)
+        with torch.no_grad():
+            x_poison = attacker(x_p0, y_p0).clamp(*self.pixel_range)
+        self.attacker_, self.defender_ = attacker, defender
+        return x_poison.detach(), y_p0.clone()
+
+    def _step(self, defender, attacker, w, theta, w_pre, x_b, y_b, xp_b, yp_b, xv_b, yv_b):
+        """One batch of Algorithm 1: m leader steps, then n follower steps."""
+        def follower_loss():  # f = L(D_tr U D_p(theta), w)
+            if len(yp_b) == 0:
+                return F.cross_entropy(defender(x_b), y_b)
+            return F.cross_entropy(defender(torch.cat([x_b, attacker(xp_b, yp_b)])), torch.cat([y_b, yp_b]))
+
+        def leader_loss():  # l = L(D_v, w), or f in the zero-sum game
+            return follower_loss() if self.formulation == "zero-sum" else F.cross_entropy(defender(xv_b), yv_b)
+
+        solve = {"method": self.solver, "maxiter": self.solver_iterations, "rtol": self.solver_rtol,
+                 "damping": self.damping}
+        if self.leader == "attacker":
+            for _ in range(self.leader_steps):  # theta <- theta + alpha D_theta l
+                d_theta = hypergrad.total_grad(leader_loss, follower_loss, theta, w, **solve)
+                with torch.no_grad():
+                    for p, d in zip(theta, d_theta):
+                        p.add_(self.alpha * d)
+            if self.warm_start == "cold":
+                with torch.no_grad():
+                    for p, p0 in zip(w, w_pre):
+                        p.copy_(p0)
+            for _ in range(self.follower_steps):  # w <- w - beta grad_w f
+                grads = torch.autograd.grad(follower_loss(), w)
+                with torch.no_grad():
+                    for p, g in zip(w, grads):
+                        p.sub_(self.beta * g)
+        else:
+            for _ in range(self.leader_steps):  # w <- w - beta D_w f, the attacker responding by ascending f
+                d_w = hypergrad.total_grad(follower_loss, lambda: -follower_loss(), w, theta, **solve)
+                with torch.no_grad():
+                    for p, d in zip(w, d_w):
+                        p.sub_(self.beta * d)
+            for _ in range(self.follower_steps):  # theta <- theta + alpha grad_theta f
+                grads = torch.autograd.grad(follower_loss(), theta)
+                with torch.no_grad():
+                    for p, g in zip(theta, grads):
+                        p.add_(self.alpha * g)
+        with torch.no_grad():
+            return {"leader_loss": leader_loss().item(), "follower_loss": follower_loss().item()}
+
+    def _resume(self, defender, attacker):
+        if not self.checkpoint or not os.path.exists(self.checkpoint):
+            return 0
+        state = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
+        defender.load_state_dict(state["defender"])
+        attacker.load_state_dict(state["attacker"])
+        self.history = list(state["history"])
+        logger.info("resuming the TGDA attack from %s at epoch %d", self.checkpoint, state["epoch"])
+        return int(state["epoch"])
+
+    def _save(self, defender, attacker, epoch):
+        if not self.checkpoint:
+            return
+        tmp = self.checkpoint + ".tmp"
+        torch.save({"epoch": epoch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),
+                    "history": self.history}, tmp)
+        os.replace(tmp, self.checkpoint)  # never a half-written checkpoint

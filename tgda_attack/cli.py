@@ -1,0 +1,145 @@
+"""The `tgda-attack` command: the protocol of Lu, Kamath & Yu (TMLR 2022) from the shell.
+
+    tgda-attack run --dataset mnist-sample --defender lr --epsilon 0.03 --seed 0 --out DIR
+    tgda-attack pretrain --out DIR ...; tgda-attack attack --out DIR; tgda-attack evaluate --out DIR
+    tgda-attack run --seeds 0 1 2 --out DIR     (one folder per seed, mean and std in DIR/summary.md)
+
+Every setting of tgda_attack.protocol.Config is an option (--pretrain-epochs, --solver, ...) and can
+come from a JSON or TOML file (--config FILE; options on the command line win). Usage errors exit
+with status 2 and one line.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+
+from . import protocol
+from .data import DATASETS, DataNotFoundError
+from .models import DEFENDERS
+from .report import metrics_table, summary_table
+
+CHOICES = {
+    "dataset": DATASETS, "defender": tuple(DEFENDERS), "attack": protocol.ATTACK_NAMES,
+    "poison_init": ("first", "random"), "flip_rule": ("reverse", "random"), "solver": ("cg", "cgnr", "minres", "neumann"),
+    "warm_start": ("partial", "cold"), "leader": ("attacker", "defender"), "formulation": ("non-zero-sum", "zero-sum"),
+    "dtype": ("float32", "float64"),
+}
+TYPES = {"data_root": str, "device": str, "epsilon": float, "pretrain_lr": float, "alpha": float, "beta": float,
+         "damping": float}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2, no usage dump
+        raise UsageError(message)
+
+
+def _add_config_options(parser):
+    group = parser.add_argument_group("settings (defaults: tgda_attack.protocol.Config and DATASET_DEFAULTS)")
+    for f in dataclasses.fields(protocol.Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            continue
+        kind = TYPES.get(f.name, type(f.default) if f.default is not None else int)
+        group.add_argument(flag, dest=f.name, type=kind, choices=CHOICES.get(f.name), default=None,
+                           help=f"(default: {f.default if f.default is not None else 'by dataset'})")
+    parser.add_argument("--config", help="a JSON or TOML file of settings")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run several seeds, one sub-folder each")
+
+
+def build_parser():
+    parser = _Parser(prog="tgda-attack", description="TGDA data poisoning (Lu, Kamath & Yu, TMLR 2022): "
+                     "pretrain -> attack -> retrain from scratch -> test")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, text in (("run", "all three stages"), ("pretrain", "stage 1: train the defender and the attacker")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_config_options(p)
+    for name, text in (("attack", "stage 2: generate the poisons from the folder's pretrained models"),
+                       ("evaluate", "stage 3: retrain on D_tr U D_p and test")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--out", required=True, help="folder holding the earlier stages' files")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _read_config_file(path):
+    if not os.path.exists(path):
+        raise UsageError(f"config file {path} does not exist")
+    with open(path, "rb") as fh:
+        try:
+            return tomllib.load(fh) if path.endswith(".toml") else json.load(fh)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {exc}")
+
+
+def config_from_args(args):
+    values = _read_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(protocol.Config):
+        if getattr(args, f.name) is not None:
+            values[f.name] = getattr(args, f.name)
+    try:
+        return protocol.Config.from_dict(values).resolved()
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc))
+
+
+def _print_run(metrics, out):
+    print(f"\n{metrics['attack']} against {metrics['defender']} on {metrics['dataset']} "
+          f"(epsilon {metrics['epsilon']}, {metrics['n_poison']} poisons, seed {metrics['seed']}):")
+    print(metrics_table(metrics))
+    print(f"results: {os.path.join(out, 'metrics.json')}; figure: {os.path.join(out, 'poisons.png')}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        verbose = not args.quiet
+        if args.command in ("run", "pretrain"):
+            cfg = config_from_args(args)
+            seeds = args.seeds or [cfg.seed]
+            if args.command == "pretrain":
+                for seed in seeds:
+                    out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed_{seed}")
+                    result = protocol.stage_pretrain(dataclasses.replace(cfg, seed=seed), out, verbose)
+                    print(f"clean accuracy {100 * result['clean_accuracy']:.2f}% -> {out}")
+                return 0
+            runs = []
+            for seed in seeds:
+                out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed_{seed}")
+                runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose))
+                _print_run(runs[-1], out)
+            if len(runs) > 1:
+                summary = protocol.summarize(runs)
+                with open(os.path.join(args.out, "summary.json"), "w") as fh:
+                    json.dump(summary, fh, indent=2)
+                table = summary_table([summary])
+                with open(os.path.join(args.out, "summary.md"), "w") as fh:
+                    fh.write(table + "\n")
+                print("\nmean ± std over seeds:\n" + table)
+            return 0
+        if args.command == "attack":
+            result = protocol.stage_attack(args.out, verbose)
+            print(f"{result['n_poison']} poisons in {result['attack_seconds']:.1f} s -> {os.path.join(args.out, 'poisons.pt')}")
+            return 0
+        _print_run(protocol.stage_evaluate(args.out, verbose), args.out)
+        return 0
+    except (UsageError, DataNotFoundError, FileNotFoundError) as exc:
+        print(f"tgda-attack: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tgda-attack: interrupted; `tgda-attack attack --out DIR` resumes an attack from its checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

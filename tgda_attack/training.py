@@ -1,0 +1,60 @@
+"""Training and testing of defenders and attackers: the "pretrain" and "test" stages of the
+protocol of Lu, Kamath & Yu (TMLR 2022), Section 4.2.
+
+Defenders are trained by plain mini-batch gradient descent on the cross-entropy (the paper's
+"our own implementation of gradient descent", lr 0.1), with a seeded shuffle per epoch, so that
+the same seed gives the same model and retraining on D_tr U D_p repeats the pretrain procedure
+exactly. Attackers are pretrained as autoencoders: they learn to reconstruct D_tr from (x, y).
+"""
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def _batches(n, batch_size, generator):
+    order = torch.randperm(n, generator=generator)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender"):
+    """Mini-batch gradient descent on the cross-entropy: w -= lr * grad. Returns the model."""
+    if epochs < 0 or batch_size < 1 or lr <= 0:
+        raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
+    for _ in bar:
+        for idx in _batches(len(y), batch_size, generator):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(lr * g)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def accuracy(model, x, y, batch_size=2000):
+    """Fraction of correctly classified points."""
+    model.eval()
+    correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+                  for i in range(0, len(y), batch_size))
+    return correct / max(1, len(y))
+
+
+def pretrain_attacker(attacker, x, y, *, epochs, batch_size, lr=1e-3, seed=0, verbose=False):
+    """Trains the attacker to reconstruct x from (x, y) (mean squared error, Adam). Returns it."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(attacker.parameters(), lr=lr)
+    bar = tqdm(range(epochs), desc="pretrain attacker", disable=not verbose, leave=False)
+    for _ in bar:
+        for idx in _batches(len(y), batch_size, generator):
+            loss = F.mse_loss(attacker(x[idx], y[idx]), x[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        bar.set_postfix(mse=f"{loss.item():.4f}")
+    return attacker

@@ -9,7 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 .PHONY: demo test bench gpu-check install clean
 
 demo: $(VENV)/.installed
-	$(PY) benchmarks/compare_leader_step.py --defenders lr nn --dtypes float32 --repeats 1
+	$(VENV)/bin/tgda-attack run --dataset mnist-sample --defender lr --epsilon 0.03 --seed 0 --out runs/demo
 
 test: $(VENV)/.installed
 	cd tests && ../$(VENV)/bin/python -m pytest -q .

@@ -1,4 +1,6 @@
 """The fused solver ops of hypergrad._C against their pure-PyTorch twins and torch.library.opcheck."""
+import os
+
 import pytest
 import torch
 
@@ -152,3 +154,11 @@ def test_routing_follows_use_extension():
         assert not hypergrad.has_extension()
         torch.testing.assert_close(_ops.row_dot(a, a), (a.double() ** 2).sum(-1))
     assert hypergrad.has_extension() == (hypergrad.build_info()["extension_loaded"])
+
+
+@pytest.mark.skipif(os.environ.get("HYPERGRAD_REQUIRE_EXTENSION") != "1", reason="HYPERGRAD_REQUIRE_EXTENSION is not set")
+def test_required_extension_is_loaded():
+    info = hypergrad.build_info()
+    assert info["extension_loaded"] and hypergrad.has_extension(), info
+    if os.environ.get("FORCE_CUDA") == "1":
+        assert info["cuda_kernels"], "FORCE_CUDA=1 was set but the CUDA kernels were not compiled in"

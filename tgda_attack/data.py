@@ -13,7 +13,6 @@ x / 127.5 - 1; CIFAR-10: per-channel mean 0.5 and std 0.5, the same map). The po
 |D_p| = floor(epsilon * |D_tr|); D_p^0 is the first epsilon*N points of D_tr, as in the paper, or a
 seeded random choice.
 """
-import gzip
 import io
 import math
 import os
@@ -190,12 +189,3 @@ def load_dataset(name, data_root=None, download=False, seed=0, val_fraction=0.3)
     root = data_root or os.path.join(os.path.expanduser("~"), ".cache", "tgda_attack", "data")
     loader = load_mnist if name == "mnist" else load_cifar10
     return loader(root, download=download, seed=seed, val_fraction=val_fraction)
-
-
-def write_idx(path, array):
-    """Writes a uint8 array in the IDX format of MNIST (gzip when the path ends in .gz)."""
-    array = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wb") as fh:
-        fh.write(header + array.tobytes())

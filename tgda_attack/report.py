@@ -10,12 +10,12 @@ def save_poison_figure(x_clean, x_poison, y_clean, y_poison, path, k=8):
     """Top row: clean starting points; bottom row: their poisons; the k with the largest change."""
     change = (x_poison - x_clean).flatten(1).norm(dim=1)
     order = change.argsort(descending=True)[:k]
-    fig, axes = plt.subplots(2, len(order), figsize=(1.6 * len(order), 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(order), figsize=(1.6 * len(order), 4.2), squeeze=False)
     for col, i in enumerate(order.tolist()):
         for row, (img, label) in enumerate(((x_clean[i], y_clean[i]), (x_poison[i], y_poison[i]))):
             ax = axes[row][col]
             shown = ((img.float() + 1) / 2).clamp(0, 1).permute(1, 2, 0)
-            ax.imshow(shown.squeeze(-1) if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1)
+            ax.imshow((shown.squeeze(-1) if shown.shape[-1] == 1 else shown).numpy(), cmap="gray", vmin=0, vmax=1)
             title = f"y={int(label)}" + (f"\n|dx|={change[i]:.2f}" if row == 1 else "")
             ax.set_title(title, fontsize=8)
             ax.axis("off")

@@ -1,0 +1,137 @@
+"""The TGDA and label-flip attacks: invariants, determinism, resume, and one leader update
+against the total-derivative formula evaluated with a dense Hessian."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hypergrad
+from tgda_attack.attacks import LabelFlipAttack, TGDAAttack
+
+
+class TinyAttacker(nn.Module):
+    """x_p = tanh(A x + c y): small enough for dense second derivatives."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.label = nn.Parameter(torch.zeros(d))
+        self.d = d
+
+    def forward(self, x, y):
+        return torch.tanh(self.lin(x.flatten(1)) + y.to(x.dtype)[:, None] * self.label).view(x.shape)
+
+
+def _tiny(seed=0, n=40, d=4, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.randint(0, classes, (n,), generator=g)
+    xv = torch.rand(n // 2, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    yv = torch.randint(0, classes, (n // 2,), generator=g)
+    torch.manual_seed(seed)
+    defender = nn.Sequential(nn.Flatten(), nn.Linear(d, classes)).double()
+    attacker = TinyAttacker(d).double()
+    return x, y, xv, yv, defender, attacker
+
+
+def _attack(defender, attacker, **kw):
+    settings = dict(epsilon=0.1, epochs=1, batch_size=1000, alpha=0.05, follower_steps=2, solver="cg",
+                    solver_iterations=100, seed=0)
+    settings.update(kw)
+    return TGDAAttack(defender, attacker, **settings)
+
+
+def test_budget_clean_label_and_pixel_range():
+    x, y, xv, yv, defender, attacker = _tiny()
+    attack = _attack(defender, attacker, epochs=2, alpha=5.0)
+    x_p, y_p = attack.poison(x, y, xv, yv)
+    assert len(y_p) == 4 and x_p.shape == (4, 1, 2, 2)
+    assert torch.equal(y_p, y[:4])  # clean label: D_p^0 = D_tr[0:eps N], labels unchanged
+    assert x_p.min() >= -1 and x_p.max() <= 1
+    assert not torch.allclose(x_p, attacker(x[:4], y[:4]))  # the attacker moved
+    assert len(attack.history) == 2
+
+
+def test_same_seed_gives_the_same_poisons():
+    x, y, xv, yv, defender, attacker = _tiny()
+    a = _attack(defender, attacker, epochs=2, init="random", seed=3).poison(x, y, xv, yv)
+    b = _attack(defender, attacker, epochs=2, init="random", seed=3).poison(x, y, xv, yv)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_one_leader_update_equals_the_dense_total_derivative():
+    x, y, xv, yv, defender, attacker = _tiny(seed=1)
+    damping = 0.1  # the softmax-regression Hessian is singular along the all-ones logit shift
+    attack = _attack(defender, attacker, follower_steps=0, damping=damping, solver_rtol=1e-13)
+    attack.poison(x, y, xv, yv)
+    theta0 = hypergrad.flatten([p.detach() for p in attacker.parameters()])
+    theta1 = hypergrad.flatten([p.detach() for p in attack.attacker_.parameters()])
+
+    w0 = hypergrad.flatten([p.detach() for p in defender.parameters()])
+    w_like, t_like = list(defender.parameters()), list(attacker.parameters())
+    xp0, yp0 = x[:4], y[:4]
+
+    def f(th, w):  # L(D_tr U D_p(theta), w)
+        W, b = hypergrad.unflatten(w, w_like)
+        lab, A, c = hypergrad.unflatten(th, t_like)  # parameters() lists `label` before `lin`
+        xp = torch.tanh(xp0.flatten(1) @ A.T + c + yp0.double()[:, None] * lab)
+        logits = torch.cat([x.flatten(1), xp]) @ W.T + b
+        return F.cross_entropy(logits, torch.cat([y, yp0]))
+
+    def l(w):  # L(D_v, w)
+        W, b = hypergrad.unflatten(w, w_like)
+        return F.cross_entropy(xv.flatten(1) @ W.T + b, yv)
+
+    H = torch.autograd.functional.hessian(lambda w: f(theta0, w), w0) + damping * torch.eye(len(w0), dtype=torch.float64)
+    grad_w_l = torch.autograd.functional.jacobian(l, w0)
+    mixed = torch.autograd.functional.jacobian(
+        lambda th: torch.autograd.functional.jacobian(lambda w: f(th, w), w0, create_graph=True), theta0)  # [w, theta]
+    expected = -mixed.T @ torch.linalg.solve(H, grad_w_l)  # D_theta l (l does not depend on theta)
+    torch.testing.assert_close(theta1 - theta0, 0.05 * expected, rtol=1e-7, atol=1e-12)
+
+
+def test_resume_from_checkpoint_gives_the_same_result(tmp_path):
+    x, y, xv, yv, defender, attacker = _tiny(seed=2)
+    full = _attack(defender, attacker, epochs=2).poison(x, y, xv, yv)
+    ckpt = str(tmp_path / "attack.pt")
+    _attack(defender, attacker, epochs=1, checkpoint=ckpt).poison(x, y, xv, yv)
+    resumed_attack = _attack(defender, attacker, epochs=2, checkpoint=ckpt)
+    resumed = resumed_attack.poison(x, y, xv, yv)
+    torch.testing.assert_close(resumed[0], full[0])
+    assert [h["epoch"] for h in resumed_attack.history] == [1, 2]
+
+
+@pytest.mark.parametrize("options", [{"leader": "defender"}, {"formulation": "zero-sum"}, {"warm_start": "cold"},
+                                     {"solver": "cgnr", "solver_iterations": 4}, {"solver": "minres"}])
+def test_paper_variants_run_and_keep_the_invariants(options):
+    x, y, xv, yv, defender, attacker = _tiny(seed=3)
+    x_p, y_p = _attack(defender, attacker, **options).poison(x, y, xv, yv)
+    assert torch.equal(y_p, y[:4]) and x_p.min() >= -1 and x_p.max() <= 1 and torch.isfinite(x_p).all()
+
+
+def test_cold_start_restarts_the_follower_from_the_pretrained_defender():
+    x, y, xv, yv, defender, attacker = _tiny(seed=4)
+    attack = _attack(defender, attacker, warm_start="cold", follower_steps=0, batch_size=10, epochs=2)
+    attack.poison(x, y, xv, yv)
+    for p, q in zip(defender.parameters(), attack.defender_.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"epsilon": 2.0}, "epsilon"), ({"alpha": 0.0}, "step sizes"),
+                                             ({"solver": "lu"}, "solver"), ({"leader": "both"}, "leader"),
+                                             ({"batch_size": 0}, "batch_size"), ({"epochs": -1}, "epochs")])
+def test_bad_hyper_parameters_raise(kwargs, message):
+    x, y, xv, yv, defender, attacker = _tiny()
+    with pytest.raises(ValueError, match=message):
+        _attack(defender, attacker, **kwargs)
+
+
+def test_label_flip_rules():
+    y = torch.arange(100) % 10
+    x = torch.randn(100, 1, 2, 2)
+    x_p, y_p = LabelFlipAttack(0.1).poison(x, y)
+    assert torch.equal(x_p, x[:10]) and torch.equal(y_p, 9 - y[:10])
+    _, y_r = LabelFlipAttack(0.1, rule="random", seed=1).poison(x, y)
+    assert len(y_r) == 10 and bool((y_r != y[:10]).all())
+    with pytest.raises(ValueError, match="rule"):
+        LabelFlipAttack(rule="up")

@@ -1,0 +1,104 @@
+"""Datasets, splits and the poison budget (tgda_attack.data), on small files in the real formats."""
+import gzip
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tgda_attack import data
+
+
+def write_idx(path, array):
+    """Writes a uint8 array in MNIST's IDX format (gzip when the path ends in .gz)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+
+
+def test_poison_budget():
+    assert data.poison_budget(2800, 0.03) == 84
+    assert data.poison_budget(42000, 0.03) == 1260  # the paper's MNIST budget
+    assert data.poison_budget(100, 0.29) == 29
+    with pytest.raises(ValueError, match="epsilon"):
+        data.poison_budget(100, 1.5)
+
+
+def test_initial_poison_indices():
+    assert data.initial_poison_indices(100, 3).tolist() == [0, 1, 2]
+    a = data.initial_poison_indices(100, 10, "random", seed=4)
+    assert torch.equal(a, data.initial_poison_indices(100, 10, "random", seed=4))
+    assert len(set(a.tolist())) == 10 and not torch.equal(a, data.initial_poison_indices(100, 10, "random", seed=5))
+
+
+def test_mnist_sample_is_the_embedded_default():
+    s = data.load_dataset("mnist-sample")
+    assert (len(s.y_train), len(s.y_val), len(s.y_test)) == (2800, 1200, 1000)
+    assert s.image_shape == (1, 28, 28)
+    assert s.x_train.min() == -1.0 and s.x_train.max() == 1.0
+    assert set(s.y_test.tolist()) == set(range(10))
+    again = data.load_dataset("mnist-sample")
+    assert torch.equal(s.x_train, again.x_train) and torch.equal(s.y_val, again.y_val)
+    assert s.summary()["split_seed"] == 0
+
+
+def test_mnist_from_local_idx_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_x = rng.integers(0, 256, (20, 28, 28))
+    train_x[0, 0, 0], train_x[0, 0, 1] = 0, 255
+    write_idx(str(raw / "train-images-idx3-ubyte"), train_x)
+    write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(20) % 10)
+    write_idx(str(raw / "t10k-images-idx3-ubyte"), rng.integers(0, 256, (10, 28, 28)))
+    write_idx(str(raw / "t10k-labels-idx1-ubyte"), np.arange(10))
+    s = data.load_dataset("mnist", data_root=str(tmp_path))
+    assert (len(s.y_train), len(s.y_val), len(s.y_test)) == (14, 6, 10)
+    all_x = torch.cat([s.x_train, s.x_val])
+    assert all_x.min() == -1.0 and all_x.max() == 1.0
+    expected = torch.as_tensor(train_x, dtype=torch.float32) / 127.5 - 1
+    assert sorted(all_x.sum((1, 2, 3)).tolist()) == pytest.approx(sorted(expected.sum((1, 2)).tolist()))
+
+
+def _write_cifar(folder, n=4):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in data.CIFAR_FILES:
+        batch = {"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), "labels": list(range(n))}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh)
+
+
+def test_cifar10_from_local_batches(tmp_path):
+    _write_cifar(tmp_path / "cifar-10-batches-py")
+    s = data.load_dataset("cifar10", data_root=str(tmp_path))
+    assert len(s.y_train) + len(s.y_val) == 20 and len(s.y_test) == 4
+    assert s.image_shape == (3, 32, 32)
+    assert -1.0 <= s.x_train.min() and s.x_train.max() <= 1.0
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as fh:
+        pickle.dump({"data": _Exploit(), "labels": [0]}, fh)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        data.read_cifar_batch(str(path))
+
+
+@pytest.mark.parametrize("name, expected", [("mnist", "train-images-idx3-ubyte"), ("cifar10", "data_batch_1")])
+def test_missing_files_name_the_folder_and_the_files(tmp_path, name, expected):
+    with pytest.raises(data.DataNotFoundError, match=expected) as err:
+        data.load_dataset(name, data_root=str(tmp_path))
+    assert str(tmp_path) in str(err.value) and "--download" in str(err.value)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="mnist-sample"):
+        data.load_dataset("imagenet")

@@ -1,0 +1,102 @@
+"""The three-stage protocol and the tgda-attack command, at tiny sizes on the embedded sample."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from tgda_attack import cli, protocol
+
+TINY = dict(dataset="mnist-sample", defender="lr", pretrain_epochs=1, pretrain_batch_size=1000,
+            attacker_epochs=0, attack_epochs=1, attack_batch_size=1000, follower_steps=1, solver_iterations=2)
+TINY_FLAGS = ["--dataset", "mnist-sample", "--defender", "lr", "--pretrain-epochs", "1", "--pretrain-batch-size", "1000",
+              "--attacker-epochs", "0", "--attack-epochs", "1", "--attack-batch-size", "1000", "--follower-steps", "1",
+              "--solver-iterations", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    assert cli.main(["run", "--epsilon", "0.03", "--seed", "0", "--out", out, *TINY_FLAGS]) == 0
+    return out
+
+
+def test_run_writes_the_output_folder(tiny_run):
+    for name in ("config.json", "metrics.json", "poisons.pt", "poisons.png", "defender_pretrained.pt",
+                 "attacker_pretrained.pt", "attacker_attacked.pt", "defender_poisoned.pt"):
+        assert os.path.exists(os.path.join(tiny_run, name)), name
+    with open(os.path.join(tiny_run, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    for key in ("dataset", "defender", "attack", "epsilon", "n_train", "n_poison", "clean_accuracy",
+                "poisoned_accuracy", "accuracy_drop", "attack_seconds", "seed"):
+        assert key in metrics
+    assert metrics["n_train"] == 2800 and metrics["n_poison"] == 84
+    assert metrics["accuracy_drop"] == pytest.approx(metrics["clean_accuracy"] - metrics["poisoned_accuracy"])
+    poisons = torch.load(os.path.join(tiny_run, "poisons.pt"), weights_only=True)
+    assert poisons["x_poison"].shape == (84, 1, 28, 28) and poisons["x_poison"].abs().max() <= 1
+
+
+def test_retraining_follows_the_pretrain_procedure(tiny_run):
+    cfg = protocol.Config.from_dict({**TINY, "seed": 0}).resolved()
+    splits = protocol.load_splits(cfg)
+    pretrained = torch.load(os.path.join(tiny_run, "defender_pretrained.pt"), weights_only=True)
+    again = protocol.train_defender(cfg, splits.x_train, splits.y_train)  # the procedure retraining uses
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, pretrained[k]), k
+    # the test stage with the same procedure on D_tr U D_p differs only by the poisons
+    poisons = torch.load(os.path.join(tiny_run, "poisons.pt"), weights_only=True)
+    retrained = protocol.train_defender(cfg, torch.cat([splits.x_train, poisons["x_poison"]]),
+                                        torch.cat([splits.y_train, poisons["y_poison"]]))
+    saved = torch.load(os.path.join(tiny_run, "defender_poisoned.pt"), weights_only=True)
+    for k, v in retrained.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_stages_run_separately_and_match_run(tiny_run, tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["pretrain", "--epsilon", "0.03", "--seed", "0", "--out", out, *TINY_FLAGS]) == 0
+    assert cli.main(["attack", "--out", out, "--quiet"]) == 0
+    assert cli.main(["evaluate", "--out", out, "--quiet"]) == 0
+    a = torch.load(os.path.join(out, "poisons.pt"), weights_only=True)
+    b = torch.load(os.path.join(tiny_run, "poisons.pt"), weights_only=True)
+    assert torch.equal(a["x_poison"], b["x_poison"])
+
+
+def test_label_flip_and_seeds_summary(tmp_path, capsys):
+    out = str(tmp_path)
+    assert cli.main(["run", "--attack", "label-flip", "--seeds", "0", "1", "--out", out, *TINY_FLAGS]) == 0
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
+    assert summary["seeds"] == [0, 1] and set(summary["accuracy_drop"]) == {"mean", "std"}
+    assert os.path.exists(os.path.join(out, "seed_1", "metrics.json"))
+    assert "mean ± std" in capsys.readouterr().out
+
+
+def test_config_file_and_command_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('defender = "nn"\nepsilon = 0.05\n')
+    args = cli.build_parser().parse_args(["run", "--out", "x", "--config", str(path), "--epsilon", "0.1"])
+    cfg = cli.config_from_args(args)
+    assert cfg.defender == "nn" and cfg.epsilon == 0.1 and cfg.pretrain_epochs == protocol.DATASET_DEFAULTS["mnist-sample"]["pretrain_epochs"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--out", "x", "--defender", "svm"], "invalid choice"),
+    (["run"], "--out"),
+    (["run", "--out", "x", "--epsilon", "lots"], "invalid float"),
+    (["attack", "--out", "/nonexistent/folder"], "run the earlier stage"),
+    (["run", "--out", "x", "--config", "/nonexistent.json"], "does not exist"),
+    (["run", "--out", "x", "--dataset", "mnist", "--data-root", "/nonexistent"], "MNIST not found"),
+])
+def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tgda-attack: error:") and message in err and "\n" not in err
+
+
+def test_config_round_trips_through_json(tiny_run):
+    with open(os.path.join(tiny_run, "config.json")) as fh:
+        values = json.load(fh)
+    values.pop("split")
+    assert dataclasses.asdict(protocol.Config.from_dict(values)) == values

@@ -27,7 +27,7 @@ CHOICES = {
     "dtype": ("float32", "float64"),
 }
 TYPES = {"data_root": str, "device": str, "epsilon": float, "pretrain_lr": float, "alpha": float, "beta": float,
-         "damping": float}
+         "damping": float}  # settings whose default (None or an int) does not tell their type
 
 
 class UsageError(Exception):

@@ -63,6 +63,36 @@ inline at::Tensor new_row_scalars(const at::Tensor& like) {
   return at::empty(rows, like.options().dtype(at::kDouble));
 }
 
+// The argument checks of each op, shared by its CPU and CUDA kernels.
+inline RowLayout check_row_dot_args(const at::Tensor& a, const at::Tensor& b) {
+  const auto layout = check_vector(a, "a", a, "row_dot");
+  check_vector(b, "b", a, "row_dot");
+  return layout;
+}
+
+inline RowLayout check_cg_step_args(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
+                                    const at::Tensor& q, const at::Tensor& num, const at::Tensor& den,
+                                    const at::Tensor& active) {
+  const auto layout = check_vector(x, "x", x, "cg_step");
+  check_vector(r, "r", x, "cg_step");
+  check_vector(p, "p", x, "cg_step");
+  check_vector(q, "q", x, "cg_step");
+  check_row_scalars(num, "num", x, at::kDouble, "cg_step");
+  check_row_scalars(den, "den", x, at::kDouble, "cg_step");
+  check_row_scalars(active, "active", x, at::kBool, "cg_step");
+  return layout;
+}
+
+inline RowLayout check_cg_direction_args(const at::Tensor& p, const at::Tensor& z, const at::Tensor& num_new,
+                                         const at::Tensor& num_old, const at::Tensor& active) {
+  const auto layout = check_vector(p, "p", p, "cg_direction");
+  check_vector(z, "z", p, "cg_direction");
+  check_row_scalars(num_new, "num_new", p, at::kDouble, "cg_direction");
+  check_row_scalars(num_old, "num_old", p, at::kDouble, "cg_direction");
+  check_row_scalars(active, "active", p, at::kBool, "cg_direction");
+  return layout;
+}
+
 // alpha of one row of cg_step: num / den where the row is active with positive den, else 0.
 template <typename T>
 HYPERGRAD_HOST_DEVICE inline T step_size(bool active, double num, double den) {

@@ -66,8 +66,7 @@ void direction_chunk(T* p, const T* z, T beta, int64_t begin, int64_t end) {
 
 // out_i = <a_i, b_i>, float64 accumulation.
 at::Tensor row_dot_cpu(const at::Tensor& a, const at::Tensor& b) {
-  const auto layout = check_vector(a, "a", a, "row_dot");
-  check_vector(b, "b", a, "row_dot");
+  const auto layout = check_row_dot_args(a, b);
   auto out = new_row_scalars(a);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "row_dot_cpu", [&] {
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
@@ -84,13 +83,7 @@ at::Tensor row_dot_cpu(const at::Tensor& a, const at::Tensor& b) {
 // r_i -= alpha_i q_i; returns <r_i, r_i> after the update.
 at::Tensor cg_step_cpu(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const at::Tensor& q,
                        const at::Tensor& num, const at::Tensor& den, const at::Tensor& active) {
-  const auto layout = check_vector(x, "x", x, "cg_step");
-  check_vector(r, "r", x, "cg_step");
-  check_vector(p, "p", x, "cg_step");
-  check_vector(q, "q", x, "cg_step");
-  check_row_scalars(num, "num", x, at::kDouble, "cg_step");
-  check_row_scalars(den, "den", x, at::kDouble, "cg_step");
-  check_row_scalars(active, "active", x, at::kBool, "cg_step");
+  const auto layout = check_cg_step_args(x, r, p, q, num, den, active);
   auto rr = new_row_scalars(x);
   const double* pnum = num.const_data_ptr<double>();
   const double* pden = den.const_data_ptr<double>();
@@ -112,11 +105,7 @@ at::Tensor cg_step_cpu(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const 
 // beta_i = num_new_i/num_old_i; p_i = z_i + beta_i p_i on active rows.
 void cg_direction_cpu(at::Tensor& p, const at::Tensor& z, const at::Tensor& num_new,
                       const at::Tensor& num_old, const at::Tensor& active) {
-  const auto layout = check_vector(p, "p", p, "cg_direction");
-  check_vector(z, "z", p, "cg_direction");
-  check_row_scalars(num_new, "num_new", p, at::kDouble, "cg_direction");
-  check_row_scalars(num_old, "num_old", p, at::kDouble, "cg_direction");
-  check_row_scalars(active, "active", p, at::kBool, "cg_direction");
+  const auto layout = check_cg_direction_args(p, z, num_new, num_old, active);
   const double* pnew = num_new.const_data_ptr<double>();
   const double* pold = num_old.const_data_ptr<double>();
   const bool* pact = active.const_data_ptr<bool>();

@@ -108,8 +108,7 @@ void finish_row_sums(const at::Tensor& partial, dim3 grid, at::Tensor& out, cuda
 }
 
 at::Tensor row_dot_cuda(const at::Tensor& a, const at::Tensor& b) {
-  const auto layout = check_vector(a, "a", a, "row_dot");
-  check_vector(b, "b", a, "row_dot");
+  const auto layout = check_row_dot_args(a, b);
   const c10::cuda::CUDAGuard guard(a.device());
   auto out = new_row_scalars(a);
   if (layout.n == 0) return out.zero_();
@@ -127,13 +126,7 @@ at::Tensor row_dot_cuda(const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor cg_step_cuda(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const at::Tensor& q,
                         const at::Tensor& num, const at::Tensor& den, const at::Tensor& active) {
-  const auto layout = check_vector(x, "x", x, "cg_step");
-  check_vector(r, "r", x, "cg_step");
-  check_vector(p, "p", x, "cg_step");
-  check_vector(q, "q", x, "cg_step");
-  check_row_scalars(num, "num", x, at::kDouble, "cg_step");
-  check_row_scalars(den, "den", x, at::kDouble, "cg_step");
-  check_row_scalars(active, "active", x, at::kBool, "cg_step");
+  const auto layout = check_cg_step_args(x, r, p, q, num, den, active);
   const c10::cuda::CUDAGuard guard(x.device());
   auto rr = new_row_scalars(x);
   if (layout.n == 0) return rr.zero_();
@@ -153,11 +146,7 @@ at::Tensor cg_step_cuda(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const
 
 void cg_direction_cuda(at::Tensor& p, const at::Tensor& z, const at::Tensor& num_new, const at::Tensor& num_old,
                        const at::Tensor& active) {
-  const auto layout = check_vector(p, "p", p, "cg_direction");
-  check_vector(z, "z", p, "cg_direction");
-  check_row_scalars(num_new, "num_new", p, at::kDouble, "cg_direction");
-  check_row_scalars(num_old, "num_old", p, at::kDouble, "cg_direction");
-  check_row_scalars(active, "active", p, at::kBool, "cg_direction");
+  const auto layout = check_cg_direction_args(p, z, num_new, num_old, active);
   const c10::cuda::CUDAGuard guard(p.device());
   if (layout.n == 0) return;
   const dim3 grid = row_grid(layout);

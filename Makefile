@@ -12,7 +12,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/tgda-attack run --dataset mnist-sample --defender lr --epsilon 0.03 --seed 0 --out runs/demo
 
 test: $(VENV)/.installed
-	cd tests && ../$(VENV)/bin/python -m pytest -q .
+	cd tests && $(abspath $(PY)) -m pytest -q .
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/compare_leader_step.py --defenders lr nn --repeats 3
@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install '.[test]'
-	$(PY) -c "import hypergrad, json; print(json.dumps(hypergrad.build_info(), indent=1))"
+	cd / && $(abspath $(PY)) -c "import hypergrad, json; print(json.dumps(hypergrad.build_info(), indent=1))"  # the installed package, not ./hypergrad
 	touch $@
 
 clean:

@@ -135,3 +135,9 @@ def test_label_flip_rules():
     assert len(y_r) == 10 and bool((y_r != y[:10]).all())
     with pytest.raises(ValueError, match="rule"):
         LabelFlipAttack(rule="up")
+
+
+def test_without_a_validation_set_30_percent_is_held_out():
+    x, y, xv, yv, defender, attacker = _tiny(seed=5, n=100)
+    x_p, y_p = _attack(defender, attacker).poison(x, y)
+    assert len(y_p) == 7  # floor(0.1 * 70): the attack ran on the 70% that remain as D_tr

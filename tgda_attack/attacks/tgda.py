@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import hypergrad
 
-from ..data import initial_poison_indices, poison_budget
+from ..data import initial_poison_indices, poison_budget, split_train_val
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,6 @@ class TGDAAttack:
         holds the losses of every epoch.
         """
         if x_val is None or y_val is None:
-            from ..data import split_train_val
             x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
         if len(x) != len(y) or len(x_val) != len(y_val):
             raise ValueError("images and labels must have the same length")

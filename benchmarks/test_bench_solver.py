@@ -65,10 +65,7 @@ def test_cg_update(benchmark, n, batch, impl):
 
 
 def _lr_operator(batch=1000):
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from problems import leader_step_problem
+    from problems import leader_step_problem  # benchmarks/ is on sys.path (conftest.py)
 
     step = leader_step_problem("lr", batch=batch, dtype=torch.float64)
     grads = torch.autograd.grad(step.follower_loss(), step.w, create_graph=True)

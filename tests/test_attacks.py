@@ -47,6 +47,7 @@ def test_budget_clean_label_and_pixel_range():
     x_p, y_p = attack.poison(x, y, xv, yv)
     assert len(y_p) == 4 and x_p.shape == (4, 1, 2, 2)
     assert torch.equal(y_p, y[:4])  # clean label: D_p^0 = D_tr[0:eps N], labels unchanged
+    assert attack.source_indices_.tolist() == [0, 1, 2, 3]
     assert x_p.min() >= -1 and x_p.max() <= 1
     assert not torch.allclose(x_p, attacker(x[:4], y[:4]))  # the attacker moved
     assert len(attack.history) == 2
@@ -129,8 +130,10 @@ def test_bad_hyper_parameters_raise(kwargs, message):
 def test_label_flip_rules():
     y = torch.arange(100) % 10
     x = torch.randn(100, 1, 2, 2)
-    x_p, y_p = LabelFlipAttack(0.1).poison(x, y)
+    flip = LabelFlipAttack(0.1)
+    x_p, y_p = flip.poison(x, y)
     assert torch.equal(x_p, x[:10]) and torch.equal(y_p, 9 - y[:10])
+    assert flip.source_indices_.tolist() == list(range(10))
     _, y_r = LabelFlipAttack(0.1, rule="random", seed=1).poison(x, y)
     assert len(y_r) == 10 and bool((y_r != y[:10]).all())
     with pytest.raises(ValueError, match="rule"):

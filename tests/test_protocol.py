@@ -10,9 +10,7 @@ from tgda_attack import cli, protocol
 
 TINY = dict(dataset="mnist-sample", defender="lr", pretrain_epochs=1, pretrain_batch_size=1000,
             attacker_epochs=0, attack_epochs=1, attack_batch_size=1000, follower_steps=1, solver_iterations=2)
-TINY_FLAGS = ["--dataset", "mnist-sample", "--defender", "lr", "--pretrain-epochs", "1", "--pretrain-batch-size", "1000",
-              "--attacker-epochs", "0", "--attack-epochs", "1", "--attack-batch-size", "1000", "--follower-steps", "1",
-              "--solver-iterations", "2", "--quiet"]
+TINY_FLAGS = [arg for key, value in TINY.items() for arg in ("--" + key.replace("_", "-"), str(value))] + ["--quiet"]
 
 
 @pytest.fixture(scope="module")

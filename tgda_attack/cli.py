@@ -98,6 +98,11 @@ def _print_run(metrics, out):
     print(f"results: {os.path.join(out, 'metrics.json')}; figure: {os.path.join(out, 'poisons.png')}")
 
 
+def _seed_folder(out, seed, seeds):
+    """The output folder of one seed: `out` itself for a single seed, out/seed_K for several."""
+    return out if len(seeds) == 1 else os.path.join(out, f"seed_{seed}")
+
+
 def main(argv=None):
     parser = build_parser()
     try:
@@ -108,13 +113,13 @@ def main(argv=None):
             seeds = args.seeds or [cfg.seed]
             if args.command == "pretrain":
                 for seed in seeds:
-                    out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed_{seed}")
+                    out = _seed_folder(args.out, seed, seeds)
                     result = protocol.stage_pretrain(dataclasses.replace(cfg, seed=seed), out, verbose)
                     print(f"clean accuracy {100 * result['clean_accuracy']:.2f}% -> {out}")
                 return 0
             runs = []
             for seed in seeds:
-                out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed_{seed}")
+                out = _seed_folder(args.out, seed, seeds)
                 runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose))
                 _print_run(runs[-1], out)
             if len(runs) > 1:

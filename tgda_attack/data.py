@@ -68,6 +68,11 @@ def initial_poison_indices(n_train, n_poison, mode="first", seed=0):
     raise ValueError(f"poison init must be 'first' or 'random', got {mode!r}")
 
 
+def poison_sources(n_train, epsilon, init="first", seed=0):
+    """Indices into D_tr of the epsilon*N clean points D_p^0 that the poisons start from."""
+    return initial_poison_indices(n_train, poison_budget(n_train, epsilon), init, seed)
+
+
 def split_train_val(x, y, val_fraction=0.3, seed=0):
     """A seeded shuffle of the training data into D_tr (1 - val_fraction) and D_v (val_fraction)."""
     if not 0 < val_fraction < 1:

@@ -212,11 +212,9 @@ def stage_attack(out, verbose=False):
         torch.save(attack.attacker_.state_dict(), os.path.join(out, "attacker_attacked.pt"))
         torch.save(attack.defender_.state_dict(), os.path.join(out, "defender_attacked.pt"))
     seconds = time.perf_counter() - start
-    n_p = len(y_p)
-    idx = data_mod.initial_poison_indices(len(splits.y_train), n_p, cfg.poison_init, cfg.seed)
-    torch.save({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": idx},
+    torch.save({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_},
                os.path.join(out, "poisons.pt"))
-    result = {"attack_seconds": seconds, "n_poison": n_p, "history": history}
+    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": history}
     _write_json(os.path.join(out, "attack.json"), result)
     return result
 

@@ -3,7 +3,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 
 def save_poison_figure(x_clean, x_poison, y_clean, y_poison, path, k=8):

@@ -3,7 +3,7 @@ Table 2: the poisons are epsilon*N points of the training set with their labels 
 paper's rule y -> (K - 1) - y (9 - y on 10 classes) or to a uniformly random other class."""
 import torch
 
-from ..data import initial_poison_indices, poison_budget
+from ..data import poison_budget, poison_sources
 
 
 class LabelFlipAttack:
@@ -28,8 +28,11 @@ class LabelFlipAttack:
         self.epsilon, self.rule, self.init, self.num_classes, self.seed = epsilon, rule, init, num_classes, seed
 
     def poison(self, x, y):
-        """(x_poison, y_poison): the chosen points of (x, y) with flipped labels."""
-        idx = initial_poison_indices(len(y), poison_budget(len(y), self.epsilon), self.init, self.seed)
+        """(x_poison, y_poison): the chosen points of (x, y) with flipped labels.
+
+        After the call `source_indices_` holds the indices into (x, y) of the copied points.
+        """
+        idx = self.source_indices_ = poison_sources(len(y), self.epsilon, self.init, self.seed)
         y_p = y[idx].clone()
         if self.rule == "reverse":
             y_p = (self.num_classes - 1) - y_p

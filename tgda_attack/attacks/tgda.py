@@ -19,7 +19,6 @@ import copy
 import logging
 import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 import hypergrad
 
-from ..data import initial_poison_indices, poison_budget, split_train_val
+from ..data import poison_budget, poison_sources, split_train_val
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +99,9 @@ class TGDAAttack:
 
         D_v = (x_val, y_val) is the attacker's validation set; without it 30% of (x, y) is held
         out as D_v (a seeded split) and the attack runs on the rest. After the call the trained
-        attacker is `attacker_`, the defender at the end of the game `defender_`, and `history`
-        holds the losses of every epoch.
+        attacker is `attacker_`, the defender at the end of the game `defender_`,
+        `source_indices_` the indices into D_tr of the clean points D_p^0, and `history` the
+        losses of every epoch.
         """
         if x_val is None or y_val is None:
             x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
@@ -116,10 +116,11 @@ class TGDAAttack:
         theta = [p for p in attacker.parameters() if p.requires_grad]
         w_pre = [p.detach().clone() for p in w]
 
-        n_poison = poison_budget(len(y), self.epsilon)
+        self.source_indices_ = poison_sources(len(y), self.epsilon, self.init, self.seed)
+        n_poison = len(self.source_indices_)
         if n_poison == 0:
             raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to craft")
-        idx = initial_poison_indices(len(y), n_poison, self.init, self.seed).to(ref.device)
+        idx = self.source_indices_.to(ref.device)
         x_p0, y_p0 = x[idx], y[idx]
 
         start_epoch = self._resume(defender, attacker)

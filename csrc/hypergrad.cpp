@@ -3,7 +3,8 @@
 // TORCH_LIBRARY_IMPL; the dispatcher picks the device.
 //
 // The ops are the vector work of the Krylov solvers in hypergrad/solvers.py (conjugate gradient
-// on (H + damping I) v = b, Lu, Kamath & Yu 2022, eq. 15-17). Vectors are contiguous float32 or
+// on (H + damping I) v = b, Lu, Kamath & Yu 2022, eq. 15-17) and the structured Hessian-vector
+// product of csrc/mlp_hvp.cpp that those solvers call for linear-activation chains. Vectors are contiguous float32 or
 // float64 buffers shaped [n] (one system) or [B, n] (B systems, one per row); every per-row
 // scalar is a float64 tensor shaped like the rows ([] or [B]) that stays on the device.
 #include <torch/extension.h>
@@ -20,6 +21,21 @@ TORCH_LIBRARY(hypergrad, m) {
   // beta_i = num_new_i / num_old_i (0 where num_old_i == 0); p_i = z_i + beta_i p_i where
   // active_i, p_i unchanged elsewhere.
   m.def("cg_direction(Tensor(a!) p, Tensor z, Tensor num_new, Tensor num_old, Tensor active) -> ()");
+
+  // The structured Hessian-vector product of csrc/mlp_hvp.cpp (the R-operator of a chain of
+  // linear layers and one activation under the mean softmax cross-entropy) and its fused pieces.
+  // rz, r_grad_a have the shape of z or [B, *z.shape]; activation is identity, relu, leaky_relu,
+  // tanh or sigmoid.
+  // sigma'(z) * rz.
+  m.def("activation_jvp(Tensor z, Tensor rz, str activation, float negative_slope) -> Tensor");
+  // sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a.
+  m.def("activation_hvp_backward(Tensor z, Tensor rz, Tensor grad_a, Tensor r_grad_a, str activation, "
+        "float negative_slope) -> Tensor");
+  // scale * (p * rz - p <p, rz>) per row of C classes; probs [N, C].
+  m.def("softmax_ce_hvp(Tensor probs, Tensor rz, float scale) -> Tensor");
+  // H v for v of shape [P] or [B, P] (P = the layers' weights and biases, in that order per layer).
+  m.def("mlp_ce_hvp(Tensor[] weights, Tensor[] inputs, Tensor[] pre_activations, Tensor[] grad_activations, "
+        "Tensor[] deltas, Tensor probs, Tensor v, str activation, float negative_slope) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -77,6 +77,36 @@ def cg_direction(p, z, num_new, num_old, active):
         _reference.cg_direction(p, z, num_new, num_old, active)
 
 
+def activation_jvp(z, rz, activation, negative_slope=0.0):
+    """sigma'(z) * rz (see _reference.activation_jvp)."""
+    if _kernel_for(z):
+        return torch.ops.hypergrad.activation_jvp(z, rz, activation, negative_slope)
+    return _reference.activation_jvp(z, rz, activation, negative_slope)
+
+
+def activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope=0.0):
+    """sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a (see _reference.activation_hvp_backward)."""
+    if _kernel_for(z):
+        return torch.ops.hypergrad.activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope)
+    return _reference.activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope)
+
+
+def softmax_ce_hvp(probs, rz, scale):
+    """The softmax cross-entropy Hessian times rz, per row (see _reference.softmax_ce_hvp)."""
+    if _kernel_for(probs):
+        return torch.ops.hypergrad.softmax_ce_hvp(probs, rz, scale)
+    return _reference.softmax_ce_hvp(probs, rz, scale)
+
+
+def mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation, negative_slope=0.0):
+    """Structured H v of a linear-activation chain under softmax cross-entropy (csrc/mlp_hvp.cpp)."""
+    if _kernel_for(v):
+        return torch.ops.hypergrad.mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v,
+                                              activation, negative_slope)
+    return _reference.mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation,
+                                 negative_slope)
+
+
 if _C is not None:
     # Shapes and dtypes of the outputs, so that torch.compile can trace through the ops.
     @torch.library.register_fake("hypergrad::row_dot")
@@ -90,6 +120,18 @@ if _C is not None:
     @torch.library.register_fake("hypergrad::cg_direction")
     def _cg_direction_fake(p, z, num_new, num_old, active):
         return None
+
+    @torch.library.register_fake("hypergrad::activation_jvp")
+    def _activation_jvp_fake(z, rz, activation, negative_slope):
+        return torch.empty_like(rz)
+
+    @torch.library.register_fake("hypergrad::activation_hvp_backward")
+    def _activation_hvp_backward_fake(z, rz, grad_a, r_grad_a, activation, negative_slope):
+        return torch.empty_like(rz)
+
+    @torch.library.register_fake("hypergrad::softmax_ce_hvp")
+    def _softmax_ce_hvp_fake(probs, rz, scale):
+        return torch.empty_like(rz)
 
 
 def build_info():
@@ -105,6 +147,7 @@ def build_info():
         "cpu_kernels": _C is not None,
         "cuda_kernels": _C is not None and _C.compiled_cuda_version() != "",
         "cuda_device_available": torch.cuda.is_available(),
-        "ops": ["row_dot", "cg_step", "cg_direction"],
+        "ops": ["row_dot", "cg_step", "cg_direction", "activation_jvp", "activation_hvp_backward", "softmax_ce_hvp",
+                "mlp_ce_hvp"],
     }
     return info

@@ -78,3 +78,81 @@ def cg_direction(p, z, num_new, num_old, active):
     check_row_scalars("cg_direction", "active", active, p, torch.bool)
     beta = torch.where(num_old != 0, num_new / num_old, torch.zeros_like(num_new)).to(p.dtype).unsqueeze(-1)
     p.copy_(torch.where(active.unsqueeze(-1), z + beta * p, p))
+
+
+# The structured Hessian-vector product of csrc/mlp_hvp.cpp (Pearlmutter's R-operator for a chain
+# of linear layers and one pointwise activation under the mean softmax cross-entropy) and its pieces.
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")
+
+
+def activation_derivatives(z, activation, negative_slope):
+    """sigma'(z) and sigma''(z); ReLU-type kinks take the left derivative, as autograd does."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{activation}'; supported: {', '.join(ACTIVATIONS)}")
+    if activation in ("relu", "leaky_relu"):
+        slope = 0.0 if activation == "relu" else negative_slope
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope)), torch.zeros_like(z)
+    if activation == "tanh":
+        t = torch.tanh(z)
+        d = 1 - t * t
+        return d, -2 * t * d
+    if activation == "sigmoid":
+        s = torch.sigmoid(z)
+        d = s * (1 - s)
+        return d, d * (1 - 2 * s)
+    return torch.ones_like(z), torch.zeros_like(z)
+
+
+def activation_jvp(z, rz, activation, negative_slope):
+    """sigma'(z) * rz, with rz shaped like z or [B, *z.shape]."""
+    return activation_derivatives(z, activation, negative_slope)[0] * rz
+
+
+def activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope):
+    """sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a."""
+    first, second = activation_derivatives(z, activation, negative_slope)
+    return second * rz * grad_a + first * r_grad_a
+
+
+def softmax_ce_hvp(probs, rz, scale):
+    """scale * (p * rz - p <p, rz>) per row of classes: the softmax cross-entropy Hessian times rz."""
+    return scale * probs * (rz - (probs * rz).sum(-1, keepdim=True))
+
+
+def mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation, negative_slope):
+    """H v of the mean softmax cross-entropy of a linear-activation chain (see csrc/mlp_hvp.cpp)."""
+    expected = sum(w.numel() + w.shape[0] for w in weights)
+    if v.dim() not in (1, 2):
+        raise ValueError(f"hypergrad::mlp_ce_hvp: v must be [P] or [B, P], got {list(v.shape)}")
+    if v.shape[-1] != expected:
+        raise ValueError(f"hypergrad::mlp_ce_hvp: v has {v.shape[-1]} entries per direction but the layers have "
+                         f"{expected} parameters (weights and biases, in that order per layer)")
+    directions = v.reshape(-1, expected)
+    batch, layers = directions.shape[0], len(weights)
+    d_weight, d_bias, offset = [], [], 0
+    for w in weights:
+        d_weight.append(directions[:, offset:offset + w.numel()].reshape(batch, *w.shape))
+        offset += w.numel()
+        d_bias.append(directions[:, offset:offset + w.shape[0]])
+        offset += w.shape[0]
+    r_inputs, r_pre = [None] * layers, []
+    for k in range(layers):
+        rz = inputs[k] @ d_weight[k].transpose(1, 2) + d_bias[k].unsqueeze(1)
+        if r_inputs[k] is not None:
+            rz = rz + r_inputs[k] @ weights[k].T
+        r_pre.append(rz)
+        if k + 1 < layers:
+            r_inputs[k + 1] = activation_jvp(pre_activations[k], rz, activation, negative_slope)
+    r_delta = softmax_ce_hvp(probs, r_pre[-1], 1.0 / probs.shape[0])
+    blocks = [None] * (2 * layers)
+    for k in reversed(range(layers)):
+        hw = r_delta.transpose(1, 2) @ inputs[k]
+        if r_inputs[k] is not None:
+            hw = hw + deltas[k].T @ r_inputs[k]
+        blocks[2 * k], blocks[2 * k + 1] = hw.reshape(batch, -1), r_delta.sum(1)
+        if k > 0:
+            r_grad = r_delta @ weights[k] + deltas[k] @ d_weight[k]
+            r_delta = activation_hvp_backward(pre_activations[k - 1], r_pre[k - 1], grad_activations[k - 1], r_grad,
+                                              activation, negative_slope)
+    hv = torch.cat(blocks, dim=1)
+    return hv.squeeze(0) if v.dim() == 1 else hv

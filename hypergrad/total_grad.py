@@ -10,26 +10,30 @@ Flow of one call (shared/DESIGN.md, "one TGDA leader step"):
   1. f is evaluated once and g_w = grad_w f is built with create_graph=True (its graph reaches
      both w and theta);
   2. b = grad_w l (and grad_theta l) from one backward pass of l;
-  3. v solves (H_ww + damping I) v = b by hypergrad.solve, each matvec one backward pass through
-     g_w (reverse mode) or a forward-over-reverse product (forward mode);
+  3. v solves (H_ww + damping I) v = b by hypergrad.solve, each matvec one structured R-operator
+     product (hypergrad/mlp_hvp.py, for a ClassifierLoss of a linear-activation chain), one
+     backward pass through g_w (reverse mode) or a forward-over-reverse product (forward mode);
   4. the mixed term grad_theta <g_w, v> is one more backward pass through g_w;
   5. D_theta l = grad_theta l - mixed.
 """
 import torch
 
-from .hvp import MODES, HessianOperator, as_tuple, flatten, unflatten
+from .hvp import HessianOperator, as_tuple, flatten, unflatten
+from .mlp_hvp import structured_hessian
 from .solvers import solve
+
+HVP_MODES = ("auto", "structured", "reverse", "forward")
 
 
 def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method="cg", maxiter=100,
-               rtol=1e-6, atol=0.0, damping=0.0, hvp_mode="reverse", x0=None, return_info=False,
+               rtol=1e-6, atol=0.0, damping=0.0, hvp_mode="auto", x0=None, return_info=False,
                check_every=4):
     """D_theta l: the derivative of the leader loss through the follower's optimum.
 
     Args:
         leader_loss: zero-argument callable returning the scalar l at the current theta and w.
-        follower_loss: zero-argument callable returning the scalar f at the current theta and w.
-            With hvp_mode="forward" it is called as follower_loss(*w) with the follower parameters,
+        follower_loss: zero-argument callable returning the scalar f at the current theta and w,
+            e.g. a hypergrad.ClassifierLoss(model, inputs, targets). With hvp_mode="forward" it is called as follower_loss(*w) with the follower parameters,
             and must compute f from those arguments (forward-over-reverse needs f as a function).
         leader_params: theta, a tensor or a sequence of tensors that require grad.
         follower_params: w, a tensor or a sequence of tensors that require grad.
@@ -39,8 +43,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         rtol: relative tolerance of the solve. (default: 1e-6)
         atol: absolute tolerance of the solve. (default: 0.0)
         damping: added to the Hessian's diagonal. (default: 0.0)
-        hvp_mode: "reverse" (reverse-over-reverse, reusing the gradient graph) or "forward"
-            (forward-over-reverse through torch.func). (default: "reverse")
+        hvp_mode: "auto" (structured when follower_loss is a ClassifierLoss of a supported model
+            and w its parameters, else reverse), "structured" (an error if unsupported), "reverse"
+            (reverse-over-reverse, reusing the gradient graph) or "forward" (forward-over-reverse
+            through torch.func). (default: "auto")
         x0: warm start for v, e.g. info.x of the previous call. (default: zeros)
         return_info: also return the solver's SolveInfo. (default: False)
         check_every: solver iterations between host synchronisations. (default: 4)
@@ -51,8 +57,8 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     """
     theta = as_tuple(leader_params, "leader_params")
     w = as_tuple(follower_params, "follower_params")
-    if hvp_mode not in MODES:
-        raise ValueError(f"hvp_mode must be one of {MODES}, got {hvp_mode!r}")
+    if hvp_mode not in HVP_MODES:
+        raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
     for name, group in (("leader_params", theta), ("follower_params", w)):
         if not all(p.requires_grad for p in group):
             raise ValueError(f"every tensor of {name} must require grad")
@@ -67,9 +73,14 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     dl = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(dl, theta + w))
     dl_theta, dl_w = dl[:len(theta)], dl[len(theta):]
 
+    hessian = structured_hessian(follower_loss, w) if hvp_mode in ("auto", "structured") else None
+    if hessian is None and hvp_mode == "structured":
+        raise ValueError("hvp_mode='structured' needs follower_loss to be a hypergrad.ClassifierLoss of a chain of "
+                         "linear layers and one activation (hypergrad.mlp_hvp) with follower_params its parameters "
+                         "in order; use hvp_mode='auto' to fall back to autograd")
     if hvp_mode == "forward":
         hessian = HessianOperator.forward(follower_loss, w)
-    else:
+    elif hessian is None:
         hessian = HessianOperator.from_gradient(g_w, w)
     b = flatten(dl_w)
     if x0 is not None:

@@ -1,0 +1,125 @@
+"""Structured Hessian-vector products for classifiers that are chains of linear layers and one
+pointwise activation under the mean softmax cross-entropy: the logistic-regression and
+fully connected defenders of Lu, Kamath & Yu (TMLR 2022), whose Hessian H_ww the total derivative
+(eq. 15-17) inverts.
+
+`ClassifierLoss(model, inputs, targets)` is a follower loss that says what it computes. When its
+model is such a chain, `structured_hessian` builds a HessianOperator that runs Pearlmutter's
+R-operator in one op of the extension (csrc/mlp_hvp.cpp; the twin in hypergrad/_reference.py) for
+a batch of directions at once, reusing one forward and backward pass for every product of a
+solve instead of differentiating the gradient graph again for each. `total_grad` picks it
+automatically (hvp_mode="auto") and falls back to autograd for any other model.
+
+Recognised models: nn.Linear (with bias), or nn.Sequential of an optional leading nn.Flatten,
+then Linear, activation, Linear, ..., Linear, one activation kind throughout: nn.ReLU,
+nn.LeakyReLU, nn.Tanh, nn.Sigmoid or nn.Identity.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _ops
+from .hvp import HessianOperator
+
+
+class ClassifierLoss:
+    """f = mean cross-entropy of model(inputs) against the class indices `targets`, callable with no
+    arguments. The inputs may carry a graph to other parameters (the poisons to the attacker's)."""
+
+    def __init__(self, model, inputs, targets):
+        self.model, self.inputs, self.targets = model, inputs, targets
+
+    def __call__(self):
+        return F.cross_entropy(self.model(self.inputs), self.targets)
+
+
+def _activation_of(module):
+    if isinstance(module, nn.ReLU):
+        return "relu", 0.0
+    if isinstance(module, nn.LeakyReLU):
+        return "leaky_relu", float(module.negative_slope)
+    if isinstance(module, nn.Tanh):
+        return "tanh", 0.0
+    if isinstance(module, nn.Sigmoid):
+        return "sigmoid", 0.0
+    if isinstance(module, nn.Identity):
+        return "identity", 0.0
+    return None
+
+
+def linear_chain(model):
+    """(linear layers, activation name, negative slope) when `model` is a supported chain, else None."""
+    modules = list(model) if isinstance(model, nn.Sequential) else [model]
+    if modules and isinstance(modules[0], nn.Flatten):
+        if modules[0].start_dim != 1 or modules[0].end_dim != -1:
+            return None
+        modules = modules[1:]
+    linears, activations = modules[0::2], modules[1::2]
+    if not linears or len(linears) != len(activations) + 1:
+        return None
+    if not all(type(m) is nn.Linear and m.bias is not None for m in linears):
+        return None
+    kinds = {_activation_of(m) for m in activations}
+    if None in kinds or len(kinds) > 1:
+        return None
+    activation, slope = kinds.pop() if kinds else ("identity", 0.0)
+    return linears, activation, slope
+
+
+def structured_hessian(loss, params):
+    """The structured HessianOperator of a ClassifierLoss w.r.t. params, or None when the model is not
+    a supported chain, the targets are not class indices, or params are not exactly the model's
+    parameters (weight, bias per layer, in order)."""
+    if not isinstance(loss, ClassifierLoss):
+        return None
+    chain = linear_chain(loss.model)
+    if chain is None or loss.targets.dim() != 1 or loss.targets.dtype not in (torch.int64, torch.int32):
+        return None
+    linears, activation, slope = chain
+    flattens = isinstance(loss.model, nn.Sequential) and isinstance(loss.model[0], nn.Flatten)
+    if loss.inputs.dim() != 2 and not flattens:
+        return None
+    expected = [p for m in linears for p in (m.weight, m.bias)]
+    if len(params) != len(expected) or any(p is not q for p, q in zip(params, expected)):
+        return None
+    cache = _forward_backward(linears, activation, slope, loss.inputs.detach(), loss.targets)
+    weights = [m.weight.detach() for m in linears]
+
+    def product(v):
+        return _ops.mlp_ce_hvp(weights, *cache, v.contiguous(), activation, slope)
+
+    return HessianOperator(tuple(params), product)
+
+
+def _forward_backward(linears, activation, slope, x, targets):
+    """The forward and backward quantities every product reuses: the layers' inputs a_k, the hidden
+    pre-activations z_k, the gradients g_k = dL/da_{k+1}, delta_k = dL/dz_k and the softmax p."""
+    with torch.no_grad():
+        inputs, pre = [x.reshape(x.shape[0], -1).contiguous()], []
+        for k, m in enumerate(linears):
+            z = F.linear(inputs[-1], m.weight, m.bias)
+            if k + 1 < len(linears):
+                pre.append(z)
+                inputs.append(_apply(activation, slope, z))
+        probs = torch.softmax(z, dim=1)
+        delta = probs.clone()
+        delta[torch.arange(len(targets), device=delta.device), targets] -= 1
+        delta /= len(targets)
+        deltas, grads = [delta], []
+        for k in range(len(linears) - 1, 0, -1):
+            g = deltas[0] @ linears[k].weight
+            grads.insert(0, g)
+            deltas.insert(0, _ops._reference.activation_derivatives(pre[k - 1], activation, slope)[0] * g)
+    return inputs, pre, grads, deltas, probs.contiguous()
+
+
+def _apply(activation, slope, z):
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, slope)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    return z

@@ -1,0 +1,196 @@
+"""The structured Hessian-vector product (hypergrad.mlp_hvp, csrc/mlp_hvp.cpp) against autograd's dense
+Hessian in float64, its fused pieces against autograd derivatives, and its use inside total_grad."""
+import pytest
+import torch
+from torch import nn
+
+import hypergrad
+from hypergrad import _ops, _reference
+from hypergrad.mlp_hvp import ClassifierLoss, linear_chain, structured_hessian
+from testing import BACKENDS, DEVICES, DTYPES, needs_extension, tol
+
+ACTIVATION_MODULES = {"identity": nn.Identity(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.2),
+                      "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid()}
+
+
+def _autograd_derivatives(name, z):
+    """sigma'(z), sigma''(z) by autograd: the oracle of both implementations."""
+    module = ACTIVATION_MODULES[name]
+    z = z.detach().requires_grad_(True)
+    (first,) = torch.autograd.grad(module(z).sum(), z, create_graph=True)
+    if not first.requires_grad:  # piecewise linear: sigma'' = 0
+        return first.detach(), torch.zeros_like(z)
+    (second,) = torch.autograd.grad(first.sum(), z)
+    return first.detach(), second
+
+
+def _chain(activation, sizes=(12, 7, 5, 4), dtype=torch.float64, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Flatten()]
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if k:
+            layers.append(ACTIVATION_MODULES[activation])
+        layers.append(nn.Linear(a, b))
+    model = nn.Sequential(*layers).to(device, dtype)
+    x = torch.randn(9, 3, 4, dtype=dtype, device=device)
+    y = torch.randint(0, sizes[-1], (9,), device=device)
+    return model, x, y
+
+
+def _dense_hessian(model, x, y):
+    params = tuple(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(*flat_parts):
+        out = torch.func.functional_call(model, dict(zip(names, flat_parts)), (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    blocks = torch.autograd.functional.hessian(loss, params)
+    n = sum(p.numel() for p in params)
+    rows = [torch.cat([blocks[i][j].reshape(params[i].numel(), params[j].numel()) for j in range(len(params))], 1)
+            for i in range(len(params))]
+    return torch.cat(rows, 0).reshape(n, n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_MODULES))
+def test_structured_product_equals_dense_hessian(activation, device, backend):
+    model, x, y = _chain(activation, device=device)
+    hessian = _dense_hessian(model, x, y)
+    op = structured_hessian(ClassifierLoss(model, x, y), tuple(model.parameters()))
+    assert op is not None
+    v = torch.randn(3, op.n, dtype=torch.float64, device=device)
+    with hypergrad.use_extension(backend):
+        batched, single = op(v), op(v[1])
+    torch.testing.assert_close(batched, v @ hessian.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(single, hessian @ v[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_structured_product_on_the_defenders_matches_autograd(dtype, backend):
+    from tgda_attack.models import make_defender
+
+    torch.manual_seed(1)
+    for name in ("lr", "nn"):
+        model = make_defender(name, (1, 28, 28)).to(dtype)
+        x, y = torch.rand(20, 1, 28, 28, dtype=dtype) * 2 - 1, torch.randint(0, 10, (20,))
+        loss = ClassifierLoss(model, x, y)
+        params = tuple(model.parameters())
+        reference = hypergrad.HessianOperator.reverse(loss(), params)
+        op = structured_hessian(loss, params)
+        v = torch.randn(2, op.n, dtype=dtype)
+        with hypergrad.use_extension(backend):
+            torch.testing.assert_close(op(v), reference(v), **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_MODULES))
+def test_pointwise_pieces_match_autograd_derivatives(activation, dtype, device, backend):
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(5, 6, generator=g, dtype=dtype) * 2).to(device)
+    rz, rg = (torch.randn(3, 5, 6, generator=g, dtype=dtype).to(device) for _ in range(2))
+    grad_a = torch.randn(5, 6, generator=g, dtype=dtype).to(device)
+    first, second = _autograd_derivatives(activation, z)
+    slope = 0.2 if activation == "leaky_relu" else 0.0
+    with hypergrad.use_extension(backend):
+        torch.testing.assert_close(_ops.activation_jvp(z, rz, activation, slope), first * rz, **tol(dtype))
+        torch.testing.assert_close(_ops.activation_jvp(z, rz[0], activation, slope), first * rz[0], **tol(dtype))
+        torch.testing.assert_close(_ops.activation_hvp_backward(z, rz, grad_a, rg, activation, slope),
+                                   second * rz * grad_a + first * rg, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_piece_matches_the_dense_softmax_hessian(dtype, device, backend):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 7, generator=g, dtype=dtype), 1).to(device)
+    rz = torch.randn(2, 4, 7, generator=g, dtype=dtype).to(device)
+    dense = torch.diag_embed(probs) - probs.unsqueeze(2) * probs.unsqueeze(1)  # [N, C, C]
+    expected = 0.25 * torch.einsum("ncd,bnd->bnc", dense, rz)
+    with hypergrad.use_extension(backend):
+        torch.testing.assert_close(_ops.softmax_ce_hvp(probs, rz, 0.25), expected, **tol(dtype))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype, device):
+    g = torch.Generator().manual_seed(0)
+    z, grad_a = (torch.randn(5, 6, generator=g, dtype=dtype).to(device) for _ in range(2))
+    rz, rg = (torch.randn(2, 5, 6, generator=g, dtype=dtype).to(device) for _ in range(2))
+    torch.library.opcheck(torch.ops.hypergrad.activation_jvp.default, (z, rz, "tanh", 0.0))
+    torch.library.opcheck(torch.ops.hypergrad.activation_hvp_backward.default, (z, rz, grad_a, rg, "leaky_relu", 0.2))
+    torch.library.opcheck(torch.ops.hypergrad.softmax_ce_hvp.default, (torch.softmax(z, 1), rz, 0.5))
+
+
+def test_recognised_models():
+    assert linear_chain(nn.Linear(4, 3)) is not None
+    _, activation, slope = linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.LeakyReLU(0.3), nn.Linear(5, 3)))
+    assert (activation, slope) == ("leaky_relu", pytest.approx(0.3))
+    unsupported = [
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)),
+        nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)),  # mixed
+        nn.Sequential(nn.Linear(4, 5, bias=False), nn.ReLU(), nn.Linear(5, 3)),
+        nn.Sequential(nn.Linear(4, 5), nn.ReLU()),  # ends in an activation
+        nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 3)),
+    ]
+    for model in unsupported:
+        assert linear_chain(model) is None, model
+
+
+def test_structured_hessian_declines_what_it_cannot_do():
+    model, x, y = _chain("tanh")
+    params = tuple(model.parameters())
+    assert structured_hessian(lambda: model(x).sum(), params) is None  # not a ClassifierLoss
+    assert structured_hessian(ClassifierLoss(model, x, y), params[:-1]) is None  # not every parameter
+    assert structured_hessian(ClassifierLoss(model, x, y), params[::-1]) is None  # another order
+    assert structured_hessian(ClassifierLoss(model, x, torch.rand(9, 4)), params) is None  # soft targets
+    bare = nn.Linear(12, 4).double()
+    assert structured_hessian(ClassifierLoss(bare, x, y), tuple(bare.parameters())) is None  # 3-D input
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_direction_is_a_clear_error(backend):
+    model, x, y = _chain("relu")
+    op = structured_hessian(ClassifierLoss(model, x, y), tuple(model.parameters()))
+    with hypergrad.use_extension(backend), pytest.raises(ValueError, match="entries per direction"):
+        op._product(torch.zeros(op.n + 1, dtype=torch.float64))
+    with hypergrad.use_extension(backend), pytest.raises(ValueError, match="unknown activation"):
+        _ops.activation_jvp(x, x, "swish", 0.0)
+
+
+def _ridge_like_problem(activation):
+    """A leader theta (the inputs' offsets) and a follower chain, for total_grad in each hvp mode."""
+    model, x, y = _chain(activation, seed=3)
+    theta = torch.zeros_like(x, requires_grad=True)
+    x_val, y_val = torch.randn_like(x), torch.randint(0, 4, (9,))
+    leader = lambda: nn.functional.cross_entropy(model(x_val), y_val)  # noqa: E731
+    follower = ClassifierLoss(model, x + theta, y)
+    return leader, follower, theta, tuple(model.parameters())
+
+
+@pytest.mark.parametrize("activation", ["tanh", "leaky_relu"])
+def test_total_grad_auto_uses_the_structured_product_and_agrees_with_autograd(activation, monkeypatch):
+    leader, follower, theta, w = _ridge_like_problem(activation)
+    kwargs = {"method": "cg", "maxiter": 40, "damping": 0.5, "rtol": 1e-12}
+    reverse = hypergrad.total_grad(leader, follower, theta, w, hvp_mode="reverse", **kwargs)
+    calls = []
+    monkeypatch.setattr(_ops, "mlp_ce_hvp", lambda *a: calls.append(1) or _reference.mlp_ce_hvp(*a))
+    auto = hypergrad.total_grad(leader, follower, theta, w, **kwargs)
+    assert calls, "hvp_mode='auto' did not use the structured product"
+    torch.testing.assert_close(auto[0], reverse[0], rtol=1e-9, atol=1e-12)
+
+
+def test_total_grad_structured_mode_refuses_other_models():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 1, 4, 4, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (5,))
+    follower = ClassifierLoss(model, x, y)
+    with pytest.raises(ValueError, match="structured"):
+        hypergrad.total_grad(follower, follower, x, tuple(model.parameters()), hvp_mode="structured")
+    auto = hypergrad.total_grad(follower, follower, x, tuple(model.parameters()), maxiter=5, damping=1.0)
+    assert auto[0].shape == x.shape and torch.isfinite(auto[0]).all()

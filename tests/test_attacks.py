@@ -144,3 +144,31 @@ def test_without_a_validation_set_30_percent_is_held_out():
     x, y, xv, yv, defender, attacker = _tiny(seed=5, n=100)
     x_p, y_p = _attack(defender, attacker).poison(x, y)
     assert len(y_p) == 7  # floor(0.1 * 70): the attack ran on the 70% that remain as D_tr
+
+
+def test_direct_pixel_attacker_keeps_the_invariants_and_follows_each_poisons_gradient():
+    x, y, xv, yv, defender, _ = _tiny(seed=6)
+    attack = _attack(defender, None, follower_steps=0, alpha=50.0, damping=0.5, solver_rtol=1e-13)
+    x_p, y_p = attack.poison(x, y, xv, yv)
+    assert attack.attacker_ is None and torch.equal(y_p, y[:4])
+    assert x_p.min() >= -1 and x_p.max() <= 1
+    # one leader step from D_p^0 (one batch, no follower steps): theta = D_p moves by alpha D_theta l,
+    # projected onto the pixel range; D_theta l from an independent total_grad call with the poisons as theta
+    poisons = x[:4].clone().requires_grad_(True)
+    w = tuple(defender.parameters())
+    follower = lambda: F.cross_entropy(defender(torch.cat([x, poisons])), torch.cat([y, y[:4]]))  # noqa: E731
+    leader = lambda: F.cross_entropy(defender(xv), yv)  # noqa: E731
+    (d,) = hypergrad.total_grad(leader, follower, poisons, w, method="cg", maxiter=100, damping=0.5, rtol=1e-13)
+    # (the attack's single batch holds all of D_tr in a shuffled order: equal up to rounding)
+    expected = (x[:4] + 50.0 * d).clamp(-1, 1)
+    torch.testing.assert_close(x_p, expected, rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(x_p, x[:4])
+
+
+def test_direct_pixel_attacker_resumes_exactly(tmp_path):
+    x, y, xv, yv, defender, _ = _tiny(seed=7)
+    full = _attack(defender, None, epochs=2, alpha=20.0).poison(x, y, xv, yv)
+    ckpt = str(tmp_path / "ckpt.pt")
+    _attack(defender, None, epochs=1, alpha=20.0, checkpoint=ckpt).poison(x, y, xv, yv)
+    resumed = _attack(defender, None, epochs=2, alpha=20.0, checkpoint=ckpt).poison(x, y, xv, yv)
+    assert torch.equal(full[0], resumed[0])

@@ -71,6 +71,21 @@ def test_label_flip_and_seeds_summary(tmp_path, capsys):
     assert "mean ± std" in capsys.readouterr().out
 
 
+def test_pixel_attacker_runs_without_an_attacker_network(tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["run", "--attacker", "pixels", "--alpha", "100", "--out", out, *TINY_FLAGS]) == 0
+    assert not os.path.exists(os.path.join(out, "attacker_pretrained.pt"))
+    assert not os.path.exists(os.path.join(out, "attacker_attacked.pt"))
+    with open(os.path.join(out, "config.json")) as fh:
+        assert json.load(fh)["attacker"] == "pixels"
+    cfg = protocol.Config.from_dict({**TINY, "seed": 0}).resolved()
+    splits = protocol.load_splits(cfg)
+    poisons = torch.load(os.path.join(out, "poisons.pt"), weights_only=True)
+    source = splits.x_train[poisons["source_indices"]]
+    assert torch.equal(poisons["y_poison"], splits.y_train[poisons["source_indices"]])
+    assert not torch.equal(poisons["x_poison"], source) and poisons["x_poison"].abs().max() <= 1
+
+
 def test_config_file_and_command_line(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('defender = "nn"\nepsilon = 0.05\n')

@@ -22,11 +22,12 @@ from .report import metrics_table, summary_table
 
 CHOICES = {
     "dataset": DATASETS, "defender": tuple(DEFENDERS), "attack": protocol.ATTACK_NAMES,
+    "attacker": protocol.ATTACKER_NAMES,
     "poison_init": ("first", "random"), "flip_rule": ("reverse", "random"), "solver": ("cg", "cgnr", "minres", "neumann"),
     "warm_start": ("partial", "cold"), "leader": ("attacker", "defender"), "formulation": ("non-zero-sum", "zero-sum"),
     "dtype": ("float32", "float64"),
 }
-TYPES = {"data_root": str, "device": str, "epsilon": float, "pretrain_lr": float, "alpha": float, "beta": float,
+TYPES = {"data_root": str, "attacker": str, "device": str, "epsilon": float, "pretrain_lr": float, "alpha": float, "beta": float,
          "damping": float}  # settings whose default (None or an int) does not tell their type
 
 

@@ -40,13 +40,13 @@ ATTACK_NAMES = ("tgda", "label-flip")
 # the measurements behind these choices.
 DATASET_DEFAULTS = {
     "mnist": {"pretrain_epochs": 100, "pretrain_batch_size": 1000, "attack_epochs": 200, "attack_batch_size": 1000,
-              "attacker_epochs": 20, "attacker_batch_size": 1000, "alpha": 0.01},
+              "attacker_epochs": 20, "attacker_batch_size": 1000, "alpha": 0.01, "attacker": "mlp"},
     "cifar10": {"pretrain_epochs": 100, "pretrain_batch_size": 256, "attack_epochs": 200, "attack_batch_size": 256,
-                "attacker_epochs": 20, "attacker_batch_size": 256, "alpha": 0.01},
+                "attacker_epochs": 20, "attacker_batch_size": 256, "alpha": 0.01, "attacker": "autoencoder"},
     "mnist-sample": {"pretrain_epochs": 100, "pretrain_batch_size": 100, "attack_epochs": 20, "attack_batch_size": 100,
-                     "attacker_epochs": 20, "attacker_batch_size": 100, "alpha": 0.1},
+                     "attacker_epochs": 20, "attacker_batch_size": 100, "alpha": 0.1, "attacker": "mlp"},
 }
-ATTACKER_FOR = {1: "mlp", 3: "autoencoder"}  # by image channels
+ATTACKER_NAMES = ("mlp", "autoencoder", "pixels")  # "pixels": the poisons themselves are the leader's parameters
 
 
 @dataclasses.dataclass
@@ -58,6 +58,7 @@ class Config:
     download: bool = False
     defender: str = "lr"
     attack: str = "tgda"
+    attacker: str = None
     epsilon: float = 0.03
     seed: int = 0
     split_seed: int = 0
@@ -90,6 +91,8 @@ class Config:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(data_mod.DATASETS)}")
         if self.attack not in ATTACK_NAMES:
             raise ValueError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACK_NAMES)}")
+        if self.attacker is not None and self.attacker not in ATTACKER_NAMES:
+            raise ValueError(f"unknown attacker {self.attacker!r}; choose one of {', '.join(ATTACKER_NAMES)}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         filled = {k: v for k, v in DATASET_DEFAULTS[self.dataset].items() if getattr(self, k) is None}
@@ -125,8 +128,11 @@ def new_defender(cfg, image_shape):
 
 
 def new_attacker(cfg, image_shape):
+    """The attacker network at its seeded initialisation, or None for the "pixels" attacker."""
+    if cfg.attacker == "pixels":
+        return None
     torch.manual_seed(cfg.seed + 1)
-    return make_attacker(ATTACKER_FOR[image_shape[0]], image_shape).to(cfg.device, _torch_dtype(cfg))
+    return make_attacker(cfg.attacker, image_shape).to(cfg.device, _torch_dtype(cfg))
 
 
 def train_defender(cfg, x, y, verbose=False, desc="train defender"):
@@ -168,12 +174,13 @@ def stage_pretrain(cfg, out, verbose=False):
     start = time.perf_counter()
     defender = train_defender(cfg, splits.x_train, splits.y_train, verbose, desc="pretrain defender")
     clean = accuracy(defender, splits.x_test, splits.y_test)
-    attacker = new_attacker(cfg, splits.image_shape)
-    if cfg.pretrain_attacker and cfg.attack == "tgda":
-        pretrain_attacker(attacker, splits.x_train, splits.y_train, epochs=cfg.attacker_epochs,
-                          batch_size=cfg.attacker_batch_size, seed=cfg.seed, verbose=verbose)
     torch.save(defender.state_dict(), os.path.join(out, "defender_pretrained.pt"))
-    torch.save(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
+    attacker = new_attacker(cfg, splits.image_shape) if cfg.attack == "tgda" else None
+    if attacker is not None:
+        if cfg.pretrain_attacker:
+            pretrain_attacker(attacker, splits.x_train, splits.y_train, epochs=cfg.attacker_epochs,
+                              batch_size=cfg.attacker_batch_size, seed=cfg.seed, verbose=verbose)
+        torch.save(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
     result = {"clean_accuracy": clean, "pretrain_seconds": time.perf_counter() - start}
     _write_json(os.path.join(out, "pretrain.json"), result)
     return result
@@ -188,7 +195,7 @@ def _config_from(out):
 
 def stage_attack(out, verbose=False):
     """Stage 2: reads the pretrained models, writes poisons.pt, the attacked models and attack.json."""
-    _need(out, "config.json", "defender_pretrained.pt", "attacker_pretrained.pt")
+    _need(out, "config.json", "defender_pretrained.pt")
     cfg = _config_from(out)
     splits = load_splits(cfg)
     defender = new_defender(cfg, splits.image_shape)
@@ -200,7 +207,9 @@ def stage_attack(out, verbose=False):
         history = []
     else:
         attacker = new_attacker(cfg, splits.image_shape)
-        attacker.load_state_dict(_load_state(os.path.join(out, "attacker_pretrained.pt")))
+        if attacker is not None:
+            _need(out, "attacker_pretrained.pt")
+            attacker.load_state_dict(_load_state(os.path.join(out, "attacker_pretrained.pt")))
         attack = TGDAAttack(defender, attacker, cfg.epsilon, epochs=cfg.attack_epochs,
                             batch_size=cfg.attack_batch_size, alpha=cfg.alpha, leader_steps=cfg.leader_steps,
                             beta=cfg.beta, follower_steps=cfg.follower_steps, solver=cfg.solver,
@@ -209,7 +218,8 @@ def stage_attack(out, verbose=False):
                             checkpoint=os.path.join(out, "attack_checkpoint.pt"), verbose=verbose)
         x_p, y_p = attack.poison(splits.x_train, splits.y_train, splits.x_val, splits.y_val)
         history = attack.history
-        torch.save(attack.attacker_.state_dict(), os.path.join(out, "attacker_attacked.pt"))
+        if attack.attacker_ is not None:
+            torch.save(attack.attacker_.state_dict(), os.path.join(out, "attacker_attacked.pt"))
         torch.save(attack.defender_.state_dict(), os.path.join(out, "defender_attacked.pt"))
     seconds = time.perf_counter() - start
     torch.save({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_},

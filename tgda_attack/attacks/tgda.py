@@ -2,7 +2,12 @@
 Poisoning Attacks on Neural Networks" (TMLR 2022): Algorithm 1, eq. 15-17.
 
 The attacker L_theta generates the poisons D_p = L_theta(D_p^0) from clean points and their labels
-(clean label: the labels never change). For T epochs over D_tr in batches, each batch takes
+(clean label: the labels never change). Beyond the paper, `attacker=None` makes the poisons' pixels
+themselves the leader's parameters (theta = D_p, initialised at D_p^0, projected onto the pixel range
+after every step): each poison then follows its own total gradient. A generator moves all poisons
+through shared weights, so one step moves every poison along a common direction (the generator's
+J J^T has a large shared mode); with large alpha this collapses all poisons onto one saturated
+image (measured on mnist-sample: README, "Why TGDA is weak at sample scale"). For T epochs over D_tr in batches, each batch takes
   * m leader steps of total gradient ascent, theta += alpha * D_theta l, where D_theta l is the
     derivative of l through the defender's optimum (hypergrad.total_grad), and
   * n follower steps of gradient descent on f = L(D_tr U D_p(theta), w): w -= beta * grad_w f.
@@ -40,7 +45,8 @@ class TGDAAttack:
 
     Args:
         defender: the pretrained defender F (an nn.Module; the attack works on a copy).
-        attacker: the attacker L, called as attacker(x, y) -> poisoned x (the attack works on a copy).
+        attacker: the attacker L, called as attacker(x, y) -> poisoned x (the attack works on a copy),
+            or None to optimise the poisons' pixels directly.
         epsilon: poison budget as a fraction of |D_tr|. (default: 0.03)
         epochs: T, passes over D_tr. (default: 200)
         batch_size: points of D_tr (and of D_v) per step. (default: 1000)
@@ -101,19 +107,17 @@ class TGDAAttack:
         out as D_v (a seeded split) and the attack runs on the rest. After the call the trained
         attacker is `attacker_`, the defender at the end of the game `defender_`,
         `source_indices_` the indices into D_tr of the clean points D_p^0, and `history` the
-        losses of every epoch.
+        losses of every epoch. With attacker=None, `attacker_` is None.
         """
         if x_val is None or y_val is None:
             x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
         if len(x) != len(y) or len(x_val) != len(y_val):
             raise ValueError("images and labels must have the same length")
-        defender, attacker = copy.deepcopy(self.defender), copy.deepcopy(self.attacker)
+        defender = copy.deepcopy(self.defender)
         ref = next(defender.parameters())
         x, x_val = x.to(ref.device, ref.dtype), x_val.to(ref.device, ref.dtype)
         y, y_val = y.to(ref.device), y_val.to(ref.device)
-        attacker.to(ref.device, ref.dtype)
         w = [p for p in defender.parameters() if p.requires_grad]
-        theta = [p for p in attacker.parameters() if p.requires_grad]
         w_pre = [p.detach().clone() for p in w]
 
         self.source_indices_ = poison_sources(len(y), self.epsilon, self.init, self.seed)
@@ -122,6 +126,9 @@ class TGDAAttack:
             raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to craft")
         idx = self.source_indices_.to(ref.device)
         x_p0, y_p0 = x[idx], y[idx]
+        attacker = _DirectPoisons(x_p0) if self.attacker is None else copy.deepcopy(self.attacker)
+        attacker.to(ref.device, ref.dtype)
+        theta = [p for p in attacker.parameters() if p.requires_grad]
 
         start_epoch = self._resume(defender, attacker)
         n_batches = math.ceil(len(y) / self.batch_size)
@@ -138,22 +145,28 @@ class TGDAAttack:
                 pp = p_order[b * n_poison // n_batches:(b + 1) * n_poison // n_batches]
                 vv = v_order.roll(-b * self.batch_size)[:self.batch_size]
                 stats.append(self._step(defender, attacker, w, theta, w_pre, x[tr], y[tr], x_p0[pp], y_p0[pp],
-                                        x_val[vv], y_val[vv]))
+                                        pp, x_val[vv], y_val[vv]))
             record = {"epoch": epoch + 1, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
             self.history.append(record)
             bar.set_postfix(leader_loss=f"{record['leader_loss']:.4f}", follower_loss=f"{record['follower_loss']:.4f}")
             self._save(defender, attacker, epoch + 1)
         with torch.no_grad():
             x_poison = attacker(x_p0, y_p0).clamp(*self.pixel_range)
-        self.attacker_, self.defender_ = attacker, defender
+        self.attacker_ = None if self.attacker is None else attacker
+        self.defender_ = defender
         return x_poison.detach(), y_p0.clone()
 
-    def _step(self, defender, attacker, w, theta, w_pre, x_b, y_b, xp_b, yp_b, xv_b, yv_b):
-        """One batch of Algorithm 1: m leader steps, then n follower steps."""
-        def follower_loss():  # f = L(D_tr U D_p(theta), w)
+    def _step(self, defender, attacker, w, theta, w_pre, x_b, y_b, xp_b, yp_b, pp, xv_b, yv_b):
+        """One batch of Algorithm 1: m leader steps, then n follower steps (pp: the poisons' indices)."""
+        def follower_objective():  # f = L(D_tr U D_p(theta), w) as a hypergrad.ClassifierLoss, so that
+            # total_grad uses the structured Hessian-vector product for linear-activation defenders
             if len(yp_b) == 0:
-                return F.cross_entropy(defender(x_b), y_b)
-            return F.cross_entropy(defender(torch.cat([x_b, attacker(xp_b, yp_b)])), torch.cat([y_b, yp_b]))
+                return hypergrad.ClassifierLoss(defender, x_b, y_b)
+            poisons = attacker.pixels[pp] if isinstance(attacker, _DirectPoisons) else attacker(xp_b, yp_b)
+            return hypergrad.ClassifierLoss(defender, torch.cat([x_b, poisons]), torch.cat([y_b, yp_b]))
+
+        def follower_loss():
+            return follower_objective()()
 
         def leader_loss():  # l = L(D_v, w), or f in the zero-sum game
             return follower_loss() if self.formulation == "zero-sum" else F.cross_entropy(defender(xv_b), yv_b)
@@ -162,22 +175,26 @@ class TGDAAttack:
                  "damping": self.damping}
         if self.leader == "attacker":
             for _ in range(self.leader_steps):  # theta <- theta + alpha D_theta l
-                d_theta = hypergrad.total_grad(leader_loss, follower_loss, theta, w, **solve)
+                d_theta = hypergrad.total_grad(leader_loss, follower_objective(), theta, w, **solve)
                 with torch.no_grad():
                     for p, d in zip(theta, d_theta):
                         p.add_(self.alpha * d)
+                    if isinstance(attacker, _DirectPoisons):  # projected onto the valid pixels
+                        attacker.pixels.clamp_(*self.pixel_range)
             if self.warm_start == "cold":
                 with torch.no_grad():
                     for p, p0 in zip(w, w_pre):
                         p.copy_(p0)
+            follower = follower_objective()
+            follower.inputs = follower.inputs.detach()  # theta is fixed during the follower's steps
             for _ in range(self.follower_steps):  # w <- w - beta grad_w f
-                grads = torch.autograd.grad(follower_loss(), w)
+                grads = torch.autograd.grad(follower(), w)
                 with torch.no_grad():
                     for p, g in zip(w, grads):
                         p.sub_(self.beta * g)
         else:
             for _ in range(self.leader_steps):  # w <- w - beta D_w f, the attacker responding by ascending f
-                d_w = hypergrad.total_grad(follower_loss, lambda: -follower_loss(), w, theta, **solve)
+                d_w = hypergrad.total_grad(follower_objective(), lambda: -follower_loss(), w, theta, **solve)
                 with torch.no_grad():
                     for p, d in zip(w, d_w):
                         p.sub_(self.beta * d)
@@ -186,6 +203,8 @@ class TGDAAttack:
                 with torch.no_grad():
                     for p, g in zip(theta, grads):
                         p.add_(self.alpha * g)
+                    if isinstance(attacker, _DirectPoisons):
+                        attacker.pixels.clamp_(*self.pixel_range)
         with torch.no_grad():
             return {"leader_loss": leader_loss().item(), "follower_loss": follower_loss().item()}
 
@@ -206,3 +225,14 @@ class TGDAAttack:
         torch.save({"epoch": epoch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),
                     "history": self.history}, tmp)
         os.replace(tmp, self.checkpoint)  # never a half-written checkpoint
+
+
+class _DirectPoisons(torch.nn.Module):
+    """The poisons' pixels as the leader's parameters (attacker=None), initialised at D_p^0."""
+
+    def __init__(self, x_p0):
+        super().__init__()
+        self.pixels = torch.nn.Parameter(x_p0.detach().clone())
+
+    def forward(self, x_p0, y_p0):  # all poisons, in the order of D_p^0
+        return self.pixels

@@ -14,8 +14,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	cd tests && $(abspath $(PY)) -m pytest -q .
 
+# The benchmark summary (issue 4's table; writes benchmark-summary.json). torchopt is the peer
+# library of part (d); without it that part is skipped.
 bench: $(VENV)/.installed
-	$(PY) benchmarks/compare_leader_step.py --defenders lr nn --repeats 3
+	-$(PY) -m pip install -q torchopt
+	$(PY) benchmarks/summary.py
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

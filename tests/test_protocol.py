@@ -27,12 +27,22 @@ def test_run_writes_the_output_folder(tiny_run):
     with open(os.path.join(tiny_run, "metrics.json")) as fh:
         metrics = json.load(fh)
     for key in ("dataset", "defender", "attack", "epsilon", "n_train", "n_poison", "clean_accuracy",
-                "poisoned_accuracy", "accuracy_drop", "attack_seconds", "seed"):
+                "poisoned_accuracy", "accuracy_drop", "attack_seconds", "seed", "mean_perturbation_l2",
+                "poison_pairwise_l2", "source_pairwise_l2"):
         assert key in metrics
     assert metrics["n_train"] == 2800 and metrics["n_poison"] == 84
     assert metrics["accuracy_drop"] == pytest.approx(metrics["clean_accuracy"] - metrics["poisoned_accuracy"])
     poisons = torch.load(os.path.join(tiny_run, "poisons.pt"), weights_only=True)
     assert poisons["x_poison"].shape == (84, 1, 28, 28) and poisons["x_poison"].abs().max() <= 1
+
+
+def test_poison_statistics_closed_form():
+    source = torch.zeros(3, 1, 2, 2)
+    poison = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2), torch.ones(1, 2, 2)])  # two identical
+    stats = protocol.poison_statistics(source, poison)
+    assert stats["mean_perturbation_l2"] == pytest.approx((0 + 2 + 2) / 3)  # |(1,1,1,1)| = 2
+    assert stats["poison_pairwise_l2"] == pytest.approx((2 + 2 + 0) * 2 / 6)
+    assert stats["source_pairwise_l2"] == 0.0
 
 
 def test_retraining_follows_the_pretrain_procedure(tiny_run):

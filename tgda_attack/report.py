@@ -32,11 +32,15 @@ def _pct(x):
 
 def metrics_table(metrics):
     """One run as a Markdown table."""
+    spread = ""
+    if "poison_pairwise_l2" in metrics:
+        spread = f"{metrics['mean_perturbation_l2']:.2f} | {metrics['poison_pairwise_l2']:.2f} / {metrics['source_pairwise_l2']:.2f} |"
     return "\n".join([
-        "| clean accuracy (%) | poisoned accuracy (%) | drop (points) | attack time (s) |",
-        "|---|---|---|---|",
+        "| clean accuracy (%) | poisoned accuracy (%) | drop (points) | attack time (s) |"
+        + (" poison perturbation (L2) | pairwise L2, poisons / sources |" if spread else ""),
+        "|---|---|---|---|" + ("---|---|" if spread else ""),
         f"| {_pct(metrics['clean_accuracy'])} | {_pct(metrics['poisoned_accuracy'])} | "
-        f"{_pct(metrics['accuracy_drop'])} | {metrics['attack_seconds']:.1f} |",
+        f"{_pct(metrics['accuracy_drop'])} | {metrics['attack_seconds']:.1f} |" + (f" {spread}" if spread else ""),
     ])
 
 

@@ -172,3 +172,9 @@ def test_direct_pixel_attacker_resumes_exactly(tmp_path):
     _attack(defender, None, epochs=1, alpha=20.0, checkpoint=ckpt).poison(x, y, xv, yv)
     resumed = _attack(defender, None, epochs=2, alpha=20.0, checkpoint=ckpt).poison(x, y, xv, yv)
     assert torch.equal(full[0], resumed[0])
+
+
+def test_a_diverging_follower_is_an_error_not_nan_poisons():
+    x, y, xv, yv, defender, attacker = _tiny(seed=8)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        _attack(defender, attacker, beta=1e6, follower_steps=5, epochs=2).poison(x, y, xv, yv)

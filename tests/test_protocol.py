@@ -123,3 +123,12 @@ def test_config_round_trips_through_json(tiny_run):
         values = json.load(fh)
     values.pop("split")
     assert dataclasses.asdict(protocol.Config.from_dict(values)) == values
+
+
+def test_diverging_training_is_an_error():
+    from tgda_attack.training import train_classifier
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(20, 1, 2, 2) * 1e30, torch.randint(0, 3, (20,))  # float32 logits overflow after one step
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train_classifier(model, x, y, epochs=5, batch_size=5, lr=1e6, seed=0)

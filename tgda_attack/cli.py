@@ -141,6 +141,9 @@ def main(argv=None):
     except (UsageError, DataNotFoundError, FileNotFoundError) as exc:
         print(f"tgda-attack: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a diverged attack or training: nothing half-written is kept as a result
+        print(f"tgda-attack: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tgda-attack: interrupted; `tgda-attack attack --out DIR` resumes an attack from its checkpoint",
               file=sys.stderr)

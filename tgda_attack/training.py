@@ -5,7 +5,13 @@ Defenders are trained by plain mini-batch gradient descent on the cross-entropy 
 "our own implementation of gradient descent", lr 0.1), with a seeded shuffle per epoch, so that
 the same seed gives the same model and retraining on D_tr U D_p repeats the pretrain procedure
 exactly. Attackers are pretrained as autoencoders: they learn to reconstruct D_tr from (x, y).
+
+Gradient descent with a fixed step diverges when the data make the loss too sharp for it (poisons
+can do that); the loss then overflows to inf/nan. Training stops with a FloatingPointError instead
+of returning a model with nan weights, whose "accuracy" would be a meaningless number.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -24,14 +30,20 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
-    for _ in bar:
+    for epoch in bar:
         for idx in _batches(len(y), batch_size, generator):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_(lr * g)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        last = loss.item()  # one host synchronisation per epoch
+        if not math.isfinite(last):
+            raise FloatingPointError(
+                f"{desc}: gradient descent diverged (loss {last}) in epoch {epoch + 1} of {epochs} with lr {lr}: "
+                "the training data make the loss too sharp for this step size (poisons can do this: an attack "
+                "outcome, but no accuracy can be measured); use a smaller learning rate (--pretrain-lr)")
+        bar.set_postfix(loss=f"{last:.4f}")
     model.eval()
     return model
 

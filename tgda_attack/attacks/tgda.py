@@ -146,6 +146,11 @@ class TGDAAttack:
                 vv = v_order.roll(-b * self.batch_size)[:self.batch_size]
                 stats.append(self._step(defender, attacker, w, theta, w_pre, x[tr], y[tr], x_p0[pp], y_p0[pp],
                                         pp, x_val[vv], y_val[vv]))
+                if not all(math.isfinite(v) for v in stats[-1].values()):
+                    raise FloatingPointError(
+                        f"TGDA attack diverged in epoch {epoch + 1}, batch {b + 1} of {n_batches}: the losses became "
+                        f"{stats[-1]}. Most often the follower's gradient descent (beta={self.beta}) blows up on poisons "
+                        "that sharpen its loss; rerun with a smaller beta or alpha. No poisons were returned.")
             record = {"epoch": epoch + 1, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
             self.history.append(record)
             bar.set_postfix(leader_loss=f"{record['leader_loss']:.4f}", follower_loss=f"{record['follower_loss']:.4f}")

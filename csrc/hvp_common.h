@@ -82,4 +82,31 @@ inline void check_broadcast_pair(const at::Tensor& base, const char* base_name, 
                     " ", base.sizes(), " or a leading batch dimension [B, ...], got ", batched.sizes());
 }
 
+// The argument checks of each fused piece, shared by its CPU and CUDA kernels.
+inline Activation check_activation_jvp_args(const at::Tensor& z, const at::Tensor& rz, std::string_view activation) {
+  const Activation act = parse_activation(activation, "activation_jvp");
+  check_broadcast_pair(z, "z", rz, "rz", "activation_jvp");
+  return act;
+}
+
+inline Activation check_activation_hvp_backward_args(const at::Tensor& z, const at::Tensor& rz,
+                                                     const at::Tensor& grad_a, const at::Tensor& r_grad_a,
+                                                     std::string_view activation) {
+  const char* op = "activation_hvp_backward";
+  const Activation act = parse_activation(activation, op);
+  check_broadcast_pair(z, "z", rz, "rz", op);
+  check_broadcast_pair(z, "z", grad_a, "grad_a", op);
+  TORCH_CHECK_VALUE(grad_a.sizes() == z.sizes(), "hypergrad::", op, ": grad_a must have the shape of z ", z.sizes(),
+                    ", got ", grad_a.sizes());
+  check_broadcast_pair(z, "z", r_grad_a, "r_grad_a", op);
+  TORCH_CHECK_VALUE(r_grad_a.sizes() == rz.sizes(), "hypergrad::", op, ": r_grad_a must have the shape of rz ",
+                    rz.sizes(), ", got ", r_grad_a.sizes());
+  return act;
+}
+
+inline void check_softmax_ce_hvp_args(const at::Tensor& probs, const at::Tensor& rz) {
+  check_broadcast_pair(probs, "probs", rz, "rz", "softmax_ce_hvp");
+  TORCH_CHECK_VALUE(probs.dim() == 2, "hypergrad::softmax_ce_hvp: probs must be [N, C], got ", probs.sizes());
+}
+
 }  // namespace hypergrad

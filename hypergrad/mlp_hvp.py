@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
+from . import _ops, _reference
 from .hvp import HessianOperator
 
 
@@ -109,7 +109,7 @@ def _forward_backward(linears, activation, slope, x, targets):
         for k in range(len(linears) - 1, 0, -1):
             g = deltas[0] @ linears[k].weight
             grads.insert(0, g)
-            deltas.insert(0, _ops._reference.activation_derivatives(pre[k - 1], activation, slope)[0] * g)
+            deltas.insert(0, _reference.activation_derivatives(pre[k - 1], activation, slope)[0] * g)
     return inputs, pre, grads, deltas, probs.contiguous()
 
 

@@ -22,7 +22,7 @@ import torch
 
 from . import data as data_mod
 from .attacks import LabelFlipAttack, TGDAAttack
-from .models import make_attacker, make_defender
+from .models import ATTACKERS, make_attacker, make_defender
 from .training import accuracy, pretrain_attacker, train_classifier
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ DATASET_DEFAULTS = {
     "mnist-sample": {"pretrain_epochs": 100, "pretrain_batch_size": 100, "attack_epochs": 20, "attack_batch_size": 100,
                      "attacker_epochs": 20, "attacker_batch_size": 100, "alpha": 0.01, "beta": 0.05, "attacker": "mlp"},
 }
-ATTACKER_NAMES = ("mlp", "autoencoder", "pixels")  # "pixels": the poisons themselves are the leader's parameters
+ATTACKER_NAMES = (*ATTACKERS, "pixels")  # "pixels": the poisons themselves are the leader's parameters
 
 
 @dataclasses.dataclass

@@ -15,8 +15,7 @@ constexpr int64_t kPointwiseGrain = 1 << 14;
 // R a = sigma'(z) R z, with R z shaped like z or [B, *z.shape].
 at::Tensor activation_jvp_cpu(const at::Tensor& z, const at::Tensor& rz, c10::string_view activation,
                               double negative_slope) {
-  const Activation act = parse_activation(activation, "activation_jvp");
-  check_broadcast_pair(z, "z", rz, "rz", "activation_jvp");
+  const Activation act = check_activation_jvp_args(z, rz, activation);
   auto out = at::empty_like(rz);
   const int64_t zn = z.numel(), total = rz.numel();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_jvp_cpu", [&] {
@@ -38,15 +37,7 @@ at::Tensor activation_jvp_cpu(const at::Tensor& z, const at::Tensor& rz, c10::st
 at::Tensor activation_hvp_backward_cpu(const at::Tensor& z, const at::Tensor& rz, const at::Tensor& grad_a,
                                        const at::Tensor& r_grad_a, c10::string_view activation,
                                        double negative_slope) {
-  const char* op_name = "activation_hvp_backward";
-  const Activation act = parse_activation(activation, op_name);
-  check_broadcast_pair(z, "z", rz, "rz", op_name);
-  check_broadcast_pair(z, "z", grad_a, "grad_a", op_name);
-  TORCH_CHECK_VALUE(grad_a.sizes() == z.sizes(), "hypergrad::", op_name, ": grad_a must have the shape of z ",
-                    z.sizes(), ", got ", grad_a.sizes());
-  check_broadcast_pair(z, "z", r_grad_a, "r_grad_a", op_name);
-  TORCH_CHECK_VALUE(r_grad_a.sizes() == rz.sizes(), "hypergrad::", op_name, ": r_grad_a must have the shape of rz ",
-                    rz.sizes(), ", got ", r_grad_a.sizes());
+  const Activation act = check_activation_hvp_backward_args(z, rz, grad_a, r_grad_a, activation);
   auto out = at::empty_like(rz);
   const int64_t zn = z.numel(), total = rz.numel();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_hvp_backward_cpu", [&] {
@@ -70,8 +61,7 @@ at::Tensor activation_hvp_backward_cpu(const at::Tensor& z, const at::Tensor& rz
 // R g = scale (p * R z - p <p, R z>) per row: the softmax cross-entropy Hessian diag(p) - p p^T
 // applied to R z, where p = softmax(logits) is [N, C] and R z is [N, C] or [B, N, C].
 at::Tensor softmax_ce_hvp_cpu(const at::Tensor& probs, const at::Tensor& rz, double scale) {
-  check_broadcast_pair(probs, "probs", rz, "rz", "softmax_ce_hvp");
-  TORCH_CHECK_VALUE(probs.dim() == 2, "hypergrad::softmax_ce_hvp: probs must be [N, C], got ", probs.sizes());
+  check_softmax_ce_hvp_args(probs, rz);
   auto out = at::empty_like(rz);
   const int64_t classes = probs.size(1), n_rows = probs.size(0), rows = rz.numel() / std::max<int64_t>(classes, 1);
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "softmax_ce_hvp_cpu", [&] {

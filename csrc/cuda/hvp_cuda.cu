@@ -53,8 +53,7 @@ __global__ void softmax_ce_hvp_kernel(const T* __restrict__ probs, const T* __re
 
 at::Tensor activation_jvp_cuda(const at::Tensor& z, const at::Tensor& rz, c10::string_view activation,
                                double negative_slope) {
-  const Activation act = parse_activation(activation, "activation_jvp");
-  check_broadcast_pair(z, "z", rz, "rz", "activation_jvp");
+  const Activation act = check_activation_jvp_args(z, rz, activation);
   const c10::cuda::CUDAGuard guard(z.device());
   auto out = at::empty_like(rz);
   const int64_t total = rz.numel();
@@ -72,15 +71,7 @@ at::Tensor activation_jvp_cuda(const at::Tensor& z, const at::Tensor& rz, c10::s
 at::Tensor activation_hvp_backward_cuda(const at::Tensor& z, const at::Tensor& rz, const at::Tensor& grad_a,
                                         const at::Tensor& r_grad_a, c10::string_view activation,
                                         double negative_slope) {
-  const char* op_name = "activation_hvp_backward";
-  const Activation act = parse_activation(activation, op_name);
-  check_broadcast_pair(z, "z", rz, "rz", op_name);
-  check_broadcast_pair(z, "z", grad_a, "grad_a", op_name);
-  TORCH_CHECK_VALUE(grad_a.sizes() == z.sizes(), "hypergrad::", op_name, ": grad_a must have the shape of z ",
-                    z.sizes(), ", got ", grad_a.sizes());
-  check_broadcast_pair(z, "z", r_grad_a, "r_grad_a", op_name);
-  TORCH_CHECK_VALUE(r_grad_a.sizes() == rz.sizes(), "hypergrad::", op_name, ": r_grad_a must have the shape of rz ",
-                    rz.sizes(), ", got ", r_grad_a.sizes());
+  const Activation act = check_activation_hvp_backward_args(z, rz, grad_a, r_grad_a, activation);
   const c10::cuda::CUDAGuard guard(z.device());
   auto out = at::empty_like(rz);
   const int64_t total = rz.numel();
@@ -97,8 +88,7 @@ at::Tensor activation_hvp_backward_cuda(const at::Tensor& z, const at::Tensor& r
 }
 
 at::Tensor softmax_ce_hvp_cuda(const at::Tensor& probs, const at::Tensor& rz, double scale) {
-  check_broadcast_pair(probs, "probs", rz, "rz", "softmax_ce_hvp");
-  TORCH_CHECK_VALUE(probs.dim() == 2, "hypergrad::softmax_ce_hvp: probs must be [N, C], got ", probs.sizes());
+  check_softmax_ce_hvp_args(probs, rz);
   const c10::cuda::CUDAGuard guard(probs.device());
   auto out = at::empty_like(rz);
   const int64_t classes = probs.size(1);

@@ -7,7 +7,9 @@ themselves the leader's parameters (theta = D_p, initialised at D_p^0, projected
 after every step): each poison then follows its own total gradient. A generator moves all poisons
 through shared weights, so one step moves every poison along a common direction (the generator's
 J J^T has a large shared mode); with large alpha this collapses all poisons onto one saturated
-image (measured on mnist-sample: README, "Why TGDA is weak at sample scale"). For T epochs over D_tr in batches, each batch takes
+image (measured on mnist-sample: README, "Schedules").
+
+For T epochs over D_tr in batches, each batch takes
   * m leader steps of total gradient ascent, theta += alpha * D_theta l, where D_theta l is the
     derivative of l through the defender's optimum (hypergrad.total_grad), and
   * n follower steps of gradient descent on f = L(D_tr U D_p(theta), w): w -= beta * grad_w f.

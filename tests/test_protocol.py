@@ -96,6 +96,11 @@ def test_pixel_attacker_runs_without_an_attacker_network(tmp_path):
     assert not torch.equal(poisons["x_poison"], source) and poisons["x_poison"].abs().max() <= 1
 
 
+def test_unknown_attacker_in_a_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attacker 'gan'"):
+        protocol.Config(attacker="gan").resolved()
+
+
 def test_config_file_and_command_line(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('defender = "nn"\nepsilon = 0.05\n')
@@ -106,6 +111,7 @@ def test_config_file_and_command_line(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["run", "--out", "x", "--defender", "svm"], "invalid choice"),
+    (["run", "--out", "x", "--attacker", "gan"], "invalid choice"),
     (["run"], "--out"),
     (["run", "--out", "x", "--epsilon", "lots"], "invalid float"),
     (["attack", "--out", "/nonexistent/folder"], "run the earlier stage"),

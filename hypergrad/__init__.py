@@ -8,12 +8,14 @@ kernels of the compiled extension hypergrad._C when it is built, and in pure PyT
 """
 from ._ops import build_info, has_cuda_extension, has_extension, use_extension
 from .hvp import HessianOperator, flatten, hessian_operator, hvp, unflatten
-from .mlp_hvp import ClassifierLoss, linear_chain, structured_hessian
+from .graphs import SolveGraphCache
+from .mlp_hvp import ClassifierLoss, StructuredHessian, linear_chain, structured_hessian
 from .solvers import METHODS, SolveInfo, solve
 from .total_grad import total_grad
 
 __all__ = [
-    "ClassifierLoss", "HessianOperator", "METHODS", "SolveInfo", "build_info", "flatten", "has_cuda_extension",
-    "has_extension", "hessian_operator", "hvp", "linear_chain", "solve", "structured_hessian", "total_grad", "unflatten", "use_extension",
+    "ClassifierLoss", "HessianOperator", "METHODS", "SolveGraphCache", "SolveInfo", "StructuredHessian", "build_info",
+    "flatten", "has_cuda_extension", "has_extension", "hessian_operator", "hvp", "linear_chain", "solve",
+    "structured_hessian", "total_grad", "unflatten", "use_extension",
 ]
 __version__ = "0.1.0"

@@ -82,13 +82,59 @@ def structured_hessian(loss, params):
     expected = [p for m in linears for p in (m.weight, m.bias)]
     if len(params) != len(expected) or any(p is not q for p, q in zip(params, expected)):
         return None
-    cache = _forward_backward(linears, activation, slope, loss.inputs.detach(), loss.targets)
+    inputs, pre, grads, deltas, probs = _forward_backward(linears, activation, slope, loss.inputs.detach(),
+                                                          loss.targets)
     weights = [m.weight.detach() for m in linears]
+    return StructuredHessian(tuple(params), weights, inputs, pre, grads, deltas, probs, activation, slope)
 
-    def product(v):
-        return _ops.mlp_ce_hvp(weights, *cache, v.contiguous(), activation, slope)
 
-    return HessianOperator(tuple(params), product)
+class StructuredHessian(HessianOperator):
+    """H v by the R-operator op (csrc/mlp_hvp.cpp) from the weights and one cached forward and backward pass.
+
+    A product reads nothing but the tensors of `state()`, so a solve recorded with one operator (a
+    CUDA graph, hypergrad.SolveGraphCache) replays for another of the same layout after
+    `load_state(other)` copies the other's tensors into this one's.
+    """
+
+    def __init__(self, params, weights, inputs, pre_activations, grad_activations, deltas, probs, activation,
+                 negative_slope):
+        super().__init__(params, self._structured_product)
+        self.weights, self.inputs, self.pre_activations = list(weights), list(inputs), list(pre_activations)
+        self.grad_activations, self.deltas, self.probs = list(grad_activations), list(deltas), probs
+        self.activation, self.negative_slope = activation, negative_slope
+
+    def _structured_product(self, v):
+        return _ops.mlp_ce_hvp(self.weights, self.inputs, self.pre_activations, self.grad_activations, self.deltas,
+                               self.probs, v.contiguous(), self.activation, self.negative_slope)
+
+    def state(self):
+        """Every tensor a product reads, in a fixed order."""
+        return [*self.weights, *self.inputs, *self.pre_activations, *self.grad_activations, *self.deltas, self.probs]
+
+    def layout(self):
+        """What must match for load_state: activation, and each state tensor's shape, dtype and device."""
+        return (self.activation, self.negative_slope, len(self.weights),
+                tuple((tuple(t.shape), t.dtype, t.device) for t in self.state()))
+
+    def clone(self):
+        """An operator with its own copy of the state (the parameters are shared, not copied)."""
+        copies = iter([t.clone() for t in self.state()])
+        depth = len(self.weights)
+
+        def take(k):
+            return [next(copies) for _ in range(k)]
+
+        return StructuredHessian(self.params, take(depth), take(depth), take(depth - 1), take(depth - 1),
+                                 take(depth), next(copies), self.activation, self.negative_slope)
+
+    def load_state(self, other):
+        """Copies another structured operator's state into this one's tensors (in place)."""
+        if not isinstance(other, StructuredHessian) or other.layout() != self.layout():
+            raise ValueError("load_state needs a StructuredHessian of the same model layout, batch size, dtype and "
+                             "device")
+        with torch.no_grad():
+            for mine, theirs in zip(self.state(), other.state()):
+                mine.copy_(theirs)
 
 
 def _forward_backward(linears, activation, slope, x, targets):

@@ -127,8 +127,13 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
 
 
 def _all_done(k, active, check_every):
-    """The one host synchronisation of the loop: every `check_every` iterations."""
-    return k % check_every == 0 and not bool(active.any())
+    """The one host synchronisation of the loop: every `check_every` iterations, never before the first
+    (a solve with check_every >= maxiter runs without any, as a CUDA graph needs)."""
+    return k > 0 and k % check_every == 0 and not _any_on_host(active)
+
+
+def _any_on_host(flags):
+    return bool(flags.any())  # waits for the device
 
 
 def _cg(A, b, x, r, tol2, maxiter, check_every, _):

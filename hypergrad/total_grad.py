@@ -10,7 +10,8 @@ Flow of one call (shared/DESIGN.md, "one TGDA leader step"):
   1. f is evaluated once and g_w = grad_w f is built with create_graph=True (its graph reaches
      both w and theta);
   2. b = grad_w l (and grad_theta l) from one backward pass of l;
-  3. v solves (H_ww + damping I) v = b by hypergrad.solve, each matvec one structured R-operator
+  3. v solves (H_ww + damping I) v = b by hypergrad.solve (or its CUDA-graph replay,
+     hypergrad.graphs), each matvec one structured R-operator
      product (hypergrad/mlp_hvp.py, for a ClassifierLoss of a linear-activation chain), one
      backward pass through g_w (reverse mode) or a forward-over-reverse product (forward mode);
   4. the mixed term grad_theta <g_w, v> is one more backward pass through g_w;
@@ -27,7 +28,7 @@ HVP_MODES = ("auto", "structured", "reverse", "forward")
 
 def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method="cg", maxiter=100,
                rtol=1e-6, atol=0.0, damping=0.0, hvp_mode="auto", x0=None, return_info=False,
-               check_every=4):
+               check_every=4, graphs=None):
     """D_theta l: the derivative of the leader loss through the follower's optimum.
 
     Args:
@@ -50,6 +51,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         x0: warm start for v, e.g. info.x of the previous call. (default: zeros)
         return_info: also return the solver's SolveInfo. (default: False)
         check_every: solver iterations between host synchronisations. (default: 4)
+        graphs: a hypergrad.SolveGraphCache: the solve runs exactly maxiter iterations, recorded as a
+            CUDA graph on the first call of each layout and replayed on later calls (eager on a
+            CPU). Needs the structured product (hvp_mode "auto" or "structured" on a supported
+            ClassifierLoss). (default: None, hypergrad.solve with early stopping)
 
     Returns:
         A tuple of tensors shaped like leader_params holding D_theta l (no sign flipped: an
@@ -78,6 +83,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         raise ValueError("hvp_mode='structured' needs follower_loss to be a hypergrad.ClassifierLoss of a chain of "
                          "linear layers and one activation (hypergrad.mlp_hvp) with follower_params its parameters "
                          "in order; use hvp_mode='auto' to fall back to autograd")
+    if graphs is not None and hessian is None:
+        raise ValueError("graphs (a recorded solve) needs the structured product: follower_loss must be a "
+                         "hypergrad.ClassifierLoss of a chain of linear layers and one activation with "
+                         "follower_params its parameters in order, and hvp_mode 'auto' or 'structured'")
     if hvp_mode == "forward":
         hessian = HessianOperator.forward(follower_loss, w)
     elif hessian is None:
@@ -85,8 +94,12 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     b = flatten(dl_w)
     if x0 is not None:
         x0 = x0.detach().reshape(b.shape).to(b.dtype)
-    v, info = solve(hessian, b, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
-                    damping=damping, check_every=check_every)
+    if graphs is not None:
+        v, info = graphs.solve(hessian, b, method=method, maxiter=maxiter, rtol=rtol, atol=atol, damping=damping,
+                               x0=x0)
+    else:
+        v, info = solve(hessian, b, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
+                        damping=damping, check_every=check_every)
     mixed = torch.autograd.grad(g_w, theta, unflatten(v, w), allow_unused=True)
     out = tuple(d if m is None else d - m for d, m in zip(dl_theta, mixed))
     return (out, info) if return_info else out

@@ -127,6 +127,27 @@ def test_bad_hyper_parameters_raise(kwargs, message):
         _attack(defender, attacker, **kwargs)
 
 
+def test_cuda_graphs_give_the_same_poisons_as_the_plain_solve():
+    x, y, xv, yv, _, attacker = _tiny(seed=5)
+    torch.manual_seed(5)
+    defender = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    settings = dict(epochs=2, batch_size=15, solver="cgnr", solver_iterations=8, solver_rtol=0.0)
+    plain = _attack(defender, attacker, **settings).poison(x, y, xv, yv)
+    attack = _attack(defender, attacker, cuda_graphs=True, **settings)
+    recorded = attack.poison(x, y, xv, yv)
+    torch.testing.assert_close(recorded[0], plain[0], rtol=1e-9, atol=1e-9)
+    assert len(attack._graphs) == 2  # batches of 15 + 1 and 10 + 2 points: two layouts, recorded once each
+
+
+def test_cuda_graphs_need_a_linear_chain_defender_and_the_attacker_as_leader():
+    x, y, xv, yv, defender, attacker = _tiny()
+    with pytest.raises(ValueError, match="leader='attacker'"):
+        _attack(defender, attacker, cuda_graphs=True, leader="defender")
+    conv = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(2, 3)).double()
+    with pytest.raises(ValueError, match="chain of linear layers"):
+        _attack(conv, attacker, cuda_graphs=True).poison(x, y, xv, yv)
+
+
 def test_label_flip_rules():
     y = torch.arange(100) % 10
     x = torch.randn(100, 1, 2, 2)

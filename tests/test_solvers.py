@@ -112,16 +112,17 @@ def test_each_system_converges_on_its_own():
     assert _rel_err(x[[0, 2]], _dense(A, b[[0, 2]])) < 1e-8
 
 
-def test_host_synchronises_only_every_few_iterations(monkeypatch):
+@pytest.mark.parametrize("method", ["cg", "cgnr", "minres", "neumann"])
+@pytest.mark.parametrize("check_every, syncs", [(8, 4), (1, 39), (40, 0)])
+def test_host_synchronises_only_every_few_iterations(monkeypatch, method, check_every, syncs):
     from hypergrad import solvers
 
-    checks = []
-    real = solvers._all_done
-    monkeypatch.setattr(solvers, "_all_done", lambda k, active, every: checks.append(k % every == 0) or real(k, active, every))
+    calls = []
+    monkeypatch.setattr(solvers, "_any_on_host", lambda flags: calls.append(1) or bool(flags.any()))
     A = _spd(40, cond=1e6)
-    hypergrad.solve(lambda v: v @ A, _rhs(40), method="cg", rtol=1e-30, maxiter=40, check_every=8)
-    synced = [k for k, did in enumerate(checks) if did]
-    assert synced == [0, 8, 16, 24, 32]
+    hypergrad.solve(lambda v: v @ A, _rhs(40), method=method, rtol=1e-30, maxiter=40, check_every=check_every,
+                    neumann_scale=1e-3)
+    assert len(calls) == syncs  # at k = 8, 16, 24, 32 (never at k = 0); none with check_every >= maxiter
 
 
 @pytest.mark.parametrize("kwargs, message", [

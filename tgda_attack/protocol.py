@@ -81,6 +81,7 @@ class Config:
     solver: str = "cgnr"
     solver_iterations: int = 16
     damping: float = 0.0
+    cuda_graphs: bool = False
     warm_start: str = "partial"
     leader: str = "attacker"
     formulation: str = "non-zero-sum"
@@ -215,7 +216,8 @@ def stage_attack(out, verbose=False):
         attack = TGDAAttack(defender, attacker, cfg.epsilon, epochs=cfg.attack_epochs,
                             batch_size=cfg.attack_batch_size, alpha=cfg.alpha, leader_steps=cfg.leader_steps,
                             beta=cfg.beta, follower_steps=cfg.follower_steps, solver=cfg.solver,
-                            solver_iterations=cfg.solver_iterations, damping=cfg.damping, warm_start=cfg.warm_start,
+                            solver_iterations=cfg.solver_iterations, damping=cfg.damping, cuda_graphs=cfg.cuda_graphs,
+                            warm_start=cfg.warm_start,
                             leader=cfg.leader, formulation=cfg.formulation, init=cfg.poison_init, seed=cfg.seed,
                             checkpoint=os.path.join(out, "attack_checkpoint.pt"), verbose=verbose)
         x_p, y_p = attack.poison(splits.x_train, splits.y_train, splits.x_val, splits.y_val)

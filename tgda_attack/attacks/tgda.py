@@ -60,6 +60,10 @@ class TGDAAttack:
         solver_iterations: most solver iterations per leader step. (default: 16)
         solver_rtol: relative tolerance of the solve. (default: 1e-6)
         damping: added to the Hessian's diagonal. (default: 0.0)
+        cuda_graphs: record each leader step's solve once per batch shape as a CUDA graph and replay it
+            (hypergrad.SolveGraphCache): exactly solver_iterations iterations, no early stop. Needs an
+            LR or NN defender (a chain of linear layers and one activation) and the attacker as
+            leader; on a CPU the same solve runs eagerly. (default: False)
         warm_start: "partial" or "cold". (default: "partial")
         leader: "attacker" or "defender". (default: "attacker")
         formulation: "non-zero-sum" (l = L(D_v, w)) or "zero-sum" (l = f). (default: "non-zero-sum")
@@ -74,7 +78,7 @@ class TGDAAttack:
 
     def __init__(self, defender, attacker, epsilon=0.03, *, epochs=200, batch_size=1000, alpha=0.01,
                  leader_steps=1, beta=0.1, follower_steps=20, solver="cgnr", solver_iterations=16,
-                 solver_rtol=1e-6, damping=0.0, warm_start="partial", leader="attacker",
+                 solver_rtol=1e-6, damping=0.0, cuda_graphs=False, warm_start="partial", leader="attacker",
                  formulation="non-zero-sum", init="first", pixel_range=(-1.0, 1.0), seed=0,
                  checkpoint=None, verbose=False):
         poison_budget(1, epsilon)  # validates epsilon
@@ -94,10 +98,14 @@ class TGDAAttack:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if damping < 0:
             raise ValueError("damping must be non-negative")
+        if cuda_graphs and (leader != "attacker" or solver_iterations < 1):
+            raise ValueError("cuda_graphs needs leader='attacker' (the defender's loss is what the recorded solve "
+                             "inverts) and solver_iterations >= 1")
         self.defender, self.attacker = defender, attacker
         self.epsilon, self.epochs, self.batch_size = epsilon, epochs, batch_size
         self.alpha, self.leader_steps, self.beta, self.follower_steps = alpha, leader_steps, beta, follower_steps
         self.solver, self.solver_iterations, self.solver_rtol, self.damping = solver, solver_iterations, solver_rtol, damping
+        self.cuda_graphs = cuda_graphs
         self.warm_start, self.leader, self.formulation, self.init = warm_start, leader, formulation, init
         self.pixel_range, self.seed, self.checkpoint, self.verbose = pixel_range, seed, checkpoint, verbose
         self.history = []
@@ -121,6 +129,10 @@ class TGDAAttack:
         y, y_val = y.to(ref.device), y_val.to(ref.device)
         w = [p for p in defender.parameters() if p.requires_grad]
         w_pre = [p.detach().clone() for p in w]
+        if self.cuda_graphs and hypergrad.linear_chain(defender) is None:
+            raise ValueError(f"cuda_graphs needs a defender that is a chain of linear layers and one activation (the "
+                             f"LR and NN defenders); {type(defender).__name__} is not: run without cuda_graphs")
+        self._graphs = hypergrad.SolveGraphCache() if self.cuda_graphs else None
 
         self.source_indices_ = poison_sources(len(y), self.epsilon, self.init, self.seed)
         n_poison = len(self.source_indices_)
@@ -180,9 +192,10 @@ class TGDAAttack:
 
         solve = {"method": self.solver, "maxiter": self.solver_iterations, "rtol": self.solver_rtol,
                  "damping": self.damping}
+        leader_solve = {**solve, "graphs": self._graphs} if self._graphs is not None else solve
         if self.leader == "attacker":
             for _ in range(self.leader_steps):  # theta <- theta + alpha D_theta l
-                d_theta = hypergrad.total_grad(leader_loss, follower_objective(), theta, w, **solve)
+                d_theta = hypergrad.total_grad(leader_loss, follower_objective(), theta, w, **leader_solve)
                 with torch.no_grad():
                     for p, d in zip(theta, d_theta):
                         p.add_(self.alpha * d)

@@ -6,7 +6,8 @@ result, so that a suite can time it and then check the results against each othe
   (c) hypergrad_leader_step with RECOMMENDED settings, its quality measured as the cosine to
       reference_hypergradient (a long float64 MINRES solve of the undamped system);
   (d) torchopt's CG vs hypergrad.solve on the same Hessian operator;
-  (e) hypergrad.solve's k CG iterations vs k Hessian-vector products alone.
+  (e) hypergrad.solve's k CG iterations vs k Hessian-vector products alone;
+  (f) whole TGDA batches (Algorithm 1 with the paper's settings), for the end-to-end projection.
 """
 import torch
 
@@ -27,10 +28,11 @@ def paper_leader_step(step, iterations=16):
                                                       iterations=iterations))
 
 
-def hypergrad_leader_step(step, method="cgnr", iterations=16, damping=0.0, hvp_mode="auto"):
+def hypergrad_leader_step(step, method="cgnr", iterations=16, damping=0.0, hvp_mode="auto", graphs=None):
+    """total_grad on the step; with graphs (a hypergrad.SolveGraphCache) the solve is a recorded CUDA graph."""
     return lambda: hypergrad.flatten(hypergrad.total_grad(step.leader_loss, step.follower_objective(), step.theta,
                                                           step.w, method=method, maxiter=iterations, rtol=0.0,
-                                                          damping=damping, hvp_mode=hvp_mode))
+                                                          damping=damping, hvp_mode=hvp_mode, graphs=graphs))
 
 
 def reference_hypergradient(step, iterations=200):
@@ -63,6 +65,15 @@ def hessian_system(step):
 
 def hypergrad_solve(op, b, method="cg", iterations=16, damping=0.0):
     return lambda: hypergrad.solve(op, b, method=method, maxiter=iterations, rtol=0.0, damping=damping)[0]
+
+
+def hypergrad_structured_solve(step, b, method="cg", iterations=16, damping=0.0, graphs=None):
+    """hypergrad.solve on the structured product (hypergrad.mlp_hvp) of the step's follower; with graphs
+    (a hypergrad.SolveGraphCache) replayed as a CUDA graph, recorded by the first call."""
+    op = hypergrad.structured_hessian(step.follower_objective(), step.w)
+    if graphs is not None:
+        return lambda: graphs.solve(op, b, method=method, maxiter=iterations, rtol=0.0, damping=damping)[0]
+    return hypergrad_solve(op, b, method, iterations, damping)
 
 
 def torchopt_cg(tree_matvec, b, like, iterations=16, damping=0.0):
@@ -105,3 +116,28 @@ def cg_update_contenders(n, batch=1, dtype=torch.float32, device="cpu"):
     if hypergrad.has_extension():
         out["fused"] = (lambda: torch.ops.hypergrad.cg_step(x, r, p, q, num, den, active), update_bytes)
     return out
+
+
+def tgda_batches(defender="nn", batches=2, cuda_graphs=False, dtype=torch.float32, device="cpu", batch_size=1000,
+                 solver="cgnr", iterations=16, seed=0):
+    """(f) One epoch of TGDAAttack.poison over `batches` batches of MNIST-shaped random data with the
+    paper's settings (epsilon 3%, so 30 poisons a batch; 1 leader step with `solver` for `iterations`
+    iterations; 20 follower steps), on a fresh defender and MLP attacker. The cost of a batch does
+    not depend on the pixel values."""
+    from problems import IMAGE_SHAPE
+    from tgda_attack.attacks import TGDAAttack
+    from tgda_attack.models import make_attacker, make_defender
+
+    shape = IMAGE_SHAPE[defender]
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(batches * batch_size, *shape, generator=g) * 2 - 1).to(device, dtype)
+    y = torch.randint(0, 10, (len(x),), generator=g).to(device)
+    x_val = (torch.rand(batch_size, *shape, generator=g) * 2 - 1).to(device, dtype)
+    y_val = torch.randint(0, 10, (batch_size,), generator=g).to(device)
+    torch.manual_seed(seed)
+    net = make_defender(defender, shape).to(device, dtype)
+    attacker = make_attacker("mlp", shape).to(device, dtype)
+    attack = TGDAAttack(net, attacker, 0.03, epochs=1, batch_size=batch_size, alpha=0.01, beta=0.1,
+                        follower_steps=20, solver=solver, solver_iterations=iterations, cuda_graphs=cuda_graphs,
+                        seed=seed)
+    return lambda: attack.poison(x, y, x_val, y_val)[0]

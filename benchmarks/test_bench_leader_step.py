@@ -4,8 +4,9 @@
 
 (b) hypergrad.total_grad against the paper's procedure (benchmarks/paper_procedure.py) at equal
     method and iterations (cgnr, 16) in float64, for each defender at the paper's batch (smaller
-    batches for the convolutional defenders on a CPU: problems.CPU_BATCH); the second of the pair
-    to run checks that both agree to rounding (relative difference in extra_info);
+    batches for the convolutional defenders on a CPU: problems.CPU_BATCH), and on a GPU for the LR
+    and NN defenders also with the solve replayed as a CUDA graph; each result after the paper's is
+    checked to agree with it to rounding (relative difference in extra_info);
 (c) total_grad with the recommended settings (contenders.RECOMMENDED), extra_info holding the cosine
     of its hypergradient and of the paper's to a long float64 MINRES solve of the undamped system;
 (d) torchopt.linear_solve.solve_cg against hypergrad.solve (cg) on the same Hessian operator and
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 import contenders as c
+import hypergrad
 from problems import leader_step_problem
 
 DEFENDERS = os.environ.get("HYPERGRAD_BENCH_DEFENDERS", "lr nn cnn cifar-cnn resnet18").split()
@@ -53,14 +55,20 @@ def _run(benchmark, fn):
     return result
 
 
-@pytest.mark.parametrize("impl", ["paper", "hypergrad"])
+@pytest.mark.parametrize("impl", ["paper", "hypergrad", "hypergrad-cuda-graph"])
 @pytest.mark.parametrize("defender", DEFENDERS)
 def test_leader_step_equal_iterations(benchmark, defender, impl):
     step = _problem(defender, torch.float64)
-    fn = c.paper_leader_step(step) if impl == "paper" else c.hypergrad_leader_step(step, "cgnr", 16)
+    if impl == "hypergrad-cuda-graph":
+        if DEVICE != "cuda" or hypergrad.linear_chain(step.follower_objective().model) is None:
+            pytest.skip("a CUDA-graph solve needs a GPU and a linear-activation defender (LR, NN)")
+        fn = c.hypergrad_leader_step(step, "cgnr", 16, graphs=hypergrad.SolveGraphCache())
+        fn()  # records the graph outside the timed rounds
+    else:
+        fn = c.paper_leader_step(step) if impl == "paper" else c.hypergrad_leader_step(step, "cgnr", 16)
     _results[("b", defender, impl)] = result = _run(benchmark, fn)
     benchmark.extra_info.update(batch=step.batch, dtype="float64", method="cgnr", iterations=16, device=DEVICE)
-    other = _results.get(("b", defender, "hypergrad" if impl == "paper" else "paper"))
+    other = _results.get(("b", defender, "paper")) if impl != "paper" else _results.get(("b", defender, "hypergrad"))
     if other is not None:
         diff = c.relative_difference(result, other)
         benchmark.extra_info["relative_difference"] = diff

@@ -88,12 +88,13 @@ def test_structured_product_on_the_defenders_matches_autograd(dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", sorted(ACTIVATION_MODULES))
-def test_pointwise_pieces_match_autograd_derivatives(activation, dtype, device, backend):
+@pytest.mark.parametrize("shape", [(5, 6), (37, 1001)], ids=["small", "parallel"])  # 3 x 37037 elements: the
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_MODULES))  # CPU threads' chunks start inside a row
+def test_pointwise_pieces_match_autograd_derivatives(activation, shape, dtype, device, backend):
     g = torch.Generator().manual_seed(0)
-    z = (torch.randn(5, 6, generator=g, dtype=dtype) * 2).to(device)
-    rz, rg = (torch.randn(3, 5, 6, generator=g, dtype=dtype).to(device) for _ in range(2))
-    grad_a = torch.randn(5, 6, generator=g, dtype=dtype).to(device)
+    z = (torch.randn(*shape, generator=g, dtype=dtype) * 2).to(device)
+    rz, rg = (torch.randn(3, *shape, generator=g, dtype=dtype).to(device) for _ in range(2))
+    grad_a = torch.randn(*shape, generator=g, dtype=dtype).to(device)
     first, second = _autograd_derivatives(activation, z)
     slope = 0.2 if activation == "leaky_relu" else 0.0
     with hypergrad.use_extension(backend):

@@ -1,9 +1,14 @@
 // CPU kernels of the pointwise and per-row pieces of the structured Hessian-vector product
 // (schemas in csrc/hypergrad.cpp, the R-operator itself in csrc/mlp_hvp.cpp). Elements, or rows
-// for the softmax term, are processed in parallel with at::parallel_for.
+// for the softmax term, are processed in parallel with at::parallel_for. The activation is a
+// compile-time constant inside each loop and the broadcast index runs without a division per
+// element, so the piecewise-linear cases vectorise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
 
 #include "../hvp_common.h"
 
@@ -11,6 +16,35 @@ namespace hypergrad {
 namespace {
 
 constexpr int64_t kPointwiseGrain = 1 << 14;
+
+template <Activation A>
+using ActivationConstant = std::integral_constant<Activation, A>;
+
+// Calls f(ActivationConstant<act>{}) so that the body is compiled once per activation.
+template <typename F>
+void with_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kRelu: return f(ActivationConstant<Activation::kRelu>{});
+    case Activation::kLeakyRelu: return f(ActivationConstant<Activation::kLeakyRelu>{});
+    case Activation::kTanh: return f(ActivationConstant<Activation::kTanh>{});
+    case Activation::kSigmoid: return f(ActivationConstant<Activation::kSigmoid>{});
+    default: return f(ActivationConstant<Activation::kIdentity>{});
+  }
+}
+
+// body(i, j) for every i in [0, total) in parallel, with j = i mod base (a [B, *z] tensor read
+// against z): the loop is split at the multiples of base instead of dividing per element.
+template <typename Body>
+void for_each_broadcast(int64_t total, int64_t base, const Body& body) {
+  at::parallel_for(0, total, kPointwiseGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t start = begin; start < end;) {
+      const int64_t offset = start - start % base;
+      const int64_t stop = std::min(end, offset + base);
+      for (int64_t i = start; i < stop; ++i) body(i, i - offset);
+      start = stop;
+    }
+  });
+}
 
 // R a = sigma'(z) R z, with R z shaped like z or [B, *z.shape].
 at::Tensor activation_jvp_cpu(const at::Tensor& z, const at::Tensor& rz, c10::string_view activation,
@@ -23,10 +57,10 @@ at::Tensor activation_jvp_cpu(const at::Tensor& z, const at::Tensor& rz, c10::st
     const scalar_t* rp = rz.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const auto slope = static_cast<scalar_t>(negative_slope);
-    at::parallel_for(0, total, kPointwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        op[i] = activation_derivatives(act, slope, zp[i % zn]).first * rp[i];
-      }
+    with_activation(act, [&](auto kind) {
+      for_each_broadcast(total, zn, [&](int64_t i, int64_t j) {
+        op[i] = activation_derivatives(decltype(kind)::value, slope, zp[j]).first * rp[i];
+      });
     });
   });
   return out;
@@ -47,12 +81,16 @@ at::Tensor activation_hvp_backward_cpu(const at::Tensor& z, const at::Tensor& rz
     const scalar_t* rgp = r_grad_a.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const auto slope = static_cast<scalar_t>(negative_slope);
-    at::parallel_for(0, total, kPointwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t j = i % zn;
-        const auto d = activation_derivatives(act, slope, zp[j]);
-        op[i] = d.second * rzp[i] * gp[j] + d.first * rgp[i];
-      }
+    with_activation(act, [&](auto kind) {
+      constexpr Activation A = decltype(kind)::value;
+      for_each_broadcast(total, zn, [&](int64_t i, int64_t j) {
+        const auto d = activation_derivatives(A, slope, zp[j]);
+        if constexpr (A == Activation::kTanh || A == Activation::kSigmoid) {
+          op[i] = d.second * rzp[i] * gp[j] + d.first * rgp[i];
+        } else {  // piecewise linear: sigma'' = 0, so R z and grad_a are not read
+          op[i] = d.first * rgp[i];
+        }
+      });
     });
   });
   return out;

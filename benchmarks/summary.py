@@ -16,8 +16,8 @@
 On a GPU, (b) also times total_grad with its solve replayed as a CUDA graph (LR, NN) and (f)
 runs with and without cuda_graphs. Parts run in the order a, d, e, f, b, c (cheap first) and the
 JSON is rewritten after every row, so an interrupted run keeps what it measured.
-Every ratio compares timings taken in this run on this machine (medians); the device is named in
-the output. The builders are in contenders.py, the problems in problems.py.
+Every ratio compares timings taken in this run on this machine (medians, the compared functions
+taking turns in every round); the device is named in the output. The builders are in contenders.py, the problems in problems.py.
 """
 import argparse
 import json
@@ -68,23 +68,28 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def median_seconds(fn, repeats=3, min_seconds=0.5):
-    """Median wall time of fn over at least `repeats` calls and about min_seconds (one warm-up call)."""
-    fn()
-    _sync()
-    times, start = [], time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 1000):
-        t0 = time.perf_counter()
+def median_seconds(*fns, repeats=3, min_seconds=0.5):
+    """Median wall time of each fn (a list, or one float for one fn) over at least `repeats` rounds and
+    about min_seconds, after one warm-up call each. The functions take turns within every round, so
+    that a shared machine's changing load falls on all of them alike and their ratios stay fair."""
+    for fn in fns:
         fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    _sync()
+    times, start = [[] for _ in fns], time.perf_counter()
+    while len(times[0]) < repeats or (time.perf_counter() - start < min_seconds and len(times[0]) < 1000):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            ts.append(time.perf_counter() - t0)
+    medians = [statistics.median(ts) for ts in times]
+    return medians[0] if len(fns) == 1 else medians
 
 
 def part_a(rows, sizes=(1_000_000, 10_000_000)):
     for n in sizes:
         impls = c.cg_update_contenders(n, device=DEVICE)
-        t = {name: median_seconds(fn, repeats=20) for name, (fn, _) in impls.items()}
+        t = dict(zip(impls, median_seconds(*(fn for fn, _ in impls.values()), repeats=20)))
         gbps = {name: impls[name][1] / t[name] / 1e9 for name in t}
         if "fused" in t:
             _emit(rows, dict(part="a", case=f"CG update, n={n:.0e}, float32: fused vs copy (GB/s)",
@@ -102,14 +107,14 @@ def part_b_c(rows, defenders, repeats, reference_iterations):
         paper = c.paper_leader_step(step64)
         ours = c.hypergrad_leader_step(step64, "cgnr", 16)
         d_paper, d_ours = paper(), ours()
-        t_paper, t_ours = median_seconds(paper, repeats, 0), median_seconds(ours, repeats, 0)
+        t_paper, t_ours = median_seconds(paper, ours, repeats=repeats, min_seconds=0)
         _emit(rows, dict(part="b", case=f"leader step, {defender} (batch {step64.batch}), float64, cgnr 16",
                          baseline=t_paper, ours=t_ours, ratio=t_paper / t_ours,
                          note=f"relative difference {c.relative_difference(d_ours, d_paper):.1e}"))
         if DEVICE == "cuda" and hypergrad.linear_chain(step64.follower_objective().model) is not None:
             graphed = c.hypergrad_leader_step(step64, "cgnr", 16, graphs=hypergrad.SolveGraphCache())
             d_graphed = graphed()  # records
-            t_graphed = median_seconds(graphed, repeats, 0)
+            t_graphed = median_seconds(graphed, repeats=repeats, min_seconds=0)
             _emit(rows, dict(part="b", case=f"leader step, {defender} (batch {step64.batch}), float64, cgnr 16, "
                                             "solve replayed as a CUDA graph",
                              baseline=t_paper, ours=t_graphed, ratio=t_paper / t_graphed,
@@ -121,7 +126,7 @@ def part_b_c(rows, defenders, repeats, reference_iterations):
         fitted = leader_step_problem(defender, dtype=rec["dtype"], device=DEVICE, fit_steps=FIT_STEPS)
         recommended = c.hypergrad_leader_step(fitted, rec["method"], rec["iterations"], rec["damping"])
         d_rec, d_paper_fitted = recommended(), c.paper_leader_step(fitted64)()
-        t_rec = median_seconds(recommended, repeats, 0)
+        t_rec = median_seconds(recommended, repeats=repeats, min_seconds=0)
         reference = c.reference_hypergradient(fitted64, reference_iterations)
         _emit(rows, dict(part="c", case=f"leader step, {defender}: paper (float64 cgnr 16) vs recommended "
                                         f"({str(rec['dtype']).replace('torch.', '')} {rec['method']} {rec['iterations']}, "
@@ -146,22 +151,20 @@ def part_d_e(rows, defenders, repeats):
         if iterations != 16:
             raise RuntimeError(f"CG stopped after {iterations} iterations on {defender}: not at equal iterations")
         ours = c.hypergrad_solve(op, b, "cg", 16, damping)
-        t_ours = median_seconds(ours, repeats)
+        t_ours, t_matvecs = median_seconds(ours, c.matvecs_alone(op, b, 16, damping), repeats=repeats)
         if torchopt is not None:
             theirs = c.torchopt_cg(tree_matvec, b, step.w, 16, damping)
-            t_theirs = median_seconds(theirs, repeats)
-            _emit(rows, dict(part="d", case=f"CG 16 iterations, {defender}, float32: torchopt vs hypergrad.solve",
-                             baseline=t_theirs, ours=t_ours, ratio=t_theirs / t_ours,
-                             note=f"relative difference {c.relative_difference(ours(), theirs()):.1e}"))
             graphs = hypergrad.SolveGraphCache() if DEVICE == "cuda" else None
             best = c.hypergrad_structured_solve(step, b, "cg", 16, damping, graphs)
-            t_best = median_seconds(best, repeats)
+            t_hypergrad, t_theirs, t_best = median_seconds(ours, theirs, best, repeats=repeats)
+            _emit(rows, dict(part="d", case=f"CG 16 iterations, {defender}, float32: torchopt vs hypergrad.solve",
+                             baseline=t_theirs, ours=t_hypergrad, ratio=t_theirs / t_hypergrad,
+                             note=f"relative difference {c.relative_difference(ours(), theirs()):.1e}"))
             how = "structured product, solve replayed as a CUDA graph" if graphs else "structured product"
             _emit(rows, dict(part="d", case=f"CG 16 iterations, {defender}, float32: torchopt (autograd product) vs "
                                             f"hypergrad ({how})",
                              baseline=t_theirs, ours=t_best, ratio=t_theirs / t_best,
                              note=f"relative difference {c.relative_difference(best(), theirs()):.1e}"))
-        t_matvecs = median_seconds(c.matvecs_alone(op, b, 16, damping), repeats)
         _emit(rows, dict(part="e", case=f"solver overhead, {defender}, float32: 16 CG iterations / 16 products",
                          baseline=t_matvecs, ours=t_ours, ratio=t_ours / t_matvecs, note="lower is better"))
 
@@ -173,8 +176,9 @@ def part_f(rows, defenders, repeats):
         if defender == "cnn" and DEVICE != "cuda":
             continue  # minutes per batch on 2 CPU cores
         for graphs in ([False, True] if DEVICE == "cuda" and defender != "cnn" else [False]):
-            t_short = median_seconds(c.tgda_batches(defender, short, graphs, device=DEVICE), repeats, 0)
-            t_long = median_seconds(c.tgda_batches(defender, long, graphs, device=DEVICE), repeats, 0)
+            t_short, t_long = median_seconds(c.tgda_batches(defender, short, graphs, device=DEVICE),
+                                             c.tgda_batches(defender, long, graphs, device=DEVICE),
+                                             repeats=repeats, min_seconds=0)
             per_batch = max(t_long - t_short, 0.0) / (long - short)
             minutes = per_batch * PAPER_BATCHES / 60
             _emit(rows, dict(part="f", case=f"TGDA attack, {defender}, paper's MNIST schedule ({PAPER_BATCHES} batches "

@@ -21,6 +21,11 @@ TORCH_LIBRARY(hypergrad, m) {
   // beta_i = num_new_i / num_old_i (0 where num_old_i == 0); p_i = z_i + beta_i p_i where
   // active_i, p_i unchanged elsewhere.
   m.def("cg_direction(Tensor(a!) p, Tensor z, Tensor num_new, Tensor num_old, Tensor active) -> ()");
+  // The per-row bookkeeping of one CG iteration, in place (den = p.Ap, or |A p|^2 for CGNR):
+  // stepping = active & den > 0; negative |= active & den <= 0; iterations += stepping;
+  // active = stepping & rr > tol2. den, rr, tol2 float64, active and negative bool, iterations int64.
+  m.def("cg_track(Tensor den, Tensor rr, Tensor tol2, Tensor(a!) active, Tensor(b!) iterations, "
+        "Tensor(c!) negative) -> ()");
 
   // The structured Hessian-vector product of csrc/mlp_hvp.cpp (the R-operator of a chain of
   // linear layers and one activation under the mean softmax cross-entropy) and its fused pieces.

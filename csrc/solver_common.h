@@ -93,6 +93,42 @@ inline RowLayout check_cg_direction_args(const at::Tensor& p, const at::Tensor& 
   return layout;
 }
 
+// cg_track's per-row tensors: all shaped like den ([] or [B]), contiguous, on den's device; den, rr
+// and tol2 float64, active and negative bool, iterations int64. Returns the number of rows.
+inline int64_t check_cg_track_args(const at::Tensor& den, const at::Tensor& rr, const at::Tensor& tol2,
+                                   const at::Tensor& active, const at::Tensor& iterations,
+                                   const at::Tensor& negative) {
+  TORCH_CHECK_VALUE(den.dim() <= 1, "hypergrad::cg_track: den must hold one value per row, shape [] or [B], got ",
+                    den.sizes());
+  const struct {
+    const at::Tensor& t;
+    const char* name;
+    at::ScalarType dtype;
+  } args[] = {{den, "den", at::kDouble},     {rr, "rr", at::kDouble},
+              {tol2, "tol2", at::kDouble},   {active, "active", at::kBool},
+              {iterations, "iterations", at::kLong}, {negative, "negative", at::kBool}};
+  for (const auto& a : args) {
+    TORCH_CHECK_VALUE(a.t.sizes() == den.sizes(), "hypergrad::cg_track: ", a.name, " must be shaped like den ",
+                      den.sizes(), ", got ", a.t.sizes());
+    TORCH_CHECK_VALUE(a.t.scalar_type() == a.dtype, "hypergrad::cg_track: ", a.name, " must be ", a.dtype, ", got ",
+                      a.t.scalar_type());
+    TORCH_CHECK_VALUE(a.t.device() == den.device(), "hypergrad::cg_track: ", a.name, " is on ", a.t.device(),
+                      " but den is on ", den.device());
+    TORCH_CHECK_VALUE(a.t.is_contiguous(), "hypergrad::cg_track: ", a.name, " must be contiguous");
+  }
+  return den.numel();
+}
+
+// One row of cg_track (den <= 0 rather than !(den > 0), so that a nan is neither a step nor negative
+// curvature, as in the twin).
+HYPERGRAD_HOST_DEVICE inline void track_row(double den, double rr, double tol2, bool& active, int64_t& iterations,
+                                            bool& negative) {
+  const bool stepping = active && den > 0.0;
+  negative = negative || (active && den <= 0.0);
+  iterations += stepping ? 1 : 0;
+  active = stepping && rr > tol2;
+}
+
 // alpha of one row of cg_step: num / den where the row is active with positive den, else 0.
 template <typename T>
 HYPERGRAD_HOST_DEVICE inline T step_size(bool active, double num, double den) {

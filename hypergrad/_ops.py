@@ -77,6 +77,14 @@ def cg_direction(p, z, num_new, num_old, active):
         _reference.cg_direction(p, z, num_new, num_old, active)
 
 
+def cg_track(den, rr, tol2, active, iterations, negative):
+    """Per-row CG bookkeeping (active, iterations, negative) updated in place (see _reference.cg_track)."""
+    if _kernel_for(den):
+        torch.ops.hypergrad.cg_track(den, rr, tol2, active, iterations, negative)
+    else:
+        _reference.cg_track(den, rr, tol2, active, iterations, negative)
+
+
 def activation_jvp(z, rz, activation, negative_slope=0.0):
     """sigma'(z) * rz (see _reference.activation_jvp)."""
     if _kernel_for(z):
@@ -121,6 +129,10 @@ if _C is not None:
     def _cg_direction_fake(p, z, num_new, num_old, active):
         return None
 
+    @torch.library.register_fake("hypergrad::cg_track")
+    def _cg_track_fake(den, rr, tol2, active, iterations, negative):
+        return None
+
     @torch.library.register_fake("hypergrad::activation_jvp")
     def _activation_jvp_fake(z, rz, activation, negative_slope):
         return torch.empty_like(rz)
@@ -147,7 +159,7 @@ def build_info():
         "cpu_kernels": _C is not None,
         "cuda_kernels": _C is not None and _C.compiled_cuda_version() != "",
         "cuda_device_available": torch.cuda.is_available(),
-        "ops": ["row_dot", "cg_step", "cg_direction", "activation_jvp", "activation_hvp_backward", "softmax_ce_hvp",
+        "ops": ["row_dot", "cg_step", "cg_direction", "cg_track", "activation_jvp", "activation_hvp_backward", "softmax_ce_hvp",
                 "mlp_ce_hvp"],
     }
     return info

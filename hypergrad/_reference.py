@@ -80,6 +80,26 @@ def cg_direction(p, z, num_new, num_old, active):
     p.copy_(torch.where(active.unsqueeze(-1), z + beta * p, p))
 
 
+def cg_track(den, rr, tol2, active, iterations, negative):
+    """The per-row bookkeeping of one CG iteration, in place: a row steps when it is active with
+    den > 0 (iterations += 1), meets negative curvature when it is active with den <= 0, and stays
+    active when it stepped and its new squared residual rr is still above tol2."""
+    for name, t, dtype in (("den", den, torch.float64), ("rr", rr, torch.float64), ("tol2", tol2, torch.float64),
+                           ("active", active, torch.bool), ("iterations", iterations, torch.int64),
+                           ("negative", negative, torch.bool)):
+        if t.shape != den.shape or den.dim() > 1:
+            raise ValueError(f"hypergrad::cg_track: {name} must be shaped like den, one value per row ([] or [B]), "
+                             f"got {list(t.shape)} and den {list(den.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"hypergrad::cg_track: {name} must be {dtype}, got {t.dtype}")
+        if t.device != den.device:
+            raise ValueError(f"hypergrad::cg_track: {name} is on {t.device} but den is on {den.device}")
+    stepping = active & (den > 0)
+    negative |= active & (den <= 0)
+    iterations += stepping
+    active.copy_(stepping & (rr > tol2))
+
+
 # The structured Hessian-vector product of csrc/mlp_hvp.cpp (Pearlmutter's R-operator for a chain
 # of linear layers and one pointwise activation under the mean softmax cross-entropy) and its pieces.
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")

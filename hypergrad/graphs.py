@@ -42,7 +42,12 @@ class SolveGraphCache:
         self._recordings = {}
 
     def __len__(self):
+        """The number of recordings held (one per layout and settings)."""
         return len(self._recordings)
+
+    def clear(self):
+        """Drops every recording and the device memory its buffers and graph hold."""
+        self._recordings.clear()
 
     def solve(self, operator, b, *, method="cg", maxiter=16, rtol=1e-5, atol=0.0, damping=0.0, x0=None):
         """(x, info) of (A + damping I) x = b after exactly maxiter iterations (hypergrad.solve's

@@ -9,7 +9,8 @@ b is [n] (one system) or [B, n] (B systems solved together, one per row, each wi
 convergence: a row that has converged, or met non-positive curvature, stops changing while the
 others go on). Every per-row scalar (dot products, step sizes, flags) stays on the device in
 float64; the host is synchronised only once every `check_every` iterations, to stop early when
-every row is done. The vector work of CG and CGNR runs in the fused kernels of hypergrad._C.
+every row is done. The vector work of CG and CGNR and their per-row bookkeeping (cg_track) run in
+the fused kernels of hypergrad._C: four ops per iteration besides the products.
 
 Methods:
   * "cg": conjugate gradient, for symmetric positive definite A. A direction with p.Ap <= 0 stops
@@ -148,11 +149,8 @@ def _cg(A, b, x, r, tol2, maxiter, check_every, _):
             break
         Ap = A(p)
         pAp = _ops.row_dot(p, Ap)
-        negative |= active & (pAp <= 0)
-        stepping = active & (pAp > 0)
-        rr = _ops.cg_step(x, r, p, Ap, rs, pAp, stepping)  # alpha = rs / pAp
-        iterations += stepping
-        active = stepping & (rr > tol2)
+        rr = _ops.cg_step(x, r, p, Ap, rs, pAp, active)  # alpha = rs / pAp on active rows with pAp > 0
+        _ops.cg_track(pAp, rr, tol2, active, iterations, negative)  # in place; pAp <= 0 stops a row
         _ops.cg_direction(p, r, rr, rs, active)  # beta = rr / rs
         rs = rr
     return iterations, rs, negative
@@ -164,6 +162,7 @@ def _cgnr(A, b, x, r, tol2, maxiter, check_every, _):
     rs = _ops.row_dot(r, r)
     active = rs > tol2
     iterations = torch.zeros(rows, dtype=torch.int64, device=b.device)
+    singular = torch.zeros(rows, dtype=torch.bool, device=b.device)  # |A p| = 0: not negative curvature
     z = A(r)
     zz = _ops.row_dot(z, z)
     p = z.clone()
@@ -172,10 +171,8 @@ def _cgnr(A, b, x, r, tol2, maxiter, check_every, _):
             break
         w = A(p)
         ww = _ops.row_dot(w, w)
-        stepping = active & (ww > 0)
-        rs = _ops.cg_step(x, r, p, w, zz, ww, stepping)  # alpha = |z|^2 / |A p|^2
-        iterations += stepping
-        active = stepping & (rs > tol2)
+        rs = _ops.cg_step(x, r, p, w, zz, ww, active)  # alpha = |z|^2 / |A p|^2
+        _ops.cg_track(ww, rs, tol2, active, iterations, singular)
         z = A(r)
         zz_new = _ops.row_dot(z, z)
         _ops.cg_direction(p, z, zz_new, zz, active)

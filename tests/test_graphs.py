@@ -76,6 +76,8 @@ def test_a_new_layout_or_setting_records_again_and_inputs_are_left_alone():
     assert _rel(x, hypergrad.solve(smaller, d, method="cgnr", maxiter=4)[0]) < 1e-10
     graphs.solve(smaller, d, method="cgnr", maxiter=5)
     assert len(graphs) == 3
+    graphs.clear()
+    assert len(graphs) == 0
 
 
 @pytest.mark.cuda

@@ -92,6 +92,47 @@ def test_cg_direction_matches_closed_form_and_twin(shape, dtype, device):
     torch.testing.assert_close(pt.double(), expected, **tol(dtype))
 
 
+def _track_inputs(rows, device, seed=0):
+    """den covering > 0, = 0, < 0 and nan; rr on both sides of tol2; every flag combination."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, int(torch.tensor(rows).prod()))
+    den = torch.tensor([1.0, 0.0, -2.0, float("nan"), 3.0, 0.5] * n, dtype=torch.float64)[:n].reshape(rows)
+    rr = torch.rand(rows, generator=g, dtype=torch.float64)
+    tol2 = torch.full(rows, 0.5, dtype=torch.float64)
+    active = torch.rand(rows, generator=g) > 0.25
+    iterations = torch.randint(0, 9, rows, generator=g)
+    negative = torch.rand(rows, generator=g) > 0.8
+    return [t.to(device) for t in (den, rr, tol2, active, iterations, negative)]
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [(), (1,), (40,)])
+def test_cg_track_matches_the_rule_and_twin(rows, device):
+    den, rr, tol2, active, iterations, negative = _track_inputs(rows, device)
+    stepping = active & (den > 0)  # the rule written out: the oracle of both implementations
+    expected = (stepping & (rr > tol2), iterations + stepping.long(), negative | (active & (den <= 0)))
+    for op in (torch.ops.hypergrad.cg_track, _reference.cg_track):
+        state = [active.clone(), iterations.clone(), negative.clone()]
+        op(den, rr, tol2, *state)
+        for got, want in zip(state, expected):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["extension", "reference"])
+def test_cg_track_bad_input_raises_clear_value_error(backend):
+    if backend == "extension" and not hypergrad.has_extension():
+        pytest.skip("hypergrad._C is not built")
+    op = torch.ops.hypergrad.cg_track if backend == "extension" else _reference.cg_track
+    den, rr, tol2, active, iterations, negative = _track_inputs((4,), "cpu")
+    with pytest.raises(ValueError, match="iterations must be"):
+        op(den, rr, tol2, active, iterations.int(), negative)
+    with pytest.raises(ValueError, match="shaped like den"):
+        op(den, rr[:3], tol2, active, iterations, negative)
+    with pytest.raises(ValueError, match="den must be"):
+        op(den.float(), rr, tol2, active, iterations, negative)
+
+
 @needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,6 +142,8 @@ def test_opcheck(shape, dtype, device):
     torch.library.opcheck(torch.ops.hypergrad.row_dot.default, (x, r))
     torch.library.opcheck(torch.ops.hypergrad.cg_step.default, (x.clone(), r.clone(), p, q, num, den, active))
     torch.library.opcheck(torch.ops.hypergrad.cg_direction.default, (p.clone(), q, num, den, active))
+    track = _track_inputs(shape[:-1], device)
+    torch.library.opcheck(torch.ops.hypergrad.cg_track.default, (*track[:3], *(t.clone() for t in track[3:])))
 
 
 def _bad_inputs(device):

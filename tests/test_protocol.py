@@ -81,13 +81,14 @@ def test_label_flip_and_seeds_summary(tmp_path, capsys):
     assert "mean ± std" in capsys.readouterr().out
 
 
-def test_pixel_attacker_runs_without_an_attacker_network(tmp_path):
+def test_pixel_attacker_runs_without_an_attacker_network(tmp_path):  # with the solves recorded (--cuda-graphs)
     out = str(tmp_path)
-    assert cli.main(["run", "--attacker", "pixels", "--alpha", "100", "--out", out, *TINY_FLAGS]) == 0
+    assert cli.main(["run", "--attacker", "pixels", "--alpha", "100", "--cuda-graphs", "--out", out, *TINY_FLAGS]) == 0
     assert not os.path.exists(os.path.join(out, "attacker_pretrained.pt"))
     assert not os.path.exists(os.path.join(out, "attacker_attacked.pt"))
     with open(os.path.join(out, "config.json")) as fh:
-        assert json.load(fh)["attacker"] == "pixels"
+        config = json.load(fh)
+    assert config["attacker"] == "pixels" and config["cuda_graphs"] is True
     cfg = protocol.Config.from_dict({**TINY, "seed": 0}).resolved()
     splits = protocol.load_splits(cfg)
     poisons = torch.load(os.path.join(out, "poisons.pt"), weights_only=True)

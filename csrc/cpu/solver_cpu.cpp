@@ -122,12 +122,25 @@ void cg_direction_cpu(at::Tensor& p, const at::Tensor& z, const at::Tensor& num_
   });
 }
 
+void cg_track_cpu(const at::Tensor& den, const at::Tensor& rr, const at::Tensor& tol2, at::Tensor& active,
+                  at::Tensor& iterations, at::Tensor& negative) {
+  const int64_t rows = check_cg_track_args(den, rr, tol2, active, iterations, negative);
+  const double* pden = den.const_data_ptr<double>();
+  const double* prr = rr.const_data_ptr<double>();
+  const double* ptol = tol2.const_data_ptr<double>();
+  bool* pact = active.mutable_data_ptr<bool>();
+  int64_t* pit = iterations.mutable_data_ptr<int64_t>();
+  bool* pneg = negative.mutable_data_ptr<bool>();
+  for (int64_t row = 0; row < rows; ++row) track_row(pden[row], prr[row], ptol[row], pact[row], pit[row], pneg[row]);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hypergrad, CPU, m) {
   m.impl("row_dot", &row_dot_cpu);
   m.impl("cg_step", &cg_step_cpu);
   m.impl("cg_direction", &cg_direction_cpu);
+  m.impl("cg_track", &cg_track_cpu);
 }
 
 }  // namespace hypergrad

@@ -88,6 +88,14 @@ __global__ void cg_direction_kernel(T* __restrict__ p, const T* __restrict__ z, 
     p[off + j] = z[off + j] + beta * p[off + j];
 }
 
+// One thread per row: the bookkeeping of cg_track.
+__global__ void cg_track_kernel(const double* __restrict__ den, const double* __restrict__ rr,
+                                const double* __restrict__ tol2, bool* __restrict__ active,
+                                int64_t* __restrict__ iterations, bool* __restrict__ negative, int64_t rows) {
+  const int64_t row = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (row < rows) track_row(den[row], rr[row], tol2[row], active[row], iterations[row], negative[row]);
+}
+
 // Enough blocks per row to fill the device about four times over, at most one per kThreads elements.
 dim3 row_grid(RowLayout layout) {
   int device = 0, sms = 0;
@@ -159,12 +167,27 @@ void cg_direction_cuda(at::Tensor& p, const at::Tensor& z, const at::Tensor& num
   });
 }
 
+void cg_track_cuda(const at::Tensor& den, const at::Tensor& rr, const at::Tensor& tol2, at::Tensor& active,
+                   at::Tensor& iterations, at::Tensor& negative) {
+  const int64_t rows = check_cg_track_args(den, rr, tol2, active, iterations, negative);
+  const c10::cuda::CUDAGuard guard(den.device());
+  if (rows == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = (rows + kThreads - 1) / kThreads;
+  cg_track_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      den.const_data_ptr<double>(), rr.const_data_ptr<double>(), tol2.const_data_ptr<double>(),
+      active.mutable_data_ptr<bool>(), iterations.mutable_data_ptr<int64_t>(), negative.mutable_data_ptr<bool>(),
+      rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hypergrad, CUDA, m) {
   m.impl("row_dot", &row_dot_cuda);
   m.impl("cg_step", &cg_step_cuda);
   m.impl("cg_direction", &cg_direction_cuda);
+  m.impl("cg_track", &cg_track_cuda);
 }
 
 }  // namespace hypergrad

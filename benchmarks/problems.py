@@ -57,7 +57,7 @@ def leader_step_problem(defender="nn", batch=None, dtype=torch.float64, device="
     attacker = make_attacker("mlp" if shape[0] == 1 else "autoencoder", shape).to(device, torch.float64)
 
     def follower_objective():  # f as a hypergrad.ClassifierLoss (structured products where supported)
-        return hypergrad.ClassifierLoss(net, torch.cat([x_tr, attacker(x_p0, y_p0)]), torch.cat([y_tr, y_p0]))
+        return hypergrad.ClassifierLoss(net, (x_tr, attacker(x_p0, y_p0)), (y_tr, y_p0))
 
     def follower_loss():  # f as a plain closure, recomputed from scratch at every call
         return F.cross_entropy(net(torch.cat([x_tr, attacker(x_p0, y_p0)])), torch.cat([y_tr, y_p0]))

@@ -24,13 +24,37 @@ from .hvp import HessianOperator
 
 class ClassifierLoss:
     """f = mean cross-entropy of model(inputs) against the class indices `targets`, callable with no
-    arguments. The inputs may carry a graph to other parameters (the poisons to the attacker's)."""
+    arguments. The inputs may carry a graph to other parameters (the poisons to the attacker's).
+
+    inputs and targets may also be sequences of parts, concatenated in order, e.g. (clean points,
+    poisons) and their labels. Then `graph_part()` is the share of f from the parts that carry a
+    graph, the only rows through which f can depend on a leader: with the structured product,
+    total_grad differentiates the mixed term through those rows alone.
+    """
 
     def __init__(self, model, inputs, targets):
+        self.parts = None
+        if isinstance(inputs, (list, tuple)):
+            if not isinstance(targets, (list, tuple)) or len(targets) != len(inputs) or not inputs:
+                raise ValueError("inputs given as a sequence of parts need targets as a sequence of as many parts")
+            self.parts = list(zip(inputs, targets))
+            inputs, targets = torch.cat(list(inputs)), torch.cat(list(targets))
         self.model, self.inputs, self.targets = model, inputs, targets
 
     def __call__(self):
         return F.cross_entropy(self.model(self.inputs), self.targets)
+
+    def graph_part(self):
+        """(1/N) times the summed cross-entropy of the rows of the parts that require grad (N: all rows),
+        so f minus it cannot depend on any leader; f itself when the inputs are one tensor; None when
+        no part requires grad."""
+        if self.parts is None:
+            return self()
+        parts = [(x, y) for x, y in self.parts if x.requires_grad]
+        if not parts:
+            return None
+        x, y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        return F.cross_entropy(self.model(x), y, reduction="sum") / len(self.targets)
 
 
 def _activation_of(module):

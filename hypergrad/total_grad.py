@@ -8,7 +8,8 @@ Fiez et al. 2020; Algorithm 1 line 4 of TGDA):
 
 Flow of one call (shared/DESIGN.md, "one TGDA leader step"):
   1. f is evaluated once and g_w = grad_w f is built with create_graph=True (its graph reaches
-     both w and theta);
+     both w and theta); with the structured product, which needs no graph, only over the rows of
+     f that carry a graph (ClassifierLoss.graph_part: the poisons, not the clean points);
   2. b = grad_w l (and grad_theta l) from one backward pass of l;
   3. v solves (H_ww + damping I) v = b by hypergrad.solve (or its CUDA-graph replay,
      hypergrad.graphs), each matvec one structured R-operator
@@ -67,17 +68,6 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     for name, group in (("leader_params", theta), ("follower_params", w)):
         if not all(p.requires_grad for p in group):
             raise ValueError(f"every tensor of {name} must require grad")
-    f = follower_loss(*w) if hvp_mode == "forward" else follower_loss()
-    _check_scalar("follower_loss", f)
-    g_w = torch.autograd.grad(f, w, create_graph=True, allow_unused=True)
-    if any(g is None for g in g_w):
-        raise ValueError("follower_loss does not depend on every follower parameter")
-    l = leader_loss()
-    _check_scalar("leader_loss", l)
-    dl = torch.autograd.grad(l, theta + w, allow_unused=True)
-    dl = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(dl, theta + w))
-    dl_theta, dl_w = dl[:len(theta)], dl[len(theta):]
-
     hessian = structured_hessian(follower_loss, w) if hvp_mode in ("auto", "structured") else None
     if hessian is None and hvp_mode == "structured":
         raise ValueError("hvp_mode='structured' needs follower_loss to be a hypergrad.ClassifierLoss of a chain of "
@@ -87,6 +77,20 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         raise ValueError("graphs (a recorded solve) needs the structured product: follower_loss must be a "
                          "hypergrad.ClassifierLoss of a chain of linear layers and one activation with "
                          "follower_params its parameters in order, and hvp_mode 'auto' or 'structured'")
+    if hessian is not None:  # the structured products need no gradient graph; the mixed term needs one only
+        f = follower_loss.graph_part()  # through the rows that can depend on theta
+    else:
+        f = follower_loss(*w) if hvp_mode == "forward" else follower_loss()
+        _check_scalar("follower_loss", f)
+    g_w = None if f is None else torch.autograd.grad(f, w, create_graph=True, allow_unused=True)
+    if g_w is not None and any(g is None for g in g_w):
+        raise ValueError("follower_loss does not depend on every follower parameter")
+    l = leader_loss()
+    _check_scalar("leader_loss", l)
+    dl = torch.autograd.grad(l, theta + w, allow_unused=True)
+    dl = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(dl, theta + w))
+    dl_theta, dl_w = dl[:len(theta)], dl[len(theta):]
+
     if hvp_mode == "forward":
         hessian = HessianOperator.forward(follower_loss, w)
     elif hessian is None:
@@ -100,7 +104,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     else:
         v, info = solve(hessian, b, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
                         damping=damping, check_every=check_every)
-    mixed = torch.autograd.grad(g_w, theta, unflatten(v, w), allow_unused=True)
+    if g_w is None:  # no row of the follower loss carries a graph: it does not depend on theta
+        mixed = (None,) * len(theta)
+    else:
+        mixed = torch.autograd.grad(g_w, theta, unflatten(v, w), allow_unused=True)
     out = tuple(d if m is None else d - m for d, m in zip(dl_theta, mixed))
     return (out, info) if return_info else out
 

@@ -182,7 +182,8 @@ class TGDAAttack:
             if len(yp_b) == 0:
                 return hypergrad.ClassifierLoss(defender, x_b, y_b)
             poisons = attacker.pixels[pp] if isinstance(attacker, _DirectPoisons) else attacker(xp_b, yp_b)
-            return hypergrad.ClassifierLoss(defender, torch.cat([x_b, poisons]), torch.cat([y_b, yp_b]))
+            return hypergrad.ClassifierLoss(defender, (x_b, poisons), (y_b, yp_b))  # parts: only the poisons
+            # carry a graph to theta, so the mixed term is differentiated through their rows alone
 
         def follower_loss():
             return follower_objective()()
@@ -205,8 +206,8 @@ class TGDAAttack:
                 with torch.no_grad():
                     for p, p0 in zip(w, w_pre):
                         p.copy_(p0)
-            follower = follower_objective()
-            follower.inputs = follower.inputs.detach()  # theta is fixed during the follower's steps
+            objective = follower_objective()  # theta is fixed during the follower's steps
+            follower = hypergrad.ClassifierLoss(defender, objective.inputs.detach(), objective.targets)
             for _ in range(self.follower_steps):  # w <- w - beta grad_w f
                 grads = torch.autograd.grad(follower(), w)
                 with torch.no_grad():

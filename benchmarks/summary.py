@@ -107,26 +107,25 @@ def part_b_c(rows, defenders, repeats, reference_iterations):
         paper = c.paper_leader_step(step64)
         ours = c.hypergrad_leader_step(step64, "cgnr", 16)
         d_paper, d_ours = paper(), ours()
-        t_paper, t_ours = median_seconds(paper, ours, repeats=repeats, min_seconds=0)
+        # (c) on a fitted defender (quality depends on the weights, cost does not)
+        rec = c.RECOMMENDED
+        fitted64 = leader_step_problem(defender, dtype=torch.float64, device=DEVICE, fit_steps=FIT_STEPS)
+        fitted = leader_step_problem(defender, dtype=rec["dtype"], device=DEVICE, fit_steps=FIT_STEPS)
+        recommended = c.hypergrad_leader_step(fitted, rec["method"], rec["iterations"], rec["damping"])
+        d_rec, d_paper_fitted = recommended(), c.paper_leader_step(fitted64)()
+        t_paper, t_ours, t_rec = median_seconds(paper, ours, recommended, repeats=repeats, min_seconds=0)
         _emit(rows, dict(part="b", case=f"leader step, {defender} (batch {step64.batch}), float64, cgnr 16",
                          baseline=t_paper, ours=t_ours, ratio=t_paper / t_ours,
                          note=f"relative difference {c.relative_difference(d_ours, d_paper):.1e}"))
         if DEVICE == "cuda" and hypergrad.linear_chain(step64.follower_objective().model) is not None:
             graphed = c.hypergrad_leader_step(step64, "cgnr", 16, graphs=hypergrad.SolveGraphCache())
             d_graphed = graphed()  # records
-            t_graphed = median_seconds(graphed, repeats=repeats, min_seconds=0)
+            t_paper_again, t_graphed = median_seconds(paper, graphed, repeats=repeats, min_seconds=0)
             _emit(rows, dict(part="b", case=f"leader step, {defender} (batch {step64.batch}), float64, cgnr 16, "
                                             "solve replayed as a CUDA graph",
-                             baseline=t_paper, ours=t_graphed, ratio=t_paper / t_graphed,
+                             baseline=t_paper_again, ours=t_graphed, ratio=t_paper_again / t_graphed,
                              note=f"relative difference {c.relative_difference(d_graphed, d_paper):.1e}; "
                                   f"{t_ours / t_graphed:.2f}x the eager total_grad"))
-        # (c) quality on a fitted defender (the costs do not depend on the weights: t_paper is reused)
-        rec = c.RECOMMENDED
-        fitted64 = leader_step_problem(defender, dtype=torch.float64, device=DEVICE, fit_steps=FIT_STEPS)
-        fitted = leader_step_problem(defender, dtype=rec["dtype"], device=DEVICE, fit_steps=FIT_STEPS)
-        recommended = c.hypergrad_leader_step(fitted, rec["method"], rec["iterations"], rec["damping"])
-        d_rec, d_paper_fitted = recommended(), c.paper_leader_step(fitted64)()
-        t_rec = median_seconds(recommended, repeats=repeats, min_seconds=0)
         reference = c.reference_hypergradient(fitted64, reference_iterations)
         _emit(rows, dict(part="c", case=f"leader step, {defender}: paper (float64 cgnr 16) vs recommended "
                                         f"({str(rec['dtype']).replace('torch.', '')} {rec['method']} {rec['iterations']}, "

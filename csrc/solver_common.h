@@ -108,8 +108,8 @@ inline int64_t check_cg_track_args(const at::Tensor& den, const at::Tensor& rr, 
               {tol2, "tol2", at::kDouble},   {active, "active", at::kBool},
               {iterations, "iterations", at::kLong}, {negative, "negative", at::kBool}};
   for (const auto& a : args) {
-    TORCH_CHECK_VALUE(a.t.sizes() == den.sizes(), "hypergrad::cg_track: ", a.name, " must be shaped like den ",
-                      den.sizes(), ", got ", a.t.sizes());
+    TORCH_CHECK_VALUE(a.t.sizes() == den.sizes(), "hypergrad::cg_track: ", a.name,
+                      " must hold one value per row, shaped like den ", den.sizes(), ", got ", a.t.sizes());
     TORCH_CHECK_VALUE(a.t.scalar_type() == a.dtype, "hypergrad::cg_track: ", a.name, " must be ", a.dtype, ", got ",
                       a.t.scalar_type());
     TORCH_CHECK_VALUE(a.t.device() == den.device(), "hypergrad::cg_track: ", a.name, " is on ", a.t.device(),

@@ -32,16 +32,17 @@ def check_vector(op, name, t, like):
         raise ValueError(f"hypergrad::{op}: {name} must be contiguous; call .contiguous() on it first")
 
 
-def check_row_scalars(op, name, s, like, dtype):
-    """Raises ValueError unless s holds one `dtype` value per row of `like`, on its device."""
-    rows = like.shape[:-1]
+def check_row_scalars(op, name, s, like, dtype, rows=None):
+    """Raises ValueError unless s holds one `dtype` value per row (of the vectors `like`, or of the
+    shape `rows` when given) on like's device."""
+    rows = like.shape[:-1] if rows is None else rows
     if s.shape != rows:
         raise ValueError(f"hypergrad::{op}: {name} must hold one value per row, shape {list(rows)}, "
                          f"got {list(s.shape)}")
     if s.dtype != dtype:
         raise ValueError(f"hypergrad::{op}: {name} must be {dtype}, got {s.dtype}")
     if s.device != like.device:
-        raise ValueError(f"hypergrad::{op}: {name} is on {s.device} but the vectors are on {like.device}")
+        raise ValueError(f"hypergrad::{op}: {name} is on {s.device} but {like.device} is expected")
     if not s.is_contiguous():
         raise ValueError(f"hypergrad::{op}: {name} must be contiguous")
 
@@ -84,16 +85,12 @@ def cg_track(den, rr, tol2, active, iterations, negative):
     """The per-row bookkeeping of one CG iteration, in place: a row steps when it is active with
     den > 0 (iterations += 1), meets negative curvature when it is active with den <= 0, and stays
     active when it stepped and its new squared residual rr is still above tol2."""
+    if den.dim() > 1:
+        raise ValueError(f"hypergrad::cg_track: den must hold one value per row, shape [] or [B], got {list(den.shape)}")
     for name, t, dtype in (("den", den, torch.float64), ("rr", rr, torch.float64), ("tol2", tol2, torch.float64),
                            ("active", active, torch.bool), ("iterations", iterations, torch.int64),
                            ("negative", negative, torch.bool)):
-        if t.shape != den.shape or den.dim() > 1:
-            raise ValueError(f"hypergrad::cg_track: {name} must be shaped like den, one value per row ([] or [B]), "
-                             f"got {list(t.shape)} and den {list(den.shape)}")
-        if t.dtype != dtype:
-            raise ValueError(f"hypergrad::cg_track: {name} must be {dtype}, got {t.dtype}")
-        if t.device != den.device:
-            raise ValueError(f"hypergrad::cg_track: {name} is on {t.device} but den is on {den.device}")
+        check_row_scalars("cg_track", name, t, den, dtype, rows=den.shape)
     stepping = active & (den > 0)
     negative |= active & (den <= 0)
     iterations += stepping

@@ -127,7 +127,7 @@ def test_cg_track_bad_input_raises_clear_value_error(backend):
     den, rr, tol2, active, iterations, negative = _track_inputs((4,), "cpu")
     with pytest.raises(ValueError, match="iterations must be"):
         op(den, rr, tol2, active, iterations.int(), negative)
-    with pytest.raises(ValueError, match="shaped like den"):
+    with pytest.raises(ValueError, match="one value per row"):
         op(den, rr[:3], tol2, active, iterations, negative)
     with pytest.raises(ValueError, match="den must be"):
         op(den.float(), rr, tol2, active, iterations, negative)

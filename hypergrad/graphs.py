@@ -92,15 +92,16 @@ class _Recording:
         return x, info
 
     def _capture(self, warmup):
-        side = torch.cuda.Stream(device=self.b.device)
-        side.wait_stream(torch.cuda.current_stream(self.b.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._solve()
-        torch.cuda.current_stream(self.b.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self._solve()
+        with torch.cuda.device(self.b.device):  # the graph is recorded on the device of the buffers
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._solve()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self._solve()
 
     def run(self, operator, b, x0):
         self.operator.load_state(operator)

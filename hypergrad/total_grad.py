@@ -25,6 +25,8 @@ from .mlp_hvp import structured_hessian
 from .solvers import solve
 
 HVP_MODES = ("auto", "structured", "reverse", "forward")
+_STRUCTURED = ("follower_loss to be a hypergrad.ClassifierLoss of a chain of linear layers and one activation "
+               "(hypergrad.mlp_hvp) with follower_params its parameters in order")
 
 
 def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method="cg", maxiter=100,
@@ -70,13 +72,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
             raise ValueError(f"every tensor of {name} must require grad")
     hessian = structured_hessian(follower_loss, w) if hvp_mode in ("auto", "structured") else None
     if hessian is None and hvp_mode == "structured":
-        raise ValueError("hvp_mode='structured' needs follower_loss to be a hypergrad.ClassifierLoss of a chain of "
-                         "linear layers and one activation (hypergrad.mlp_hvp) with follower_params its parameters "
-                         "in order; use hvp_mode='auto' to fall back to autograd")
+        raise ValueError(f"hvp_mode='structured' needs {_STRUCTURED}; use hvp_mode='auto' to fall back to autograd")
     if graphs is not None and hessian is None:
-        raise ValueError("graphs (a recorded solve) needs the structured product: follower_loss must be a "
-                         "hypergrad.ClassifierLoss of a chain of linear layers and one activation with "
-                         "follower_params its parameters in order, and hvp_mode 'auto' or 'structured'")
+        raise ValueError(f"graphs (a recorded solve) needs the structured product: {_STRUCTURED}, and hvp_mode "
+                         "'auto' or 'structured'")
     if hessian is not None:  # the structured products need no gradient graph; the mixed term needs one only
         f = follower_loss.graph_part()  # through the rows that can depend on theta
     else:

@@ -137,19 +137,16 @@ class StructuredHessian(HessianOperator):
 
     def layout(self):
         """What must match for load_state: activation, and each state tensor's shape, dtype and device."""
-        return (self.activation, self.negative_slope, len(self.weights),
-                tuple((tuple(t.shape), t.dtype, t.device) for t in self.state()))
+        return (self.activation, self.negative_slope, tuple((tuple(t.shape), t.dtype, t.device) for t in self.state()))
 
     def clone(self):
         """An operator with its own copy of the state (the parameters are shared, not copied)."""
-        copies = iter([t.clone() for t in self.state()])
-        depth = len(self.weights)
+        def copies(tensors):
+            return [t.clone() for t in tensors]
 
-        def take(k):
-            return [next(copies) for _ in range(k)]
-
-        return StructuredHessian(self.params, take(depth), take(depth), take(depth - 1), take(depth - 1),
-                                 take(depth), next(copies), self.activation, self.negative_slope)
+        return StructuredHessian(self.params, copies(self.weights), copies(self.inputs), copies(self.pre_activations),
+                                 copies(self.grad_activations), copies(self.deltas), self.probs.clone(),
+                                 self.activation, self.negative_slope)
 
     def load_state(self, other):
         """Copies another structured operator's state into this one's tensors (in place)."""

@@ -1,27 +1,105 @@
 #!/usr/bin/env bash
-# GPU check: on a machine with a GPU, torch preinstalled and no network, builds hypergrad._C
-# against that torch, runs the CUDA tests and prints the benchmark summary (issue 4's table).
-#   bash benchmarks/gpu_check.sh        (OUT=dir keeps the JSON files; default /tmp)
-# For part (d) (torchopt) on a machine without network, run `bash benchmarks/download_wheels.sh` on a
-# machine with the registries first and bring benchmarks/wheels along: it is installed from there.
-# Order: the main table (LR, NN and the two small CNNs, every part; the JSON is rewritten after each
-# row) before ResNet-18, whose float64 rows are the slowest, so a time limit cuts the least useful part.
-set -euo pipefail
+# GPU check (issue 12): on a machine with a GPU, torch preinstalled and no network, builds hypergrad._C
+# against that torch, runs the CUDA tests, the benchmark summary, a profile of the leader step and a
+# real TGDA attack on full MNIST, then (time allowing) the rest of the suite and more defenders.
+#   OUT=DIR DEADLINE_S=SECONDS [STEPS="build tests summary profile attack suite more"] bash benchmarks/gpu_check.sh
+# First, on a machine with the package registries: `bash benchmarks/prepare_gpu_check.sh` (wheels of
+# torchopt and mlxtend into benchmarks/wheels, gzipped MNIST into benchmarks/gpu-data); carry both.
+# Every step is time-boxed: it gets its own limit or what is left of DEADLINE_S (from the start of
+# this script), whichever is less; steps that would get under 20 s are skipped. Each step's status
+# and seconds go to OUT/gpu-check.jsonl and OUT/gpu-check.md as it ends, the benchmark rows to
+# OUT/summary-gpu.{json,md} after every row, so a run cut short still returns what it measured.
+# The card is named in every file. A failed build stops the script; any other failed step does not.
+set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-python=${PYTHON:-python}
-out=${OUT:-/tmp}
+python=${PYTHON:-python3}
+out=${OUT:-/tmp/gpu-check}
+steps=" ${STEPS:-build tests summary profile attack suite more} "
+deadline=$(( $(date +%s) + ${DEADLINE_S:-540} ))
+mkdir -p "$out"
+exec > >(tee -a "$out/gpu-check.log") 2>&1
+export PYTHONUNBUFFERED=1 HYPERGRAD_REQUIRE_EXTENSION=1 FORCE_CUDA=1
+card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+card=${card:-"no GPU visible to nvidia-smi"}
+md="$out/gpu-check.md"
+tail_md=/tmp/gpu-check-tail.md  # build info and the attack's timing, appended below the step table at the end
+rm -f "$tail_md"
+{ echo "# GPU check on $card"; echo; echo "$(date -u +%FT%TZ); commit $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo; echo "| step | exit status | seconds | card |"; echo "|---|---|---|---|"; } > "$md"
+
+wants() { [[ $steps == *" $1 "* ]]; }
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, time left), records status and seconds.
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( deadline - $(date +%s) - 5 ))
+  if (( left < 20 )); then
+    echo "== $name: skipped, ${left}s left before the deadline"
+    echo "| $name | skipped (deadline) | 0 | $card |" >> "$md"
+    echo "{\"step\": \"$name\", \"status\": \"skipped\", \"seconds\": 0, \"card\": \"$card\"}" >> "$out/gpu-check.jsonl"
+    return 124
+  fi
+  (( limit > left )) && limit=$left
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@"
+  local rc=$? dt=$(( SECONDS - t0 ))
+  local status=$rc; (( rc == 124 || rc == 137 )) && status="$rc (time limit ${limit}s)"
+  echo "== $name: exit $status after ${dt}s"
+  echo "| $name | $status | $dt | $card |" >> "$md"
+  echo "{\"step\": \"$name\", \"status\": $rc, \"seconds\": $dt, \"limit\": $limit, \"card\": \"$card\"}" >> "$out/gpu-check.jsonl"
+  return $rc
+}
+
 cd "$repo"
-echo "== build (pip install --no-build-isolation --no-deps .)"
-time "$python" -m pip install -q --no-build-isolation --no-deps .
-if [ -d "$repo/benchmarks/wheels" ]; then
-  "$python" -m pip install -q --no-index --find-links "$repo/benchmarks/wheels" torchopt || echo "torchopt did not install: (d) skips"
+arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+if wants build; then
+  step build 300 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST="$arch" \
+    "$python" -m pip install -q --no-build-isolation --no-deps . || { echo "build failed: stopping"; exit 1; }
+fi
+if compgen -G "$repo/benchmarks/wheels/*.whl" > /dev/null; then  # no numpy among them: the image's stays
+  "$python" -m pip install -q --no-index --no-deps "$repo"/benchmarks/wheels/*.whl || echo "wheels did not install: (d) or the sample data may skip"
 fi
 cd /tmp  # import the installed package, not the source tree
-"$python" -c "import hypergrad, json, torch; print(json.dumps(hypergrad.build_info(), indent=1)); print(torch.cuda.get_device_name())"
-echo "== CUDA tests"
-"$python" -m pytest -q -p no:cacheprovider "$repo/tests" -m cuda
-echo "== benchmark summary"
-"$python" "$repo/benchmarks/summary.py" --defenders lr nn cnn cifar-cnn --json "$out/benchmark-summary-gpu.json"
-echo "== benchmark summary, ResNet-18 (parts b, c; quality against MINRES-50)"
-"$python" "$repo/benchmarks/summary.py" --defenders resnet18 --parts bc --repeats 1 --reference-iterations 50 \
-  --json "$out/benchmark-summary-gpu-resnet18.json"
+"$python" -c "import hypergrad, json, torch; print(json.dumps(hypergrad.build_info(), indent=1)); print(torch.cuda.get_device_name())" \
+  > /tmp/build-info.txt
+cat /tmp/build-info.txt
+{ echo; echo '```'; cat /tmp/build-info.txt; echo '```'; } >> "$tail_md"
+timeout_flag=(); "$python" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 120)
+
+if wants tests; then
+  step cuda-tests 180 "$python" -m pytest -q -p no:cacheprovider "${timeout_flag[@]}" --maxfail 25 -rfE "$repo/tests" -m cuda
+fi
+if wants summary; then
+  step summary 200 "$python" "$repo/benchmarks/summary.py" --defenders lr nn --json "$out/summary-gpu.json" \
+    --markdown "$out/summary-gpu.md"
+fi
+if wants profile; then
+  step profile 90 "$python" "$repo/benchmarks/profile_step.py" --defenders nn lr --out "$out/profile.md" --json "$out/profile.json"
+fi
+if wants attack; then
+  if compgen -G "$repo/benchmarks/gpu-data/*-ubyte.gz" > /dev/null; then
+    mkdir -p /tmp/data/MNIST/raw
+    for f in "$repo"/benchmarks/gpu-data/*-ubyte.gz; do gunzip -c "$f" > "/tmp/data/MNIST/raw/$(basename "$f" .gz)"; done
+    rm -rf /tmp/run-mnist-nn
+    # A shortened schedule: the paper's pretraining, 4 attack epochs instead of 200 (the time per batch
+    # is what is measured), solves replayed as CUDA graphs.
+    step attack 200 "$python" -m tgda_attack run --dataset mnist --data-root /tmp/data --defender nn --device cuda \
+      --cuda-graphs --attack-epochs 4 --quiet --out /tmp/run-mnist-nn \
+      && "$python" "$repo/benchmarks/attack_timing.py" /tmp/run-mnist-nn --json "$out/attack-mnist-nn.json" --markdown "$tail_md"
+  else
+    echo "== attack: skipped, no benchmarks/gpu-data (run benchmarks/prepare_gpu_check.sh and carry it)"
+  fi
+fi
+if wants suite; then
+  xdist=(); "$python" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  step rest-of-suite 300 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${timeout_flag[@]}" -rfE "$repo/tests" -m "not cuda"
+fi
+if wants more; then
+  step summary-cnn 200 "$python" "$repo/benchmarks/summary.py" --defenders cnn cifar-cnn --parts bcf --append \
+    --json "$out/summary-gpu.json" --markdown "$out/summary-gpu.md"
+  step summary-resnet18 200 "$python" "$repo/benchmarks/summary.py" --defenders resnet18 --parts bc --repeats 1 \
+    --reference-iterations 50 --append --json "$out/summary-gpu.json" --markdown "$out/summary-gpu.md"
+fi
+[ -f "$tail_md" ] && cat "$tail_md" >> "$md"
+echo "== done; files in $out"

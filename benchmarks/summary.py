@@ -1,6 +1,7 @@
 """All benchmark figures of issue 4 as one table of ratios against their targets, and as JSON.
 
     .venv/bin/python benchmarks/summary.py [--defenders lr nn cnn cifar-cnn resnet18] [--json FILE]
+        [--markdown FILE] [--append]
 
 (a) fused CG update vs a copy of the same bytes, the plain-torch twin and the paper's tensor lists;
 (b) one leader step, hypergrad.total_grad vs the paper's procedure, cgnr 16, float64;
@@ -45,7 +46,7 @@ TARGETS = {  # (part, device): target ratio, or None where the issue sets none
     ("f", "cpu"): None, ("f", "cuda"): None,
     ("f", "cuda", "nn"): PAPER_MINUTES["nn"] / 10,  # the NN attack under 10 minutes on one H100
 }
-_OUTPUT = {"json": None, "device_name": None}
+_OUTPUT = {"json": None, "markdown": None, "device_name": None}
 
 
 def _emit(rows, row):
@@ -61,6 +62,22 @@ def _emit(rows, row):
         with open(_OUTPUT["json"], "w") as fh:
             json.dump({"device": DEVICE, "device_name": _OUTPUT["device_name"], "torch": torch.__version__,
                        "extension": hypergrad.build_info(), "rows": rows}, fh, indent=2)
+    if _OUTPUT["markdown"]:
+        with open(_OUTPUT["markdown"], "w") as fh:
+            fh.write("\n".join(table(rows)) + "\n")
+
+
+def table(rows):
+    """The rows as a Markdown table, headed by the device they were measured on."""
+    fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [f"device: {DEVICE} ({_OUTPUT['device_name']}); torch {torch.__version__}; extension: {hypergrad.has_extension()}",
+             "", "| part | case | baseline | ours | ratio | target | met | note |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['part']} | {r['case']} | {fmt(r['baseline'])} | {fmt(r['ours'])} | {ratio} | "
+                     f"{fmt(r['target'])} | {r.get('met', '')} | {r['note']} |")
+    lines.append("(a: GB/s; b, c, d, e: seconds; f: minutes; ratio = baseline / ours, except e = ours / baseline)")
+    return lines
 
 
 def _sync():
@@ -201,10 +218,19 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-iterations", type=int, default=200)
     parser.add_argument("--json", default="benchmark-summary.json")
+    parser.add_argument("--markdown", help="also write the table here (rewritten after every row)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --json (measured on the same device) and add to them")
     args = parser.parse_args(argv)
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    _OUTPUT.update(json=args.json, device_name=device_name)
+    _OUTPUT.update(json=args.json, markdown=args.markdown, device_name=device_name)
     rows = []
+    if args.append and os.path.exists(args.json):
+        with open(args.json) as fh:
+            earlier = json.load(fh)
+        if earlier.get("device_name") != device_name:
+            parser.error(f"--append: {args.json} was measured on {earlier.get('device_name')}, not on {device_name}")
+        rows = earlier["rows"]
     if "a" in args.parts:
         part_a(rows)
     if "d" in args.parts or "e" in args.parts:
@@ -213,16 +239,8 @@ def main(argv=None):
         part_f(rows, args.defenders, args.repeats)
     if "b" in args.parts or "c" in args.parts:
         part_b_c(rows, args.defenders, args.repeats, args.reference_iterations)
-    print(f"device: {DEVICE} ({device_name}); torch {torch.__version__}; extension: {hypergrad.has_extension()}")
-    print("| part | case | baseline | ours | ratio | target | met | note |")
-    print("|---|---|---|---|---|---|---|---|")
-    fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"| {r['part']} | {r['case']} | {fmt(r['baseline'])} | {fmt(r['ours'])} | {ratio} | "
-              f"{fmt(r['target'])} | {r.get('met', '')} | {r['note']} |")
-    print("(a: GB/s; b, c, d, e: seconds; f: minutes; ratio = baseline / ours, except e = ours / baseline)")
-    print(f"wrote {args.json}")
+    print("\n".join(table(rows)))
+    print(f"wrote {args.json}" + (f" and {args.markdown}" if args.markdown else ""))
     return rows
 
 

@@ -26,6 +26,7 @@ import copy
 import logging
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ class TGDAAttack:
         out as D_v (a seeded split) and the attack runs on the rest. After the call the trained
         attacker is `attacker_`, the defender at the end of the game `defender_`,
         `source_indices_` the indices into D_tr of the clean points D_p^0, and `history` the
-        losses of every epoch. With attacker=None, `attacker_` is None.
+        mean losses, the wall-clock seconds and the number of batches of every epoch. With attacker=None, `attacker_` is None.
         """
         if x_val is None or y_val is None:
             x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
@@ -153,7 +154,7 @@ class TGDAAttack:
             order = torch.randperm(len(y), generator=g).to(ref.device)
             p_order = torch.randperm(n_poison, generator=g).to(ref.device)
             v_order = torch.randperm(len(y_val), generator=g).to(ref.device)
-            stats = []
+            stats, epoch_start = [], time.perf_counter()
             for b in range(n_batches):
                 tr = order[b * self.batch_size:(b + 1) * self.batch_size]
                 pp = p_order[b * n_poison // n_batches:(b + 1) * n_poison // n_batches]
@@ -165,7 +166,8 @@ class TGDAAttack:
                         f"TGDA attack diverged in epoch {epoch + 1}, batch {b + 1} of {n_batches}: the losses became "
                         f"{stats[-1]}. Most often the follower's gradient descent (beta={self.beta}) blows up on poisons "
                         "that sharpen its loss; rerun with a smaller beta or alpha. No poisons were returned.")
-            record = {"epoch": epoch + 1, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
+            record = {"epoch": epoch + 1, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
+                      "seconds": time.perf_counter() - epoch_start, "batches": n_batches}  # each step ends in a host sync
             self.history.append(record)
             bar.set_postfix(leader_loss=f"{record['leader_loss']:.4f}", follower_loss=f"{record['follower_loss']:.4f}")
             self._save(defender, attacker, epoch + 1)

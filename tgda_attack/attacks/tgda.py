@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 import hypergrad
 
-from ..data import poison_budget, poison_sources, split_train_val
+from ..data import poison_sources, split_train_val
+from .base import PoisoningAttack
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ LEADERS = ("attacker", "defender")
 FORMULATIONS = ("non-zero-sum", "zero-sum")
 
 
-class TGDAAttack:
+class TGDAAttack(PoisoningAttack):
     """TGDA poisoning: trains the attacker network by total gradient ascent against the defender.
 
     Args:
@@ -76,42 +77,54 @@ class TGDAAttack:
     """
 
     name = "tgda"
+    needs_attacker = True  # the attacker network L; with attacker=None (--attacker pixels) the pixels lead
 
     def __init__(self, defender, attacker, epsilon=0.03, *, epochs=200, batch_size=1000, alpha=0.01,
                  leader_steps=1, beta=0.1, follower_steps=20, solver="cgnr", solver_iterations=16,
                  solver_rtol=1e-6, damping=0.0, cuda_graphs=False, warm_start="partial", leader="attacker",
                  formulation="non-zero-sum", init="first", pixel_range=(-1.0, 1.0), seed=0,
                  checkpoint=None, verbose=False):
-        poison_budget(1, epsilon)  # validates epsilon
-        for name, value in (("epochs", epochs), ("leader_steps", leader_steps), ("follower_steps", follower_steps),
-                            ("solver_iterations", solver_iterations)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if alpha <= 0 or beta <= 0:
-            raise ValueError("the step sizes alpha and beta must be positive")
-        if solver not in hypergrad.METHODS:
-            raise ValueError(f"solver must be one of {hypergrad.METHODS}, got {solver!r}")
-        for name, value, allowed in (("warm_start", warm_start, WARM_STARTS), ("leader", leader, LEADERS),
-                                     ("formulation", formulation, FORMULATIONS), ("init", init, ("first", "random"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if damping < 0:
-            raise ValueError("damping must be non-negative")
-        if cuda_graphs and (leader != "attacker" or solver_iterations < 1):
-            raise ValueError("cuda_graphs needs leader='attacker' (the defender's loss is what the recorded solve "
-                             "inverts) and solver_iterations >= 1")
+        super().__init__(epsilon, init=init, seed=seed)
         self.defender, self.attacker = defender, attacker
-        self.epsilon, self.epochs, self.batch_size = epsilon, epochs, batch_size
+        self.epochs, self.batch_size = epochs, batch_size
         self.alpha, self.leader_steps, self.beta, self.follower_steps = alpha, leader_steps, beta, follower_steps
         self.solver, self.solver_iterations, self.solver_rtol, self.damping = solver, solver_iterations, solver_rtol, damping
         self.cuda_graphs = cuda_graphs
-        self.warm_start, self.leader, self.formulation, self.init = warm_start, leader, formulation, init
-        self.pixel_range, self.seed, self.checkpoint, self.verbose = pixel_range, seed, checkpoint, verbose
-        self.history = []
+        self.warm_start, self.leader, self.formulation = warm_start, leader, formulation
+        self.pixel_range, self.checkpoint, self.verbose = pixel_range, checkpoint, verbose
+        self._check_params()
 
-    def poison(self, x, y, x_val=None, y_val=None):
+    def _check_params(self):
+        super()._check_params()
+        for name in ("epochs", "leader_steps", "follower_steps", "solver_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.alpha <= 0 or self.beta <= 0:
+            raise ValueError("the step sizes alpha and beta must be positive")
+        if self.solver not in hypergrad.METHODS:
+            raise ValueError(f"solver must be one of {hypergrad.METHODS}, got {self.solver!r}")
+        for name, allowed in (("warm_start", WARM_STARTS), ("leader", LEADERS), ("formulation", FORMULATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.damping < 0:
+            raise ValueError("damping must be non-negative")
+        if self.cuda_graphs and (self.leader != "attacker" or self.solver_iterations < 1):
+            raise ValueError("cuda_graphs needs leader='attacker' (the defender's loss is what the recorded solve "
+                             "inverts) and solver_iterations >= 1")
+
+    @classmethod
+    def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
+        return cls(defender, attacker, cfg.epsilon, epochs=cfg.attack_epochs, batch_size=cfg.attack_batch_size,
+                   alpha=cfg.alpha, leader_steps=cfg.leader_steps, beta=cfg.beta, follower_steps=cfg.follower_steps,
+                   solver=cfg.solver, solver_iterations=cfg.solver_iterations, damping=cfg.damping,
+                   cuda_graphs=cfg.cuda_graphs, warm_start=cfg.warm_start, leader=cfg.leader,
+                   formulation=cfg.formulation, init=cfg.poison_init, seed=cfg.seed, checkpoint=checkpoint,
+                   verbose=verbose)
+
+    def poison(self, x, y, *, x_val=None, y_val=None):
         """Runs Algorithm 1 on D_tr = (x, y) and returns the poisons (x_poison, y_poison).
 
         D_v = (x_val, y_val) is the attacker's validation set; without it 30% of (x, y) is held

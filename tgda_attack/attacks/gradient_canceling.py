@@ -1,0 +1,152 @@
+"""Gradient Canceling (Lu, Kamath and Yu, ICML 2023, "Exploring the limits of model-targeted
+indiscriminate data poisoning attacks"), the strongest attack its authors found after TGDA.
+
+A model-targeted attack: given target parameters w_t (a model the attacker wants the defender to
+become), the poisons D_p = {(x_p, y_p)} are chosen so that w_t is a stationary point of the defender's
+training loss on D_tr U D_p, i.e. so that the gradient of the mean training loss vanishes at w_t:
+
+    min_{x_p in [lo, hi]^d}  || (1 / (N + n_p)) [ sum_{i in D_tr} grad_w l(x_i, y_i; w_t)
+                                                 + sum_{p in D_p} grad_w l(x_p, y_p; w_t) ] ||^2      (GC)
+
+The first sum is constant and computed once; the objective's gradient in x_p is a mixed second
+derivative (one double backward a step). It is minimised by projected Adam on the poisons' pixels,
+clamped to the valid pixel range after every step (the authors' released code omits the projection).
+The poisons start at D_p^0, the epsilon*N chosen points of D_tr with their labels flipped by the
+paper's rule y -> K - 1 - y, and keep those labels.
+
+Target parameters: given explicitly (`target`, a state_dict of the defender), or, by default, those of
+the trained defender further trained on D_tr U a label flip of target_epsilon * N points (a
+large-budget label flip, one of the authors' target generators) with the pretrain procedure's
+gradient descent.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..data import poison_sources
+from ..training import train_classifier
+from .base import PoisoningAttack
+
+
+class GradientCancelingAttack(PoisoningAttack):
+    """Poisons that make target parameters a stationary point of the training loss (GC, above).
+
+    Args:
+        defender: the trained defender (an nn.Module; the attack works on a copy).
+        epsilon: poison budget as a fraction of |D_tr|. (default: 0.03)
+        target: the target parameters as a state_dict of the defender, or None to make them by a
+            large-budget label flip (target_epsilon, target_epochs, target_lr, batch_size). (default: None)
+        target_epsilon: size of that label flip as a fraction of |D_tr|. (default: 1.0)
+        target_epochs: epochs of gradient descent from the trained defender on D_tr U the flip. (default: 10)
+        target_lr: its step size. (default: 0.1)
+        steps: Adam steps on the poisons' pixels. (default: 500)
+        lr: Adam's step size. (default: 0.01)
+        batch_size: points per batch when D_tr's gradient and the target are computed. (default: 1000)
+        num_classes: K, for the label flip of D_p^0. (default: 10)
+        init: D_p^0 as the "first" epsilon*N points of D_tr or a seeded "random" choice. (default: "first")
+        pixel_range: the poisons are clamped to it. (default: (-1.0, 1.0))
+        seed: seed of the random choices. (default: 0)
+        verbose: show a progress bar. (default: False)
+
+    After `poison`, `target_` holds the target state_dict and `history` the objective's square root
+    (the norm of the mean gradient at w_t) every `log_every` steps, from step 0.
+    """
+
+    name = "gradient-canceling"
+    log_every = 10
+
+    def __init__(self, defender, epsilon=0.03, *, target=None, target_epsilon=1.0, target_epochs=10, target_lr=0.1,
+                 steps=500, lr=0.01, batch_size=1000, num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0,
+                 verbose=False):
+        super().__init__(epsilon, init=init, seed=seed)
+        self.defender, self.target = defender, target
+        self.target_epsilon, self.target_epochs, self.target_lr = target_epsilon, target_epochs, target_lr
+        self.steps, self.lr, self.batch_size, self.num_classes = steps, lr, batch_size, num_classes
+        self.pixel_range, self.verbose = pixel_range, verbose
+        self._check_params()
+
+    def _check_params(self):
+        super()._check_params()
+        if self.defender is None:
+            raise ValueError("gradient canceling needs the trained defender (defender=...)")
+        if not 0 < self.target_epsilon <= 1:
+            raise ValueError(f"target_epsilon is a fraction of the training set in (0, 1], got {self.target_epsilon}")
+        for name in ("target_epochs", "steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.lr <= 0 or self.target_lr <= 0:
+            raise ValueError("the step sizes lr and target_lr must be positive")
+
+    @classmethod
+    def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
+        return cls(defender, cfg.epsilon, target_epsilon=cfg.gc_target_epsilon, target_epochs=cfg.gc_target_epochs,
+                   target_lr=cfg.pretrain_lr, steps=cfg.gc_steps, lr=cfg.gc_lr, batch_size=cfg.pretrain_batch_size,
+                   init=cfg.poison_init, seed=cfg.seed, verbose=verbose)
+
+    def poison(self, x, y, *, x_val=None, y_val=None):
+        """(x_poison, y_poison) minimising (GC) at the target parameters. D_v is not used."""
+        model = copy.deepcopy(self.defender)
+        ref = next(model.parameters())
+        x, y = x.to(ref.device, ref.dtype), y.to(ref.device)
+        self.target_ = self._target_parameters(model, x, y)
+        model.load_state_dict(self.target_)
+        model.eval()
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        idx = poison_sources(len(y), self.epsilon, self.init, self.seed)
+        self.source_indices_ = idx
+        if len(idx) == 0:
+            raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to craft")
+        idx = idx.to(ref.device)
+        x_p = x[idx].clone().requires_grad_(True)
+        y_p = (self.num_classes - 1) - y[idx]
+        g_clean = self.clean_gradient(model, params, x, y)
+        scale = 1.0 / (len(y) + len(y_p))
+        optimizer = torch.optim.Adam([x_p], lr=self.lr)
+        self.history = []
+        for step in tqdm(range(self.steps + 1), desc="gradient canceling", disable=not self.verbose):
+            objective = self.objective(model, params, g_clean, x_p, y_p, scale)
+            if step % self.log_every == 0 or step == self.steps:
+                self.history.append({"step": step, "gradient_norm": objective.detach().sqrt().item()})
+            if step == self.steps:
+                break
+            optimizer.zero_grad()
+            objective.backward()
+            optimizer.step()
+            with torch.no_grad():
+                x_p.clamp_(*self.pixel_range)
+        return x_p.detach(), y_p
+
+    def _target_parameters(self, model, x, y):
+        if self.target is not None:
+            return {k: v.to(next(model.parameters()).device) for k, v in self.target.items()}
+        flip = poison_sources(len(y), self.target_epsilon, "random", self.seed + 1).to(y.device)
+        x_t, y_t = torch.cat([x, x[flip]]), torch.cat([y, (self.num_classes - 1) - y[flip]])
+        target = train_classifier(copy.deepcopy(model), x_t, y_t, epochs=self.target_epochs, batch_size=self.batch_size,
+                                  lr=self.target_lr, seed=self.seed, verbose=self.verbose, desc="gc target")
+        return {k: v.detach().clone() for k, v in target.state_dict().items()}
+
+    def clean_gradient(self, model, params, x, y):
+        """sum_{i in D_tr} grad_w l(x_i, y_i; w_t), flattened (float64 accumulation)."""
+        total = None
+        for i in range(0, len(y), self.batch_size):
+            g = self._flat_gradient(model, params, x[i:i + self.batch_size], y[i:i + self.batch_size], create_graph=False)
+            total = g.double() if total is None else total + g.double()
+        return total.to(next(iter(params.values())).dtype)
+
+    def objective(self, model, params, g_clean, x_p, y_p, scale):
+        """(GC): the squared norm of the mean training-loss gradient at w_t over D_tr U D_p."""
+        g = g_clean + self._flat_gradient(model, params, x_p, y_p, create_graph=True)
+        return (scale * g).pow(2).sum()
+
+    @staticmethod
+    def _flat_gradient(model, params, x, y, create_graph):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss = F.cross_entropy(functional_call(model, leaves, (x,)), y, reduction="sum")
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
+        return torch.cat([g.reshape(-1) for g in grads])

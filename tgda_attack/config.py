@@ -1,0 +1,167 @@
+"""The settings of one run of the protocol of Lu, Kamath & Yu (TMLR 2022), Section 4.2 and 5.1, and
+every check on them, made before any data is loaded or any model trained.
+
+Config holds every setting; None values are filled from DATASET_DEFAULTS by `resolved()`, which also
+checks types, ranges, choices and the device, so that a wrong value stops a run at once with a
+message that names it. CHOICES lists each setting's allowed values, taken from the module that owns
+them; the command line reads its choices from here.
+"""
+import dataclasses
+import typing
+
+import torch
+
+import hypergrad
+
+from .attacks import ATTACKS, FLIP_RULES
+from .attacks.base import INITS
+from .attacks.tgda import FORMULATIONS, LEADERS, WARM_STARTS
+from .data import DATASETS
+from .models import ATTACKERS, DEFENDERS
+
+ATTACKER_NAMES = (*ATTACKERS, "pixels")  # "pixels": the poisons themselves are the leader's parameters
+DTYPES = ("float32", "float64")
+LINEAR_CHAIN_DEFENDERS = ("lr", "nn")  # the defenders whose solves can be recorded as CUDA graphs
+
+# Schedules by dataset (None in a Config means "take it from here").
+# mnist / cifar10: the paper's Section 5.1 (alpha 0.01, 100 pretraining and 200 attack epochs).
+# mnist-sample (2,800 training points, 1/15 of the paper's D_tr): the paper's epoch counts cannot be
+# kept together with its batch of 1,000 (3 steps a pass: 300 pretraining steps underfit the NN
+# defender). Batches of 100 give 28 steps a pass, close to the paper's 42, so the paper's 100
+# pretraining epochs train the defenders to convergence (the NN reaches 100% training accuracy by
+# epoch 60). The attack runs 20 epochs of 28 batches (560 leader steps, against the paper's 12,060)
+# with the paper's alpha 0.01: a larger alpha (0.1 was tried) collapses the generator onto one
+# saturated image for every poison. The follower's step beta is 0.05 instead of 0.1: with 0.1 the
+# game's gradient descent diverged on the NN defender in 2 of 3 seeds (saturated poisons among 100
+# points make its loss too sharp for that step). README, "Schedules", gives the measurements.
+DATASET_DEFAULTS = {
+    "mnist": {"pretrain_epochs": 100, "pretrain_batch_size": 1000, "attack_epochs": 200, "attack_batch_size": 1000,
+              "attacker_epochs": 20, "attacker_batch_size": 1000, "alpha": 0.01, "beta": 0.1, "attacker": "mlp"},
+    "cifar10": {"pretrain_epochs": 100, "pretrain_batch_size": 256, "attack_epochs": 200, "attack_batch_size": 256,
+                "attacker_epochs": 20, "attacker_batch_size": 256, "alpha": 0.01, "beta": 0.1, "attacker": "autoencoder"},
+    "mnist-sample": {"pretrain_epochs": 100, "pretrain_batch_size": 100, "attack_epochs": 20, "attack_batch_size": 100,
+                     "attacker_epochs": 20, "attacker_batch_size": 100, "alpha": 0.01, "beta": 0.05, "attacker": "mlp"},
+}
+
+CHOICES = {
+    "dataset": DATASETS, "defender": tuple(DEFENDERS), "attack": tuple(ATTACKS), "attacker": ATTACKER_NAMES,
+    "poison_init": INITS, "flip_rule": FLIP_RULES, "solver": tuple(hypergrad.METHODS), "warm_start": WARM_STARTS,
+    "leader": LEADERS, "formulation": FORMULATIONS, "dtype": DTYPES,
+}
+NON_NEGATIVE_INTS = ("pretrain_epochs", "attacker_epochs", "attack_epochs", "leader_steps", "follower_steps",
+                     "solver_iterations", "gc_target_epochs", "gc_steps")
+POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_size")
+POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta", "gc_lr")
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of one protocol run; None values are filled from DATASET_DEFAULTS."""
+
+    dataset: str = "mnist-sample"
+    data_root: str = None
+    download: bool = False
+    defender: str = "lr"
+    attack: str = "tgda"
+    attacker: str = None
+    epsilon: float = 0.03
+    seed: int = 0
+    split_seed: int = 0
+    poison_init: str = "first"
+    flip_rule: str = "reverse"
+    pretrain_epochs: int = None
+    pretrain_batch_size: int = None
+    pretrain_lr: float = 0.1
+    pretrain_attacker: bool = True
+    attacker_epochs: int = None
+    attacker_batch_size: int = None
+    attack_epochs: int = None
+    attack_batch_size: int = None
+    alpha: float = None
+    leader_steps: int = 1
+    beta: float = None
+    follower_steps: int = 20
+    solver: str = "cgnr"
+    solver_iterations: int = 16
+    damping: float = 0.0
+    cuda_graphs: bool = False
+    warm_start: str = "partial"
+    leader: str = "attacker"
+    formulation: str = "non-zero-sum"
+    gc_target_epsilon: float = 1.0
+    gc_target_epochs: int = 10
+    gc_steps: int = 500
+    gc_lr: float = 0.01
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def resolved(self):
+        """A copy with the dataset's defaults filled in; raises ValueError naming the first bad setting."""
+        self._check_types()
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"unknown {name.replace('_', '-')} {value!r}; choose one of {', '.join(allowed)}")
+        filled = dataclasses.replace(self, **{k: v for k, v in DATASET_DEFAULTS[self.dataset].items()
+                                              if getattr(self, k) is None})
+        filled._check_values()
+        return filled
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def _check_types(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), hints[f.name]
+            if value is None and f.default is None:
+                continue
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                  isinstance(value, kind))
+            if not ok:
+                raise ValueError(f"setting {f.name} must be {'a number' if kind is float else kind.__name__}, "
+                                 f"got {value!r}")
+
+    def _check_values(self):
+        if not 0 < self.epsilon <= 1:
+            raise ValueError(f"epsilon is the poison budget as a fraction of the training set, in (0, 1]; got {self.epsilon}")
+        if not 0 < self.gc_target_epsilon <= 1:
+            raise ValueError(f"gc_target_epsilon is a fraction of the training set, in (0, 1]; got {self.gc_target_epsilon}")
+        for name in NON_NEGATIVE_INTS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in POSITIVE_INTS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in POSITIVE_FLOATS:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.cuda_graphs and self.attack == "tgda" and (self.defender not in LINEAR_CHAIN_DEFENDERS
+                                                          or self.leader != "attacker"):
+            raise ValueError(f"cuda-graphs records the solves of an {' or '.join(LINEAR_CHAIN_DEFENDERS)} defender "
+                             f"with the attacker as leader; got defender {self.defender!r}, leader {self.leader!r}")
+        check_device(self.device)
+
+
+def check_device(device):
+    """Raises ValueError unless `device` names a device torch can use here."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1): {exc}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is visible to torch here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {device!r}: only cpu and cuda devices are supported")

@@ -1,0 +1,33 @@
+"""What a run reports beside the accuracies of the protocol of Lu, Kamath & Yu (TMLR 2022): how far
+the poisons moved from their clean sources and how diverse they are, and the mean and standard
+deviation of a metric over seeds."""
+import statistics
+
+import torch
+
+SUMMARY_KEYS = ("clean_accuracy", "poisoned_accuracy", "accuracy_drop", "attack_seconds")
+POISON_KEYS = ("mean_perturbation_l2", "poison_pairwise_l2", "source_pairwise_l2")
+
+
+def poison_statistics(x_source, x_poison):
+    """How far the poisons moved from their clean sources and how diverse they are (mean L2 distances
+    over flattened images). A poison_pairwise_l2 far below source_pairwise_l2 means the attacker has
+    collapsed many poisons onto one image."""
+    src, poi = x_source.flatten(1).double(), x_poison.flatten(1).double()
+    n = len(poi)
+
+    def mean_pairwise(x):
+        return (torch.cdist(x, x).sum() / (n * (n - 1))).item() if n > 1 else 0.0
+
+    return {"mean_perturbation_l2": (poi - src).norm(dim=1).mean().item(),
+            "poison_pairwise_l2": mean_pairwise(poi), "source_pairwise_l2": mean_pairwise(src)}
+
+
+def summarize(runs):
+    """Mean and standard deviation over seeds of the metrics of several runs."""
+    keys = SUMMARY_KEYS + tuple(k for k in POISON_KEYS if all(k in r for r in runs))
+    summary = {"seeds": [r["seed"] for r in runs], **{k: runs[0][k] for k in ("dataset", "defender", "attack", "epsilon")}}
+    for k in keys:
+        values = [r[k] for r in runs]
+        summary[k] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return summary

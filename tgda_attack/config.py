@@ -88,7 +88,7 @@ class Config:
     warm_start: str = "partial"
     leader: str = "attacker"
     formulation: str = "non-zero-sum"
-    gc_target_epsilon: float = 1.0
+    gc_target_epsilon: float = 0.1
     gc_target_epochs: int = 10
     gc_steps: int = 500
     gc_lr: float = 0.01

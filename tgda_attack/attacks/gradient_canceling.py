@@ -39,7 +39,10 @@ class GradientCancelingAttack(PoisoningAttack):
         epsilon: poison budget as a fraction of |D_tr|. (default: 0.03)
         target: the target parameters as a state_dict of the defender, or None to make them by a
             large-budget label flip (target_epsilon, target_epochs, target_lr, batch_size). (default: None)
-        target_epsilon: size of that label flip as a fraction of |D_tr|. (default: 1.0)
+        target_epsilon: size of that label flip as a fraction of |D_tr|. A target the poisons cannot reach
+            leaves the objective nearly where it started: on mnist-sample (LR, epsilon 0.03, seed 0) a flip of
+            100% moved the norm 6.8 -> 6.4 and dropped accuracy 2.8 points, one of 10% moved it 1.09 -> 0.75
+            and dropped it 4.6 (label flip: 4.3). (default: 0.1)
         target_epochs: epochs of gradient descent from the trained defender on D_tr U the flip. (default: 10)
         target_lr: its step size. (default: 0.1)
         steps: Adam steps on the poisons' pixels. (default: 500)
@@ -58,7 +61,7 @@ class GradientCancelingAttack(PoisoningAttack):
     name = "gradient-canceling"
     log_every = 10
 
-    def __init__(self, defender, epsilon=0.03, *, target=None, target_epsilon=1.0, target_epochs=10, target_lr=0.1,
+    def __init__(self, defender, epsilon=0.03, *, target=None, target_epsilon=0.1, target_epochs=10, target_lr=0.1,
                  steps=500, lr=0.01, batch_size=1000, num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0,
                  verbose=False):
         super().__init__(epsilon, init=init, seed=seed)

@@ -9,7 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 .PHONY: demo test bench gpu-check install clean
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/tgda-attack run --dataset mnist-sample --defender lr --epsilon 0.03 --seed 0 --out runs/demo
+	$(VENV)/bin/tgda-attack run --dataset mnist-sample --defender lr --epsilon 0.03 --seed 0 --out runs/demo --overwrite
 
 test: $(VENV)/.installed
 	cd tests && $(abspath $(PY)) -m pytest -q .

@@ -12,7 +12,7 @@ The probe reproduces exactly that: it compiles a tiny shared library with the ca
 loads it into a fresh Python that has imported torch, and formats numbers into a std::ostringstream.
 A crash, a library that does not load, or a wrong result rejects the compiler.
 
-    python -m hypergrad._toolchain [COMPILER ...]    (prints the verdict for each; default: $CXX, g++, c++)
+    python -m hypergrad._toolchain [COMPILER ...]    (prints the verdict for each; default: $CXX or c++, then g++, c++: setup.py's order)
 """
 import os
 import shutil
@@ -76,7 +76,7 @@ def choose_compiler(preferred, alternatives=("g++", "c++"), python=sys.executabl
 
 
 def main(argv=None):
-    compilers = (argv if argv is not None else sys.argv[1:]) or [os.environ.get("CXX", "g++"), "g++", "c++"]
+    compilers = (argv if argv is not None else sys.argv[1:]) or [os.environ.get("CXX", "c++"), "g++", "c++"]
     status = 0
     for compiler in dict.fromkeys(compilers):
         ok, reason = probe(compiler)

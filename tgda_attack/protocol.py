@@ -65,13 +65,18 @@ def train_defender(cfg, x, y, verbose=False, desc="train defender"):
                             lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc)
 
 
+def _needs_attacker_network(cfg):
+    """Whether the run's attack trains an attacker network (TGDA, unless its leader is the pixels)."""
+    return ATTACKS[cfg.attack].needs_attacker and cfg.attacker != "pixels"
+
+
 def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False):
     """Stage 1: writes config.json, the pretrained models and pretrain.json (clean accuracy).
 
     `out` must be new or hold this run (`resume`, then a finished stage 1 is kept) or be cleared
     (`overwrite`): see tgda_attack.rundir.claim."""
     cfg = cfg.resolved()
-    needs_attacker = ATTACKS[cfg.attack].needs_attacker and cfg.attacker != "pixels"
+    needs_attacker = _needs_attacker_network(cfg)
     done = ["pretrain.json", "defender_pretrained.pt"] + (["attacker_pretrained.pt"] if needs_attacker else [])
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
         return read_json(os.path.join(out, "pretrain.json"))
@@ -110,9 +115,10 @@ def stage_attack(out, verbose=False):
     splits = load_splits(cfg)
     defender = new_defender(cfg, splits.image_shape)
     defender.load_state_dict(load_state(os.path.join(out, "defender_pretrained.pt")))
-    attacker = new_attacker(cfg, splits.image_shape) if attack_cls.needs_attacker else None
-    if attacker is not None:
+    attacker = None
+    if _needs_attacker_network(cfg):
         need(out, "attacker_pretrained.pt")
+        attacker = new_attacker(cfg, splits.image_shape)
         attacker.load_state_dict(load_state(os.path.join(out, "attacker_pretrained.pt")))
     start = time.perf_counter()
     attack = attack_cls.from_config(cfg, defender=defender, attacker=attacker,

@@ -13,7 +13,7 @@ and sets `source_indices_`, the indices into D_tr of the clean points D_p^0 the 
 Adding an attack: one module under tgda_attack/attacks/ with a PoisoningAttack subclass, and its class
 in the tuple of tgda_attack/attacks/__init__.py. The protocol and the CLI need no other change.
 """
-from ..data import poison_budget
+from ..data import poison_budget, poison_sources
 
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
 
@@ -38,6 +38,22 @@ class PoisoningAttack:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def _check_counts(self, *names, minimum=0):
+        """Raises ValueError unless each named parameter is an integer of at least `minimum` (0 or 1)."""
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                kind = "non-negative" if minimum == 0 else "positive"
+                raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+
+    def _craft_sources(self, n):
+        """D_p^0 for a training set of n points: sets and returns `source_indices_`; an attack that crafts
+        poisons needs at least one."""
+        self.source_indices_ = poison_sources(n, self.epsilon, self.init, self.seed)
+        if len(self.source_indices_) == 0:
+            raise ValueError(f"epsilon={self.epsilon} of {n} training points leaves no poison to craft")
+        return self.source_indices_
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):

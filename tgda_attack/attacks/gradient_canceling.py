@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..data import poison_sources
 from ..training import train_classifier
 from .base import PoisoningAttack
+from .label_flip import LabelFlipAttack
 
 
 class GradientCancelingAttack(PoisoningAttack):
@@ -77,11 +77,8 @@ class GradientCancelingAttack(PoisoningAttack):
             raise ValueError("gradient canceling needs the trained defender (defender=...)")
         if not 0 < self.target_epsilon <= 1:
             raise ValueError(f"target_epsilon is a fraction of the training set in (0, 1], got {self.target_epsilon}")
-        for name in ("target_epochs", "steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        self._check_counts("target_epochs", "steps")
+        self._check_counts("batch_size", minimum=1)
         if self.lr <= 0 or self.target_lr <= 0:
             raise ValueError("the step sizes lr and target_lr must be positive")
 
@@ -101,11 +98,7 @@ class GradientCancelingAttack(PoisoningAttack):
         model.eval()
         params = {k: v.detach() for k, v in model.named_parameters()}
 
-        idx = poison_sources(len(y), self.epsilon, self.init, self.seed)
-        self.source_indices_ = idx
-        if len(idx) == 0:
-            raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to craft")
-        idx = idx.to(ref.device)
+        idx = self._craft_sources(len(y)).to(ref.device)
         x_p = x[idx].clone().requires_grad_(True)
         y_p = (self.num_classes - 1) - y[idx]
         g_clean = self.clean_gradient(model, params, x, y)
@@ -128,8 +121,9 @@ class GradientCancelingAttack(PoisoningAttack):
     def _target_parameters(self, model, x, y):
         if self.target is not None:
             return {k: v.to(next(model.parameters()).device) for k, v in self.target.items()}
-        flip = poison_sources(len(y), self.target_epsilon, "random", self.seed + 1).to(y.device)
-        x_t, y_t = torch.cat([x, x[flip]]), torch.cat([y, (self.num_classes - 1) - y[flip]])
+        x_f, y_f = LabelFlipAttack(self.target_epsilon, init="random", num_classes=self.num_classes,
+                                   seed=self.seed + 1).poison(x, y)
+        x_t, y_t = torch.cat([x, x_f]), torch.cat([y, y_f])
         target = train_classifier(copy.deepcopy(model), x_t, y_t, epochs=self.target_epochs, batch_size=self.batch_size,
                                   lr=self.target_lr, seed=self.seed, verbose=self.verbose, desc="gc target")
         return {k: v.detach().clone() for k, v in target.state_dict().items()}

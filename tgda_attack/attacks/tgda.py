@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import hypergrad
 
-from ..data import poison_sources, split_train_val
+from ..data import split_train_val
 from .base import PoisoningAttack
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,8 @@ class TGDAAttack(PoisoningAttack):
 
     def _check_params(self):
         super()._check_params()
-        for name in ("epochs", "leader_steps", "follower_steps", "solver_iterations"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        self._check_counts("epochs", "leader_steps", "follower_steps", "solver_iterations")
+        self._check_counts("batch_size", minimum=1)
         if self.alpha <= 0 or self.beta <= 0:
             raise ValueError("the step sizes alpha and beta must be positive")
         if self.solver not in hypergrad.METHODS:
@@ -148,11 +144,8 @@ class TGDAAttack(PoisoningAttack):
                              f"LR and NN defenders); {type(defender).__name__} is not: run without cuda_graphs")
         self._graphs = hypergrad.SolveGraphCache() if self.cuda_graphs else None
 
-        self.source_indices_ = poison_sources(len(y), self.epsilon, self.init, self.seed)
-        n_poison = len(self.source_indices_)
-        if n_poison == 0:
-            raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to craft")
-        idx = self.source_indices_.to(ref.device)
+        idx = self._craft_sources(len(y)).to(ref.device)
+        n_poison = len(idx)
         x_p0, y_p0 = x[idx], y[idx]
         attacker = _DirectPoisons(x_p0) if self.attacker is None else copy.deepcopy(self.attacker)
         attacker.to(ref.device, ref.dtype)

@@ -222,9 +222,34 @@ def test_every_attack_follows_the_one_interface():
 
     from tgda_attack.attacks import ATTACKS, PoisoningAttack
 
-    assert set(ATTACKS) == {"tgda", "label-flip", "gradient-canceling"}
+    assert {"tgda", "label-flip", "gradient-canceling"} <= set(ATTACKS)
     for name, cls in ATTACKS.items():
         assert issubclass(cls, PoisoningAttack) and cls.name == name
         params = inspect.signature(cls.poison).parameters
         assert list(params)[:3] == ["self", "x", "y"]
         assert params["x_val"].kind is inspect.Parameter.KEYWORD_ONLY and params["y_val"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_attack_settings_become_checked_config_fields_and_must_agree():
+    import dataclasses
+
+    from tgda_attack.attacks import ATTACKS, PoisoningAttack
+    from tgda_attack.attacks.base import Setting, registry
+    from tgda_attack.config import Config
+
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    for cls in ATTACKS.values():
+        for setting in cls.settings:
+            assert fields[setting.name] == setting.default and setting.problem(setting.default) is None
+        assert set(cls.quick) <= set(fields), cls.name
+    assert Setting("k", int, 1, "positive-count").problem(0) == "k must be an integer >= 1, got 0"
+    assert "choose one of a, b" in Setting("mode", str, "a", ("a", "b")).problem("c")
+
+    class One(PoisoningAttack):
+        name, settings = "one", (Setting("steps", int, 5, "count"),)
+
+    class Two(PoisoningAttack):
+        name, settings = "two", (Setting("steps", int, 7, "count"),)
+
+    with pytest.raises(ValueError, match="declare setting 'steps' differently"):
+        registry(One, Two)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tgda_attack import cli, protocol
+from tgda_attack.attacks import ATTACKS
 
 TINY = dict(dataset="mnist-sample", defender="lr", pretrain_epochs=1, pretrain_batch_size=1000,
             attacker_epochs=0, attack_epochs=1, attack_batch_size=1000, follower_steps=1, solver_iterations=2)
@@ -145,6 +146,7 @@ def test_diverging_training_is_an_error():
     (["--epsilon", "0"], "epsilon"), (["--epsilon", "-0.1"], "epsilon"), (["--epsilon", "1.5"], "epsilon"),
     (["--device", "cuda:7"], "device"), (["--device", "tpu"], "device"), (["--pretrain-batch-size", "0"], "pretrain-batch-size"),
     (["--alpha", "0"], "alpha"), (["--cuda-graphs", "--defender", "cnn"], "cuda-graphs"),
+    (["--gc-steps", "-1"], "gc-steps must be an integer >= 0"), (["--target-epsilon", "0"], "target-epsilon must be a fraction"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -157,7 +159,8 @@ def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
 @pytest.mark.parametrize("content, message", [
     ('{"epsilon": "lots"}', "epsilon must be a number"), ('{"attack": "fgsm"}', "unknown attack"),
     ('{"pretrain_epochs": 1.5}', "pretrain_epochs must be int"), ('{"cuda_graphs": "yes"}', "cuda_graphs must be bool"),
-    ('{"flip_rule": "sideways"}', "unknown flip-rule"),
+    ('{"flip_rule": "sideways"}', "unknown flip-rule"), ('{"gc_lr": -1}', "gc-lr must be a number > 0"),
+    ('{"gc_steps": "many"}', "gc_steps must be int"),
 ])
 def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
     path = tmp_path / "c.json"
@@ -183,10 +186,14 @@ def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed(tmp
     assert json.load(open(os.path.join(out, "metrics.json")))["n_poison"] == 140
 
 
-@pytest.mark.parametrize("attack", ["gradient-canceling", "label-flip"])
+def _flags(values):
+    return [arg for key, value in values.items() for arg in ("--" + key.replace("_", "-"), str(value))]
+
+
+@pytest.mark.parametrize("attack", [name for name in ATTACKS if name != "tgda"])
 def test_every_registered_baseline_runs_through_the_cli(attack, tmp_path):
     out = str(tmp_path)
-    extra = ["--gc-steps", "3", "--gc-target-epochs", "1"] if attack == "gradient-canceling" else ["--flip-rule", "largest-loss"]
+    extra = _flags(ATTACKS[attack].quick)
     assert cli.main(["run", "--attack", attack, *extra, "--out", out, *TINY_FLAGS]) == 0
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["attack"] == attack and metrics["n_poison"] == 84

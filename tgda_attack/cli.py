@@ -17,7 +17,7 @@ import tomllib
 import typing
 
 from . import protocol
-from .config import CHOICES, Config
+from .config import ATTACK_SETTINGS, CHOICES, Config
 from .data import DataNotFoundError
 from .metrics import summarize
 from .report import metrics_table, summary_table
@@ -36,13 +36,14 @@ class _Parser(argparse.ArgumentParser):
 def _add_config_options(parser):
     group = parser.add_argument_group("settings (defaults: tgda_attack.config.Config and DATASET_DEFAULTS)")
     hints = typing.get_type_hints(Config)
+    helps = {s.name: s.help + " " for s in ATTACK_SETTINGS}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
             continue
         group.add_argument(flag, dest=f.name, type=hints[f.name], choices=CHOICES.get(f.name), default=None,
-                           help=f"(default: {f.default if f.default is not None else 'by dataset'})")
+                           help=f"{helps.get(f.name, '')}(default: {f.default if f.default is not None else 'by dataset'})")
     parser.add_argument("--config", help="a JSON or TOML file of settings")
     parser.add_argument("--seeds", type=int, nargs="+", help="run several seeds, one sub-folder each")
     runs = parser.add_mutually_exclusive_group()

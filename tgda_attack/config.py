@@ -3,8 +3,10 @@ every check on them, made before any data is loaded or any model trained.
 
 Config holds every setting; None values are filled from DATASET_DEFAULTS by `resolved()`, which also
 checks types, ranges, choices and the device, so that a wrong value stops a run at once with a
-message that names it. CHOICES lists each setting's allowed values, taken from the module that owns
-them; the command line reads its choices from here.
+message that names it. The protocol's own settings are the fields of _ProtocolSettings; each attack
+adds the settings only it reads (PoisoningAttack.settings), so that Config is those fields followed by
+every registered attack's. CHOICES lists each setting's allowed values, taken from the module that
+owns them; the command line reads its choices and types from here.
 """
 import dataclasses
 import typing
@@ -14,7 +16,7 @@ import torch
 import hypergrad
 
 from .attacks import ATTACKS, FLIP_RULES
-from .attacks.base import INITS
+from .attacks.base import INITS, attack_settings
 from .attacks.tgda import FORMULATIONS, LEADERS, WARM_STARTS
 from .data import DATASETS
 from .models import ATTACKERS, DEFENDERS
@@ -43,20 +45,22 @@ DATASET_DEFAULTS = {
                      "attacker_epochs": 20, "attacker_batch_size": 100, "alpha": 0.01, "beta": 0.05, "attacker": "mlp"},
 }
 
+ATTACK_SETTINGS = attack_settings(ATTACKS)  # the settings the registered attacks add, each checked by its Setting
 CHOICES = {
     "dataset": DATASETS, "defender": tuple(DEFENDERS), "attack": tuple(ATTACKS), "attacker": ATTACKER_NAMES,
     "poison_init": INITS, "flip_rule": FLIP_RULES, "solver": tuple(hypergrad.METHODS), "warm_start": WARM_STARTS,
     "leader": LEADERS, "formulation": FORMULATIONS, "dtype": DTYPES,
+    **{s.name: s.check for s in ATTACK_SETTINGS if isinstance(s.check, tuple)},
 }
 NON_NEGATIVE_INTS = ("pretrain_epochs", "attacker_epochs", "attack_epochs", "leader_steps", "follower_steps",
-                     "solver_iterations", "gc_target_epochs", "gc_steps")
+                     "solver_iterations")
 POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_size")
-POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta", "gc_lr")
+POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
 
 
 @dataclasses.dataclass
-class Config:
-    """Every setting of one protocol run; None values are filled from DATASET_DEFAULTS."""
+class _ProtocolSettings:
+    """The protocol's own settings (Config adds the attacks'); None values are filled from DATASET_DEFAULTS."""
 
     dataset: str = "mnist-sample"
     data_root: str = None
@@ -88,10 +92,6 @@ class Config:
     warm_start: str = "partial"
     leader: str = "attacker"
     formulation: str = "non-zero-sum"
-    gc_target_epsilon: float = 0.1
-    gc_target_epochs: int = 10
-    gc_steps: int = 500
-    gc_lr: float = 0.01
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -132,8 +132,6 @@ class Config:
     def _check_values(self):
         if not 0 < self.epsilon <= 1:
             raise ValueError(f"epsilon is the poison budget as a fraction of the training set, in (0, 1]; got {self.epsilon}")
-        if not 0 < self.gc_target_epsilon <= 1:
-            raise ValueError(f"gc_target_epsilon is a fraction of the training set, in (0, 1]; got {self.gc_target_epsilon}")
         for name in NON_NEGATIVE_INTS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -145,11 +143,29 @@ class Config:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        for setting in ATTACK_SETTINGS:
+            problem = setting.problem(getattr(self, setting.name))
+            if problem:
+                raise ValueError(problem)
         if self.cuda_graphs and self.attack == "tgda" and (self.defender not in LINEAR_CHAIN_DEFENDERS
                                                           or self.leader != "attacker"):
             raise ValueError(f"cuda-graphs records the solves of an {' or '.join(LINEAR_CHAIN_DEFENDERS)} defender "
                              f"with the attacker as leader; got defender {self.defender!r}, leader {self.leader!r}")
         check_device(self.device)
+
+
+def _with_attack_settings(base):
+    clash = sorted({s.name for s in ATTACK_SETTINGS} & {f.name for f in dataclasses.fields(base)})
+    if clash:
+        raise TypeError(f"attack settings {clash} clash with the protocol's own")
+    cls = dataclasses.make_dataclass("Config", [(s.name, s.type, s.default) for s in ATTACK_SETTINGS], bases=(base,))
+    cls.__module__, cls.__doc__ = __name__, (
+        "Every setting of one protocol run: the protocol's own (_ProtocolSettings), then those of the attacks "
+        "(PoisoningAttack.settings); None values are filled from DATASET_DEFAULTS by resolved().")
+    return cls
+
+
+Config = _with_attack_settings(_ProtocolSettings)
 
 
 def check_device(device):

@@ -11,11 +11,48 @@ attack uses one. It returns only the points to add to the training set, |D_p| = 
 and sets `source_indices_`, the indices into D_tr of the clean points D_p^0 the poisons start from.
 
 Adding an attack: one module under tgda_attack/attacks/ with a PoisoningAttack subclass, and its class
-in the tuple of tgda_attack/attacks/__init__.py. The protocol and the CLI need no other change.
+in the tuple of tgda_attack/attacks/__init__.py. The protocol and the CLI need no other change: the
+settings the attack adds to a run (its `settings`, a tuple of Setting) become fields of
+tgda_attack.config.Config, options of the command line and keys of a config file, checked with every
+other setting before any work starts.
 """
+import dataclasses
+
 from ..data import poison_budget, poison_sources
 
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
+
+# What Setting.check may name: a rule on the value, or a tuple of the allowed values.
+SETTING_CHECKS = {
+    "count": (lambda v: v >= 0, "an integer >= 0"),
+    "positive-count": (lambda v: v >= 1, "an integer >= 1"),
+    "positive": (lambda v: v > 0, "a number > 0"),
+    "non-negative": (lambda v: v >= 0, "a number >= 0"),
+    "fraction": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting an attack adds to a run's configuration: a field of Config (`name`), the option
+    --name-with-dashes, a key of a config file. `check` is a key of SETTING_CHECKS, a tuple of the
+    allowed values, or None; two attacks may declare the same setting only identically."""
+
+    name: str
+    type: type
+    default: object
+    check: object = None
+    help: str = ""
+
+    def problem(self, value):
+        """None if `value` is allowed, else what is wrong with it (one sentence)."""
+        flag = self.name.replace("_", "-")
+        if isinstance(self.check, tuple):
+            return None if value in self.check else f"unknown {flag} {value!r}; choose one of {', '.join(self.check)}"
+        if self.check is None:
+            return None
+        ok, wanted = SETTING_CHECKS[self.check]
+        return None if ok(value) else f"{flag} must be {wanted}, got {value!r}"
 
 
 class PoisoningAttack:
@@ -25,6 +62,8 @@ class PoisoningAttack:
 
     name = None
     needs_attacker = False
+    settings = ()  # Setting(...) for each run setting only this attack reads
+    quick = {}  # Config values that make a run of this attack take seconds (the tests, `bench --scale smoke`)
 
     def __init__(self, epsilon=0.03, *, init="first", seed=0):
         self.epsilon, self.init, self.seed = epsilon, init, seed
@@ -65,12 +104,25 @@ class PoisoningAttack:
 
 
 def registry(*classes):
-    """{name: class} of the attack classes, checked: every class a PoisoningAttack with a unique name."""
-    out = {}
+    """{name: class} of the attack classes, checked: every class a PoisoningAttack with a unique name, and
+    a setting two attacks share declared by both alike."""
+    out, seen = {}, {}
     for cls in classes:
         if not (isinstance(cls, type) and issubclass(cls, PoisoningAttack)) or not cls.name:
             raise TypeError(f"{cls!r} is not a named PoisoningAttack subclass")
         if cls.name in out:
             raise ValueError(f"two attacks are named {cls.name!r}")
+        for setting in cls.settings:
+            if seen.setdefault(setting.name, setting) != setting:
+                raise ValueError(f"attacks declare setting {setting.name!r} differently: {seen[setting.name]} and {setting}")
         out[cls.name] = cls
     return out
+
+
+def attack_settings(attacks):
+    """The distinct settings the attacks of a registry add to a run, in registry order."""
+    out = {}
+    for cls in attacks.values():
+        for setting in cls.settings:
+            out.setdefault(setting.name, setting)
+    return tuple(out.values())

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..training import train_classifier
-from .base import PoisoningAttack
-from .label_flip import LabelFlipAttack
+from .base import PoisoningAttack, Setting
+from .targets import TARGET_SETTINGS, label_flip_target
 
 
 class GradientCancelingAttack(PoisoningAttack):
@@ -60,6 +59,11 @@ class GradientCancelingAttack(PoisoningAttack):
 
     name = "gradient-canceling"
     log_every = 10
+    settings = TARGET_SETTINGS + (
+        Setting("gc_steps", int, 500, "count", "Adam steps of gradient canceling on the poisons' pixels"),
+        Setting("gc_lr", float, 0.01, "positive", "Adam's step size in gradient canceling"),
+    )
+    quick = {"gc_steps": 3, "target_epochs": 1}
 
     def __init__(self, defender, epsilon=0.03, *, target=None, target_epsilon=0.1, target_epochs=10, target_lr=0.1,
                  steps=500, lr=0.01, batch_size=1000, num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0,
@@ -84,7 +88,7 @@ class GradientCancelingAttack(PoisoningAttack):
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
-        return cls(defender, cfg.epsilon, target_epsilon=cfg.gc_target_epsilon, target_epochs=cfg.gc_target_epochs,
+        return cls(defender, cfg.epsilon, target_epsilon=cfg.target_epsilon, target_epochs=cfg.target_epochs,
                    target_lr=cfg.pretrain_lr, steps=cfg.gc_steps, lr=cfg.gc_lr, batch_size=cfg.pretrain_batch_size,
                    init=cfg.poison_init, seed=cfg.seed, verbose=verbose)
 
@@ -121,12 +125,9 @@ class GradientCancelingAttack(PoisoningAttack):
     def _target_parameters(self, model, x, y):
         if self.target is not None:
             return {k: v.to(next(model.parameters()).device) for k, v in self.target.items()}
-        x_f, y_f = LabelFlipAttack(self.target_epsilon, init="random", num_classes=self.num_classes,
-                                   seed=self.seed + 1).poison(x, y)
-        x_t, y_t = torch.cat([x, x_f]), torch.cat([y, y_f])
-        target = train_classifier(copy.deepcopy(model), x_t, y_t, epochs=self.target_epochs, batch_size=self.batch_size,
-                                  lr=self.target_lr, seed=self.seed, verbose=self.verbose, desc="gc target")
-        return {k: v.detach().clone() for k, v in target.state_dict().items()}
+        return label_flip_target(model, x, y, epsilon=self.target_epsilon, epochs=self.target_epochs,
+                                 lr=self.target_lr, batch_size=self.batch_size, num_classes=self.num_classes,
+                                 seed=self.seed, verbose=self.verbose)
 
     def clean_gradient(self, model, params, x, y):
         """sum_{i in D_tr} grad_w l(x_i, y_i; w_t), flattened (float64 accumulation)."""

@@ -27,6 +27,7 @@ class LabelFlipAttack(PoisoningAttack):
     """
 
     name = "label-flip"
+    quick = {"flip_rule": "largest-loss"}  # the rule that needs the trained defender
 
     def __init__(self, epsilon=0.03, rule="reverse", *, defender=None, init="first", num_classes=10, seed=0):
         super().__init__(epsilon, init=init, seed=seed)

@@ -129,11 +129,22 @@ def stage_attack(out, verbose=False):
                         ("defender_attacked.pt", getattr(attack, "defender_", None))):
         if model is not None:
             torch.save(model.state_dict(), os.path.join(out, name))
-    torch.save({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_.cpu()},
-               os.path.join(out, "poisons.pt"))
+    torch.save({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_.cpu(),
+                "replaces_sources": torch.tensor(bool(attack.replaces_sources))}, os.path.join(out, "poisons.pt"))
     result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": attack.history}
     write_json(os.path.join(out, "attack.json"), result)
     return result
+
+
+def poisoned_training_set(x_train, y_train, poisons, x_p, y_p):
+    """D_tr U D_p, or, for an attack that perturbs training points in place, D_tr with its source points
+    replaced by the poisons."""
+    if not bool(poisons.get("replaces_sources", False)):
+        return torch.cat([x_train, x_p]), torch.cat([y_train, y_p])
+    idx = poisons["source_indices"].to(x_train.device)
+    x, y = x_train.clone(), y_train.clone()
+    x[idx], y[idx] = x_p, y_p
+    return x, y
 
 
 def stage_evaluate(out, verbose=False):
@@ -144,7 +155,7 @@ def stage_evaluate(out, verbose=False):
     poisons = load_state(os.path.join(out, "poisons.pt"))
     x_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg))
     y_p = poisons["y_poison"].to(cfg.device)
-    retrained = train_defender(cfg, torch.cat([splits.x_train, x_p]), torch.cat([splits.y_train, y_p]),
+    retrained = train_defender(cfg, *poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p),
                                verbose, desc="retrain defender")
     torch.save(retrained.state_dict(), os.path.join(out, "defender_poisoned.pt"))
     pre, att = read_json(os.path.join(out, "pretrain.json")), read_json(os.path.join(out, "attack.json"))
@@ -152,7 +163,7 @@ def stage_evaluate(out, verbose=False):
     metrics = {
         "dataset": cfg.dataset, "defender": cfg.defender, "attack": cfg.attack, "epsilon": cfg.epsilon,
         "seed": cfg.seed, "n_train": len(splits.y_train), "n_val": len(splits.y_val), "n_test": len(splits.y_test),
-        "n_poison": len(y_p), "clean_accuracy": pre["clean_accuracy"], "poisoned_accuracy": poisoned,
+        "n_poison": len(y_p), "replaces_sources": bool(poisons.get("replaces_sources", False)), "clean_accuracy": pre["clean_accuracy"], "poisoned_accuracy": poisoned,
         "accuracy_drop": pre["clean_accuracy"] - poisoned, "attack_seconds": att["attack_seconds"],
         "pretrain_seconds": pre["pretrain_seconds"],
     }

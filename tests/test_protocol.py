@@ -42,6 +42,7 @@ def test_poison_statistics_closed_form():
     poison = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2), torch.ones(1, 2, 2)])  # two identical
     stats = protocol.poison_statistics(source, poison)
     assert stats["mean_perturbation_l2"] == pytest.approx((0 + 2 + 2) / 3)  # |(1,1,1,1)| = 2
+    assert stats["mean_perturbation_linf"] == pytest.approx(2 / 3) and stats["max_perturbation_linf"] == 1.0
     assert stats["poison_pairwise_l2"] == pytest.approx((2 + 2 + 0) * 2 / 6)
     assert stats["source_pairwise_l2"] == 0.0
 
@@ -198,3 +199,33 @@ def test_every_registered_baseline_runs_through_the_cli(attack, tmp_path):
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["attack"] == attack and metrics["n_poison"] == 84
     assert not os.path.exists(os.path.join(out, "attacker_pretrained.pt"))  # only TGDA needs an attacker network
+
+
+def test_transfer_tests_the_poisons_on_another_defender(tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["run", "--attack", "label-flip", "--eval-defender", "nn", "--out", out, *TINY_FLAGS]) == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    pretrain = json.load(open(os.path.join(out, "pretrain.json")))
+    assert metrics["defender"] == "lr" and metrics["eval_defender"] == "nn"
+    assert metrics["clean_accuracy"] == pretrain["eval_clean_accuracy"] != pretrain["clean_accuracy"]
+    cfg = protocol.Config.from_dict({**TINY, "attack": "label-flip", "eval_defender": "nn"}).resolved()
+    splits = protocol.load_splits(cfg)
+    clean_nn = protocol.train_defender(cfg, splits.x_train, splits.y_train, name="nn")  # independent retrace
+    assert pretrain["eval_clean_accuracy"] == protocol.accuracy(clean_nn, splits.x_test, splits.y_test)
+    poisoned = torch.load(os.path.join(out, "defender_poisoned.pt"), weights_only=True)
+    assert poisoned["1.weight"].shape == (784, 784)  # the NN was retrained, not the LR surrogate
+
+
+def test_perfect_knowledge_gives_the_attacker_the_test_set(tmp_path, monkeypatch):
+    seen = {}
+    base = ATTACKS["label-flip"]
+
+    class Recording(base):
+        def poison(self, x, y, *, x_val=None, y_val=None):
+            seen["n_val"] = len(y_val)
+            return super().poison(x, y, x_val=x_val, y_val=y_val)
+
+    monkeypatch.setitem(protocol.ATTACKS, "label-flip", Recording)
+    for flag, expected in (("--no-perfect-knowledge", 1200), ("--perfect-knowledge", 1000)):
+        assert cli.main(["run", "--attack", "label-flip", flag, "--out", str(tmp_path / flag), *TINY_FLAGS]) == 0
+        assert seen["n_val"] == expected  # D_v: 30% of the 4,000 training digits, or the 1,000 test digits

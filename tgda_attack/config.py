@@ -47,7 +47,7 @@ DATASET_DEFAULTS = {
 
 ATTACK_SETTINGS = attack_settings(ATTACKS)  # the settings the registered attacks add, each checked by its Setting
 CHOICES = {
-    "dataset": DATASETS, "defender": tuple(DEFENDERS), "attack": tuple(ATTACKS), "attacker": ATTACKER_NAMES,
+    "dataset": DATASETS, "defender": tuple(DEFENDERS), "eval_defender": tuple(DEFENDERS), "attack": tuple(ATTACKS), "attacker": ATTACKER_NAMES,
     "poison_init": INITS, "flip_rule": FLIP_RULES, "solver": tuple(hypergrad.METHODS), "warm_start": WARM_STARTS,
     "leader": LEADERS, "formulation": FORMULATIONS, "dtype": DTYPES,
     **{s.name: s.check for s in ATTACK_SETTINGS if isinstance(s.check, tuple)},
@@ -66,6 +66,8 @@ class _ProtocolSettings:
     data_root: str = None
     download: bool = False
     defender: str = "lr"
+    eval_defender: str = None  # transfer (Table 9): poisons made against `defender` tested on this one
+    perfect_knowledge: bool = False  # the attacker's D_v is D_test (Koh et al. 2018's setting)
     attack: str = "tgda"
     attacker: str = None
     epsilon: float = 0.03

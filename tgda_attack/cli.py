@@ -3,6 +3,8 @@
     tgda-attack run --dataset mnist-sample --defender lr --epsilon 0.03 --seed 0 --out DIR
     tgda-attack pretrain --out DIR ...; tgda-attack attack --out DIR; tgda-attack evaluate --out DIR
     tgda-attack run --seeds 0 1 2 --out DIR     (one folder per seed, mean and std in DIR/summary.md)
+    tgda-attack bench --table 2 --scale smoke|sample|paper --seeds 3 [--data-root DIR] --out DIR
+                                                (the paper's tables, ours beside the paper's numbers)
 
 Every setting of tgda_attack.config.Config is an option (--pretrain-epochs, --solver, ...) and can
 come from a JSON or TOML file (--config FILE; options on the command line win). Usage errors exit
@@ -16,7 +18,7 @@ import sys
 import tomllib
 import typing
 
-from . import protocol
+from . import bench, protocol
 from .config import ATTACK_SETTINGS, CHOICES, Config
 from .data import DataNotFoundError
 from .metrics import summarize
@@ -66,7 +68,37 @@ def build_parser():
         p = sub.add_parser(name, help=text)
         p.add_argument("--out", required=True, help="folder holding the earlier stages' files")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("bench", help="the paper's tables: every run in its own folder, complete runs kept")
+    p.add_argument("--table", required=True, choices=tuple(bench.TABLES), help="a table of the paper, or figure-4")
+    p.add_argument("--scale", default="smoke", choices=bench.SCALES,
+                   help="smoke: seconds, meaningless numbers; sample: the embedded MNIST sample; paper: full data")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. K-1 (default: 1)")
+    p.add_argument("--data-root", help="folder of the full dataset (the paper scale)")
+    p.add_argument("--defenders", nargs="+", choices=CHOICES["defender"], help="columns (default: by scale)")
+    p.add_argument("--attacks", nargs="+", choices=CHOICES["attack"], help="rows of table 2 and figure-4 (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    p.add_argument("--overwrite", action="store_true", help="replace runs whose folders hold other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _bench(args):
+    if args.seeds < 1:
+        raise UsageError(f"--seeds is the number of seeds, at least 1; got {args.seeds}")
+    table = bench.TABLES[args.table]
+    try:
+        rows = bench.run_table(table, args.scale, list(range(args.seeds)), args.out, data_root=args.data_root,
+                               device=args.device, defenders=args.defenders, attacks=args.attacks,
+                               overwrite=args.overwrite, verbose=not args.quiet)
+    except ValueError as exc:
+        if isinstance(exc, RunFolderError):
+            raise
+        raise UsageError(str(exc)) from None
+    print(bench.markdown(table, args.scale, rows))
+    print(f"written: {os.path.join(args.out, f'table_{table.key}')}.{{md,csv,json}}"
+          + (" and .png" if table.key == "figure-4" else ""))
+    return 0
 
 
 def _read_config_file(path):
@@ -107,6 +139,8 @@ def main(argv=None):
     try:
         args = parser.parse_args(argv)
         verbose = not args.quiet
+        if args.command == "bench":
+            return _bench(args)
         if args.command in ("run", "pretrain"):
             cfg = config_from_args(args)
             seeds = args.seeds or [cfg.seed]

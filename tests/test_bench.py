@@ -1,0 +1,87 @@
+"""`tgda-attack bench`: the paper's tables at the smoke scale, resumed runs, the paper's numbers beside ours,
+and usage errors caught before any run starts."""
+import csv
+import json
+import os
+
+import pytest
+
+from tgda_attack import bench, cli, protocol
+from tgda_attack.attacks import ATTACKS
+
+
+def test_every_table_plans_valid_runs_at_every_scale():
+    for table in bench.TABLES.values():
+        for scale in bench.SCALES:
+            runs = bench.plan(table, scale, [0, 1], data_root="/data")
+            assert runs and all(cfg.seed in (0, 1) for _, _, cfg in runs)
+            keys = {(cell.row, cell.column) for cell, _, _ in runs}
+            assert len(keys) * 2 == len(runs), table.key
+            if scale == "paper":
+                assert {cfg.dataset for _, _, cfg in runs} == {"cifar10" if table.cifar else "mnist"}
+                assert set(table.paper) <= keys, table.key  # every published cell is run at the paper scale
+
+
+def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path)
+    assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--seeds", "1", "--out", out, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("| ") and " lr " in line]
+    assert sorted(line.split(" | ")[0][2:] for line in lines) == sorted(ATTACKS)
+    assert "| tgda | lr | 1 |" in printed and "92.35 / 89.56 / 2.79 | 1.1 h |" in printed  # the paper's, beside ours
+    with open(os.path.join(out, "table_2.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(ATTACKS) and all(r["seeds"] == "1" for r in rows)
+    metrics = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "metrics.json")))
+    row = next(r for r in rows if r["attack"] == "label-flip")
+    assert float(row["accuracy_drop_mean"]) == pytest.approx(100 * metrics["accuracy_drop"])
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a complete run was run again")
+
+    monkeypatch.setattr(protocol, "stage_attack", no_work)
+    monkeypatch.setattr(protocol, "stage_evaluate", no_work)
+    assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--out", out, "--quiet"]) == 0
+
+
+def test_figure_4_is_drawn(tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]) == 0
+    rows = json.load(open(os.path.join(out, "table_figure-4.json")))
+    assert [r["column"] for r in rows] == [f"lr eps={e}" for e in bench.FIGURE_EPSILONS]
+    drops = [r["accuracy_drop_mean"] for r in rows]
+    assert drops[-1] > drops[0]  # flipping every label hurts more than flipping 3%
+    with open(os.path.join(out, "table_figure-4.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scale", "paper"], "--data-root"), (["--seeds", "0"], "--seeds"), (["--table", "14"], "invalid choice"),
+    (["--attacks", "fgsm"], "invalid choice"), (["--device", "tpu"], "device"),
+])
+def test_usage_errors_are_one_line_before_any_run(argv, message, tmp_path, capsys):
+    args = ["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]
+    if "--table" in argv:
+        args = ["bench", "--out", str(tmp_path / "b"), *argv]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_run_folder_with_other_settings_stops_the_bench_unless_overwrite(tmp_path, capsys):
+    out = str(tmp_path)
+    flags = ["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]
+    folder = os.path.join(out, "table_figure-4", "label-flip", "lr_eps=0.03", "seed_0")
+    assert cli.main(["run", "--attack", "label-flip", "--pretrain-epochs", "1", "--out", folder, "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(flags) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main([*flags, "--overwrite"]) == 0
+    assert json.load(open(os.path.join(folder, "config.json")))["pretrain_epochs"] == bench.SMOKE["pretrain_epochs"]
+
+
+def test_missing_full_data_stops_the_paper_scale_before_any_run(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert cli.main(["bench", "--table", "5", "--scale", "paper", "--data-root", str(tmp_path), "--out", str(out)]) == 2
+    assert "MNIST not found" in capsys.readouterr().err and not out.exists()

@@ -1,0 +1,340 @@
+"""`tgda-attack bench`: the experiments behind the tables of Lu, Kamath & Yu, "Indiscriminate Data Poisoning
+Attacks on Neural Networks" (TMLR 2022), run with this library's protocol, with the paper's published
+numbers beside ours.
+
+Tables 2-9, 12 and 13 and Figure 4 (accuracy drop against epsilon). A table is a grid of cells; a cell is
+a set of run settings (a tgda_attack.config.Config over the scale's base) run for every seed into its own
+folder OUT/table_N/ROW/COLUMN/seed_K. A run already complete in its folder is kept (the run folders'
+resume check: tgda_attack.rundir.claim), so an interrupted bench continues where it stopped; a run whose
+folder holds other settings stops the bench unless --overwrite.
+
+Scales: "smoke" (the embedded mnist-sample with every schedule cut to a run of seconds: for tests and CI,
+numbers without meaning), "sample" (mnist-sample with its dataset defaults: minutes a run on 2 CPU
+cores), "paper" (the full datasets with the paper's settings, from --data-root). The paper's CIFAR-10
+tables (3, 12, 13) run on MNIST at the smoke and sample scales, without the paper's numbers beside.
+
+Each table is written as Markdown (mean +- std over seeds of the accuracy drop in points, the poisoned
+accuracy and the attack time), CSV and JSON; Figure 4 also as a PNG.
+"""
+import csv
+import dataclasses
+import os
+import re
+import statistics
+
+from tqdm.auto import tqdm
+
+from . import protocol
+from .attacks import ATTACKS
+from .config import Config
+from .data import check_available
+from .rundir import RunFolderError, write_json
+
+SCALES = ("smoke", "sample", "paper")
+SMOKE = {"pretrain_epochs": 3, "pretrain_batch_size": 100, "attacker_epochs": 0, "attack_epochs": 1,
+         "attack_batch_size": 1000, "follower_steps": 1, "solver_iterations": 2}
+MNIST_DEFENDERS = {"smoke": ("lr",), "sample": ("lr", "nn"), "paper": ("lr", "nn", "cnn")}
+CIFAR_DEFENDERS = ("cifar-cnn", "resnet18")
+FIGURE_EPSILONS = (0.03, 0.1, 0.3, 1.0)
+FIGURE_ATTACKS = ("label-flip", "min-max", "gradient-canceling", "tgda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Paper:
+    """A published cell: the poisoned accuracy and the drop (points), the attack's hours where given."""
+
+    accuracy: float
+    drop: float
+    hours: float = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    row: str
+    column: str
+    settings: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    key: str  # "2" ... "13", "figure-4"
+    title: str
+    cifar: bool  # the paper ran it on CIFAR-10
+    cells: object  # (defenders, attacks) -> [Cell]
+    paper: dict  # (row, column) -> Paper
+    paper_clean: dict  # column -> clean accuracy (%)
+    row_name: str = "attack"
+
+
+MNIST_CLEAN = {"lr": 92.35, "nn": 98.04, "cnn": 99.13}
+CIFAR_CLEAN = {"cifar-cnn": 69.44, "resnet18": 94.95}
+
+
+def _attack_rows(defenders, attacks):
+    return [Cell(a, d, {"attack": a, "defender": d}) for a in attacks for d in defenders]
+
+
+def _variant_rows(variants):
+    """Rows: defenders; columns: TGDA variants {label: settings}."""
+    return lambda defenders, attacks: [Cell(d, label, {"attack": "tgda", "defender": d, **settings})
+                                       for d in defenders for label, settings in variants.items()]
+
+
+def _transfer(defenders, attacks):
+    return [Cell(s, t, {"attack": "tgda", "defender": s, "eval_defender": t}) for s in defenders for t in defenders]
+
+
+def _unlearnable(defenders, attacks):
+    return [Cell("emn", f"{round(100 * p)}%", {"attack": "emn", "emn_mode": "unlearnable", "epsilon": p,
+                                                "defender": defenders[-1]})
+            for p in (0.2, 0.4, 0.6, 0.8, 1.0)]
+
+
+def _figure(defenders, attacks):
+    return [Cell(a, f"{d} eps={e}", {"attack": a, "defender": d, "epsilon": e})
+            for d in defenders for a in attacks for e in FIGURE_EPSILONS]
+
+
+def _p(acc, drop, hours=None):
+    return Paper(acc, drop, hours)
+
+
+TABLES = {t.key: t for t in (
+    Table("2", "MNIST, epsilon = 3%: every attack against every defender", False, _attack_rows, {
+        ("label-flip", "lr"): _p(90.83, 1.52, 0), ("label-flip", "nn"): _p(97.99, 0.05, 0),
+        ("label-flip", "cnn"): _p(99.12, 0.01, 0),
+        ("min-max", "lr"): _p(89.80, 2.55, 0.7), ("min-max", "nn"): _p(98.07, -0.03, 13), ("min-max", "cnn"): _p(99.55, -0.42, 63),
+        ("i-min-max", "lr"): _p(89.56, 2.79, 19), ("i-min-max", "nn"): _p(97.82, 0.22, 73),
+        ("i-min-max", "cnn"): _p(99.05, 0.06, 246),
+        ("back-gradient", "lr"): _p(89.82, 2.53, 27), ("back-gradient", "nn"): _p(97.67, 0.37, 239),
+        ("back-gradient", "cnn"): _p(99.02, 0.09, 2153),
+        ("tgda", "lr"): _p(89.56, 2.79, 1.1), ("tgda", "nn"): _p(96.54, 1.50, 15), ("tgda", "cnn"): _p(98.02, 1.11, 75),
+    }, MNIST_CLEAN),
+    Table("3", "CIFAR-10, epsilon = 3%: label flip, MetaPoison and TGDA", True,
+          lambda defenders, attacks: _attack_rows(defenders, ("label-flip", "metapoison", "tgda")), {
+              ("label-flip", "cifar-cnn"): _p(68.99, 0.45, 0), ("label-flip", "resnet18"): _p(94.79, 0.16, 0),
+              ("metapoison", "cifar-cnn"): _p(68.14, 1.13, 35), ("metapoison", "resnet18"): _p(92.90, 2.05, 108),
+              ("tgda", "cifar-cnn"): _p(65.15, 4.29, 42), ("tgda", "resnet18"): _p(89.41, 5.54, 162),
+          }, CIFAR_CLEAN),
+    Table("4", "TGDA: attacker or defender as the leader", False,
+          _variant_rows({"attacker leads": {"leader": "attacker"}, "defender leads": {"leader": "defender"}}), {
+              ("lr", "attacker leads"): _p(89.56, 2.79), ("lr", "defender leads"): _p(89.79, 2.56),
+              ("nn", "attacker leads"): _p(96.54, 1.50), ("nn", "defender leads"): _p(96.98, 1.06),
+              ("cnn", "attacker leads"): _p(98.02, 1.11), ("cnn", "defender leads"): _p(98.66, 0.47),
+          }, MNIST_CLEAN, "defender"),
+    Table("5", "TGDA: non-zero-sum or zero-sum game", False,
+          _variant_rows({"non-zero-sum": {"formulation": "non-zero-sum"}, "zero-sum": {"formulation": "zero-sum"}}), {
+              ("lr", "non-zero-sum"): _p(89.56, 2.79), ("lr", "zero-sum"): _p(92.33, 0.02),
+              ("nn", "non-zero-sum"): _p(96.54, 1.50), ("nn", "zero-sum"): _p(98.07, -0.03),
+              ("cnn", "non-zero-sum"): _p(98.02, 1.11), ("cnn", "zero-sum"): _p(99.55, -0.42),
+          }, MNIST_CLEAN, "defender"),
+    Table("6", "TGDA: with or without pretraining the attacker", False,
+          _variant_rows({"with pretrain": {"pretrain_attacker": True}, "without pretrain": {"pretrain_attacker": False}}), {
+              ("lr", "with pretrain"): _p(89.56, 2.79), ("lr", "without pretrain"): _p(92.09, 0.26),
+              ("nn", "with pretrain"): _p(96.54, 1.50), ("nn", "without pretrain"): _p(97.47, 0.57),
+              ("cnn", "with pretrain"): _p(98.02, 1.11), ("cnn", "without pretrain"): _p(98.72, 0.41),
+          }, MNIST_CLEAN, "defender"),
+    Table("7", "TGDA: m leader and n follower steps a batch", False,
+          _variant_rows({f"m={m}, n={n}": {"leader_steps": m, "follower_steps": n}
+                         for m, n in ((1, 0), (1, 1), (1, 20), (20, 1), (20, 20))}), {
+              **{("lr", f"m={m}, n={n}"): _p(92.35 - d, d) for (m, n), d in
+                 {(1, 0): 0.05, (1, 1): 2.38, (1, 20): 2.79, (20, 1): 3.06, (20, 20): 2.57}.items()},
+              **{("nn", f"m={m}, n={n}"): _p(98.04 - d, d) for (m, n), d in
+                 {(1, 0): 0.02, (1, 1): 1.01, (1, 20): 1.50, (20, 1): 1.71, (20, 20): 1.19}.items()},
+          }, MNIST_CLEAN, "defender"),
+    Table("8", "TGDA: partial warm start or cold start", False,
+          _variant_rows({"partial warm start": {"warm_start": "partial"}, "cold start": {"warm_start": "cold"}}), {
+              ("lr", "partial warm start"): _p(89.56, 2.79), ("lr", "cold start"): _p(89.84, 2.41),
+              ("nn", "partial warm start"): _p(96.54, 1.50), ("nn", "cold start"): _p(96.77, 1.27),
+              ("cnn", "partial warm start"): _p(98.02, 1.11), ("cnn", "cold start"): _p(98.33, 0.80),
+          }, MNIST_CLEAN, "defender"),
+    Table("9", "TGDA transfer: poisons made against a surrogate (row), tested on a target (column)", False, _transfer, {
+        ("lr", "lr"): _p(None, 2.79), ("lr", "nn"): _p(None, 0.12), ("lr", "cnn"): _p(None, 0.27),
+        ("nn", "lr"): _p(None, 0.13), ("nn", "nn"): _p(None, 1.50), ("nn", "cnn"): _p(None, 0.62),
+        ("cnn", "lr"): _p(None, 3.22), ("cnn", "nn"): _p(None, 1.47), ("cnn", "cnn"): _p(None, 1.11),
+    }, MNIST_CLEAN, "surrogate"),
+    Table("12", "CIFAR-10, epsilon = 3%: error-minimising noise against label flip and TGDA", True,
+          lambda defenders, attacks: _attack_rows(defenders, ("label-flip", "emn", "tgda")), {
+              ("label-flip", "cifar-cnn"): _p(68.99, 0.45, 0), ("label-flip", "resnet18"): _p(94.79, 0.16, 0),
+              ("emn", "cifar-cnn"): _p(69.00, 0.44, 2.2), ("emn", "resnet18"): _p(94.76, 0.19, 8.4),
+              ("tgda", "cifar-cnn"): _p(65.15, 4.29, 42), ("tgda", "resnet18"): _p(89.41, 5.54, 162),
+          }, CIFAR_CLEAN),
+    Table("13", "Unlearnable examples: a fraction of the training set perturbed in place (accuracy, %)", True,
+          _unlearnable, {("emn", f"{p}%"): _p(a, 94.95 - a) for p, a in
+                         ((20, 94.38), (40, 93.10), (60, 91.90), (80, 86.85), (100, 19.93))},
+          {f"{p}%": 94.95 for p in (20, 40, 60, 80, 100)}),
+    Table("figure-4", "Accuracy drop against epsilon (the paper's Figure 4, which gives no numbers)", False, _figure,
+          {}, MNIST_CLEAN),
+)}
+
+
+def base_settings(table, scale, data_root=None, device="cpu"):
+    """The Config values every cell of `table` starts from at `scale`."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    if scale != "paper":
+        return {"dataset": "mnist-sample", "device": device, **(SMOKE if scale == "smoke" else {})}
+    if not data_root:
+        raise ValueError("the paper scale reads the full dataset: pass --data-root DIR "
+                         "(for MNIST: ../shared/data/fetch-mnist.sh DIR lays it out)")
+    return {"dataset": "cifar10" if table.cifar else "mnist", "data_root": data_root, "device": device}
+
+
+def default_defenders(table, scale):
+    return CIFAR_DEFENDERS if table.cifar and scale == "paper" else MNIST_DEFENDERS[scale]
+
+
+def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, attacks=None):
+    """[(cell, seed, resolved Config)] of a table at a scale, every setting checked before anything runs."""
+    defenders = tuple(defenders or default_defenders(table, scale))
+    default_attacks = FIGURE_ATTACKS if table.key == "figure-4" else tuple(ATTACKS)
+    attacks = tuple(attacks or default_attacks)
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
+    base = base_settings(table, scale, data_root, device)
+    runs = []
+    for cell in table.cells(defenders, attacks):
+        quick = ATTACKS[cell.settings["attack"]].quick if scale == "smoke" else {}
+        for seed in seeds:
+            try:
+                cfg = Config.from_dict({**base, **quick, **cell.settings, "seed": seed}).resolved()
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"table {table.key}, {cell.row} / {cell.column}: {exc}") from None
+            runs.append((cell, seed, cfg))
+    return runs
+
+
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
+def run_folder(out, table, cell, seed):
+    return os.path.join(out, f"table_{table.key}", _slug(cell.row), _slug(cell.column), f"seed_{seed}")
+
+
+def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defenders=None, attacks=None,
+              overwrite=False, verbose=True):
+    """Runs (or resumes) every run of a table; writes and returns the rows (one dict a cell)."""
+    runs = plan(table, scale, seeds, data_root=data_root, device=device, defenders=defenders, attacks=attacks)
+    if scale == "paper":
+        check_available(runs[0][2].dataset, data_root)  # before any run starts
+    results = {}
+    bar = tqdm(runs, desc=f"table {table.key} ({scale})", disable=not verbose)
+    for cell, seed, cfg in bar:
+        bar.set_postfix_str(f"{cell.row} / {cell.column} / seed {seed}")
+        folder = run_folder(out, table, cell, seed)
+        try:
+            try:
+                metrics = protocol.run(cfg, folder, verbose=False, resume=True)
+            except RunFolderError:
+                if not overwrite:
+                    raise RunFolderError(f"{folder} holds a run with other settings (an earlier bench with other "
+                                         "options or code): rerun with --overwrite to replace it, or use another --out")
+                metrics = protocol.run(cfg, folder, verbose=False, overwrite=True)
+        except FloatingPointError as exc:  # a diverged training or attack is a result of the bench, not its end
+            metrics = {"diverged": str(exc)}
+        results.setdefault((cell.row, cell.column), []).append(metrics)
+    cells = {(cell.row, cell.column): cell for cell, _, _ in runs}
+    rows = [_row(table, scale, cells[key], runs_) for key, runs_ in results.items()]
+    write_outputs(table, scale, rows, out)
+    return rows
+
+
+def _mean_std(values):
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
+
+
+def _row(table, scale, cell, runs):
+    row, column = cell.row, cell.column
+    done = [r for r in runs if "diverged" not in r]
+    out = {"table": table.key, "scale": scale, table.row_name: row, "column": column, "seeds": len(runs),
+           "diverged": len(runs) - len(done)}
+    for key, scale_by in (("clean_accuracy", 100), ("poisoned_accuracy", 100), ("accuracy_drop", 100),
+                          ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
+        mean, std = _mean_std([scale_by * r[key] for r in done if key in r])
+        out[f"{key}_mean"], out[f"{key}_std"] = mean, std
+    paper = table.paper.get((row, column)) if scale == "paper" or not table.cifar else None
+    out["paper_accuracy"] = paper.accuracy if paper else None
+    out["paper_drop"] = paper.drop if paper else None
+    out["paper_hours"] = paper.hours if paper else None
+    tested = cell.settings.get("eval_defender") or cell.settings["defender"]
+    out["paper_clean"] = table.paper_clean.get(tested, table.paper_clean.get(column)) if paper else None
+    return out
+
+
+def _fmt(mean, std, digits=2):
+    return "—" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _time(seconds):
+    if seconds is None:
+        return ""
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def markdown(table, scale, rows):
+    """The table as Markdown: one line a cell, ours (mean ± std over seeds) beside the paper's."""
+    head = (f"### Table {table.key}: {table.title} ({scale} scale)\n\n"
+            if table.key != "figure-4" else f"### {table.title} ({scale} scale)\n\n")
+    if table.cifar and scale != "paper":
+        head += "The paper ran this table on CIFAR-10; at this scale it runs on MNIST, so no paper numbers are beside.\n\n"
+    lines = [f"| {table.row_name} | column | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) | attack time "
+             "| L∞ perturbation | paper: clean / poisoned / drop | paper time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = "—"
+        if r["paper_drop"] is not None:
+            paper = " / ".join("—" if v is None else f"{v:.2f}" for v in (r["paper_clean"], r["paper_accuracy"], r["paper_drop"]))
+        hours = "" if r["paper_hours"] is None else f"{r['paper_hours']:g} h"
+        seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+        lines.append(f"| {r[table.row_name]} | {r['column']} | {seeds} | {_fmt(r['clean_accuracy_mean'], r['clean_accuracy_std'])} "
+                     f"| {_fmt(r['poisoned_accuracy_mean'], r['poisoned_accuracy_std'])} "
+                     f"| {_fmt(r['accuracy_drop_mean'], r['accuracy_drop_std'])} | {_time(r['attack_seconds_mean'])} "
+                     f"| {_fmt(r['mean_perturbation_linf_mean'], r['mean_perturbation_linf_std'], 3)} | {paper} | {hours} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_outputs(table, scale, rows, out):
+    """OUT/table_N.{md,csv,json} (and the figure's PNG)."""
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"table_{table.key}")
+    with open(stem + ".md.tmp", "w") as fh:
+        fh.write(markdown(table, scale, rows))
+    os.replace(stem + ".md.tmp", stem + ".md")
+    with open(stem + ".csv.tmp", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(stem + ".csv.tmp", stem + ".csv")
+    write_json(stem + ".json", rows)
+    if table.key == "figure-4":
+        save_epsilon_figure(rows, stem + ".png")
+
+
+def save_epsilon_figure(rows, path):
+    """Figure 4: the accuracy drop against epsilon, one panel a defender, one line an attack."""
+    from .report import plt
+
+    panels = {}
+    for r in rows:
+        defender, eps = r["column"].split(" eps=")
+        panels.setdefault(defender, {}).setdefault(r["attack"], []).append((float(eps), r["accuracy_drop_mean"],
+                                                                            r["accuracy_drop_std"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (defender, lines) in zip(axes[0], panels.items()):
+        for attack, points in lines.items():
+            points = sorted(p for p in points if p[1] is not None)
+            if points:
+                ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                            marker="o", capsize=3, label=attack)
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (poisons / |D_tr|)")
+        ax.set_ylabel("accuracy drop (points)")
+        ax.set_title(f"MNIST, {defender.upper()}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

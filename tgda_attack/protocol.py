@@ -145,7 +145,7 @@ def stage_attack(out, verbose=False):
             torch.save(model.state_dict(), os.path.join(out, name))
     torch.save({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_.cpu(),
                 "replaces_sources": torch.tensor(bool(attack.replaces_sources))}, os.path.join(out, "poisons.pt"))
-    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": attack.history}
+    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": attack.history, "info": attack.info_}
     write_json(os.path.join(out, "attack.json"), result)
     return result
 

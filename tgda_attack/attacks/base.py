@@ -71,7 +71,8 @@ class PoisoningAttack:
         self.epsilon, self.init, self.seed = epsilon, init, seed
         self.replaces_sources = False
         self.source_indices_ = None
-        self.history = []
+        self.history = []  # what the attack logged as it ran (a dict every few steps or epochs)
+        self.info_ = {}  # what it reports about its result (attack.json "info"), e.g. its target parameters
 
     def _check_params(self):
         """Raises ValueError naming the first parameter that is out of range. Subclasses extend it."""

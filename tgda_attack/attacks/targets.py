@@ -1,11 +1,30 @@
 """Target parameters for the model-targeted attacks (Koh, Steinhardt & Liang 2018; Lu, Kamath & Yu,
-TMLR 2022, Appendix A.3, eq. 29-35): a model the attacker wants the defender to become, made by a
-large-budget label flip: the trained defender trained further, with the pretrain procedure's gradient
-descent, on D_tr U a label flip (y -> K - 1 - y) of target_epsilon * |D_tr| randomly chosen points.
-Used by Gradient Canceling (its w_t) and the improved min-max attack (its w_tar of eq. 35)."""
+TMLR 2022, Appendix A.3, eq. 29-35), a model the attacker wants the defender to become, and whether a
+budget of poisons can reach one.
+
+* `label_flip_target`: a large-budget label flip: the trained defender trained further, with the
+  pretrain procedure's gradient descent, on D_tr U a label flip (y -> K - 1 - y) of target_epsilon *
+  |D_tr| randomly chosen points. Used by the improved min-max attack (its w_tar of eq. 35) and as an
+  option of Gradient Canceling.
+* `gradpc_target`: gradient-based parameter corruption (GradPC; Lu, Kamath & Yu, ICML 2023, the target
+  generator of Gradient Canceling): one pass of gradient ascent on the training loss over D_tr in
+  mini-batches, each step the batch gradient scaled to unit L2 norm, the accumulated corruption
+  projected onto an L2 ball of the given radius around the trained parameters.
+* `necessary_epsilon`: for a softmax linear model (the LR defender), a lower bound on the budget that
+  can make target parameters w_t stationary on D_tr U D_p: the poisons' gradients must sum to minus
+  D_tr's, g = sum_{D_tr} grad_w l(x_i, y_i; w_t), so epsilon N >= (what D_tr needs) / (what one poison
+  can give), by two bounds that hold for any poison:
+    - along w_t: the logits z are linear in w, so <grad_w l(x, y; w), w> = sum_k p_k z_k - z_y
+      >= -W((K - 1) / e) (W: Lambert's function; 1.101 for K = 10), whatever the pixels;
+    - in norm: grad_w l = (p - e_y) [x; 1]^T, of norm <= sqrt(2) ||[x; 1]||, and ||x|| is bounded by
+      the pixel range (sqrt(784 + 1) * sqrt(2) = 39.6 for MNIST in [-1, 1]).
+  A target above its budget is out of reach: Gradient Canceling's objective then barely falls.
+"""
 import copy
+import math
 
 import torch
+import torch.nn.functional as F
 
 from ..training import train_classifier
 from .base import Setting
@@ -28,3 +47,59 @@ def label_flip_target(defender, x, y, *, epsilon, epochs, lr, batch_size, num_cl
                               seed=seed, verbose=verbose, desc="target parameters")
     return {k: v.detach().clone() for k, v in target.state_dict().items()}
 
+
+
+def gradpc_target(defender, x, y, *, radius, batch_size=64, seed=0):
+    """The GradPC target (a state_dict of a copy of `defender`): w_0 + delta, delta accumulated over one
+    seeded pass of D_tr in batches of unit-norm loss gradients and kept within ||delta||_2 <= radius."""
+    model = copy.deepcopy(defender)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    delta = [torch.zeros_like(p) for p in params]
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
+    model.eval()
+    for i in range(0, len(y), batch_size):
+        idx = order[i:i + batch_size]
+        grads = torch.autograd.grad(F.cross_entropy(model(x[idx]), y[idx]), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        with torch.no_grad():
+            for d, g in zip(delta, grads):
+                d.add_(g / norm.clamp_min(1e-30))
+            size = torch.sqrt(sum(d.pow(2).sum() for d in delta))
+            shrink = (radius / size).clamp(max=1.0) if radius > 0 else torch.zeros(())
+            for p, p0, d in zip(params, start, delta):
+                d.mul_(shrink)
+                p.copy_(p0 + d)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def lambert_w(z):
+    """The principal branch of Lambert's W for z >= 0 (Newton's method on w e^w = z)."""
+    w = math.log1p(z)
+    for _ in range(50):
+        w -= (w * math.exp(w) - z) / (math.exp(w) * (w + 1))
+    return w
+
+
+def necessary_epsilon(model, x, y, pixel_range=(-1.0, 1.0), batch_size=2000):
+    """A lower bound on the poison budget (fraction of |D_tr|) that can make `model`'s parameters stationary
+    on D_tr U D_p, for a softmax linear model: the larger of the bounds along w and in norm (module
+    docstring); None for other models (no such bound is known here)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if len(linears) != 1 or len(list(model.parameters())) != len(list(linears[0].parameters())):
+        return None
+    params = list(model.parameters())
+    along, total = 0.0, None
+    for i in range(0, len(y), batch_size):
+        z = model(x[i:i + batch_size])
+        yb = y[i:i + batch_size]
+        with torch.no_grad():
+            p = z.softmax(1)
+            along += ((p * z).sum(1) - z.gather(1, yb[:, None]).squeeze(1)).double().sum().item()
+        grads = torch.autograd.grad(F.cross_entropy(z, yb, reduction="sum"), params)
+        flat = torch.cat([g.flatten() for g in grads]).double()
+        total = flat if total is None else total + flat
+    widest = max(abs(pixel_range[0]), abs(pixel_range[1]))
+    per_poison = math.sqrt(2.0) * math.sqrt(linears[0].in_features * widest ** 2 + (linears[0].bias is not None))
+    classes = linears[0].out_features
+    return max(along / len(y) / lambert_w((classes - 1) / math.e), total.norm().item() / len(y) / per_poison, 0.0)

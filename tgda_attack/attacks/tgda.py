@@ -21,6 +21,39 @@ With the defender as leader the roles swap: the defender descends the total deri
 through the attacker's response, w -= beta * D_w f, and the attacker, as follower, takes n
 gradient ascent steps on f, the only loss its poisons enter directly (L(D_v, w) does not depend
 on theta, so it cannot steer a follower).
+
+Game solvers (Appendix C, `game_solver`), all with the attacker as leader and the leader's step
+unchanged (eq. 46, 48, 50: theta += alpha * D_theta l); they differ in the follower's update:
+  * "tgda" (eq. 47, the default): n gradient descent steps w -= beta * grad_w f.
+  * "fr", follow the ridge (eq. 48-49; Wang, Zhang & Ba, ICLR 2020): the follower's best response
+    w*(theta) solves grad_w f(theta, w*) = 0, so it moves with theta as
+    dw*/dtheta = -H_ww^{-1} H_w,theta (H_ww = d2f/dw2, H_w,theta = d2f/dw dtheta). Once per batch,
+    right after the m leader steps have moved theta by Delta (the actual displacement theta_new -
+    theta_old, the sum of the m steps alpha * D_theta l after the pixels' projection), the follower
+    first adds the ridge correction w += -(H_ww + damping I)^{-1} H_w,theta Delta, then takes the n
+    ordinary gradient steps. Sign: eq. 49 prints "+ H_ww^{-1} nabla_xw f D_x l". Wang et al.'s leader
+    *descends* (x -= eta grad_x f) and the term there is + H_yy^{-1} H_yx eta grad_x f =
+    -H_yy^{-1} H_yx (x_new - x_old); the paper's leader *ascends* (Delta = +alpha D_theta l), so the
+    same ridge-tracking derivative gives -H_ww^{-1} H_w,theta Delta. That is the convention
+    implemented (w then stays on the ridge of a quadratic game exactly: tests/test_game_solvers.py).
+    H_w,theta Delta = grad_w <grad_theta f, Delta> (one double-backward pass through the poisons' rows
+    of f, the only ones that depend on theta), and the H_ww solve is hypergrad.solve with the run's
+    solver, solver_iterations, solver_rtol and damping. Both are evaluated at (theta_new, w), where
+    the follower's gradient steps that follow are also evaluated (this implementation's follower
+    always moves after the leader), rather than at (theta_old, w) as in eq. 49's simultaneous
+    update: the two agree to first order in Delta, and exactly on a quadratic game.
+  * "gdn", gradient descent Newton (eq. 50-51; Zhang et al. 2021): each of the n follower steps is
+    a Newton step, w -= beta * (H_ww + damping I)^{-1} grad_w f, solved as for "fr". Against a
+    non-convex defender H_ww is indefinite; the default solver (cgnr) still solves such systems.
+The products H_ww v use the structured product of hypergrad.mlp_hvp for LR and NN defenders and
+reverse-over-reverse autograd otherwise. Neither "fr" nor "gdn" is defined with the defender as
+leader (the appendix states both with the attacker leading), and "fr" needs the partial warm
+start (a cold start discards the w the correction moves along the ridge): those combinations raise
+ValueError. Each costs one more Krylov solve per batch ("fr") or per follower step ("gdn") than
+TGDA: one attack epoch on mnist-sample (LR defender, defaults, 2 shared CPU cores) took 19 s with
+tgda, 24 s with fr and 100 s with gdn (20 Newton steps of 16 cgnr iterations). GDN's step is the
+run's beta, shared with TGDA's gradient step (0.05 on mnist-sample); a Newton step is already scaled
+by the curvature, so beta = 1 is its natural value (eq. 51's eta), to be set explicitly.
 """
 import copy
 import logging
@@ -35,13 +68,14 @@ from tqdm.auto import tqdm
 import hypergrad
 
 from ..data import split_train_val
-from .base import PoisoningAttack
+from .base import PoisoningAttack, Setting
 
 logger = logging.getLogger(__name__)
 
 WARM_STARTS = ("partial", "cold")
 LEADERS = ("attacker", "defender")
 FORMULATIONS = ("non-zero-sum", "zero-sum")
+GAME_SOLVERS = ("tgda", "fr", "gdn")  # Appendix C: the follower's update
 
 
 class TGDAAttack(PoisoningAttack):
@@ -69,6 +103,10 @@ class TGDAAttack(PoisoningAttack):
         warm_start: "partial" or "cold". (default: "partial")
         leader: "attacker" or "defender". (default: "attacker")
         formulation: "non-zero-sum" (l = L(D_v, w)) or "zero-sum" (l = f). (default: "non-zero-sum")
+        game_solver: the follower's update (Appendix C): "tgda" (gradient descent, eq. 47), "fr"
+            (follow the ridge: a ridge correction after the leader steps, eq. 49) or "gdn" (Newton
+            steps, eq. 51); "fr" and "gdn" need leader="attacker", "fr" also warm_start="partial".
+            (default: "tgda")
         init: D_p^0 as the "first" epsilon*N points of D_tr or a seeded "random" choice. (default: "first")
         pixel_range: the poisons are clamped to it. (default: (-1.0, 1.0))
         seed: seed of the batch order. (default: 0)
@@ -78,11 +116,14 @@ class TGDAAttack(PoisoningAttack):
 
     name = "tgda"
     needs_attacker = True  # the attacker network L; with attacker=None (--attacker pixels) the pixels lead
+    settings = (Setting("game_solver", str, "tgda", GAME_SOLVERS,
+                        "TGDA's game solver (Appendix C): tgda (follower gradient descent), fr (follow the ridge) "
+                        "or gdn (follower Newton steps); fr and gdn need the attacker as leader"),)
 
     def __init__(self, defender, attacker, epsilon=0.03, *, epochs=200, batch_size=1000, alpha=0.01,
                  leader_steps=1, beta=0.1, follower_steps=20, solver="cgnr", solver_iterations=16,
                  solver_rtol=1e-6, damping=0.0, cuda_graphs=False, warm_start="partial", leader="attacker",
-                 formulation="non-zero-sum", init="first", pixel_range=(-1.0, 1.0), seed=0,
+                 formulation="non-zero-sum", game_solver="tgda", init="first", pixel_range=(-1.0, 1.0), seed=0,
                  checkpoint=None, verbose=False):
         super().__init__(epsilon, init=init, seed=seed)
         self.defender, self.attacker = defender, attacker
@@ -91,6 +132,7 @@ class TGDAAttack(PoisoningAttack):
         self.solver, self.solver_iterations, self.solver_rtol, self.damping = solver, solver_iterations, solver_rtol, damping
         self.cuda_graphs = cuda_graphs
         self.warm_start, self.leader, self.formulation = warm_start, leader, formulation
+        self.game_solver = game_solver
         self.pixel_range, self.checkpoint, self.verbose = pixel_range, checkpoint, verbose
         self._check_params()
 
@@ -102,11 +144,18 @@ class TGDAAttack(PoisoningAttack):
             raise ValueError("the step sizes alpha and beta must be positive")
         if self.solver not in hypergrad.METHODS:
             raise ValueError(f"solver must be one of {hypergrad.METHODS}, got {self.solver!r}")
-        for name, allowed in (("warm_start", WARM_STARTS), ("leader", LEADERS), ("formulation", FORMULATIONS)):
+        for name, allowed in (("warm_start", WARM_STARTS), ("leader", LEADERS), ("formulation", FORMULATIONS),
+                              ("game_solver", GAME_SOLVERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.damping < 0:
             raise ValueError("damping must be non-negative")
+        if self.game_solver != "tgda" and self.leader != "attacker":
+            raise ValueError(f"game_solver={self.game_solver!r} is defined with the attacker as leader only (Appendix "
+                             "C, eq. 48-51: the follower is the defender); use leader='attacker' or game_solver='tgda'")
+        if self.game_solver == "fr" and self.warm_start != "partial":
+            raise ValueError("game_solver='fr' needs warm_start='partial': its ridge correction moves the follower's "
+                             "current w, which a cold start throws away every batch")
         if self.cuda_graphs and (self.leader != "attacker" or self.solver_iterations < 1):
             raise ValueError("cuda_graphs needs leader='attacker' (the defender's loss is what the recorded solve "
                              "inverts) and solver_iterations >= 1")
@@ -117,7 +166,7 @@ class TGDAAttack(PoisoningAttack):
                    alpha=cfg.alpha, leader_steps=cfg.leader_steps, beta=cfg.beta, follower_steps=cfg.follower_steps,
                    solver=cfg.solver, solver_iterations=cfg.solver_iterations, damping=cfg.damping,
                    cuda_graphs=cfg.cuda_graphs, warm_start=cfg.warm_start, leader=cfg.leader,
-                   formulation=cfg.formulation, init=cfg.poison_init, seed=cfg.seed, checkpoint=checkpoint,
+                   formulation=cfg.formulation, game_solver=cfg.game_solver, init=cfg.poison_init, seed=cfg.seed, checkpoint=checkpoint,
                    verbose=verbose)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
@@ -203,6 +252,7 @@ class TGDAAttack(PoisoningAttack):
                  "damping": self.damping}
         leader_solve = {**solve, "graphs": self._graphs} if self._graphs is not None else solve
         if self.leader == "attacker":
+            theta_old = [p.detach().clone() for p in theta] if self.game_solver == "fr" else None
             for _ in range(self.leader_steps):  # theta <- theta + alpha D_theta l
                 d_theta = hypergrad.total_grad(leader_loss, follower_objective(), theta, w, **leader_solve)
                 with torch.no_grad():
@@ -215,9 +265,14 @@ class TGDAAttack(PoisoningAttack):
                     for p, p0 in zip(w, w_pre):
                         p.copy_(p0)
             objective = follower_objective()  # theta is fixed during the follower's steps
+            if self.game_solver == "fr" and len(yp_b):  # w <- w - H_ww^-1 H_w,theta (theta - theta_old)
+                self._follow_ridge(objective, w, theta, [p.detach() - p0 for p, p0 in zip(theta, theta_old)], solve)
             follower = hypergrad.ClassifierLoss(defender, objective.inputs.detach(), objective.targets)
-            for _ in range(self.follower_steps):  # w <- w - beta grad_w f
-                grads = torch.autograd.grad(follower(), w)
+            for _ in range(self.follower_steps):  # w <- w - beta grad_w f (gdn: w <- w - beta H_ww^-1 grad_w f)
+                if self.game_solver == "gdn":
+                    grads = self._newton_direction(follower, w, solve)
+                else:
+                    grads = torch.autograd.grad(follower(), w)
                 with torch.no_grad():
                     for p, g in zip(w, grads):
                         p.sub_(self.beta * g)
@@ -236,6 +291,40 @@ class TGDAAttack(PoisoningAttack):
                         attacker.pixels.clamp_(*self.pixel_range)
         with torch.no_grad():
             return {"leader_loss": leader_loss().item(), "follower_loss": follower_loss().item()}
+
+    def _follow_ridge(self, objective, w, theta, delta, solve):
+        """FR's correction (eq. 49, sign as in the module docstring): w -= (H_ww + damping I)^-1 H_w,theta delta.
+
+        H_w,theta delta = grad_w <grad_theta f, delta>, through the rows of f that carry a graph to theta
+        (the poisons; the clean rows' mixed derivative is zero)."""
+        f = objective.graph_part()
+        grads = torch.autograd.grad(f, theta, create_graph=True, allow_unused=True)
+        pairs = [(g, d) for g, d in zip(grads, delta) if g is not None]
+        if not pairs:  # no leader parameter reaches this batch's poisons
+            return
+        inner = sum((g * d).sum() for g, d in pairs)
+        mixed = torch.autograd.grad(inner, w, allow_unused=True)
+        b = hypergrad.flatten([torch.zeros_like(p) if m is None else m for m, p in zip(mixed, w)]).detach()
+        step = self._solve_hessian(objective, w, b, solve)
+        with torch.no_grad():
+            for p, s in zip(w, hypergrad.unflatten(step, w)):
+                p.sub_(s)
+
+    def _newton_direction(self, follower, w, solve):
+        """GDN's direction (eq. 51): (H_ww + damping I)^-1 grad_w f, shaped like w."""
+        grads = torch.autograd.grad(follower(), w)
+        return hypergrad.unflatten(self._solve_hessian(follower, w, hypergrad.flatten(grads), solve), w)
+
+    @staticmethod
+    def _solve_hessian(objective, w, b, solve):
+        """(H_ww + damping I)^-1 b for the follower loss `objective` (a ClassifierLoss) by hypergrad.solve;
+        the structured product for LR and NN defenders, reverse-over-reverse autograd otherwise."""
+        hessian = hypergrad.structured_hessian(objective, w)
+        if hessian is None:
+            hessian = hypergrad.HessianOperator.reverse(objective(), w)
+        x, _ = hypergrad.solve(hessian, b, method=solve["method"], maxiter=solve["maxiter"], rtol=solve["rtol"],
+                               damping=solve["damping"])
+        return x
 
     def _resume(self, defender, attacker):
         if not self.checkpoint or not os.path.exists(self.checkpoint):

@@ -11,7 +11,7 @@ from torch import nn
 
 from tgda_attack import cli, protocol
 from tgda_attack.attacks import ATTACKS, ErrorMinimizingNoiseAttack
-from tgda_attack.attacks.emn import fresh_model
+from tgda_attack.attacks.base import fresh_model
 
 
 def _tiny(seed=0, n=20, classes=3):

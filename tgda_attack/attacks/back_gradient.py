@@ -29,7 +29,6 @@ Adapted (and why):
     memory, at a loss of precision); the two compute the same derivative, up to that rounding.
   * Fixed leader step eta instead of a line search (eq. 10 as the TMLR paper writes it).
 """
-import copy
 import math
 import time
 
@@ -38,7 +37,6 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 from tqdm.auto import tqdm
 
-from ..data import split_train_val
 from .base import PoisoningAttack, Setting
 from .label_flip import FLIP_RULES, LabelFlipAttack
 
@@ -129,14 +127,8 @@ class BackGradientAttack(PoisoningAttack):
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison) by UGDA on D_tr = (x, y) against D_v = (x_val, y_val); without D_v, 30% of
         (x, y) is held out as D_v (a seeded split) and the attack runs on the rest."""
-        if x_val is None or y_val is None:
-            x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
-        if len(x) != len(y) or len(x_val) != len(y_val):
-            raise ValueError("images and labels must have the same length")
-        model = copy.deepcopy(self.defender)
+        model, x, y, x_val, y_val = self._defender_and_data(x, y, x_val, y_val)
         ref = next(model.parameters())
-        x, x_val = x.to(ref.device, ref.dtype), x_val.to(ref.device, ref.dtype)
-        y, y_val = y.to(ref.device), y_val.to(ref.device)
         self._craft_sources(len(y))
         flip = LabelFlipAttack(self.epsilon, self.flip_rule, defender=model, init=self.init,
                                num_classes=self.num_classes, seed=self.seed)

@@ -18,9 +18,12 @@ settings the attack adds to a run (its `settings`, a tuple of Setting) become fi
 tgda_attack.config.Config, options of the command line and keys of a config file, checked with every
 other setting before any work starts.
 """
+import copy
 import dataclasses
 
-from ..data import poison_budget, poison_sources
+import torch
+
+from ..data import poison_budget, poison_sources, split_train_val
 
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
 
@@ -98,6 +101,18 @@ class PoisoningAttack:
             raise ValueError(f"epsilon={self.epsilon} of {n} training points leaves no poison to craft")
         return self.source_indices_
 
+    def _defender_and_data(self, x, y, x_val, y_val):
+        """(a copy of the defender, x, y, x_val, y_val on its device and dtype); without D_v, 30% of (x, y)
+        is held out as D_v (a seeded split) and the attack runs on the rest."""
+        if x_val is None or y_val is None:
+            x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
+        if len(x) != len(y) or len(x_val) != len(y_val):
+            raise ValueError("images and labels must have the same length")
+        model = copy.deepcopy(self.defender)
+        ref = next(model.parameters())
+        return (model, x.to(ref.device, ref.dtype), y.to(ref.device), x_val.to(ref.device, ref.dtype),
+                y_val.to(ref.device))
+
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
         """The attack with the settings of a run (a resolved tgda_attack.config.Config)."""
@@ -130,3 +145,17 @@ def attack_settings(attacks):
         for setting in cls.settings:
             out.setdefault(setting.name, setting)
     return tuple(out.values())
+
+
+def fresh_model(model, seed):
+    """A deepcopy of `model` with every module's parameters re-initialised (reset_parameters, in module
+    order) under `seed`; the global random state is left as it was."""
+    model = copy.deepcopy(model)
+    ref = next(model.parameters(), None)
+    devices = [ref.device] if ref is not None and ref.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+    return model

@@ -41,29 +41,14 @@ the retrained LR drops 0.7 points. Unlearnable mode at epsilon 1, LR: stops by a
 102 s, and the retrained LR loses nothing, 88.3% -> 88.3%: a linear model trained 100 epochs is not
 made to learn the noise instead of the digits at this radius).
 """
-import copy
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .base import PoisoningAttack, Setting
+from .base import PoisoningAttack, Setting, fresh_model
 
 MODES = ("add", "unlearnable")
-
-
-def fresh_model(defender, seed):
-    """A deepcopy of `defender` with every module's parameters re-initialised (reset_parameters, in
-    module order) under `seed`; the global random state is left as it was."""
-    model = copy.deepcopy(defender)
-    ref = next(model.parameters(), None)
-    devices = [ref.device] if ref is not None and ref.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for module in model.modules():
-            if callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
-    return model
 
 
 class ErrorMinimizingNoiseAttack(PoisoningAttack):

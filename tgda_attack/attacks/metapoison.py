@@ -35,16 +35,14 @@ Adapted (and why):
   * The paper's K = 2, 60 outer steps and M = 24 models are the defaults: a run on mnist-sample took 99 s
     with the NN defender on two lightly loaded CPU cores (the ensemble's training included).
 """
-import copy
 import math
 
 import torch
 from torch.func import grad
 from tqdm.auto import tqdm
 
-from ..data import split_train_val
 from .back_gradient import classifier_loss, unrolled_parameters
-from .base import PoisoningAttack, Setting
+from .base import PoisoningAttack, Setting, fresh_model
 
 
 class MetaPoisonAttack(PoisoningAttack):
@@ -124,14 +122,8 @@ class MetaPoisonAttack(PoisoningAttack):
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison): D_p^0 + delta with D_p^0's labels. D_v = (x_val, y_val); without it 30% of
         (x, y) is held out as D_v (a seeded split) and the attack runs on the rest."""
-        if x_val is None or y_val is None:
-            x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
-        if len(x) != len(y) or len(x_val) != len(y_val):
-            raise ValueError("images and labels must have the same length")
-        net = copy.deepcopy(self.defender)
+        net, x, y, x_val, y_val = self._defender_and_data(x, y, x_val, y_val)
         ref = next(net.parameters())
-        x, x_val = x.to(ref.device, ref.dtype), x_val.to(ref.device, ref.dtype)
-        y, y_val = y.to(ref.device), y_val.to(ref.device)
         idx = self._craft_sources(len(y)).to(ref.device)
         x0, y_p = x[idx].clone(), y[idx].clone()
         delta = torch.zeros_like(x0, requires_grad=True)
@@ -196,14 +188,7 @@ class MetaPoisonAttack(PoisoningAttack):
     def _fresh(self, net):
         """A model of the defender's architecture at a fresh seeded initialisation, with its batch stream."""
         self._inits += 1
-        model = copy.deepcopy(net)
-        ref = next(model.parameters())
-        devices = [ref.device] if ref.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed * 1_000_003 + self._inits)
-            for module in model.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+        model = fresh_model(net, self.seed * 1_000_003 + self._inits)
         params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
         stream = torch.Generator().manual_seed(self.seed * 7 + self._inits)  # the model's batch order
         return {"params": params, "age": 0, "order": [], "gen": stream}

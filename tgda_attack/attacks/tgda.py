@@ -67,7 +67,6 @@ from tqdm.auto import tqdm
 
 import hypergrad
 
-from ..data import split_train_val
 from .base import PoisoningAttack, Setting
 
 logger = logging.getLogger(__name__)
@@ -178,14 +177,8 @@ class TGDAAttack(PoisoningAttack):
         `source_indices_` the indices into D_tr of the clean points D_p^0, and `history` the
         mean losses, the wall-clock seconds and the number of batches of every epoch. With attacker=None, `attacker_` is None.
         """
-        if x_val is None or y_val is None:
-            x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
-        if len(x) != len(y) or len(x_val) != len(y_val):
-            raise ValueError("images and labels must have the same length")
-        defender = copy.deepcopy(self.defender)
+        defender, x, y, x_val, y_val = self._defender_and_data(x, y, x_val, y_val)
         ref = next(defender.parameters())
-        x, x_val = x.to(ref.device, ref.dtype), x_val.to(ref.device, ref.dtype)
-        y, y_val = y.to(ref.device), y_val.to(ref.device)
         w = [p for p in defender.parameters() if p.requires_grad]
         w_pre = [p.detach().clone() for p in w]
         if self.cuda_graphs and hypergrad.linear_chain(defender) is None:

@@ -147,6 +147,8 @@ def test_diverging_training_is_an_error():
     (["--epsilon", "0"], "epsilon"), (["--epsilon", "-0.1"], "epsilon"), (["--epsilon", "1.5"], "epsilon"),
     (["--device", "cuda:7"], "device"), (["--device", "tpu"], "device"), (["--pretrain-batch-size", "0"], "pretrain-batch-size"),
     (["--alpha", "0"], "alpha"), (["--cuda-graphs", "--defender", "cnn"], "cuda-graphs"),
+    (["--game-solver", "fr", "--leader", "defender"], "game-solver fr needs --leader attacker"),
+    (["--game-solver", "fr", "--warm-start", "cold"], "warm-start partial"),
     (["--gc-steps", "-1"], "gc-steps must be an integer >= 0"), (["--target-epsilon", "0"], "target-epsilon must be a fraction"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):

@@ -149,6 +149,7 @@ class _ProtocolSettings:
             problem = setting.problem(getattr(self, setting.name))
             if problem:
                 raise ValueError(problem)
+        ATTACKS[self.attack].check_config(self)
         if self.cuda_graphs and self.attack == "tgda" and (self.defender not in LINEAR_CHAIN_DEFENDERS
                                                           or self.leader != "attacker"):
             raise ValueError(f"cuda-graphs records the solves of an {' or '.join(LINEAR_CHAIN_DEFENDERS)} defender "

@@ -114,6 +114,11 @@ class PoisoningAttack:
                 y_val.to(ref.device))
 
     @classmethod
+    def check_config(cls, cfg):
+        """Raises ValueError if settings of a run contradict each other for this attack (checked with every
+        other setting, before any work); each setting alone is checked by its Setting."""
+
+    @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
         """The attack with the settings of a run (a resolved tgda_attack.config.Config)."""
         raise NotImplementedError

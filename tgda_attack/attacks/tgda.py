@@ -160,6 +160,13 @@ class TGDAAttack(PoisoningAttack):
                              "inverts) and solver_iterations >= 1")
 
     @classmethod
+    def check_config(cls, cfg):
+        if cfg.game_solver != "tgda" and cfg.leader != "attacker":
+            raise ValueError(f"game-solver {cfg.game_solver} needs --leader attacker (Appendix C defines it so)")
+        if cfg.game_solver == "fr" and cfg.warm_start != "partial":
+            raise ValueError("game-solver fr needs --warm-start partial (a cold start discards the w it moves)")
+
+    @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
         return cls(defender, attacker, cfg.epsilon, epochs=cfg.attack_epochs, batch_size=cfg.attack_batch_size,
                    alpha=cfg.alpha, leader_steps=cfg.leader_steps, beta=cfg.beta, follower_steps=cfg.follower_steps,

@@ -2,9 +2,11 @@
 Attacks on Neural Networks" (TMLR 2022), run with this library's protocol, with the paper's published
 numbers beside ours.
 
-Tables 2-9, 12 and 13 and Figure 4 (accuracy drop against epsilon). A table is a grid of cells; a cell is
-a set of run settings (a tgda_attack.config.Config over the scale's base) run for every seed into its own
-folder OUT/table_N/ROW/COLUMN/seed_K. A run already complete in its folder is kept (the run folders'
+Tables 2-9, 12 and 13 and Figure 4 (accuracy drop against epsilon), and the defenses of Tables 10 and 11
+(every attack against every defense of tgda_attack.defenses). A table is a grid of cells; a cell is a set
+of run settings (a tgda_attack.config.Config over the scale's base) run for every seed into its own
+folder OUT/table_N/ROW/COLUMN/seed_K; a cell of a defense table is also tested under its defense, into
+that folder's defense_NAME (the cells of one attack share its run, so each attack runs once). A run already complete in its folder is kept (the run folders'
 resume check: tgda_attack.rundir.claim), so an interrupted bench continues where it stopped; a run whose
 folder holds other settings stops the bench unless --overwrite.
 
@@ -26,8 +28,9 @@ from tqdm.auto import tqdm
 
 from . import protocol
 from .attacks import ATTACKS
-from .config import Config
+from .config import Config, DefenseConfig
 from .data import check_available
+from .defenses import DEFENSES
 from .rundir import RunFolderError, write_json
 
 SCALES = ("smoke", "sample", "paper")
@@ -37,6 +40,7 @@ MNIST_DEFENDERS = {"smoke": ("lr",), "sample": ("lr", "nn"), "paper": ("lr", "nn
 CIFAR_DEFENDERS = ("cifar-cnn", "resnet18")
 FIGURE_EPSILONS = (0.03, 0.1, 0.3, 1.0)
 FIGURE_ATTACKS = ("label-flip", "min-max", "gradient-canceling", "tgda")
+DEFENSE_ATTACKS = ("tgda", "label-flip", "gradient-canceling")  # Table 10's rows by default (--attacks for more)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +53,23 @@ class Paper:
 
 
 @dataclasses.dataclass(frozen=True)
+class PaperDefense:
+    """A published cell of Tables 10-11: the drop (points) without and with the defense."""
+
+    drop: float
+    defended_drop: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Cell:
     row: str
     column: str
     settings: dict
+    defense: str = None  # a defense table's cell: the run of `settings` tested under this defense
+
+    @property
+    def key(self):
+        return (self.row, self.column) if self.defense is None else (self.row, self.column, self.defense)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,39 +77,45 @@ class Table:
     key: str  # "2" ... "13", "figure-4"
     title: str
     cifar: bool  # the paper ran it on CIFAR-10
-    cells: object  # (defenders, attacks) -> [Cell]
-    paper: dict  # (row, column) -> Paper
+    cells: object  # (defenders, attacks, defenses) -> [Cell]
+    paper: dict  # Cell.key -> Paper (PaperDefense for a defense table)
     paper_clean: dict  # column -> clean accuracy (%)
     row_name: str = "attack"
+    attacks: tuple = None  # the attacks (rows) when --attacks is not given; None: every registered attack
+    defenses: tuple = ()  # a defense table's defenses when --defenses is not given; () for the other tables
 
 
 MNIST_CLEAN = {"lr": 92.35, "nn": 98.04, "cnn": 99.13}
 CIFAR_CLEAN = {"cifar-cnn": 69.44, "resnet18": 94.95}
 
 
-def _attack_rows(defenders, attacks):
+def _attack_rows(defenders, attacks, defenses=()):
     return [Cell(a, d, {"attack": a, "defender": d}) for a in attacks for d in defenders]
 
 
 def _variant_rows(variants):
     """Rows: defenders; columns: TGDA variants {label: settings}."""
-    return lambda defenders, attacks: [Cell(d, label, {"attack": "tgda", "defender": d, **settings})
+    return lambda defenders, attacks, defenses: [Cell(d, label, {"attack": "tgda", "defender": d, **settings})
                                        for d in defenders for label, settings in variants.items()]
 
 
-def _transfer(defenders, attacks):
+def _transfer(defenders, attacks, defenses):
     return [Cell(s, t, {"attack": "tgda", "defender": s, "eval_defender": t}) for s in defenders for t in defenders]
 
 
-def _unlearnable(defenders, attacks):
+def _unlearnable(defenders, attacks, defenses):
     return [Cell("emn", f"{round(100 * p)}%", {"attack": "emn", "emn_mode": "unlearnable", "epsilon": p,
                                                 "defender": defenders[-1]})
             for p in (0.2, 0.4, 0.6, 0.8, 1.0)]
 
 
-def _figure(defenders, attacks):
+def _figure(defenders, attacks, defenses):
     return [Cell(a, f"{d} eps={e}", {"attack": a, "defender": d, "epsilon": e})
             for d in defenders for a in attacks for e in FIGURE_EPSILONS]
+
+
+def _defended(defenders, attacks, defenses):
+    return [Cell(a, d, {"attack": a, "defender": d}, defense) for a in attacks for d in defenders for defense in defenses]
 
 
 def _p(acc, drop, hours=None):
@@ -103,6 +126,11 @@ CIFAR_LABEL_FLIP_AND_TGDA = {  # Tables 3 and 12 share these rows
     ("label-flip", "cifar-cnn"): _p(68.99, 0.45, 0), ("label-flip", "resnet18"): _p(94.79, 0.16, 0),
     ("tgda", "cifar-cnn"): _p(65.15, 4.29, 42), ("tgda", "resnet18"): _p(89.41, 5.54, 162),
 }
+
+TGDA_UNDER_DEFENSES = {  # the paper's Table 11: drop without / with the defense
+    ("tgda", d, defense): PaperDefense(drop, with_) for d, drop, row in (
+        ("lr", 2.79, (2.45, 2.13, 2.77)), ("nn", 1.50, (1.48, 1.32, 1.50)), ("cnn", 1.11, (1.10, 0.98, 1.11)))
+    for defense, with_ in zip(("influence", "sever", "maxup"), row)}
 
 TABLES = {t.key: t for t in (
     Table("2", "MNIST, epsilon = 3%: every attack against every defender", False, _attack_rows, {
@@ -116,7 +144,7 @@ TABLES = {t.key: t for t in (
         ("tgda", "lr"): _p(89.56, 2.79, 1.1), ("tgda", "nn"): _p(96.54, 1.50, 15), ("tgda", "cnn"): _p(98.02, 1.11, 75),
     }, MNIST_CLEAN),
     Table("3", "CIFAR-10, epsilon = 3%: label flip, MetaPoison and TGDA", True,
-          lambda defenders, attacks: _attack_rows(defenders, ("label-flip", "metapoison", "tgda")), {
+          lambda defenders, attacks, defenses: _attack_rows(defenders, ("label-flip", "metapoison", "tgda")), {
               **CIFAR_LABEL_FLIP_AND_TGDA,
               ("metapoison", "cifar-cnn"): _p(68.14, 1.13, 35), ("metapoison", "resnet18"): _p(92.90, 2.05, 108),
           }, CIFAR_CLEAN),
@@ -157,8 +185,16 @@ TABLES = {t.key: t for t in (
         ("nn", "lr"): _p(None, 0.13), ("nn", "nn"): _p(None, 1.50), ("nn", "cnn"): _p(None, 0.62),
         ("cnn", "lr"): _p(None, 3.22), ("cnn", "nn"): _p(None, 1.47), ("cnn", "cnn"): _p(None, 1.11),
     }, MNIST_CLEAN, "surrogate"),
+    Table("10", "MNIST, epsilon = 3%: every attack against every defense (the paper: TGDA against the loss "
+          "defense, and Table 11's)", False, _defended, {**TGDA_UNDER_DEFENSES, **{
+              ("tgda", d, "loss"): PaperDefense(drop, with_) for d, (drop, with_) in
+              {"lr": (2.79, 2.56), "nn": (1.50, 1.49), "cnn": (1.11, 1.104)}.items()}},
+          MNIST_CLEAN, attacks=DEFENSE_ATTACKS, defenses=tuple(DEFENSES)),
+    Table("11", "MNIST, epsilon = 3%: TGDA against the influence, Sever and MaxUp defenses", False,
+          lambda defenders, attacks, defenses: _defended(defenders, ("tgda",), defenses), TGDA_UNDER_DEFENSES,
+          MNIST_CLEAN, attacks=("tgda",), defenses=("influence", "sever", "maxup")),
     Table("12", "CIFAR-10, epsilon = 3%: error-minimising noise against label flip and TGDA", True,
-          lambda defenders, attacks: _attack_rows(defenders, ("label-flip", "emn", "tgda")), {
+          lambda defenders, attacks, defenses: _attack_rows(defenders, ("label-flip", "emn", "tgda")), {
               **CIFAR_LABEL_FLIP_AND_TGDA,
               ("emn", "cifar-cnn"): _p(69.00, 0.44, 2.2), ("emn", "resnet18"): _p(94.76, 0.19, 8.4),
           }, CIFAR_CLEAN),
@@ -167,7 +203,7 @@ TABLES = {t.key: t for t in (
                          ((20, 94.38), (40, 93.10), (60, 91.90), (80, 86.85), (100, 19.93))},
           {f"{p}%": 94.95 for p in (20, 40, 60, 80, 100)}),
     Table("figure-4", "Accuracy drop against epsilon (the paper's Figure 4, which gives no numbers)", False, _figure,
-          {}, MNIST_CLEAN),
+          {}, MNIST_CLEAN, attacks=FIGURE_ATTACKS),
 )}
 
 
@@ -187,23 +223,48 @@ def default_defenders(table, scale):
     return CIFAR_DEFENDERS if table.cifar and scale == "paper" else MNIST_DEFENDERS[scale]
 
 
-def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, attacks=None):
+def defense_config(cell, scale):
+    """The DefenseConfig of a defense table's cell (its quick settings at the smoke scale), or None."""
+    if cell.defense is None:
+        return None
+    quick = DEFENSES[cell.defense].quick if scale == "smoke" else {}
+    return DefenseConfig(defense=cell.defense, **quick).checked()
+
+
+def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, attacks=None, defenses=None):
     """[(cell, seed, resolved Config)] of a table at a scale, every setting checked before anything runs."""
     defenders = tuple(defenders or default_defenders(table, scale))
-    default_attacks = FIGURE_ATTACKS if table.key == "figure-4" else tuple(ATTACKS)
-    attacks = tuple(attacks or default_attacks)
+    dataset = "CIFAR-10" if table.cifar and scale == "paper" else "MNIST"
+    allowed = CIFAR_DEFENDERS if dataset == "CIFAR-10" else MNIST_DEFENDERS["paper"]
+    wrong = [d for d in defenders if d not in allowed]
+    if wrong:
+        raise ValueError(f"table {table.key} at the {scale} scale runs on {dataset}: defender(s) {', '.join(wrong)} "
+                         f"are for another dataset; choose from {', '.join(allowed)}")
+    attacks = tuple(attacks or table.attacks or ATTACKS)
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
+    if defenses and not table.defenses:
+        raise ValueError(f"table {table.key} tests no defense; --defenses is for the defense tables "
+                         f"({', '.join(t.key for t in TABLES.values() if t.defenses)})")
+    defenses = tuple(defenses or table.defenses)
+    unknown = [d for d in defenses if d not in DEFENSES]
+    if unknown:
+        raise ValueError(f"unknown defense(s) {', '.join(unknown)}; choose from {', '.join(DEFENSES)}")
     base = base_settings(table, scale, data_root, device)
     runs = []
-    for cell in table.cells(defenders, attacks):
+    for cell in table.cells(defenders, attacks, defenses):
         quick = ATTACKS[cell.settings["attack"]].quick if scale == "smoke" else {}
+        where = f"table {table.key}, {' / '.join(cell.key)}"
+        try:
+            defense_config(cell, scale)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
         for seed in seeds:
             try:
                 cfg = Config.from_dict({**base, **quick, **cell.settings, "seed": seed}).resolved()
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"table {table.key}, {cell.row} / {cell.column}: {exc}") from None
+                raise ValueError(f"{where}: {exc}") from None
             runs.append((cell, seed, cfg))
     return runs
 
@@ -216,29 +277,54 @@ def run_folder(out, table, cell, seed):
     return os.path.join(out, f"table_{table.key}", _slug(cell.row), _slug(cell.column), f"seed_{seed}")
 
 
+def _resumed(step, folder, overwrite):
+    """step(fresh=False) (resume what the folder holds), or with `overwrite` step(fresh=True) where the folder
+    holds other settings."""
+    try:
+        return step(fresh=False)
+    except RunFolderError:
+        if not overwrite:
+            raise RunFolderError(f"{folder} holds a run with other settings (an earlier bench with other "
+                                 "options or code): rerun with --overwrite to replace it, or use another --out")
+        return step(fresh=True)
+
+
+def _run_cell(cell, scale, cfg, folder, overwrite, diverged):
+    """The metrics of one run of a cell (under its defense for a defense table), resumed where complete. A run
+    that diverged is recorded in `diverged` (folder -> message) and not run again for the next defense."""
+    try:
+        if folder in diverged:
+            raise FloatingPointError(diverged[folder])
+        try:
+            metrics = _resumed(lambda fresh: protocol.run(cfg, folder, verbose=False, overwrite=fresh, resume=not fresh),
+                               folder, overwrite)
+        except FloatingPointError as exc:
+            diverged[folder] = str(exc)
+            raise
+        if cell.defense is None:
+            return metrics
+        dcfg = defense_config(cell, scale)
+        return _resumed(lambda fresh: protocol.stage_defend(folder, dcfg, overwrite=fresh, resume=not fresh),
+                        os.path.join(folder, f"defense_{cell.defense}"), overwrite)
+    except FloatingPointError as exc:  # a diverged training or attack is a result of the bench, not its end
+        return {"diverged": str(exc)}
+
+
 def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defenders=None, attacks=None,
-              overwrite=False, verbose=True):
+              defenses=None, overwrite=False, verbose=True):
     """Runs (or resumes) every run of a table; writes and returns the rows (one dict a cell)."""
-    runs = plan(table, scale, seeds, data_root=data_root, device=device, defenders=defenders, attacks=attacks)
+    runs = plan(table, scale, seeds, data_root=data_root, device=device, defenders=defenders, attacks=attacks,
+                defenses=defenses)
     if scale == "paper":
         check_available(runs[0][2].dataset, data_root)  # before any run starts
     results = {}
     bar = tqdm(runs, desc=f"table {table.key} ({scale})", disable=not verbose)
+    diverged = {}
     for cell, seed, cfg in bar:
-        bar.set_postfix_str(f"{cell.row} / {cell.column} / seed {seed}")
-        folder = run_folder(out, table, cell, seed)
-        try:
-            try:
-                metrics = protocol.run(cfg, folder, verbose=False, resume=True)
-            except RunFolderError:
-                if not overwrite:
-                    raise RunFolderError(f"{folder} holds a run with other settings (an earlier bench with other "
-                                         "options or code): rerun with --overwrite to replace it, or use another --out")
-                metrics = protocol.run(cfg, folder, verbose=False, overwrite=True)
-        except FloatingPointError as exc:  # a diverged training or attack is a result of the bench, not its end
-            metrics = {"diverged": str(exc)}
-        results.setdefault((cell.row, cell.column), []).append(metrics)
-    cells = {(cell.row, cell.column): cell for cell, _, _ in runs}
+        bar.set_postfix_str(f"{' / '.join(cell.key)} / seed {seed}")
+        metrics = _run_cell(cell, scale, cfg, run_folder(out, table, cell, seed), overwrite, diverged)
+        results.setdefault(cell.key, []).append(metrics)
+    cells = {cell.key: cell for cell, _, _ in runs}
     rows = [_row(table, scale, cells[key], runs_) for key, runs_ in results.items()]
     write_outputs(table, scale, rows, out)
     return rows
@@ -257,6 +343,8 @@ def _row(table, scale, cell, runs):
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
         mean, std = _mean_std([scale_by * r[key] for r in done if key in r])
         out[f"{key}_mean"], out[f"{key}_std"] = mean, std
+    if cell.defense is not None:
+        return _defense_row(table, scale, cell, done, out)
     paper = table.paper.get((row, column)) if scale == "paper" or not table.cifar else None
     out["paper_accuracy"] = paper.accuracy if paper else None
     out["paper_drop"] = paper.drop if paper else None
@@ -264,6 +352,48 @@ def _row(table, scale, cell, runs):
     tested = cell.settings.get("eval_defender") or cell.settings["defender"]
     out["paper_clean"] = table.paper_clean.get(tested, table.paper_clean.get(column)) if paper else None
     return out
+
+
+DEFENSE_COLUMNS = (("defended_accuracy", 100), ("defended_drop", 100), ("clean_defended_accuracy", 100),
+                   ("attack_drop_under_defense", 100), ("poisons_removed", 1), ("clean_removed", 1), ("precision", 100),
+                   ("recall", 100), ("defense_seconds", 1))
+
+
+def _defense_row(table, scale, cell, done, out):
+    out["defense"] = cell.defense
+    for key, scale_by in DEFENSE_COLUMNS:
+        mean, std = _mean_std([scale_by * r[key] for r in done if r.get(key) is not None])
+        out[f"{key}_mean"], out[f"{key}_std"] = mean, std
+    paper = table.paper.get(cell.key)
+    out["paper_drop"] = paper.drop if paper else None
+    out["paper_defended_drop"] = paper.defended_drop if paper else None
+    return out
+
+
+def defense_markdown(table, scale, rows):
+    """A defense table as Markdown: one line an (attack, defender, defense), ours beside the paper's."""
+    lines = [f"### Table {table.key}: {table.title} ({scale} scale)\n",
+             "Drops are in points of test accuracy from the clean accuracy without defense; \"clean acc. with defense\" "
+             "is the defense applied to D_tr alone (its own cost); a filter's removed points are counts per run "
+             "(precision: the share of removed points that are poisons; recall: the share of poisons removed).\n",
+             "| attack | defender | defense | seeds | clean acc. (%) | drop without defense | drop with defense "
+             "| clean acc. with defense (%) | poisons / clean points removed | precision / recall (%) "
+             "| paper: drop without / with |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+        removed = prec = "—"
+        if r["poisons_removed_mean"] is not None:
+            removed = f"{r['poisons_removed_mean']:.1f} / {r['clean_removed_mean']:.1f}"
+            prec = f"{_fmt(r['precision_mean'], r['precision_std'], 1)} / {_fmt(r['recall_mean'], r['recall_std'], 1)}"
+        paper = "—" if r["paper_drop"] is None else f"{r['paper_drop']:.2f} / {r['paper_defended_drop']:.2f}"
+        lines.append(f"| {r['attack']} | {r['column']} | {r['defense']} | {seeds} "
+                     f"| {_fmt(r['clean_accuracy_mean'], r['clean_accuracy_std'])} "
+                     f"| {_fmt(r['accuracy_drop_mean'], r['accuracy_drop_std'])} "
+                     f"| {_fmt(r['defended_drop_mean'], r['defended_drop_std'])} "
+                     f"| {_fmt(r['clean_defended_accuracy_mean'], r['clean_defended_accuracy_std'])} "
+                     f"| {removed} | {prec} | {paper} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(mean, std, digits=2):
@@ -278,6 +408,8 @@ def _time(seconds):
 
 def markdown(table, scale, rows):
     """The table as Markdown: one line a cell, ours (mean ± std over seeds) beside the paper's."""
+    if table.defenses:
+        return defense_markdown(table, scale, rows)
     head = (f"### Table {table.key}: {table.title} ({scale} scale)\n\n"
             if table.key != "figure-4" else f"### {table.title} ({scale} scale)\n\n")
     if table.cifar and scale != "paper":

@@ -3,6 +3,8 @@
     tgda-attack run --dataset mnist-sample --defender lr --epsilon 0.03 --seed 0 --out DIR
     tgda-attack pretrain --out DIR ...; tgda-attack attack --out DIR; tgda-attack evaluate --out DIR
     tgda-attack run --seeds 0 1 2 --out DIR     (one folder per seed, mean and std in DIR/summary.md)
+    tgda-attack run ... --defense sever; tgda-attack evaluate --out DIR --defense loss
+                                                (the test stage under a defense, into DIR/defense_NAME)
     tgda-attack bench --table 2 --scale smoke|sample|paper --seeds 3 [--data-root DIR] --out DIR
                                                 (the paper's tables, ours beside the paper's numbers)
 
@@ -19,10 +21,11 @@ import tomllib
 import typing
 
 from . import bench, protocol
-from .config import ATTACK_SETTINGS, CHOICES, Config
+from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, Config, DefenseConfig
+from .defenses import DEFENSES
 from .data import DataNotFoundError
 from .metrics import summarize
-from .report import metrics_table, summary_table
+from .report import defense_table, metrics_table, summary_table
 from .rundir import RunFolderError
 
 
@@ -54,6 +57,17 @@ def _add_config_options(parser):
                       help="continue the run the output folder holds (same settings only), keeping its finished stages")
 
 
+def _add_defense_options(parser):
+    group = parser.add_argument_group("defense of the test stage (tgda_attack.defenses)")
+    group.add_argument("--defense", choices=tuple(DEFENSES),
+                       help="also retrain under this defense, into OUT/defense_NAME (a filter or a robust training)")
+    hints = typing.get_type_hints(DefenseConfig)
+    for s in DEFENSE_SETTINGS:
+        group.add_argument("--" + s.name.replace("_", "-"), dest=s.name, type=hints[s.name],
+                           choices=s.check if isinstance(s.check, tuple) else None, default=None,
+                           help=f"{s.help} (default: {s.default})")
+
+
 def build_parser():
     parser = _Parser(prog="tgda-attack", description="TGDA data poisoning (Lu, Kamath & Yu, TMLR 2022): "
                      "pretrain -> attack -> retrain from scratch -> test")
@@ -63,11 +77,15 @@ def build_parser():
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_config_options(p)
+        if name == "run":
+            _add_defense_options(p)
     for name, text in (("attack", "stage 2: generate the poisons from the folder's pretrained models"),
                        ("evaluate", "stage 3: retrain on D_tr U D_p and test")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--out", required=True, help="folder holding the earlier stages' files")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "evaluate":
+            _add_defense_options(p)
     p = sub.add_parser("bench", help="the paper's tables: every run in its own folder, complete runs kept")
     p.add_argument("--table", required=True, choices=tuple(bench.TABLES), help="a table of the paper, or figure-4")
     p.add_argument("--scale", default="smoke", choices=bench.SCALES,
@@ -75,7 +93,9 @@ def build_parser():
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. K-1 (default: 1)")
     p.add_argument("--data-root", help="folder of the full dataset (the paper scale)")
     p.add_argument("--defenders", nargs="+", choices=CHOICES["defender"], help="columns (default: by scale)")
-    p.add_argument("--attacks", nargs="+", choices=CHOICES["attack"], help="rows of table 2 and figure-4 (default: all)")
+    p.add_argument("--attacks", nargs="+", choices=CHOICES["attack"],
+                   help="rows of tables 2 and 10 and figure-4 (default: all; table 10: tgda, label-flip, gradient-canceling)")
+    p.add_argument("--defenses", nargs="+", choices=tuple(DEFENSES), help="defenses of tables 10 and 11 (default: the table's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--overwrite", action="store_true", help="replace runs whose folders hold other settings")
@@ -89,7 +109,7 @@ def _bench(args):
     table = bench.TABLES[args.table]
     try:
         rows = bench.run_table(table, args.scale, list(range(args.seeds)), args.out, data_root=args.data_root,
-                               device=args.device, defenders=args.defenders, attacks=args.attacks,
+                               device=args.device, defenders=args.defenders, attacks=args.attacks, defenses=args.defenses,
                                overwrite=args.overwrite, verbose=not args.quiet)
     except ValueError as exc:
         if isinstance(exc, RunFolderError):
@@ -122,6 +142,28 @@ def config_from_args(args):
         raise UsageError(str(exc))
 
 
+def defense_from_args(args):
+    """The DefenseConfig of --defense and its settings, or None; UsageError for a setting without --defense."""
+    given = {s.name: getattr(args, s.name) for s in DEFENSE_SETTINGS if getattr(args, s.name) is not None}
+    if args.defense is None:
+        if given:
+            raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) a defense; add --defense NAME")
+        return None
+    unread = sorted(set(given) - {s.name for s in DEFENSES[args.defense].settings})
+    if unread:
+        raise UsageError(f"defense {args.defense} does not read {', '.join('--' + k.replace('_', '-') for k in unread)}")
+    try:
+        return DefenseConfig(defense=args.defense, **given).checked()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _print_defense(metrics, out):
+    print(f"\nunder the {metrics['defense']} defense:")
+    print(defense_table(metrics))
+    print(f"results: {os.path.join(out, 'defense_' + metrics['defense'], 'metrics.json')}")
+
+
 def _print_run(metrics, out):
     print(f"\n{metrics['attack']} against {metrics['defender']} on {metrics['dataset']} "
           f"(epsilon {metrics['epsilon']}, {metrics['n_poison']} poisons, seed {metrics['seed']}):")
@@ -141,6 +183,7 @@ def main(argv=None):
         verbose = not args.quiet
         if args.command == "bench":
             return _bench(args)
+        defense = defense_from_args(args) if args.command in ("run", "evaluate") else None
         if args.command in ("run", "pretrain"):
             cfg = config_from_args(args)
             seeds = args.seeds or [cfg.seed]
@@ -157,6 +200,9 @@ def main(argv=None):
                 runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose,
                                          overwrite=args.overwrite, resume=args.resume))
                 _print_run(runs[-1], out)
+                if defense:
+                    _print_defense(protocol.stage_defend(out, defense, verbose, overwrite=args.overwrite or not args.resume,
+                                                         resume=args.resume), out)
             if len(runs) > 1:
                 summary = summarize(runs)
                 with open(os.path.join(args.out, "summary.json"), "w") as fh:
@@ -171,6 +217,8 @@ def main(argv=None):
             print(f"{result['n_poison']} poisons in {result['attack_seconds']:.1f} s -> {os.path.join(args.out, 'poisons.pt')}")
             return 0
         _print_run(protocol.stage_evaluate(args.out, verbose), args.out)
+        if defense:
+            _print_defense(protocol.stage_defend(args.out, defense, verbose, overwrite=True), args.out)
         return 0
     except (UsageError, RunFolderError, DataNotFoundError, FileNotFoundError) as exc:
         print(f"tgda-attack: error: {exc}", file=sys.stderr)

@@ -19,6 +19,8 @@ from .attacks import ATTACKS, FLIP_RULES
 from .attacks.base import INITS, attack_settings
 from .attacks.tgda import FORMULATIONS, LEADERS, WARM_STARTS
 from .data import DATASETS
+from .defenses import DEFENSES
+from .defenses.base import defense_settings
 from .models import ATTACKERS, DEFENDERS
 
 ATTACKER_NAMES = (*ATTACKERS, "pixels")  # "pixels": the poisons themselves are the leader's parameters
@@ -118,18 +120,7 @@ class _ProtocolSettings:
         return cls(**values)
 
     def _check_types(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), hints[f.name]
-            if value is None and f.default is None:
-                continue
-            ok = (isinstance(value, bool) if kind is bool else
-                  isinstance(value, int) and not isinstance(value, bool) if kind is int else
-                  isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
-                  isinstance(value, kind))
-            if not ok:
-                raise ValueError(f"setting {f.name} must be {'a number' if kind is float else kind.__name__}, "
-                                 f"got {value!r}")
+        _check_types(self)
 
     def _check_values(self):
         if not 0 < self.epsilon <= 1:
@@ -157,6 +148,22 @@ class _ProtocolSettings:
         check_device(self.device)
 
 
+def _check_types(settings):
+    """Raises ValueError naming the first field of the dataclass `settings` whose value has the wrong type."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        value, kind = getattr(settings, f.name), hints[f.name]
+        if value is None and f.default is None:
+            continue
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, kind))
+        if not ok:
+            raise ValueError(f"setting {f.name} must be {'a number' if kind is float else kind.__name__}, "
+                             f"got {value!r}")
+
+
 def _with_attack_settings(base):
     clash = sorted({s.name for s in ATTACK_SETTINGS} & {f.name for f in dataclasses.fields(base)})
     if clash:
@@ -169,6 +176,43 @@ def _with_attack_settings(base):
 
 
 Config = _with_attack_settings(_ProtocolSettings)
+
+DEFENSE_SETTINGS = defense_settings(DEFENSES)  # the settings the registered defenses read
+
+
+@dataclasses.dataclass(frozen=True)
+class _DefenseName:
+    defense: str
+
+    def checked(self):
+        """self, or ValueError naming the first bad setting (unknown defense, wrong type, out of range)."""
+        if self.defense not in DEFENSES:
+            raise ValueError(f"unknown defense {self.defense!r}; choose one of {', '.join(DEFENSES)}")
+        _check_types(self)
+        for setting in DEFENSES[self.defense].settings:
+            problem = setting.problem(getattr(self, setting.name))
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def own_settings(self):
+        """{setting: value} of the settings the chosen defense reads (what its results are recorded under)."""
+        return {s.name: getattr(self, s.name) for s in DEFENSES[self.defense].settings}
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown defense setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values).checked()
+
+
+DefenseConfig = dataclasses.make_dataclass(
+    "DefenseConfig", [(s.name, s.type, s.default) for s in DEFENSE_SETTINGS], bases=(_DefenseName,), frozen=True)
+DefenseConfig.__module__, DefenseConfig.__doc__ = __name__, (
+    "A defense of the test stage (tgda_attack.defenses.DEFENSES) and the settings the registered defenses read "
+    "(Defense.settings); checked() checks them.")
 
 
 def check_device(device):

@@ -11,6 +11,12 @@
 Transfer (the paper's Table 9): with eval_defender set, the attack uses `defender` as its surrogate and
 stages 1 and 3 also train and retrain the eval_defender, whose accuracies are the ones reported.
 
+Defenses (Section 5.6, Tables 10-11): `stage_defend` repeats stage 3 under a defense of the registry
+tgda_attack.defenses.DEFENSES, into the sub-folder defense_NAME of the run: a filter removes points
+before the retraining, a robust training procedure replaces it. It reports the accuracy with and
+without the defense, the defense's cost on clean data (the same defense applied to D_tr alone), and,
+since the poisons are known, how many poisons and clean points a filter removed.
+
 Each stage reads the previous stage's files from one output folder (tgda_attack.rundir) and writes its
 own, so the stages can run separately (`tgda-attack pretrain|attack|evaluate`) or together (`run`).
 Settings and their checks live in tgda_attack.config, the reported statistics in tgda_attack.metrics.
@@ -24,7 +30,8 @@ import torch
 
 from . import data as data_mod
 from .attacks import ATTACKS
-from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config  # noqa: F401  (the settings, re-exported for callers)
+from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # noqa: F401  (re-exported for callers)
+from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
 from .rundir import RunFolderError, claim, load_state, need, read_json, settings_of, write_json
@@ -191,6 +198,105 @@ def stage_evaluate(out, verbose=False):
     save_poison_figure(source.cpu(), poisons["x_poison"], splits.y_train[poisons["source_indices"]].cpu(),
                        poisons["y_poison"], os.path.join(out, "poisons.png"))
     return metrics
+
+
+def _poison_mask(n, poisons):
+    """Which points of the poisoned training set (poisoned_training_set) are poisons."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    if bool(poisons.get("replaces_sources", False)):
+        mask[poisons["source_indices"].long()] = True
+    else:
+        mask[n - len(poisons["y_poison"]):] = True
+    return mask
+
+
+def _defended_training(cfg, dcfg, defense, tested, splits, verbose):
+    """(train, filter): train(x, y) -> model, the retraining procedure under the defense (the pretrain
+    procedure, or the defense's robust training), and filter(x, y, model) -> (report, is_clean) or None."""
+    def train(x, y, desc="retrain defender (defended)"):
+        if defense.kind == "training":
+            model = new_defender(cfg, tuple(x.shape[1:]), tested)
+            return defense.train(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
+                                 lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc)
+        return train_defender(cfg, x, y, verbose, desc=desc, name=tested)
+
+    if defense.kind == "training":
+        return train, None
+
+    def sanitise(x, y, model):
+        return defense.detect_poison(x, y, model=model, fit=lambda xk, yk: train_defender(cfg, xk, yk, name=tested),
+                                     x_val=splits.x_val, y_val=splits.y_val)
+    return train, sanitise
+
+
+def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
+    """Stage 3 under a defense (a DefenseConfig): writes out/defense_NAME/{metrics.json,defender_defended.pt}.
+
+    Needs the finished undefended stage 3 (metrics.json). A defense folder holding results of other
+    defense settings stops with RunFolderError unless `overwrite`; with `resume`, results of the same
+    settings are returned as they are."""
+    need(out, "config.json", "pretrain.json", "attack.json", "poisons.pt", "metrics.json", "defender_poisoned.pt")
+    dcfg = dcfg.checked()
+    defense = DEFENSES[dcfg.defense].from_config(dcfg)  # its own checks, before any work
+    folder = os.path.join(out, f"defense_{dcfg.defense}")
+    path = os.path.join(folder, "metrics.json")
+    if os.path.exists(path):
+        try:
+            recorded = read_json(path)
+        except ValueError:
+            recorded = {}
+        if recorded.get("defense_settings") == dcfg.own_settings() and resume:
+            return recorded
+        if not overwrite:
+            raise RunFolderError(f"{folder} holds results of defense settings {recorded.get('defense_settings')}; "
+                                 "--resume keeps results of the same settings, --overwrite replaces them")
+    cfg = _config_from(out)
+    undefended = read_json(os.path.join(out, "metrics.json"))
+    splits = load_splits(cfg)
+    poisons = load_state(os.path.join(out, "poisons.pt"))
+    x_p, y_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg)), poisons["y_poison"].to(cfg.device)
+    x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
+    tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
+    train, sanitise = _defended_training(cfg, dcfg, defense, tested, splits, verbose)
+    start = time.perf_counter()
+    result = {"defense": dcfg.defense, "kind": defense.kind, "defense_settings": dcfg.own_settings()}
+    if sanitise is None:
+        defended, clean_defended = train(x_all, y_all), train(splits.x_train, splits.y_train, "train clean (defended)")
+    else:
+        poisoned_model = new_defender(cfg, splits.image_shape, tested)
+        poisoned_model.load_state_dict(load_state(os.path.join(out, "defender_poisoned.pt")))
+        report, keep = sanitise(x_all, y_all, poisoned_model)
+        keep = keep.cpu()
+        defended = train(x_all[keep.to(x_all.device)], y_all[keep.to(y_all.device)])
+        clean_model = None
+        if not _transfers(cfg):  # the pretrained defender is the pretrain procedure on D_tr: reused
+            clean_model = new_defender(cfg, splits.image_shape)
+            clean_model.load_state_dict(load_state(os.path.join(out, "defender_pretrained.pt")))
+        clean_report, clean_keep = sanitise(splits.x_train, splits.y_train, clean_model)
+        clean_keep = clean_keep.cpu().to(splits.x_train.device)
+        clean_defended = train(splits.x_train[clean_keep], splits.y_train[clean_keep], "train clean (defended)")
+        is_poison = _poison_mask(len(y_all), poisons)
+        removed = ~keep
+        n_removed, poisons_removed = int(removed.sum()), int((removed & is_poison).sum())
+        result.update({"n_removed": n_removed, "poisons_removed": poisons_removed,
+                       "clean_removed": n_removed - poisons_removed,
+                       "precision": poisons_removed / n_removed if n_removed else None,
+                       "recall": poisons_removed / int(is_poison.sum()) if int(is_poison.sum()) else None,
+                       "clean_set_removed": int((~clean_keep).sum()), "report": report, "clean_report": clean_report})
+    clean, poisoned = undefended["clean_accuracy"], undefended["poisoned_accuracy"]
+    defended_acc = accuracy(defended, splits.x_test, splits.y_test)
+    clean_defended_acc = accuracy(clean_defended, splits.x_test, splits.y_test)
+    result.update({
+        "dataset": cfg.dataset, "attack": cfg.attack, "defender": cfg.defender, "eval_defender": tested,
+        "epsilon": cfg.epsilon, "seed": cfg.seed, "n_train": len(splits.y_train), "n_poison": len(y_p),
+        "clean_accuracy": clean, "poisoned_accuracy": poisoned, "accuracy_drop": clean - poisoned,
+        "defended_accuracy": defended_acc, "defended_drop": clean - defended_acc,
+        "clean_defended_accuracy": clean_defended_acc, "attack_drop_under_defense": clean_defended_acc - defended_acc,
+        "defense_seconds": time.perf_counter() - start})
+    os.makedirs(folder, exist_ok=True)
+    torch.save(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))
+    write_json(path, result)
+    return result
 
 
 def run(cfg, out, verbose=False, *, overwrite=False, resume=False):

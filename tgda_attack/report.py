@@ -54,3 +54,17 @@ def summary_table(summaries):
         lines.append(f"| {s['dataset']} | {s['defender']} | {s['attack']} | {len(s['seeds'])} | {ms('clean_accuracy')} | "
                      f"{ms('poisoned_accuracy')} | {ms('accuracy_drop')} | {ms('attack_seconds', 1.0)} |")
     return "\n".join(lines)
+
+
+def defense_table(metrics):
+    """One run under a defense (protocol.stage_defend) as a Markdown table."""
+    head = ("| clean acc. (%) | poisoned acc. (%) | defended acc. (%) | drop without / with defense (points) "
+            "| clean acc. with defense (%) |")
+    row = (f"| {_pct(metrics['clean_accuracy'])} | {_pct(metrics['poisoned_accuracy'])} | {_pct(metrics['defended_accuracy'])} "
+           f"| {_pct(metrics['accuracy_drop'])} / {_pct(metrics['defended_drop'])} | {_pct(metrics['clean_defended_accuracy'])} |")
+    if metrics["kind"] == "filter":
+        share = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        head += " removed: poisons / clean points | precision / recall |"
+        row += (f" {metrics['poisons_removed']} of {metrics['n_poison']} / {metrics['clean_removed']} "
+                f"| {share(metrics['precision'])} / {share(metrics['recall'])} |")
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1), row])

@@ -22,8 +22,14 @@ def _batches(n, batch_size, generator):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender"):
-    """Mini-batch gradient descent on the cross-entropy: w -= lr * grad. Returns the model."""
+def cross_entropy_loss(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
+                     loss_fn=cross_entropy_loss):
+    """Mini-batch gradient descent on loss_fn(model, x_batch, y_batch) (the cross-entropy unless a robust
+    training procedure gives its own): w -= lr * grad. Returns the model."""
     if epochs < 0 or batch_size < 1 or lr <= 0:
         raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
     generator = torch.Generator().manual_seed(seed)
@@ -32,7 +38,7 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
     bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
     for epoch in bar:
         for idx in _batches(len(y), batch_size, generator):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = loss_fn(model, x[idx], y[idx])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for p, g in zip(params, grads):

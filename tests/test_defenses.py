@@ -1,0 +1,160 @@
+"""The defenses' interface, the data-only and loss filters on tiny data with planted answers, the
+defended test stage of the protocol (tgda-attack run/evaluate --defense) and its files."""
+import json
+import os
+
+import pytest
+import torch
+
+from tgda_attack import cli, protocol
+from tgda_attack.config import DefenseConfig
+from tgda_attack.defenses import DEFENSES, PoisonFilter, RobustTraining
+from tgda_attack.defenses.base import keep_all_but_largest, registry
+from tgda_attack.defenses.centroid import SlabFilter, SphereFilter, keep_per_class, slab_scores, sphere_scores
+from tgda_attack.defenses.loss import LossFilter
+
+
+def _blobs(n_per_class=40, seed=0):
+    """Three well separated Gaussian classes in 4 dimensions, as (N, 1, 2, 2) images."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]], dtype=torch.float64)
+    x = torch.cat([c + 0.5 * torch.randn(n_per_class, 4, generator=g, dtype=torch.float64) for c in centres])
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    return x.view(-1, 1, 2, 2), y
+
+
+def test_keep_all_but_largest_removes_the_floor_of_the_share_and_counts_nan_as_largest():
+    scores = torch.tensor([0.1, 5.0, float("nan"), 2.0, 0.3, 4.0, 0.0, 1.0, 0.2, 0.4])
+    assert (~keep_all_but_largest(scores, 0.3)).nonzero().flatten().tolist() == [1, 2, 5]
+    assert keep_all_but_largest(scores, 0.05).all()  # floor(0.5) = 0
+
+
+def test_sphere_removes_points_planted_far_from_their_class_centroid():
+    x, y = _blobs()
+    planted = torch.tensor([3, 50, 100])
+    x.view(len(y), -1)[planted] += torch.tensor([0.0, 0, 0, 9.0], dtype=torch.float64)  # off along a free axis
+    _, is_clean = SphereFilter(fraction=3 / 120).detect_poison(x, y)
+    assert (~is_clean).nonzero().flatten().tolist() == planted.tolist()
+    flat = x.flatten(1)
+    dense = torch.stack([(flat[i] - flat[y == y[i]].mean(0)).norm() for i in range(len(y))])
+    assert torch.allclose(sphere_scores(x, y), dense)
+
+
+def test_slab_scores_are_distances_along_the_line_between_centroids():
+    x, y = _blobs()
+    flat = x.flatten(1)
+    i = 7
+    mu, rest = flat[y == y[i]].mean(0), flat[y != y[i]].mean(0)
+    d = (mu - rest) / (mu - rest).norm()
+    assert slab_scores(x, y)[i].item() == pytest.approx(abs(((flat[i] - mu) @ d).item()))
+    # a point pushed along its class's line (towards the other classes) is removed; one moved
+    # orthogonally to every line is not
+    x2 = x.clone().view(len(y), -1)
+    x2[10] -= 6 * d
+    x2[20, 3] += 6.0
+    _, is_clean = SlabFilter(fraction=1 / 120).detect_poison(x2.view_as(x), y)
+    assert not is_clean[10] and is_clean[20]
+
+
+def test_per_class_removal_takes_each_class_share_so_a_poisoned_class_cannot_shield_others():
+    y = torch.tensor([0] * 50 + [1] * 50)
+    scores = torch.cat([torch.full((50,), 100.0) + torch.arange(50.0), torch.arange(50.0)])
+    removed = (~keep_per_class(scores, y, 0.1)).nonzero().flatten().tolist()
+    assert removed == [45, 46, 47, 48, 49, 95, 96, 97, 98, 99]
+
+
+def test_loss_filter_removes_a_point_with_a_planted_huge_loss():
+    x, y = _blobs()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(3, 4, dtype=torch.float64))
+        model[1].bias.zero_()
+    y = y.clone()
+    y[[5, 60]] = torch.tensor([2, 0])  # mislabelled: a huge cross-entropy under the centroid classifier
+    report, is_clean = LossFilter(fraction=2 / 120).detect_poison(x, y, model=model)
+    assert (~is_clean).nonzero().flatten().tolist() == [5, 60] and report["threshold"] > 2.0
+    calls = []
+    LossFilter(fraction=0.01).detect_poison(x, y, fit=lambda xk, yk: calls.append(len(yk)) or model)
+    assert calls == [len(y)]  # without a model it trains one on (x, y)
+    with pytest.raises(ValueError, match="model= or fit="):
+        LossFilter().detect_poison(x, y)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, "3%", True])
+def test_filters_refuse_a_share_outside_zero_one(fraction):
+    with pytest.raises(ValueError, match="share of the training set"):
+        LossFilter(fraction=fraction)
+
+
+def test_registry_holds_every_defense_with_its_kind_and_checks_them():
+    assert {"loss", "sphere", "slab"} <= set(DEFENSES)
+    for name, cls in DEFENSES.items():
+        assert cls.name == name and issubclass(cls, PoisonFilter if cls.kind == "filter" else RobustTraining)
+        cls.from_config(DefenseConfig(defense=name, **cls.quick).checked())  # every setting maps to a keyword
+    with pytest.raises(ValueError, match="two defenses"):
+        registry(LossFilter, LossFilter)
+    with pytest.raises(ValueError, match="unknown defense"):
+        DefenseConfig(defense="fgsm").checked()
+    with pytest.raises(ValueError, match="defense-fraction"):
+        DefenseConfig(defense="loss", defense_fraction=1.5).checked()
+
+
+@pytest.fixture(scope="module")
+def label_flip_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    assert cli.main(["run", "--attack", "label-flip", "--pretrain-epochs", "2", "--out", out, "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_every_defense_runs_in_the_test_stage_and_reports_what_it_removed(name, label_flip_run, capsys):
+    quick = [f"--{k.replace('_', '-')}={v}" for k, v in DEFENSES[name].quick.items()]
+    assert cli.main(["evaluate", "--out", label_flip_run, "--defense", name, *quick, "--quiet"]) == 0
+    assert f"under the {name} defense" in capsys.readouterr().out
+    metrics = json.load(open(os.path.join(label_flip_run, f"defense_{name}", "metrics.json")))
+    undefended = json.load(open(os.path.join(label_flip_run, "metrics.json")))
+    assert metrics["poisoned_accuracy"] == undefended["poisoned_accuracy"]
+    assert metrics["defended_drop"] == pytest.approx(metrics["clean_accuracy"] - metrics["defended_accuracy"])
+    if DEFENSES[name].kind == "filter":
+        n_all = metrics["n_train"] + metrics["n_poison"]
+        assert metrics["n_removed"] == int(0.03 * n_all + 1e-9) == metrics["poisons_removed"] + metrics["clean_removed"]
+        assert metrics["recall"] == pytest.approx(metrics["poisons_removed"] / metrics["n_poison"])
+    assert os.path.exists(os.path.join(label_flip_run, f"defense_{name}", "defender_defended.pt"))
+
+
+def test_the_defended_model_is_trained_on_the_kept_points(label_flip_run):
+    metrics = protocol.stage_defend(label_flip_run, DefenseConfig(defense="sphere"), overwrite=True)
+    cfg = protocol._config_from(label_flip_run)
+    splits = protocol.load_splits(cfg)
+    poisons = protocol.load_state(os.path.join(label_flip_run, "poisons.pt"))
+    x, y = protocol.poisoned_training_set(splits.x_train, splits.y_train, poisons, poisons["x_poison"], poisons["y_poison"])
+    _, keep = SphereFilter().detect_poison(x, y)
+    expected = protocol.train_defender(cfg, x[keep], y[keep])
+    saved = protocol.load_state(os.path.join(label_flip_run, "defense_sphere", "defender_defended.pt"))
+    assert all(torch.equal(saved[k], v) for k, v in expected.state_dict().items())
+    is_poison = protocol._poison_mask(len(y), poisons)
+    assert metrics["poisons_removed"] == int((~keep & is_poison).sum())
+
+
+def test_defense_results_of_other_settings_are_not_silently_reused(label_flip_run):
+    protocol.stage_defend(label_flip_run, DefenseConfig(defense="slab"), overwrite=True)
+    with pytest.raises(protocol.RunFolderError, match="--overwrite"):
+        protocol.stage_defend(label_flip_run, DefenseConfig(defense="slab", defense_fraction=0.05), resume=True)
+    again = protocol.stage_defend(label_flip_run, DefenseConfig(defense="slab"), resume=True)
+    assert again["defense_settings"] == {"defense_fraction": 0.03}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--defense", "fgsm"], "invalid choice"), (["--defense-fraction", "0.1"], "add --defense"),
+    (["--defense", "loss", "--defense-fraction", "2"], "defense-fraction"),
+])
+def test_defense_usage_errors_are_one_line_before_any_work(argv, message, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli.main(["run", "--attack", "label-flip", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not out.exists()
+
+
+def test_evaluate_with_a_defense_needs_the_finished_run(tmp_path, capsys):
+    assert cli.main(["evaluate", "--out", str(tmp_path), "--defense", "loss"]) == 2
+    assert "lacks" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""The one interface every defense of tgda_attack implements, and the registry the protocol and the
+command line read (in the style of the Adversarial Robustness Toolbox's PoisonFilteringDefence), for
+the defenses of Section 5.6 of Lu, Kamath & Yu, "Indiscriminate Data Poisoning Attacks on Neural
+Networks" (TMLR 2022) and the sanitisers of Koh, Steinhardt & Liang (2018).
+
+A defense is one of two kinds:
+- a filter (PoisonFilter) says which training points to keep,
+
+      report, is_clean = defense.detect_poison(x, y, model=None, fit=None, x_val=None, y_val=None)
+
+  with `model` a defender trained on (x, y) (filters that score points by a model's loss or gradients
+  use it; they train one with `fit(x, y) -> model`, the protocol's retraining procedure, when it is not
+  given, and Sever retrains with it between rounds), (x_val, y_val) the defender's own validation data
+  where a filter needs some (influence). `is_clean` is a bool tensor over (x, y); the defender is then
+  retrained on the points kept;
+- a robust training procedure (RobustTraining) replaces the retraining itself:
+
+      model = defense.train(model, x, y, epochs=, batch_size=, lr=, seed=, verbose=False)
+
+Adding a defense: one module under tgda_attack/defenses/ with a subclass of PoisonFilter or
+RobustTraining, and its class in the tuple of tgda_attack/defenses/__init__.py. The settings it reads
+(`settings`, a tuple of tgda_attack.attacks.base.Setting) become fields of
+tgda_attack.config.DefenseConfig and options of `tgda-attack run|evaluate --defense NAME`.
+"""
+import torch
+
+from ..attacks.base import Setting
+
+KINDS = ("filter", "training")
+
+# The share of the training set a filter removes: the paper's 3% for every filter (Section 5.6).
+FRACTION = Setting("defense_fraction", float, 0.03, "fraction",
+                   "share of the (poisoned) training set a filter removes (the paper: 3%)")
+
+
+class Defense:
+    """Base of the defenses. Subclasses set `name` (the registry key and --defense value) and `kind`."""
+
+    name = None
+    kind = None
+    settings = ()  # Setting(...) for each setting this defense reads
+    quick = {}  # DefenseConfig values that make it take seconds (the tests, `bench --scale smoke`)
+
+    def _check_params(self):
+        """Raises ValueError naming the first parameter out of range. Subclasses extend it."""
+
+    @classmethod
+    def from_config(cls, dcfg):
+        """The defense with the settings of a tgda_attack.config.DefenseConfig: each Setting named
+        `<prefix>_<arg>` (or defense_fraction) is passed as the constructor's keyword `<arg>`."""
+        kwargs = {s.name.split("_", 1)[1]: getattr(dcfg, s.name) for s in cls.settings}
+        return cls(**kwargs)
+
+
+class PoisonFilter(Defense):
+    kind = "filter"
+    uses_model = False  # whether detect_poison scores points with a defender trained on (x, y)
+
+    def __init__(self, fraction=0.03):
+        self.fraction = fraction
+        self._check_params()
+
+    def _check_params(self):
+        if not isinstance(self.fraction, (int, float)) or isinstance(self.fraction, bool) or not 0 < self.fraction < 1:
+            raise ValueError(f"fraction is the share of the training set a filter removes, in (0, 1); got {self.fraction!r}")
+
+    def _model(self, x, y, model, fit):
+        if model is not None:
+            return model
+        if fit is None:
+            raise ValueError(f"the {self.name} filter scores points with a defender trained on (x, y): pass model= or fit=")
+        return fit(x, y)
+
+    def detect_poison(self, x, y, *, model=None, fit=None, x_val=None, y_val=None):
+        """(report, is_clean): a dict of what the filter did, and a bool tensor, True for the points kept."""
+        raise NotImplementedError
+
+
+class RobustTraining(Defense):
+    kind = "training"
+
+    def train(self, model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="robust training"):
+        raise NotImplementedError
+
+
+def keep_all_but_largest(scores, fraction):
+    """is_clean for the filter that removes the floor(fraction * n) points of largest score (ties broken
+    by index, so the result is deterministic); a non-finite score counts as the largest."""
+    scores = torch.as_tensor(scores).detach().double().cpu()
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be one number a point, got shape {list(scores.shape)}")
+    n_remove = int(fraction * len(scores) + 1e-9)
+    scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("inf")))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    is_clean = torch.ones(len(scores), dtype=torch.bool)
+    is_clean[order[:n_remove]] = False
+    return is_clean
+
+
+def registry(*classes):
+    """{name: class} of the defense classes, checked: each a named PoisonFilter or RobustTraining, names
+    unique, a setting two defenses share declared by both alike."""
+    out, seen = {}, {}
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, (PoisonFilter, RobustTraining))) or not cls.name:
+            raise TypeError(f"{cls!r} is not a named PoisonFilter or RobustTraining subclass")
+        if cls.name in out:
+            raise ValueError(f"two defenses are named {cls.name!r}")
+        for setting in cls.settings:
+            if seen.setdefault(setting.name, setting) != setting:
+                raise ValueError(f"defenses declare setting {setting.name!r} differently: {seen[setting.name]} and {setting}")
+        out[cls.name] = cls
+    return out
+
+
+def defense_settings(defenses):
+    """The distinct settings the defenses of a registry read, in registry order."""
+    out = {}
+    for cls in defenses.values():
+        for setting in cls.settings:
+            out.setdefault(setting.name, setting)
+    return tuple(out.values())

@@ -31,7 +31,7 @@ _STRUCTURED = ("follower_loss to be a hypergrad.ClassifierLoss of a chain of lin
 
 def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method="cg", maxiter=100,
                rtol=1e-6, atol=0.0, damping=0.0, hvp_mode="auto", x0=None, return_info=False,
-               check_every=4, graphs=None):
+               check_every=4, graphs=None, check_finite=True):
     """D_theta l: the derivative of the leader loss through the follower's optimum.
 
     Args:
@@ -58,6 +58,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
             CUDA graph on the first call of each layout and replayed on later calls (eager on a
             CPU). Needs the structured product (hvp_mode "auto" or "structured" on a supported
             ClassifierLoss). (default: None, hypergrad.solve with early stopping)
+        check_finite: raise FloatingPointError, naming the first non-finite term (leader loss, the
+            right-hand side grad_w l, the solve, the result), instead of returning NaN or inf; costs
+            one host synchronisation a call (a loop that checks its own losses can turn it off).
+            (default: True)
 
     Returns:
         A tuple of tensors shaped like leader_params holding D_theta l (no sign flipped: an
@@ -108,7 +112,24 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     else:
         mixed = torch.autograd.grad(g_w, theta, unflatten(v, w), allow_unused=True)
     out = tuple(d if m is None else d - m for d, m in zip(dl_theta, mixed))
+    if check_finite:
+        _check_finite(l, b, v, info.residual_norm, out)
     return (out, info) if return_info else out
+
+
+def _check_finite(l, b, v, residual, out):
+    """One host synchronisation when all is finite; on failure names the first non-finite term. (A Hessian
+    product that is NaN can leave the solution at zero with a NaN residual: the residual is checked too.)"""
+    terms = (("the leader loss l", l.detach()), ("grad_w l (the solve's right-hand side)", b), ("the solve's solution "
+             "(H_ww + damping I)^-1 grad_w l", v), ("the solve's residual", residual), ("D_theta l", flatten(out)))
+    sums = torch.stack([t.detach().sum().to(torch.float64) for _, t in terms])
+    if bool(torch.isfinite(sums).all()):
+        return
+    first = next(name for name, t in terms if not bool(torch.isfinite(t).all()))
+    advice = ("the losses overflowed or took a NaN input: check the data and parameters for NaN/inf" if "loss" in first
+              or "right-hand" in first else "the follower loss's Hessian products are not finite, or the Hessian is "
+              "singular or indefinite for this solver: check the follower loss, add damping, or use method='minres' or 'cgnr'")
+    raise FloatingPointError(f"total_grad: {first} is not finite; {advice}")
 
 
 def _check_scalar(name, value):

@@ -102,6 +102,20 @@ def test_resume_from_checkpoint_gives_the_same_result(tmp_path):
     resumed = resumed_attack.poison(x, y, x_val=xv, y_val=yv)
     torch.testing.assert_close(resumed[0], full[0])
     assert [h["epoch"] for h in resumed_attack.history] == [1, 2]
+    assert resumed_attack.earlier_seconds_ == resumed_attack.history[0]["seconds"] > 0  # counted in attack_seconds
+
+
+def test_a_crafted_or_foreign_checkpoint_is_refused_with_one_message(tmp_path):
+    from tgda_attack.rundir import RunFolderError
+    x, y, xv, yv, defender, attacker = _tiny(seed=2)
+    ckpt = str(tmp_path / "attack.pt")
+    torch.save({"epoch": 1, "defender": {"weight": torch.zeros(3, 3)}, "attacker": attacker.state_dict(),
+                "history": []}, ckpt)
+    with pytest.raises(RunFolderError, match="another run"):
+        _attack(defender, attacker, epochs=2, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
+    torch.save({"epoch": "1"}, ckpt)
+    with pytest.raises(RunFolderError, match="lacks 'epoch'"):
+        _attack(defender, attacker, epochs=2, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
 
 
 @pytest.mark.parametrize("options", [{"leader": "defender"}, {"formulation": "zero-sum"}, {"warm_start": "cold"},

@@ -8,6 +8,7 @@ import pytest
 
 from tgda_attack import bench, cli, protocol
 from tgda_attack.attacks import ATTACKS
+from tgda_attack.defenses import DEFENSES
 
 
 def test_every_table_plans_valid_runs_at_every_scale():
@@ -15,7 +16,7 @@ def test_every_table_plans_valid_runs_at_every_scale():
         for scale in bench.SCALES:
             runs = bench.plan(table, scale, [0, 1], data_root="/data")
             assert runs and all(cfg.seed in (0, 1) for _, _, cfg in runs)
-            keys = {(cell.row, cell.column) for cell, _, _ in runs}
+            keys = {cell.key for cell, _, _ in runs}
             assert len(keys) * 2 == len(runs), table.key
             if scale == "paper":
                 assert {cfg.dataset for _, _, cfg in runs} == {"cifar10" if table.cifar else "mnist"}
@@ -44,6 +45,25 @@ def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, 
     assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--out", out, "--quiet"]) == 0
 
 
+def test_table_10_smoke_is_a_matrix_of_attacks_and_every_defense_each_attack_run_once(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path)
+    calls = []
+    real = protocol.stage_attack
+    monkeypatch.setattr(protocol, "stage_attack", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    argv = ["bench", "--table", "10", "--scale", "smoke", "--seeds", "1", "--attacks", "label-flip", "tgda", "--out", out]
+    assert cli.main([*argv, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for attack in ("label-flip", "tgda"):
+        assert {line.split(" | ")[2] for line in printed.splitlines() if line.startswith(f"| {attack} | lr |")} == set(DEFENSES)
+    assert "| tgda | lr | loss | 1 |" in printed and "| 2.79 / 2.56 |" in printed  # the paper's Table 10, beside ours
+    assert len(calls) == 2  # one attack run per (attack, defender, seed), shared by every defense
+    rows = json.load(open(os.path.join(out, "table_10.json")))
+    row = next(r for r in rows if r["attack"] == "label-flip" and r["defense"] == "loss")
+    metrics = json.load(open(os.path.join(out, "table_10", "label-flip", "lr", "seed_0", "defense_loss", "metrics.json")))
+    assert row["defended_drop_mean"] == pytest.approx(100 * metrics["defended_drop"])
+    assert row["recall_mean"] == pytest.approx(100 * metrics["recall"])
+
+
 def test_figure_4_is_drawn(tmp_path):
     out = str(tmp_path)
     assert cli.main(["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]) == 0
@@ -58,6 +78,7 @@ def test_figure_4_is_drawn(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--scale", "paper"], "--data-root"), (["--seeds", "0"], "--seeds"), (["--table", "14"], "invalid choice"),
     (["--attacks", "fgsm"], "invalid choice"), (["--device", "tpu"], "device"),
+    (["--defenders", "cifar-cnn"], "another dataset"), (["--defenses", "loss"], "defense tables"),
 ])
 def test_usage_errors_are_one_line_before_any_run(argv, message, tmp_path, capsys):
     args = ["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]

@@ -140,3 +140,14 @@ def test_bad_arguments():
         hypergrad.total_grad(leader, follower, theta, w, hvp_mode="sideways")
     with pytest.raises(ValueError, match="scalar"):
         hypergrad.total_grad(lambda: Xv @ w, follower, theta, w)
+
+
+def test_a_non_finite_term_is_named_instead_of_returned():
+    X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem(seed=4)
+    with pytest.raises(FloatingPointError, match="the leader loss l is not finite"):
+        hypergrad.total_grad(lambda: leader() * float("nan"), follower, theta, w)
+    broken = lambda: follower() + float("nan") * (w ** 2).sum()  # noqa: E731  (a NaN Hessian)
+    with pytest.raises(FloatingPointError, match="the solve's"):  # cg stops at x = 0 with a NaN residual
+        hypergrad.total_grad(leader, broken, theta, w, method="cg", maxiter=5)
+    (unchecked,) = hypergrad.total_grad(lambda: leader() * float("nan"), follower, theta, w, check_finite=False)
+    assert torch.isnan(unchecked).all()

@@ -24,7 +24,7 @@ import os
 import re
 import statistics
 
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from . import protocol
 from .attacks import ATTACKS
@@ -318,7 +318,7 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
     if scale == "paper":
         check_available(runs[0][2].dataset, data_root)  # before any run starts
     results = {}
-    bar = tqdm(runs, desc=f"table {table.key} ({scale})", disable=not verbose)
+    bar = progress_bar(runs, desc=f"table {table.key} ({scale})", disable=not verbose)
     diverged = {}
     for cell, seed, cfg in bar:
         bar.set_postfix_str(f"{' / '.join(cell.key)} / seed {seed}")

@@ -34,7 +34,7 @@ from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # n
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
-from .rundir import RunFolderError, claim, load_state, need, read_json, settings_of, write_json
+from .rundir import RunFolderError, claim, load_state, load_weights, need, read_json, read_json_object, settings_of, write_json
 from .training import accuracy, pretrain_attacker, train_classifier
 
 logger = logging.getLogger(__name__)
@@ -134,18 +134,18 @@ def stage_attack(out, verbose=False):
     attack_cls = ATTACKS[cfg.attack]
     splits = load_splits(cfg)
     defender = new_defender(cfg, splits.image_shape)
-    defender.load_state_dict(load_state(os.path.join(out, "defender_pretrained.pt")))
+    load_weights(defender, os.path.join(out, "defender_pretrained.pt"))
     attacker = None
     if _needs_attacker_network(cfg):
         need(out, "attacker_pretrained.pt")
         attacker = new_attacker(cfg, splits.image_shape)
-        attacker.load_state_dict(load_state(os.path.join(out, "attacker_pretrained.pt")))
+        load_weights(attacker, os.path.join(out, "attacker_pretrained.pt"))
     start = time.perf_counter()
     attack = attack_cls.from_config(cfg, defender=defender, attacker=attacker,
                                     checkpoint=os.path.join(out, "attack_checkpoint.pt"), verbose=verbose)
     x_val, y_val = (splits.x_test, splits.y_test) if cfg.perfect_knowledge else (splits.x_val, splits.y_val)
     x_p, y_p = attack.poison(splits.x_train, splits.y_train, x_val=x_val, y_val=y_val)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + attack.earlier_seconds_  # a resumed attack's earlier epochs count
     for name, model in (("attacker_attacked.pt", getattr(attack, "attacker_", None)),
                         ("defender_attacked.pt", getattr(attack, "defender_", None))):
         if model is not None:
@@ -168,19 +168,47 @@ def poisoned_training_set(x_train, y_train, poisons, x_p, y_p):
     return x, y
 
 
+POISON_FILE = {"x_poison": torch.Tensor, "y_poison": torch.Tensor, "source_indices": torch.Tensor}
+
+
+def _read_poisons(out, splits):
+    """poisons.pt, checked against the run's data: as many images, labels and source indices, images shaped
+    like the data's, labels among its classes, indices into D_tr; RunFolderError naming what is wrong."""
+    path = os.path.join(out, "poisons.pt")
+    poisons = load_state(path, POISON_FILE)
+    x_p, y_p, idx = poisons["x_poison"], poisons["y_poison"], poisons["source_indices"]
+    n_train, classes = len(splits.y_train), int(splits.y_train.max()) + 1
+    problems = [
+        (tuple(x_p.shape[1:]) != tuple(splits.x_train.shape[1:]) or not x_p.is_floating_point(),
+         f"poison images of shape {list(x_p.shape)} ({x_p.dtype}), not float images shaped like the data's {list(splits.x_train.shape[1:])}"),
+        (y_p.dim() != 1 or len(y_p) != len(x_p) or len(idx) != len(x_p),
+         f"{len(x_p)} images, {len(y_p)} labels and {len(idx)} source indices"),
+        (y_p.is_floating_point() or (len(y_p) and not (0 <= int(y_p.min()) and int(y_p.max()) < classes)),
+         f"labels outside the {classes} classes"),
+        (idx.is_floating_point() or (len(idx) and not (0 <= int(idx.min()) and int(idx.max()) < n_train)),
+         f"source indices outside the {n_train} training points"),
+        (len(x_p) and not bool(torch.isfinite(x_p).all()), "non-finite pixels"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise RunFolderError(f"{path} holds {what}; rerun `tgda-attack attack --out {out}` to write it again")
+    return poisons
+
+
 def stage_evaluate(out, verbose=False):
     """Stage 3: retrains the defender from scratch on D_tr U D_p; writes metrics.json and the PNG."""
     need(out, "config.json", "pretrain.json", "attack.json", "poisons.pt")
     cfg = _config_from(out)
+    pre = read_json_object(os.path.join(out, "pretrain.json"), {"clean_accuracy": (int, float), "pretrain_seconds": (int, float)})
+    att = read_json_object(os.path.join(out, "attack.json"), {"attack_seconds": (int, float)})  # before any work
     splits = load_splits(cfg)
-    poisons = load_state(os.path.join(out, "poisons.pt"))
+    poisons = _read_poisons(out, splits)
     x_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg))
     y_p = poisons["y_poison"].to(cfg.device)
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
     retrained = train_defender(cfg, *poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p),
                                verbose, desc="retrain defender", name=tested)
     torch.save(retrained.state_dict(), os.path.join(out, "defender_poisoned.pt"))
-    pre, att = read_json(os.path.join(out, "pretrain.json")), read_json(os.path.join(out, "attack.json"))
     poisoned = accuracy(retrained, splits.x_test, splits.y_test)
     clean = pre["eval_clean_accuracy"] if _transfers(cfg) else pre["clean_accuracy"]
     metrics = {
@@ -251,9 +279,10 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
             raise RunFolderError(f"{folder} holds results of defense settings {recorded.get('defense_settings')}; "
                                  "--resume keeps results of the same settings, --overwrite replaces them")
     cfg = _config_from(out)
-    undefended = read_json(os.path.join(out, "metrics.json"))
+    undefended = read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),
+                                                                      "poisoned_accuracy": (int, float)})
     splits = load_splits(cfg)
-    poisons = load_state(os.path.join(out, "poisons.pt"))
+    poisons = _read_poisons(out, splits)
     x_p, y_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg)), poisons["y_poison"].to(cfg.device)
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
@@ -264,14 +293,14 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         defended, clean_defended = train(x_all, y_all), train(splits.x_train, splits.y_train, "train clean (defended)")
     else:
         poisoned_model = new_defender(cfg, splits.image_shape, tested)
-        poisoned_model.load_state_dict(load_state(os.path.join(out, "defender_poisoned.pt")))
+        load_weights(poisoned_model, os.path.join(out, "defender_poisoned.pt"))
         report, keep = sanitise(x_all, y_all, poisoned_model)
         keep = keep.cpu()
         defended = train(x_all[keep.to(x_all.device)], y_all[keep.to(y_all.device)])
         clean_model = None
         if not _transfers(cfg):  # the pretrained defender is the pretrain procedure on D_tr: reused
             clean_model = new_defender(cfg, splits.image_shape)
-            clean_model.load_state_dict(load_state(os.path.join(out, "defender_pretrained.pt")))
+            load_weights(clean_model, os.path.join(out, "defender_pretrained.pt"))
         clean_report, clean_keep = sanitise(splits.x_train, splits.y_train, clean_model)
         clean_keep = clean_keep.cpu().to(splits.x_train.device)
         clean_defended = train(splits.x_train[clean_keep], splits.y_train[clean_keep], "train clean (defended)")

@@ -10,6 +10,8 @@ ever reported under settings that did not produce it.
 import dataclasses
 import json
 import os
+import pickle
+import warnings
 
 import torch
 
@@ -29,9 +31,38 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+# The stage (tgda-attack command) that writes each file: named in the advice when a file cannot be read.
+WRITTEN_BY = {"config.json": "pretrain", "pretrain.json": "pretrain", "defender_pretrained.pt": "pretrain",
+              "attacker_pretrained.pt": "pretrain", "attack_checkpoint.pt": "attack", "attack.json": "attack",
+              "poisons.pt": "attack", "defender_poisoned.pt": "evaluate", "metrics.json": "evaluate"}
+
+
+def _unreadable(path, what):
+    stage = WRITTEN_BY.get(os.path.basename(path))
+    advice = (f"rerun `tgda-attack {stage} --out {os.path.dirname(path) or '.'}` to write it again"
+              + (" (or `tgda-attack run ... --overwrite`)" if stage == "pretrain" else "")) if stage else "remove it"
+    return RunFolderError(f"{path} {what}; {advice}")
+
+
 def read_json(path):
-    with open(path) as fh:
-        return json.load(fh)
+    """A JSON file of a run folder; RunFolderError (naming the stage that rewrites it) if it is not valid JSON."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, f"is not valid JSON (truncated or edited: {exc})") from None
+
+
+def read_json_object(path, required):
+    """read_json of a file that must be an object with the keys `required` (name -> type or tuple of types)."""
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise _unreadable(path, "does not hold a JSON object")
+    for key, kind in required.items():
+        value = values.get(key)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise _unreadable(path, f"lacks {key!r} or holds a wrong value for it")
+    return values
 
 
 def need(out, *names):
@@ -41,8 +72,45 @@ def need(out, *names):
                                 "(tgda-attack pretrain / attack), or use tgda-attack run")
 
 
-def load_state(path):
-    return torch.load(path, weights_only=True, map_location="cpu")
+def load_state(path, required=None):
+    """A tensor file of a run folder, read with weights_only=True (no code in it can run); RunFolderError if it
+    is truncated, corrupted, holds anything but tensors and plain containers, or (`required`: name -> type)
+    lacks an entry."""
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; anything else is never unpickled
+            raise _unreadable(path, "is not a tensor file written by this program (garbage, or a plain pickle, which "
+                                    "could run code if loaded; it was not unpickled, so nothing in it ran)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError:  # torch's own advice (weights_only=False) would run the file's code: not given
+        raise _unreadable(path, "holds objects other than tensors, which could run code if loaded any other way "
+                                "(it was read with weights_only=True: nothing in it ran). A file this program wrote "
+                                "never does: do not load it elsewhere") from None
+    except Exception:  # RuntimeError, EOFError, ... by the kind of damage
+        raise _unreadable(path, "cannot be read as a tensor file: it is truncated or corrupted") from None
+    if required:
+        if not isinstance(state, dict):
+            raise _unreadable(path, "does not hold a dict of tensors")
+        for key, kind in required.items():
+            if not isinstance(state.get(key), kind):
+                raise _unreadable(path, f"lacks {key!r} or holds a wrong value for it")
+    return state
+
+
+def load_weights(model, path):
+    """Loads the state dict at `path` into `model`; RunFolderError if the file is unreadable or holds the
+    weights of another architecture."""
+    state = load_state(path)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise _unreadable(path, f"does not hold the weights of this run's {type(model).__name__} ({first})") from None
+    return model
 
 
 def settings_of(out):

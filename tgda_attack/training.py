@@ -14,7 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 
 def _batches(n, batch_size, generator):
@@ -35,7 +35,7 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    bar = tqdm(range(epochs), desc=desc, disable=not verbose, leave=False)
+    bar = progress_bar(range(epochs), desc=desc, disable=not verbose, leave=False)
     for epoch in bar:
         for idx in _batches(len(y), batch_size, generator):
             loss = loss_fn(model, x[idx], y[idx])
@@ -67,7 +67,7 @@ def pretrain_attacker(attacker, x, y, *, epochs, batch_size, lr=1e-3, seed=0, ve
     """Trains the attacker to reconstruct x from (x, y) (mean squared error, Adam). Returns it."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(attacker.parameters(), lr=lr)
-    bar = tqdm(range(epochs), desc="pretrain attacker", disable=not verbose, leave=False)
+    bar = progress_bar(range(epochs), desc="pretrain attacker", disable=not verbose, leave=False)
     for _ in bar:
         for idx in _batches(len(y), batch_size, generator):
             loss = F.mse_loss(attacker(x[idx], y[idx]), x[idx])

@@ -35,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .base import PoisoningAttack, Setting
 from .label_flip import FLIP_RULES, LabelFlipAttack
@@ -140,7 +140,7 @@ class BackGradientAttack(PoisoningAttack):
 
         self.history = []
         n_batches = math.ceil(len(y) / self.batch_size)
-        bar = tqdm(range(self.epochs), desc="back-gradient attack", disable=not self.verbose)
+        bar = progress_bar(range(self.epochs), desc="back-gradient attack", disable=not self.verbose)
         for epoch in bar:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(len(y), generator=g).to(ref.device)

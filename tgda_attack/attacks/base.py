@@ -76,6 +76,7 @@ class PoisoningAttack:
         self.source_indices_ = None
         self.history = []  # what the attack logged as it ran (a dict every few steps or epochs)
         self.info_ = {}  # what it reports about its result (attack.json "info"), e.g. its target parameters
+        self.earlier_seconds_ = 0.0  # seconds spent before a resume, by the epochs restored from a checkpoint
 
     def _check_params(self):
         """Raises ValueError naming the first parameter that is out of range. Subclasses extend it."""

@@ -44,7 +44,7 @@ made to learn the noise instead of the digits at this radius).
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .base import PoisoningAttack, Setting, fresh_model
 
@@ -154,7 +154,7 @@ class ErrorMinimizingNoiseAttack(PoisoningAttack):
         batches = _Batches(len(y), self.batch_size, self.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         self.history, self.stopped_by_accuracy_ = [], False
-        bar = tqdm(range(1, self.max_rounds + 1), desc="EMN rounds", disable=not self.verbose)
+        bar = progress_bar(range(1, self.max_rounds + 1), desc="EMN rounds", disable=not self.verbose)
         for round_ in bar:
             x_cur[idx] = x0 + delta
             train_loss = self._train(model, params, x_cur, y, batches)

@@ -27,7 +27,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .base import PoisoningAttack, Setting
 from .targets import TARGET_SETTINGS, gradpc_target, label_flip_target, necessary_epsilon
@@ -127,7 +127,7 @@ class GradientCancelingAttack(PoisoningAttack):
         scale = 1.0 / (len(y) + len(y_p))
         optimizer = torch.optim.Adam([x_p], lr=self.lr)
         self.history = []
-        for step in tqdm(range(self.steps + 1), desc="gradient canceling", disable=not self.verbose):
+        for step in progress_bar(range(self.steps + 1), desc="gradient canceling", disable=not self.verbose):
             objective = self.objective(model, params, g_clean, x_p, y_p, scale)
             if step % self.log_every == 0 or step == self.steps:
                 self.history.append({"step": step, "gradient_norm": objective.detach().sqrt().item()})

@@ -39,7 +39,7 @@ import math
 
 import torch
 from torch.func import grad
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .back_gradient import classifier_loss, unrolled_parameters
 from .base import PoisoningAttack, Setting, fresh_model
@@ -142,7 +142,7 @@ class MetaPoisonAttack(PoisoningAttack):
             ensemble.append(member)
 
         self.history = []
-        for step in tqdm(range(self.steps + 1), desc="metapoison", disable=not self.verbose):
+        for step in progress_bar(range(self.steps + 1), desc="metapoison", disable=not self.verbose):
             total = 0.0
             for member in ensemble:
                 x_p = x0 + delta

@@ -60,7 +60,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from .base import PoisoningAttack, Setting
 from .targets import TARGET_SETTINGS, label_flip_target
@@ -174,7 +174,7 @@ class MinMaxAttack(PoisoningAttack):
         bounds = [r * n_poison // rounds for r in range(rounds + 1)]
         generator = torch.Generator().manual_seed(self.seed)
         self.history = []
-        bar = tqdm(range(rounds), desc=f"{self.name} attack", disable=not self.verbose)
+        bar = progress_bar(range(rounds), desc=f"{self.name} attack", disable=not self.verbose)
         for r in bar:
             start = time.perf_counter()
             lo, hi = bounds[r], bounds[r + 1]

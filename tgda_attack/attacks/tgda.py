@@ -63,11 +63,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 import hypergrad
 
 from .base import PoisoningAttack, Setting
+from ..rundir import RunFolderError, load_state
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class TGDAAttack(PoisoningAttack):
 
         start_epoch = self._resume(defender, attacker)
         n_batches = math.ceil(len(y) / self.batch_size)
-        bar = tqdm(range(start_epoch, self.epochs), desc="TGDA attack", disable=not self.verbose,
+        bar = progress_bar(range(start_epoch, self.epochs), desc="TGDA attack", disable=not self.verbose,
                    initial=start_epoch, total=self.epochs)
         for epoch in bar:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -254,7 +255,8 @@ class TGDAAttack(PoisoningAttack):
         if self.leader == "attacker":
             theta_old = [p.detach().clone() for p in theta] if self.game_solver == "fr" else None
             for _ in range(self.leader_steps):  # theta <- theta + alpha D_theta l
-                d_theta = hypergrad.total_grad(leader_loss, follower_objective(), theta, w, **leader_solve)
+                d_theta = hypergrad.total_grad(leader_loss, follower_objective(), theta, w, check_finite=False,
+                                               **leader_solve)  # the step's losses are checked once a step
                 with torch.no_grad():
                     for p, d in zip(theta, d_theta):
                         p.add_(self.alpha * d)
@@ -278,7 +280,8 @@ class TGDAAttack(PoisoningAttack):
                         p.sub_(self.beta * g)
         else:
             for _ in range(self.leader_steps):  # w <- w - beta D_w f, the attacker responding by ascending f
-                d_w = hypergrad.total_grad(follower_objective(), lambda: -follower_loss(), w, theta, **solve)
+                d_w = hypergrad.total_grad(follower_objective(), lambda: -follower_loss(), w, theta, check_finite=False,
+                                           **solve)
                 with torch.no_grad():
                     for p, d in zip(w, d_w):
                         p.sub_(self.beta * d)
@@ -329,10 +332,15 @@ class TGDAAttack(PoisoningAttack):
     def _resume(self, defender, attacker):
         if not self.checkpoint or not os.path.exists(self.checkpoint):
             return 0
-        state = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
-        defender.load_state_dict(state["defender"])
-        attacker.load_state_dict(state["attacker"])
+        state = load_state(self.checkpoint, {"epoch": int, "defender": dict, "attacker": dict, "history": list})
+        try:
+            defender.load_state_dict(state["defender"])
+            attacker.load_state_dict(state["attacker"])
+        except RuntimeError as exc:
+            raise RunFolderError(f"{self.checkpoint} holds the models of another run ({str(exc).splitlines()[0]}); "
+                                 "remove it to restart the attack") from None
         self.history = list(state["history"])
+        self.earlier_seconds_ = sum(float(h.get("seconds", 0.0)) for h in self.history if isinstance(h, dict))
         logger.info("resuming the TGDA attack from %s at epoch %d", self.checkpoint, state["epoch"])
         return int(state["epoch"])
 

@@ -1,0 +1,109 @@
+"""A run folder's files read back safely: truncated, garbage, tampered or foreign files stop a stage with one
+line naming the file and the command that rewrites it, before any work and without leaving results
+behind; a malicious pickle never runs."""
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from tgda_attack import cli
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "r")
+    assert cli.main(["run", "--attack", "label-flip", "--pretrain-epochs", "1", "--out", out, "--quiet"]) == 0
+    return out
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # loading this pickle unsafely would create the marker file
+
+
+def _damage(folder, name, how, tmp_path):
+    path = os.path.join(folder, name)
+    if how == "garbage":
+        with open(path, "w") as fh:
+            fh.write("not what it should be")
+    elif how == "truncated":
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+        with open(path, "wb") as fh:
+            fh.write(head)
+    elif how == "pickle":
+        with open(path, "wb") as fh:
+            pickle.dump(_RunsCode(str(tmp_path / "ran")), fh)
+    elif how == "zip-pickle":  # torch.save's own format around an object that is not a tensor
+        torch.save({"x_poison": _RunsCode(str(tmp_path / "ran"))}, path)
+    elif how == "empty-object":
+        with open(path, "w") as fh:
+            fh.write("{}")
+    elif how == "bad-labels":
+        state = torch.load(path, weights_only=True)
+        state["y_poison"] = state["y_poison"] + 100
+        torch.save(state, path)
+    elif how == "wrong-shape":
+        state = torch.load(path, weights_only=True)
+        state["x_poison"] = state["x_poison"][:, :, :5]
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("name, how, message", [
+    ("attack.json", "garbage", "not valid JSON"), ("attack.json", "truncated", "not valid JSON"),
+    ("attack.json", "empty-object", "lacks 'attack_seconds'"), ("pretrain.json", "empty-object", "lacks 'clean_accuracy'"),
+    ("poisons.pt", "garbage", "not a tensor file"), ("poisons.pt", "truncated", "truncated or corrupted"),
+    ("poisons.pt", "pickle", "nothing in it ran"), ("poisons.pt", "zip-pickle", "nothing in it ran"), ("poisons.pt", "bad-labels", "labels outside"),
+    ("poisons.pt", "wrong-shape", "shaped like the data"),
+])
+def test_evaluate_refuses_a_damaged_file_before_retraining(finished_run, tmp_path, capsys, name, how, message):
+    folder = str(tmp_path / "copy")
+    shutil.copytree(finished_run, folder)
+    for result in ("metrics.json", "defender_poisoned.pt", "poisons.png"):
+        os.remove(os.path.join(folder, result))
+    _damage(folder, name, how, tmp_path)
+    assert cli.main(["evaluate", "--out", folder, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and name in err and "\n" not in err and "Traceback" not in err
+    stage = "pretrain" if name == "pretrain.json" else "attack"
+    assert f"tgda-attack {stage} --out {folder}" in err
+    assert not (tmp_path / "ran").exists()  # the pickle's code never ran
+    assert not os.path.exists(os.path.join(folder, "metrics.json"))  # nothing half-written
+    assert not os.path.exists(os.path.join(folder, "defender_poisoned.pt"))
+
+
+@pytest.mark.parametrize("how", ["garbage", "pickle"])
+def test_the_attack_stage_refuses_damaged_pretrained_weights(finished_run, tmp_path, capsys, how):
+    folder = str(tmp_path / "copy")
+    shutil.copytree(finished_run, folder)
+    _damage(folder, "defender_pretrained.pt", how, tmp_path)
+    assert cli.main(["attack", "--out", folder, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "defender_pretrained.pt" in err and "\n" not in err and "tgda-attack pretrain" in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_weights_of_another_architecture_are_named_as_such(finished_run, tmp_path, capsys):
+    folder = str(tmp_path / "copy")
+    shutil.copytree(finished_run, folder)
+    torch.save({"0.weight": torch.zeros(2, 2)}, os.path.join(folder, "defender_pretrained.pt"))
+    assert cli.main(["attack", "--out", folder, "--quiet"]) == 2
+    assert "does not hold the weights of this run's" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_file_is_plain_lines_not_carriage_return_frames(monkeypatch):
+    import io
+
+    from tgda_attack.progress import progress_bar
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    bar = progress_bar(range(500), desc="work")
+    for _ in bar:
+        bar.set_postfix(loss=0.5)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and 1 <= len(lines) <= 3 and "500/500" in lines[-1]

@@ -26,7 +26,7 @@ import statistics
 
 from .progress import progress_bar
 
-from . import protocol
+from . import cluster, protocol
 from .attacks import ATTACKS
 from .config import Config, DefenseConfig
 from .data import check_available
@@ -310,20 +310,43 @@ def _run_cell(cell, scale, cfg, folder, overwrite, diverged):
         return {"diverged": str(exc)}
 
 
+def folder_job(items, scale, overwrite):
+    """The cells that share one run folder, in order (a defense table's cells of one attack run: the attack
+    runs once, then each defense): [(cell, cfg, folder)] -> [metrics]. One job of a cluster sweep."""
+    diverged = {}
+    return [_run_cell(cell, scale, cfg, folder, overwrite, diverged) for cell, cfg, folder in items]
+
+
 def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defenders=None, attacks=None,
-              defenses=None, overwrite=False, verbose=True):
-    """Runs (or resumes) every run of a table; writes and returns the rows (one dict a cell)."""
+              defenses=None, overwrite=False, verbose=True, executor=None, jobs=1):
+    """Runs (or resumes) every run of a table; writes and returns the rows (one dict a cell).
+
+    Runs go one after the other in this process, or, with `executor` (a submitit executor:
+    tgda_attack.cluster.make_executor), one job a run folder, at most `jobs` at once."""
     runs = plan(table, scale, seeds, data_root=data_root, device=device, defenders=defenders, attacks=attacks,
                 defenses=defenses)
     if scale == "paper":
         check_available(runs[0][2].dataset, data_root)  # before any run starts
+    groups = {}  # run folder -> [(cell, cfg, folder)], in plan order
+    for cell, seed, cfg in runs:
+        folder = run_folder(out, table, cell, seed)
+        groups.setdefault(folder, []).append((cell, cfg, folder))
+    groups = list(groups.values())
+    bar = progress_bar(total=len(runs), desc=f"table {table.key} ({scale})", disable=not verbose)
+    if executor is None:
+        outcomes = []
+        for items in groups:
+            bar.set_postfix_str(" / ".join(items[0][0].key[:2]) + f" / {os.path.basename(items[0][2])}")
+            outcomes.append(folder_job(items, scale, overwrite))
+            bar.update(len(items))
+    else:
+        outcomes = cluster.run_jobs(executor, folder_job, [(items, scale, overwrite) for items in groups], jobs=jobs,
+                                    on_done=lambda i, result: bar.update(len(result)))
+    bar.close()
     results = {}
-    bar = progress_bar(runs, desc=f"table {table.key} ({scale})", disable=not verbose)
-    diverged = {}
-    for cell, seed, cfg in bar:
-        bar.set_postfix_str(f"{' / '.join(cell.key)} / seed {seed}")
-        metrics = _run_cell(cell, scale, cfg, run_folder(out, table, cell, seed), overwrite, diverged)
-        results.setdefault(cell.key, []).append(metrics)
+    for items, metrics_list in zip(groups, outcomes):
+        for (cell, _, _), metrics in zip(items, metrics_list):
+            results.setdefault(cell.key, []).append(metrics)
     cells = {cell.key: cell for cell, _, _ in runs}
     rows = [_row(table, scale, cells[key], runs_) for key, runs_ in results.items()]
     write_outputs(table, scale, rows, out)

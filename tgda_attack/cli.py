@@ -20,7 +20,7 @@ import sys
 import tomllib
 import typing
 
-from . import bench, protocol
+from . import bench, cluster, protocol
 from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, Config, DefenseConfig
 from .defenses import DEFENSES
 from .data import DataNotFoundError
@@ -100,6 +100,12 @@ def build_parser():
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--overwrite", action="store_true", help="replace runs whose folders hold other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--executor", choices=cluster.EXECUTORS,
+                   help="run each run folder as a submitit job: local (processes here) or slurm (default: in this process)")
+    p.add_argument("--jobs", type=int, default=1, help="jobs in flight at once with --executor (default: 1)")
+    p.add_argument("--slurm-partition", help="Slurm partition (--executor slurm)")
+    p.add_argument("--job-minutes", type=int, default=600, help="time limit of a job in minutes (default: 600)")
+    p.add_argument("--job-gpus", type=int, default=0, help="GPUs a job asks for (default: 0)")
     return parser
 
 
@@ -107,10 +113,25 @@ def _bench(args):
     if args.seeds < 1:
         raise UsageError(f"--seeds is the number of seeds, at least 1; got {args.seeds}")
     table = bench.TABLES[args.table]
+    if args.jobs < 1 or args.job_minutes < 1 or args.job_gpus < 0:
+        raise UsageError("--jobs and --job-minutes must be at least 1, --job-gpus at least 0")
+    if args.executor is None and (args.jobs != 1 or args.slurm_partition):
+        raise UsageError("--jobs and --slurm-partition set how jobs run on a cluster: add --executor local|slurm")
     try:
+        bench.plan(table, args.scale, [0], data_root=args.data_root, device=args.device, defenders=args.defenders,
+                   attacks=args.attacks, defenses=args.defenses)  # every setting checked before a job is submitted
+        executor = None
+        if args.executor:
+            executor = cluster.make_executor(args.executor, cluster.log_folder(args.out), timeout_min=args.job_minutes,
+                                             slurm_partition=args.slurm_partition, gpus=args.job_gpus, jobs=args.jobs)
         rows = bench.run_table(table, args.scale, list(range(args.seeds)), args.out, data_root=args.data_root,
                                device=args.device, defenders=args.defenders, attacks=args.attacks, defenses=args.defenses,
-                               overwrite=args.overwrite, verbose=not args.quiet)
+                               overwrite=args.overwrite, verbose=not args.quiet, executor=executor, jobs=args.jobs)
+    except cluster.ClusterError as exc:
+        if "failed" not in str(exc):
+            raise UsageError(str(exc)) from None
+        print(f"tgda-attack: {exc}; the runs finished before it are kept: rerun the bench to continue", file=sys.stderr)
+        return 1
     except ValueError as exc:
         if isinstance(exc, RunFolderError):
             raise

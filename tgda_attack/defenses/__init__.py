@@ -5,7 +5,9 @@ is added by its module and one entry in the tuple below."""
 from .base import Defense, PoisonFilter, RobustTraining, registry
 from .centroid import SlabFilter, SphereFilter
 from .loss import LossFilter
+from .maxup import MaxUpTraining
 
-DEFENSES = registry(LossFilter, SphereFilter, SlabFilter)
+DEFENSES = registry(LossFilter, SphereFilter, SlabFilter, MaxUpTraining)
 
-__all__ = ["DEFENSES", "Defense", "LossFilter", "PoisonFilter", "RobustTraining", "SlabFilter", "SphereFilter"]
+__all__ = ["DEFENSES", "Defense", "LossFilter", "MaxUpTraining", "PoisonFilter", "RobustTraining", "SlabFilter",
+           "SphereFilter"]

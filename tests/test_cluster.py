@@ -1,0 +1,37 @@
+"""`tgda-attack bench --executor local`: each run folder a submitit job (submitit's local executor runs them
+as processes here), the same results as in one process, a failed job named with its log."""
+import json
+import operator
+import os
+
+import pytest
+
+from tgda_attack import cli, cluster
+
+submitit = pytest.importorskip("submitit")
+
+
+def test_a_bench_on_the_local_executor_matches_the_same_bench_in_one_process(tmp_path, capsys):
+    args = ["bench", "--table", "2", "--scale", "smoke", "--attacks", "label-flip", "--seeds", "2", "--quiet"]
+    assert cli.main([*args, "--out", str(tmp_path / "serial")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "jobs"), "--executor", "local", "--jobs", "2"]) == 0
+    serial, jobs = (json.load(open(tmp_path / d / "table_2.json")) for d in ("serial", "jobs"))
+    assert [r["poisoned_accuracy_mean"] for r in jobs] == [r["poisoned_accuracy_mean"] for r in serial]
+    assert os.listdir(tmp_path / "jobs" / "submitit")  # the jobs' pickles and logs
+
+
+def test_a_failed_job_stops_the_sweep_naming_its_log(tmp_path):
+    executor = cluster.make_executor("local", cluster.log_folder(str(tmp_path)), timeout_min=5)
+    assert cluster.run_jobs(executor, operator.add, [(1, 2), (3, 4)], jobs=2) == [3, 7]
+    with pytest.raises(cluster.ClusterError, match="ZeroDivisionError.*its log: .*err"):
+        cluster.run_jobs(executor, operator.truediv, [(1, 0)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--jobs", "2"], "add --executor"), (["--executor", "local", "--jobs", "0"], "at least 1"),
+    (["--executor", "pbs"], "invalid choice"),
+])
+def test_cluster_usage_errors_are_one_line(argv, message, tmp_path, capsys):
+    assert cli.main(["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not (tmp_path / "b").exists()

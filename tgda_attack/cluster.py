@@ -1,0 +1,76 @@
+"""Runs independent jobs on a cluster through submitit (Slurm, or submitit's local executor, which runs each
+job in its own process on this machine): the executor of `tgda-attack bench --executor local|slurm`.
+
+Each job's function and arguments are pickled into OUT/submitit/ with its logs; at most `jobs` jobs are in
+flight at once. A job that fails stops the sweep with one message naming its log; the jobs finished
+before it have written their results (a bench resumed afterwards keeps them).
+"""
+import os
+import re
+import time
+
+EXECUTORS = ("local", "slurm")
+
+
+class ClusterError(RuntimeError):
+    """A job of the sweep failed, or the executor cannot start."""
+
+
+def make_executor(kind, folder, *, timeout_min=600, slurm_partition=None, gpus=0, cpus=None, jobs=1):
+    """A submitit executor writing into `folder`; ClusterError if submitit is missing or Slurm absent."""
+    if kind not in EXECUTORS:
+        raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    try:
+        import submitit
+    except ImportError:
+        raise ClusterError("--executor needs submitit: pip install submitit (or pip install '.[cluster]')") from None
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=kind)
+    except RuntimeError as exc:  # e.g. no sbatch on this machine
+        raise ClusterError(f"executor {kind!r} cannot start here: {exc}") from None
+    params = {"timeout_min": timeout_min}
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if cpus:
+        params["cpus_per_task"] = cpus
+    if kind == "slurm":
+        params["slurm_array_parallelism"] = jobs
+        if slurm_partition:
+            params["slurm_partition"] = slurm_partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def run_jobs(executor, fn, arg_lists, *, jobs=1, poll_seconds=1.0, on_done=None):
+    """[fn(*args) for args in arg_lists], each a job of `executor`, at most `jobs` at once; results in order.
+    on_done(index, result) is called as each job finishes."""
+    if jobs < 1:
+        raise ValueError(f"jobs is the number of jobs in flight at once, at least 1; got {jobs}")
+    pending = list(enumerate(arg_lists))
+    running, results = [], [None] * len(arg_lists)
+    while pending or running:
+        while pending and len(running) < jobs:
+            index, args = pending.pop(0)
+            running.append((index, executor.submit(fn, *args)))
+        finished = [(i, job) for i, job in running if job.done()]
+        for index, job in finished:
+            running.remove((index, job))
+            try:
+                results[index] = job.result()
+            except Exception as exc:  # submitit wraps the job's own exception and traceback
+                for _, other in running:
+                    other.cancel(check=False)
+                log = getattr(job.paths, "stderr", None)
+                errors = [line.strip() for line in str(exc).splitlines()
+                          if re.match(r"\s*[\w.]+(Error|Exception|Interrupt)\b", line)]
+                first = errors[-1] if errors else type(exc).__name__
+                raise ClusterError(f"job {job.job_id} failed ({first}); its log: {log}") from None
+            if on_done:
+                on_done(index, results[index])
+        if not finished:
+            time.sleep(poll_seconds)
+    return results
+
+
+def log_folder(out):
+    return os.path.join(out, "submitit", "%j")

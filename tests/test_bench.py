@@ -57,9 +57,12 @@ def test_table_10_smoke_is_a_matrix_of_attacks_and_every_defense_each_attack_run
         assert {line.split(" | ")[2] for line in printed.splitlines() if line.startswith(f"| {attack} | lr |")} == set(DEFENSES)
     assert "| tgda | lr | loss | 1 |" in printed and "| 2.79 / 2.56 |" in printed  # the paper's Table 10, beside ours
     assert len(calls) == 2  # one attack run per (attack, defender, seed), shared by every defense
+    calls.clear()
+    assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--attacks", "tgda", "--out", out, "--quiet"]) == 0
+    assert calls == []  # and by Table 2
     rows = json.load(open(os.path.join(out, "table_10.json")))
     row = next(r for r in rows if r["attack"] == "label-flip" and r["defense"] == "loss")
-    metrics = json.load(open(os.path.join(out, "table_10", "label-flip", "lr", "seed_0", "defense_loss", "metrics.json")))
+    metrics = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "defense_loss", "metrics.json")))
     assert row["defended_drop_mean"] == pytest.approx(100 * metrics["defended_drop"])
     assert row["recall_mean"] == pytest.approx(100 * metrics["recall"])
 

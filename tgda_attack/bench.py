@@ -5,8 +5,9 @@ numbers beside ours.
 Tables 2-9, 12 and 13 and Figure 4 (accuracy drop against epsilon), and the defenses of Tables 10 and 11
 (every attack against every defense of tgda_attack.defenses). A table is a grid of cells; a cell is a set
 of run settings (a tgda_attack.config.Config over the scale's base) run for every seed into its own
-folder OUT/table_N/ROW/COLUMN/seed_K; a cell of a defense table is also tested under its defense, into
-that folder's defense_NAME (the cells of one attack share its run, so each attack runs once). A run already complete in its folder is kept (the run folders'
+folder OUT/table_N/ROW/COLUMN/seed_K; a cell of a defense table (10, 11) is Table 2's run of its attack and
+defender tested under a defense, in Table 2's folder (the attack runs once for Table 2 and every defense),
+into its sub-folder defense_NAME. A run already complete in its folder is kept (the run folders'
 resume check: tgda_attack.rundir.claim), so an interrupted bench continues where it stopped; a run whose
 folder holds other settings stops the bench unless --overwrite.
 
@@ -274,7 +275,10 @@ def _slug(text):
 
 
 def run_folder(out, table, cell, seed):
-    return os.path.join(out, f"table_{table.key}", _slug(cell.row), _slug(cell.column), f"seed_{seed}")
+    """OUT/table_N/ROW/COLUMN/seed_K. A defense table's cell is Table 2's run of its (attack, defender) tested
+    under a defense: its folder is Table 2's, so that an attack Table 2 has run is not run again."""
+    key = "2" if cell.defense is not None else table.key
+    return os.path.join(out, f"table_{key}", _slug(cell.row), _slug(cell.column), f"seed_{seed}")
 
 
 def _resumed(step, folder, overwrite):

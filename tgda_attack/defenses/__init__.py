@@ -4,10 +4,12 @@ replaces the retraining). DEFENSES is the registry the protocol and the command 
 is added by its module and one entry in the tuple below."""
 from .base import Defense, PoisonFilter, RobustTraining, registry
 from .centroid import SlabFilter, SphereFilter
+from .influence import InfluenceFilter
 from .loss import LossFilter
 from .maxup import MaxUpTraining
+from .sever import SeverFilter
 
-DEFENSES = registry(LossFilter, SphereFilter, SlabFilter, MaxUpTraining)
+DEFENSES = registry(LossFilter, SphereFilter, SlabFilter, InfluenceFilter, SeverFilter, MaxUpTraining)
 
-__all__ = ["DEFENSES", "Defense", "LossFilter", "MaxUpTraining", "PoisonFilter", "RobustTraining", "SlabFilter",
+__all__ = ["DEFENSES", "Defense", "InfluenceFilter", "LossFilter", "MaxUpTraining", "PoisonFilter", "RobustTraining", "SeverFilter", "SlabFilter",
            "SphereFilter"]

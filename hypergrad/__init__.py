@@ -12,9 +12,11 @@ from .graphs import SolveGraphCache
 from .mlp_hvp import ClassifierLoss, StructuredHessian, linear_chain, structured_hessian
 from .solvers import METHODS, SolveInfo, solve
 from .total_grad import total_grad
+from .distributed import ShardedMean
 
 __all__ = [
-    "ClassifierLoss", "HessianOperator", "METHODS", "SolveGraphCache", "SolveInfo", "StructuredHessian", "build_info",
+    "ClassifierLoss", "HessianOperator", "METHODS", "ShardedMean", "SolveGraphCache", "SolveInfo", "StructuredHessian",
+    "build_info",
     "flatten", "has_cuda_extension", "has_extension", "hessian_operator", "hvp", "linear_chain", "solve",
     "structured_hessian", "total_grad", "unflatten", "use_extension",
 ]

@@ -31,7 +31,7 @@ _STRUCTURED = ("follower_loss to be a hypergrad.ClassifierLoss of a chain of lin
 
 def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method="cg", maxiter=100,
                rtol=1e-6, atol=0.0, damping=0.0, hvp_mode="auto", x0=None, return_info=False,
-               check_every=4, graphs=None, check_finite=True):
+               check_every=4, graphs=None, check_finite=True, sharded=None):
     """D_theta l: the derivative of the leader loss through the follower's optimum.
 
     Args:
@@ -58,6 +58,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
             CUDA graph on the first call of each layout and replayed on later calls (eager on a
             CPU). Needs the structured product (hvp_mode "auto" or "structured" on a supported
             ClassifierLoss). (default: None, hypergrad.solve with early stopping)
+        sharded: a hypergrad.distributed.ShardedMean when each rank of a torch.distributed group holds a
+            shard of the data (the losses being means over the rank's shard): grad_w l, every Hessian-vector
+            product and the mixed term are summed over the ranks with the shard's weights, so every rank
+            returns the global D_theta l. Not with graphs. (default: None)
         check_finite: raise FloatingPointError, naming the first non-finite term (leader loss, the
             right-hand side grad_w l, the solve, the result), instead of returning NaN or inf; costs
             one host synchronisation a call (a loop that checks its own losses can turn it off).
@@ -77,6 +81,8 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     hessian = structured_hessian(follower_loss, w) if hvp_mode in ("auto", "structured") else None
     if hessian is None and hvp_mode == "structured":
         raise ValueError(f"hvp_mode='structured' needs {_STRUCTURED}; use hvp_mode='auto' to fall back to autograd")
+    if graphs is not None and sharded is not None:
+        raise ValueError("graphs (a recorded solve) cannot all-reduce across ranks: use sharded without graphs")
     if graphs is not None and hessian is None:
         raise ValueError(f"graphs (a recorded solve) needs the structured product: {_STRUCTURED}, and hvp_mode "
                          "'auto' or 'structured'")
@@ -99,6 +105,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     elif hessian is None:
         hessian = HessianOperator.from_gradient(g_w, w)
     b = flatten(dl_w)
+    if sharded is not None:  # the global right-hand side, and a matvec of the global Hessian
+        dl_theta, b = tuple(sharded.leader(d) for d in dl_theta), sharded.leader(b)
+        local_hessian = hessian
+        hessian = lambda v: sharded.follower(local_hessian(v))  # noqa: E731
     if x0 is not None:
         x0 = x0.detach().reshape(b.shape).to(b.dtype)
     if graphs is not None:
@@ -111,16 +121,18 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         mixed = (None,) * len(theta)
     else:
         mixed = torch.autograd.grad(g_w, theta, unflatten(v, w), allow_unused=True)
+    if sharded is not None:  # a rank without poison rows still joins the sum, with zeros
+        mixed = tuple(sharded.follower(torch.zeros_like(p) if m is None else m) for m, p in zip(mixed, theta))
     out = tuple(d if m is None else d - m for d, m in zip(dl_theta, mixed))
     if check_finite:
-        _check_finite(l, b, v, info.residual_norm, out)
+        _check_finite(None if sharded is not None else l, b, v, info.residual_norm, out)  # l: this rank's alone
     return (out, info) if return_info else out
 
 
 def _check_finite(l, b, v, residual, out):
     """One host synchronisation when all is finite; on failure names the first non-finite term. (A Hessian
     product that is NaN can leave the solution at zero with a NaN residual: the residual is checked too.)"""
-    terms = (("the leader loss l", l.detach()), ("grad_w l (the solve's right-hand side)", b), ("the solve's solution "
+    terms = (("the leader loss l", b.new_zeros(()) if l is None else l.detach()), ("grad_w l (the solve's right-hand side)", b), ("the solve's solution "
              "(H_ww + damping I)^-1 grad_w l", v), ("the solve's residual", residual), ("D_theta l", flatten(out)))
     sums = torch.stack([t.detach().sum().to(torch.float64) for _, t in terms])
     if bool(torch.isfinite(sums).all()):

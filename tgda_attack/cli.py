@@ -20,7 +20,7 @@ import sys
 import tomllib
 import typing
 
-from . import bench, cluster, protocol
+from . import bench, cluster, data_parallel, protocol
 from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, Config, DefenseConfig
 from .defenses import DEFENSES
 from .data import DataNotFoundError
@@ -207,6 +207,11 @@ def main(argv=None):
         defense = defense_from_args(args) if args.command in ("run", "evaluate") else None
         if args.command in ("run", "pretrain"):
             cfg = config_from_args(args)
+            if data_parallel.launched():
+                if args.command != "run" or data_parallel.problem(cfg):
+                    raise UsageError(data_parallel.problem(cfg) or "torchrun spreads `tgda-attack run` only")
+                data_parallel.init(cfg.device)
+                verbose = verbose and data_parallel.is_main()
             seeds = args.seeds or [cfg.seed]
             if args.command == "pretrain":
                 for seed in seeds:
@@ -220,11 +225,13 @@ def main(argv=None):
                 out = _seed_folder(args.out, seed, seeds)
                 runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose,
                                          overwrite=args.overwrite, resume=args.resume))
+                if not data_parallel.is_main():
+                    continue
                 _print_run(runs[-1], out)
                 if defense:
                     _print_defense(protocol.stage_defend(out, defense, verbose, overwrite=args.overwrite or not args.resume,
                                                          resume=args.resume), out)
-            if len(runs) > 1:
+            if len(runs) > 1 and data_parallel.is_main():
                 summary = summarize(runs)
                 with open(os.path.join(args.out, "summary.json"), "w") as fh:
                     json.dump(summary, fh, indent=2)

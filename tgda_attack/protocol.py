@@ -29,6 +29,7 @@ import time
 import torch
 
 from . import data as data_mod
+from . import data_parallel
 from .attacks import ATTACKS
 from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # noqa: F401  (re-exported for callers)
 from .defenses import DEFENSES
@@ -146,13 +147,16 @@ def stage_attack(out, verbose=False):
     x_val, y_val = (splits.x_test, splits.y_test) if cfg.perfect_knowledge else (splits.x_val, splits.y_val)
     x_p, y_p = attack.poison(splits.x_train, splits.y_train, x_val=x_val, y_val=y_val)
     seconds = time.perf_counter() - start + attack.earlier_seconds_  # a resumed attack's earlier epochs count
+    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": attack.history, "info": attack.info_,
+              "processes": data_parallel.world_size()}
+    if not data_parallel.is_main():  # under torchrun rank 0 alone writes
+        return result
     for name, model in (("attacker_attacked.pt", getattr(attack, "attacker_", None)),
                         ("defender_attacked.pt", getattr(attack, "defender_", None))):
         if model is not None:
             torch.save(model.state_dict(), os.path.join(out, name))
     torch.save({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_.cpu(),
                 "replaces_sources": torch.tensor(bool(attack.replaces_sources))}, os.path.join(out, "poisons.pt"))
-    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": attack.history, "info": attack.info_}
     write_json(os.path.join(out, "attack.json"), result)
     return result
 
@@ -330,11 +334,13 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
 
 def run(cfg, out, verbose=False, *, overwrite=False, resume=False):
     """All three stages into `out`; returns the metrics. With `resume` the stages this run already
-    finished in `out` are kept (and an interrupted attack continues from its checkpoint)."""
-    stage_pretrain(cfg, out, verbose, overwrite=overwrite, resume=resume)
+    finished in `out` are kept (and an interrupted attack continues from its checkpoint). Under torchrun
+    (tgda_attack.data_parallel) stages 1 and 3 run on rank 0 and the attack on every process."""
+    data_parallel.on_main(stage_pretrain, cfg, out, verbose, overwrite=overwrite, resume=resume)
     finished = lambda *names: resume and all(os.path.exists(os.path.join(out, n)) for n in names)  # noqa: E731
     if not finished("attack.json", "poisons.pt"):
-        stage_attack(out, verbose)
+        stage_attack(out, verbose and data_parallel.is_main())
+    data_parallel.barrier()
     if finished("metrics.json"):
         return read_json(os.path.join(out, "metrics.json"))
-    return stage_evaluate(out, verbose)
+    return data_parallel.on_main(stage_evaluate, out, verbose)

@@ -63,12 +63,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from ..progress import progress_bar
 
 import hypergrad
+from hypergrad.distributed import strided_shard
 
-from .base import PoisoningAttack, Setting
+from .. import data_parallel
+from ..progress import progress_bar
 from ..rundir import RunFolderError, load_state
+from .base import PoisoningAttack, Setting
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ class TGDAAttack(PoisoningAttack):
                  leader_steps=1, beta=0.1, follower_steps=20, solver="cgnr", solver_iterations=16,
                  solver_rtol=1e-6, damping=0.0, cuda_graphs=False, warm_start="partial", leader="attacker",
                  formulation="non-zero-sum", game_solver="tgda", init="first", pixel_range=(-1.0, 1.0), seed=0,
-                 checkpoint=None, verbose=False):
+                 checkpoint=None, verbose=False, data_parallel=False):
         super().__init__(epsilon, init=init, seed=seed)
         self.defender, self.attacker = defender, attacker
         self.epochs, self.batch_size = epochs, batch_size
@@ -134,6 +136,7 @@ class TGDAAttack(PoisoningAttack):
         self.warm_start, self.leader, self.formulation = warm_start, leader, formulation
         self.game_solver = game_solver
         self.pixel_range, self.checkpoint, self.verbose = pixel_range, checkpoint, verbose
+        self.data_parallel = data_parallel
         self._check_params()
 
     def _check_params(self):
@@ -156,6 +159,9 @@ class TGDAAttack(PoisoningAttack):
         if self.game_solver == "fr" and self.warm_start != "partial":
             raise ValueError("game_solver='fr' needs warm_start='partial': its ridge correction moves the follower's "
                              "current w, which a cold start throws away every batch")
+        if self.data_parallel and (self.leader != "attacker" or self.game_solver != "tgda" or self.cuda_graphs):
+            raise ValueError("data_parallel runs the attacker-led TGDA game (leader='attacker', game_solver='tgda') "
+                             "without cuda_graphs; run the other variants in one process")
         if self.cuda_graphs and (self.leader != "attacker" or self.solver_iterations < 1):
             raise ValueError("cuda_graphs needs leader='attacker' (the defender's loss is what the recorded solve "
                              "inverts) and solver_iterations >= 1")
@@ -174,7 +180,7 @@ class TGDAAttack(PoisoningAttack):
                    solver=cfg.solver, solver_iterations=cfg.solver_iterations, damping=cfg.damping,
                    cuda_graphs=cfg.cuda_graphs, warm_start=cfg.warm_start, leader=cfg.leader,
                    formulation=cfg.formulation, game_solver=cfg.game_solver, init=cfg.poison_init, seed=cfg.seed, checkpoint=checkpoint,
-                   verbose=verbose)
+                   verbose=verbose, data_parallel=data_parallel.world_size() > 1)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """Runs Algorithm 1 on D_tr = (x, y) and returns the poisons (x_poison, y_poison).
@@ -203,6 +209,10 @@ class TGDAAttack(PoisoningAttack):
 
         start_epoch = self._resume(defender, attacker)
         n_batches = math.ceil(len(y) / self.batch_size)
+        rank, world = (data_parallel.rank(), data_parallel.world_size()) if self.data_parallel else (0, 1)
+        if world > min(self.batch_size, len(y), len(y_val)):
+            raise ValueError(f"{world} processes share each batch of {min(self.batch_size, len(y))} points: use a "
+                             "larger batch or fewer processes")
         bar = progress_bar(range(start_epoch, self.epochs), desc="TGDA attack", disable=not self.verbose,
                    initial=start_epoch, total=self.epochs)
         for epoch in bar:
@@ -215,8 +225,15 @@ class TGDAAttack(PoisoningAttack):
                 tr = order[b * self.batch_size:(b + 1) * self.batch_size]
                 pp = p_order[b * n_poison // n_batches:(b + 1) * n_poison // n_batches]
                 vv = v_order.roll(-b * self.batch_size)[:self.batch_size]
+                sharded = None
+                if world > 1:  # this rank's share of the batch; the global means are weighted sums over ranks
+                    shards = [strided_shard(i, rank, world) for i in (tr, pp, vv)]
+                    follower_weight = (len(shards[0]) + len(shards[1])) / (len(tr) + len(pp))
+                    leader_weight = follower_weight if self.formulation == "zero-sum" else len(shards[2]) / len(vv)
+                    sharded = hypergrad.ShardedMean(leader_weight, follower_weight)
+                    tr, pp, vv = shards
                 stats.append(self._step(defender, attacker, w, theta, w_pre, x[tr], y[tr], x_p0[pp], y_p0[pp],
-                                        pp, x_val[vv], y_val[vv]))
+                                        pp, x_val[vv], y_val[vv], sharded))
                 if not all(math.isfinite(v) for v in stats[-1].values()):
                     raise FloatingPointError(
                         f"TGDA attack diverged in epoch {epoch + 1}, batch {b + 1} of {n_batches}: the losses became "
@@ -233,8 +250,10 @@ class TGDAAttack(PoisoningAttack):
         self.defender_ = defender
         return x_poison.detach(), y_p0.clone()
 
-    def _step(self, defender, attacker, w, theta, w_pre, x_b, y_b, xp_b, yp_b, pp, xv_b, yv_b):
-        """One batch of Algorithm 1: m leader steps, then n follower steps (pp: the poisons' indices)."""
+    def _step(self, defender, attacker, w, theta, w_pre, x_b, y_b, xp_b, yp_b, pp, xv_b, yv_b, sharded=None):
+        """One batch of Algorithm 1: m leader steps, then n follower steps (pp: the poisons' indices). With
+        `sharded` (a hypergrad.ShardedMean) the batch is this rank's share: every gradient, solve and loss
+        is summed over the ranks, so that all ranks take the same steps as one process would."""
         def follower_objective():  # f = L(D_tr U D_p(theta), w) as a hypergrad.ClassifierLoss, so that
             # total_grad uses the structured Hessian-vector product for linear-activation defenders
             if len(yp_b) == 0:
@@ -256,7 +275,7 @@ class TGDAAttack(PoisoningAttack):
             theta_old = [p.detach().clone() for p in theta] if self.game_solver == "fr" else None
             for _ in range(self.leader_steps):  # theta <- theta + alpha D_theta l
                 d_theta = hypergrad.total_grad(leader_loss, follower_objective(), theta, w, check_finite=False,
-                                               **leader_solve)  # the step's losses are checked once a step
+                                               sharded=sharded, **leader_solve)  # losses checked once a step
                 with torch.no_grad():
                     for p, d in zip(theta, d_theta):
                         p.add_(self.alpha * d)
@@ -275,6 +294,8 @@ class TGDAAttack(PoisoningAttack):
                     grads = self._newton_direction(follower, w, solve)
                 else:
                     grads = torch.autograd.grad(follower(), w)
+                if sharded is not None:
+                    grads = [sharded.follower(g) for g in grads]
                 with torch.no_grad():
                     for p, g in zip(w, grads):
                         p.sub_(self.beta * g)
@@ -293,7 +314,10 @@ class TGDAAttack(PoisoningAttack):
                     if isinstance(attacker, _DirectPoisons):
                         attacker.pixels.clamp_(*self.pixel_range)
         with torch.no_grad():
-            return {"leader_loss": leader_loss().item(), "follower_loss": follower_loss().item()}
+            losses = leader_loss(), follower_loss()
+        if sharded is not None:  # every rank sees the global losses (and stops together if they are not finite)
+            losses = sharded.leader(losses[0]), sharded.follower(losses[1])
+        return {"leader_loss": losses[0].item(), "follower_loss": losses[1].item()}
 
     def _follow_ridge(self, objective, w, theta, delta, solve):
         """FR's correction (eq. 49, sign as in the module docstring): w -= (H_ww + damping I)^-1 H_w,theta delta.
@@ -345,7 +369,7 @@ class TGDAAttack(PoisoningAttack):
         return int(state["epoch"])
 
     def _save(self, defender, attacker, epoch):
-        if not self.checkpoint:
+        if not self.checkpoint or not data_parallel.is_main():
             return
         tmp = self.checkpoint + ".tmp"
         torch.save({"epoch": epoch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),

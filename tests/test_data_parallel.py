@@ -1,0 +1,99 @@
+"""Data-parallel TGDA (torch.distributed, gloo on this CPU): K processes each taking a share of every batch
+make the same attack as one process (float64, up to the order of the sums); `torchrun ... run` writes the
+same poisons as a one-process run; settings it cannot spread are refused with one line."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hypergrad
+from test_attacks import _attack, _tiny
+from tgda_attack import cli
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _worker(rank, world, init_file, options, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        x, y, xv, yv, defender, attacker = _tiny(seed=5, n=60)
+        attack = _attack(defender, attacker, data_parallel=True, **options)
+        x_p, y_p = attack.poison(x, y, x_val=xv, y_val=yv)
+        torch.save({"x_p": x_p, "history": attack.history, "w": list(attack.defender_.parameters())},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("options", [
+    {"batch_size": 20, "epochs": 2, "follower_steps": 3},  # 3 batches an epoch, shares of 7/7/6 and 10/10 rows
+    {"batch_size": 30, "formulation": "zero-sum", "warm_start": "cold"},
+])
+def test_two_processes_make_the_attack_of_one(tmp_path, options):
+    out = str(tmp_path / "result")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), options, out), nprocs=2, join=True)
+    x, y, xv, yv, defender, attacker = _tiny(seed=5, n=60)
+    single = _attack(defender, attacker, **options)
+    x_p, _ = single.poison(x, y, x_val=xv, y_val=yv)
+    for rank in (0, 1):
+        result = torch.load(f"{out}.{rank}", weights_only=False)
+        torch.testing.assert_close(result["x_p"], x_p, rtol=1e-9, atol=1e-11)
+        for a, b in zip(result["w"], single.defender_.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-9, atol=1e-11)
+        for got, want in zip(result["history"], single.history):
+            assert got["leader_loss"] == pytest.approx(want["leader_loss"], rel=1e-9)
+            assert got["follower_loss"] == pytest.approx(want["follower_loss"], rel=1e-9)
+
+
+def _sum_worker(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sharded = hypergrad.ShardedMean(leader_weight=[0.25, 0.75][rank], follower_weight=0.5)
+        t = torch.tensor([4.0, 8.0]) * (rank + 1)
+        torch.save([sharded.leader(t), sharded.follower(t), t], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_mean_weights_each_rank_by_its_share(tmp_path):
+    out = str(tmp_path / "sums")
+    mp.spawn(_sum_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        leader, follower, t = torch.load(f"{out}.{rank}")
+        torch.testing.assert_close(leader, torch.tensor([4.0 * 0.25 + 8.0 * 0.75, 8.0 * 0.25 + 16.0 * 0.75]))
+        torch.testing.assert_close(follower, torch.tensor([6.0, 12.0]))
+        torch.testing.assert_close(t, torch.tensor([4.0, 8.0]) * (rank + 1))  # the input is left as it was
+
+
+SMALL = ["--attack", "tgda", "--pretrain-epochs", "2", "--attacker-epochs", "1", "--attack-epochs", "1",
+         "--attack-batch-size", "1000", "--follower-steps", "1", "--solver-iterations", "3", "--dtype", "float64",
+         "--quiet"]
+
+
+def test_torchrun_writes_the_poisons_of_a_one_process_run(tmp_path):
+    single = str(tmp_path / "single")
+    assert cli.main(["run", *SMALL, "--out", single]) == 0
+    spread = str(tmp_path / "spread")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "tgda_attack", "run", *SMALL, "--out", spread], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("results:") == 1  # rank 0 alone reports
+    a, b = (torch.load(os.path.join(d, "poisons.pt"), weights_only=True) for d in (single, spread))
+    torch.testing.assert_close(a["x_poison"], b["x_poison"], rtol=1e-8, atol=1e-10)
+
+
+def test_settings_torchrun_cannot_spread_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["run", "--attack", "label-flip", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one process" in err and "\n" not in err and not (tmp_path / "r").exists()
+    assert cli.main(["run", "--leader", "defender", "--out", str(tmp_path / "r")]) == 2
+    assert "--leader attacker" in capsys.readouterr().err

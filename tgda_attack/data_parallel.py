@@ -1,0 +1,76 @@
+"""One TGDA attack spread over the processes of `torchrun --nproc_per_node=K -m tgda_attack run ...`
+(torch.distributed; backend gloo on CPUs, nccl on GPUs, one GPU a process).
+
+Every process loads the data and the pretrained models; in each batch of Algorithm 1 a process takes its
+strided share of the batch's D_tr, D_p and D_v rows (hypergrad.distributed.strided_shard), and the follower's
+gradients, the solve's right-hand side and Hessian-vector products, the mixed term and the logged losses are
+summed over the processes with the shares' weights (hypergrad.ShardedMean), so every process takes the same
+steps as one process with the whole batch (up to the order of floating-point sums). Stages 1 and 3
+(pretraining, retraining) run on rank 0 while the others wait; rank 0 alone writes files.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def launched():
+    """Whether this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def problem(cfg):
+    """None if the run's settings can be spread over processes, else why not (one sentence)."""
+    if cfg.attack != "tgda":
+        return f"torchrun spreads the tgda attack over processes; run {cfg.attack} in one process (python -m tgda_attack)"
+    if cfg.leader != "attacker" or cfg.game_solver != "tgda" or cfg.cuda_graphs:
+        return "torchrun spreads the attacker-led TGDA game (--leader attacker --game-solver tgda, no --cuda-graphs)"
+    return None
+
+
+def init(device):
+    """Joins the torchrun process group (gloo for a CPU device, nccl for cuda, one GPU a process by
+    LOCAL_RANK); does nothing outside torchrun or when already joined."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def on_main(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0, the others waiting; its result on every rank. An exception on rank 0
+    is raised on every rank (the others as a RuntimeError naming it), so that no process waits forever."""
+    if world_size() == 1:
+        return fn(*args, **kwargs)
+    outcome = [None]
+    if is_main():
+        try:
+            outcome = [("ok", fn(*args, **kwargs))]
+        except BaseException as exc:
+            outcome = [("error", f"{type(exc).__name__}: {exc}")]
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()

@@ -16,11 +16,10 @@ import torch
 import hypergrad
 
 from .attacks import ATTACKS, FLIP_RULES
-from .attacks.base import INITS, attack_settings
+from .attacks.base import INITS, registered_settings
 from .attacks.tgda import FORMULATIONS, LEADERS, WARM_STARTS
 from .data import DATASETS
 from .defenses import DEFENSES
-from .defenses.base import defense_settings
 from .models import ATTACKERS, DEFENDERS
 
 ATTACKER_NAMES = (*ATTACKERS, "pixels")  # "pixels": the poisons themselves are the leader's parameters
@@ -47,7 +46,7 @@ DATASET_DEFAULTS = {
                      "attacker_epochs": 20, "attacker_batch_size": 100, "alpha": 0.01, "beta": 0.05, "attacker": "mlp"},
 }
 
-ATTACK_SETTINGS = attack_settings(ATTACKS)  # the settings the registered attacks add, each checked by its Setting
+ATTACK_SETTINGS = registered_settings(ATTACKS)  # the settings the registered attacks add, each checked by its Setting
 CHOICES = {
     "dataset": DATASETS, "defender": tuple(DEFENDERS), "eval_defender": tuple(DEFENDERS), "attack": tuple(ATTACKS), "attacker": ATTACKER_NAMES,
     "poison_init": INITS, "flip_rule": FLIP_RULES, "solver": tuple(hypergrad.METHODS), "warm_start": WARM_STARTS,
@@ -177,7 +176,7 @@ def _with_attack_settings(base):
 
 Config = _with_attack_settings(_ProtocolSettings)
 
-DEFENSE_SETTINGS = defense_settings(DEFENSES)  # the settings the registered defenses read
+DEFENSE_SETTINGS = registered_settings(DEFENSES)  # the settings the registered defenses read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,14 +197,6 @@ class _DefenseName:
     def own_settings(self):
         """{setting: value} of the settings the chosen defense reads (what its results are recorded under)."""
         return {s.name: getattr(self, s.name) for s in DEFENSES[self.defense].settings}
-
-    @classmethod
-    def from_dict(cls, values):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown defense setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values).checked()
 
 
 DefenseConfig = dataclasses.make_dataclass(

@@ -128,26 +128,29 @@ class PoisoningAttack:
         raise NotImplementedError
 
 
-def registry(*classes):
-    """{name: class} of the attack classes, checked: every class a PoisoningAttack with a unique name, and
-    a setting two attacks share declared by both alike."""
+def registry(*classes, base=None, kind="attack"):
+    """{name: class} of the classes, checked: every class a named subclass of `base` (default PoisoningAttack;
+    a tuple allowed), names unique, a setting two classes share declared by both alike. `kind` names them in
+    the messages. The attack and the defense registries are both made by it."""
+    base = base or PoisoningAttack
     out, seen = {}, {}
     for cls in classes:
-        if not (isinstance(cls, type) and issubclass(cls, PoisoningAttack)) or not cls.name:
-            raise TypeError(f"{cls!r} is not a named PoisoningAttack subclass")
+        if not (isinstance(cls, type) and issubclass(cls, base)) or not cls.name:
+            names = " or ".join(b.__name__ for b in (base if isinstance(base, tuple) else (base,)))
+            raise TypeError(f"{cls!r} is not a named {names} subclass")
         if cls.name in out:
-            raise ValueError(f"two attacks are named {cls.name!r}")
+            raise ValueError(f"two {kind}s are named {cls.name!r}")
         for setting in cls.settings:
             if seen.setdefault(setting.name, setting) != setting:
-                raise ValueError(f"attacks declare setting {setting.name!r} differently: {seen[setting.name]} and {setting}")
+                raise ValueError(f"{kind}s declare setting {setting.name!r} differently: {seen[setting.name]} and {setting}")
         out[cls.name] = cls
     return out
 
 
-def attack_settings(attacks):
-    """The distinct settings the attacks of a registry add to a run, in registry order."""
+def registered_settings(classes):
+    """The distinct settings the classes of a registry ({name: class}) declare, in registry order."""
     out = {}
-    for cls in attacks.values():
+    for cls in classes.values():
         for setting in cls.settings:
             out.setdefault(setting.name, setting)
     return tuple(out.values())

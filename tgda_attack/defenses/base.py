@@ -25,6 +25,7 @@ tgda_attack.config.DefenseConfig and options of `tgda-attack run|evaluate --defe
 import torch
 
 from ..attacks.base import Setting
+from ..attacks.base import registry as _registry
 
 KINDS = ("filter", "training")
 
@@ -98,25 +99,5 @@ def keep_all_but_largest(scores, fraction):
 
 
 def registry(*classes):
-    """{name: class} of the defense classes, checked: each a named PoisonFilter or RobustTraining, names
-    unique, a setting two defenses share declared by both alike."""
-    out, seen = {}, {}
-    for cls in classes:
-        if not (isinstance(cls, type) and issubclass(cls, (PoisonFilter, RobustTraining))) or not cls.name:
-            raise TypeError(f"{cls!r} is not a named PoisonFilter or RobustTraining subclass")
-        if cls.name in out:
-            raise ValueError(f"two defenses are named {cls.name!r}")
-        for setting in cls.settings:
-            if seen.setdefault(setting.name, setting) != setting:
-                raise ValueError(f"defenses declare setting {setting.name!r} differently: {seen[setting.name]} and {setting}")
-        out[cls.name] = cls
-    return out
-
-
-def defense_settings(defenses):
-    """The distinct settings the defenses of a registry read, in registry order."""
-    out = {}
-    for cls in defenses.values():
-        for setting in cls.settings:
-            out.setdefault(setting.name, setting)
-    return tuple(out.values())
+    """{name: class} of the defense classes, checked as the attacks' are (attacks.base.registry)."""
+    return _registry(*classes, base=(PoisonFilter, RobustTraining), kind="defense")

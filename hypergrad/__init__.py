@@ -10,13 +10,14 @@ from ._ops import build_info, has_cuda_extension, has_extension, use_extension
 from .hvp import HessianOperator, flatten, hessian_operator, hvp, unflatten
 from .graphs import SolveGraphCache
 from .mlp_hvp import ClassifierLoss, StructuredHessian, linear_chain, structured_hessian
-from .solvers import METHODS, SolveInfo, solve
+from .solvers import METHODS, SolveInfo, Solver, solve
+from .preconditioners import hutchinson_diagonal, jacobi
 from .total_grad import total_grad
 from .distributed import ShardedMean
 
 __all__ = [
-    "ClassifierLoss", "HessianOperator", "METHODS", "ShardedMean", "SolveGraphCache", "SolveInfo", "StructuredHessian",
-    "build_info",
+    "ClassifierLoss", "HessianOperator", "METHODS", "ShardedMean", "SolveGraphCache", "SolveInfo", "Solver", "StructuredHessian",
+    "build_info", "hutchinson_diagonal", "jacobi",
     "flatten", "has_cuda_extension", "has_extension", "hessian_operator", "hvp", "linear_chain", "solve",
     "structured_hessian", "total_grad", "unflatten", "use_extension",
 ]

@@ -49,9 +49,14 @@ class SolveGraphCache:
         """Drops every recording and the device memory its buffers and graph hold."""
         self._recordings.clear()
 
-    def solve(self, operator, b, *, method="cg", maxiter=16, rtol=1e-5, atol=0.0, damping=0.0, x0=None):
+    def solve(self, operator, b, *, method="cg", maxiter=16, rtol=1e-5, atol=0.0, damping=0.0, x0=None, solver=None):
         """(x, info) of (A + damping I) x = b after exactly maxiter iterations (hypergrad.solve's
-        arguments; A a StructuredHessian), replaying the recording of this layout, or recording it first."""
+        arguments, or a hypergrad.Solver holding them; A a StructuredHessian), replaying the recording of
+        this layout, or recording it first. A recorded solve takes no preconditioner."""
+        if solver is not None:
+            if solver.preconditioner is not None:
+                raise ValueError("a recorded solve takes no preconditioner: solve without graphs to precondition")
+            method, maxiter, rtol, atol, damping = solver.method, solver.maxiter, solver.rtol, solver.atol, solver.damping
         if not isinstance(operator, StructuredHessian):
             raise ValueError("a recorded solve needs a hypergrad.mlp_hvp.StructuredHessian (the structured product of "
                              "a ClassifierLoss of a linear-activation chain); an autograd-graph product cannot be "

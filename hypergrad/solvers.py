@@ -20,8 +20,16 @@ Methods:
   * "minres": MINRES (Paige & Saunders 1975) for symmetric, possibly indefinite A.
   * "neumann": truncated Neumann series x = eta sum_j (I - eta A)^j b, for SPD A with
     eta < 2 / lambda_max (eta estimated by power iteration unless given).
+
+Preconditioning: a positive diagonal M ~ A + damping I (hypergrad.preconditioners.jacobi estimates one
+from Hutchinson products) is applied to any method by symmetric scaling, S = M^-1/2:
+S (A + damping I) S y = S b, x = S y; the tolerances then apply to the scaled residual S r, and
+info.residual_norm reports the true residual of the original system (one more product).
+
+A Solver holds every setting of a solve (method, maxiter, rtol, atol, damping, preconditioner and the
+options of one method) as one value, passed whole to hypergrad.total_grad and SolveGraphCache.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,7 +83,7 @@ def _col(s, like):
 
 
 def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0, damping=0.0,
-          check_every=4, neumann_scale=None):
+          check_every=4, neumann_scale=None, preconditioner=None):
     """Solves (A + damping I) x = b for one or a batch of right-hand sides.
 
     Args:
@@ -90,6 +98,9 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
         check_every: iterations between host synchronisations that test whether all systems are
             done. (default: 4)
         neumann_scale: eta of the Neumann series. (default: 1 / lambda_max by power iteration)
+        preconditioner: a positive diagonal M ~ A + damping I, shaped [n] or like b (for example
+            hypergrad.preconditioners.jacobi(matvec, n)), applied by symmetric scaling; the tolerances
+            then apply to the scaled residual M^-1/2 r. (default: None)
 
     Returns:
         (x, info): x shaped like b, info a SolveInfo.
@@ -114,6 +125,9 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
         maxiter = 100 if method == "neumann" else b.shape[-1]
     if maxiter < 0:
         raise ValueError(f"maxiter must be non-negative, got {maxiter}")
+    if preconditioner is not None:
+        return _scaled_solve(matvec, b, preconditioner, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
+                             damping=damping, check_every=check_every, neumann_scale=neumann_scale)
     b = b.contiguous()
     A = _Counted(matvec, damping)
     x = torch.zeros_like(b) if x0 is None else x0.detach().to(b.dtype).clone().contiguous()
@@ -125,6 +139,81 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
     info = SolveInfo(method=method, iterations=iterations, residual_norm=rr.sqrt(), converged=rr <= tol2,
                      negative_curvature=negative, num_matvecs=A.calls, x=x)
     return x, info
+
+
+def _scaled_solve(matvec, b, diagonal, *, method, x0, maxiter, rtol, atol, damping, check_every, neumann_scale):
+    """solve with a diagonal preconditioner by symmetric scaling (module docstring)."""
+    if not isinstance(diagonal, torch.Tensor) or diagonal.shape not in (b.shape[-1:], b.shape):
+        raise ValueError(f"preconditioner must be a tensor of shape [{b.shape[-1]}] or {list(b.shape)} (a diagonal), "
+                         f"got {getattr(diagonal, 'shape', type(diagonal).__name__)}")
+    if not bool((diagonal > 0).all()) or not bool(torch.isfinite(diagonal).all()):
+        raise ValueError("preconditioner must be a positive, finite diagonal (hypergrad.preconditioners.jacobi "
+                         "makes one)")
+    scale = diagonal.to(b.dtype).rsqrt()
+    counted = _Counted(matvec, damping)
+    y0 = None if x0 is None else x0.detach().to(b.dtype) / scale
+    y, info = solve(lambda v: scale * counted(scale * v), scale * b, method=method, x0=y0, maxiter=maxiter, rtol=rtol,
+                    atol=atol, check_every=check_every, neumann_scale=neumann_scale)
+    x = scale * y
+    residual = _ops.row_dot(r := b - counted(x), r).sqrt()
+    info.residual_norm, info.num_matvecs, info.x = residual, counted.calls, x
+    return x, info
+
+
+@dataclass(frozen=True)
+class Solver:
+    """Every setting of a solve as one value: Solver(...)(matvec, b, x0=None) -> (x, info).
+
+    Attributes:
+        method: "cg", "cgnr", "minres" or "neumann". (default: "cg")
+        maxiter: most iterations. (default: solve's: n, or 100 for neumann)
+        rtol, atol: the stopping tolerances, as in solve. (default: 1e-5, 0.0)
+        damping: added to A's diagonal. (default: 0.0)
+        preconditioner: None, "jacobi" (estimated from the operator at each solve by
+            hypergrad.preconditioners.jacobi with options jacobi_samples and jacobi_floor), or a
+            positive diagonal tensor. (default: None)
+        options: the options of one method or preconditioner: check_every, neumann_scale,
+            jacobi_samples, jacobi_floor, jacobi_seed. (default: none)
+    """
+
+    method: str = "cg"
+    maxiter: int = None
+    rtol: float = 1e-5
+    atol: float = 0.0
+    damping: float = 0.0
+    preconditioner: object = None
+    options: dict = field(default_factory=dict)
+
+    OPTIONS = ("check_every", "neumann_scale", "jacobi_samples", "jacobi_floor", "jacobi_seed")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.maxiter is not None and (not isinstance(self.maxiter, int) or self.maxiter < 0):
+            raise ValueError(f"maxiter must be a non-negative integer or None, got {self.maxiter!r}")
+        if not all(isinstance(v, (int, float)) and v >= 0 for v in (self.rtol, self.atol, self.damping)):
+            raise ValueError("rtol, atol and damping must be non-negative numbers")
+        if not (self.preconditioner is None or self.preconditioner == "jacobi"
+                or isinstance(self.preconditioner, torch.Tensor)):
+            raise ValueError(f"preconditioner must be None, 'jacobi' or a positive diagonal tensor, "
+                             f"got {self.preconditioner!r}")
+        unknown = sorted(set(self.options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown solver option(s) {', '.join(unknown)}; known: {', '.join(self.OPTIONS)}")
+
+    def diagonal(self, matvec, b):
+        """The preconditioner's diagonal for this system (None without one)."""
+        if self.preconditioner is None or isinstance(self.preconditioner, torch.Tensor):
+            return self.preconditioner
+        from .preconditioners import jacobi
+        return jacobi(matvec, b.shape[-1], dtype=b.dtype, device=b.device, damping=self.damping,
+                      samples=self.options.get("jacobi_samples", 32), floor=self.options.get("jacobi_floor", 1e-2),
+                      seed=self.options.get("jacobi_seed", 0))
+
+    def __call__(self, matvec, b, x0=None):
+        return solve(matvec, b, method=self.method, x0=x0, maxiter=self.maxiter, rtol=self.rtol, atol=self.atol,
+                     damping=self.damping, check_every=self.options.get("check_every", 4),
+                     neumann_scale=self.options.get("neumann_scale"), preconditioner=self.diagonal(matvec, b))
 
 
 def _all_done(k, active, check_every):

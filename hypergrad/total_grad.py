@@ -22,16 +22,17 @@ import torch
 
 from .hvp import HessianOperator, as_tuple, flatten, unflatten
 from .mlp_hvp import structured_hessian
-from .solvers import solve
+from .solvers import Solver
 
 HVP_MODES = ("auto", "structured", "reverse", "forward")
+_KEYWORD_DEFAULTS = {"method": "cg", "maxiter": 100, "rtol": 1e-6, "atol": 0.0, "damping": 0.0, "check_every": 4}
 _STRUCTURED = ("follower_loss to be a hypergrad.ClassifierLoss of a chain of linear layers and one activation "
                "(hypergrad.mlp_hvp) with follower_params its parameters in order")
 
 
 def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method="cg", maxiter=100,
                rtol=1e-6, atol=0.0, damping=0.0, hvp_mode="auto", x0=None, return_info=False,
-               check_every=4, graphs=None, check_finite=True, sharded=None):
+               check_every=4, graphs=None, check_finite=True, sharded=None, solver=None):
     """D_theta l: the derivative of the leader loss through the follower's optimum.
 
     Args:
@@ -58,6 +59,9 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
             CUDA graph on the first call of each layout and replayed on later calls (eager on a
             CPU). Needs the structured product (hvp_mode "auto" or "structured" on a supported
             ClassifierLoss). (default: None, hypergrad.solve with early stopping)
+        solver: a hypergrad.Solver holding every setting of the solve (method, maxiter, rtol, atol,
+            damping, a preconditioner, options), instead of the keywords method ... check_every.
+            (default: None, the keywords)
         sharded: a hypergrad.distributed.ShardedMean when each rank of a torch.distributed group holds a
             shard of the data (the losses being means over the rank's shard): grad_w l, every Hessian-vector
             product and the mixed term are summed over the ranks with the shard's weights, so every rank
@@ -71,6 +75,14 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         A tuple of tensors shaped like leader_params holding D_theta l (no sign flipped: an
         attacker ascends along it), and the SolveInfo when return_info is True.
     """
+    given = {"method": method, "maxiter": maxiter, "rtol": rtol, "atol": atol, "damping": damping,
+             "check_every": check_every}
+    if solver is None:
+        solver = Solver(method=method, maxiter=maxiter, rtol=rtol, atol=atol, damping=damping,
+                        options={"check_every": check_every})
+    elif given != _KEYWORD_DEFAULTS:
+        raise ValueError("pass the solve's settings either as solver=hypergrad.Solver(...) or as the keywords method, "
+                         "maxiter, rtol, atol, damping, check_every, not both")
     theta = as_tuple(leader_params, "leader_params")
     w = as_tuple(follower_params, "follower_params")
     if hvp_mode not in HVP_MODES:
@@ -112,11 +124,9 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     if x0 is not None:
         x0 = x0.detach().reshape(b.shape).to(b.dtype)
     if graphs is not None:
-        v, info = graphs.solve(hessian, b, method=method, maxiter=maxiter, rtol=rtol, atol=atol, damping=damping,
-                               x0=x0)
+        v, info = graphs.solve(hessian, b, solver=solver, x0=x0)
     else:
-        v, info = solve(hessian, b, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
-                        damping=damping, check_every=check_every)
+        v, info = solver(hessian, b, x0=x0)
     if g_w is None:  # no row of the follower loss carries a graph: it does not depend on theta
         mixed = (None,) * len(theta)
     else:

@@ -94,7 +94,9 @@ class TGDAAttack(PoisoningAttack):
         leader_steps: m, leader steps per batch. (default: 1)
         beta: defender step size. (default: 0.1)
         follower_steps: n, follower steps per batch. (default: 20)
-        solver: hypergrad.solve method for the total gradient. (default: "cgnr", the paper's)
+        solver: hypergrad.solve method for the total gradient (default: "cgnr", the paper's), or a
+            hypergrad.Solver holding every setting of the solves (then solver_iterations, solver_rtol and
+            damping are not given).
         solver_iterations: most solver iterations per leader step. (default: 16)
         solver_rtol: relative tolerance of the solve. (default: 1e-6)
         damping: added to the Hessian's diagonal. (default: 0.0)
@@ -131,13 +133,28 @@ class TGDAAttack(PoisoningAttack):
         self.defender, self.attacker = defender, attacker
         self.epochs, self.batch_size = epochs, batch_size
         self.alpha, self.leader_steps, self.beta, self.follower_steps = alpha, leader_steps, beta, follower_steps
-        self.solver, self.solver_iterations, self.solver_rtol, self.damping = solver, solver_iterations, solver_rtol, damping
+        if isinstance(solver, hypergrad.Solver):
+            if (solver_iterations, solver_rtol, damping) != (16, 1e-6, 0.0):
+                raise ValueError("pass the solve's settings either as solver=hypergrad.Solver(...) or as solver, "
+                                 "solver_iterations, solver_rtol and damping, not both")
+            if solver.maxiter is None:
+                raise ValueError("give the hypergrad.Solver a maxiter: each of the attack's solves runs at most that "
+                                 "many iterations")
+            solver_iterations, solver_rtol, damping = solver.maxiter, solver.rtol, solver.damping
+            self.solver_ = solver
+        else:
+            self.solver_ = None
+        self.solver = solver.method if isinstance(solver, hypergrad.Solver) else solver
+        self.solver_iterations, self.solver_rtol, self.damping = solver_iterations, solver_rtol, damping
         self.cuda_graphs = cuda_graphs
         self.warm_start, self.leader, self.formulation = warm_start, leader, formulation
         self.game_solver = game_solver
         self.pixel_range, self.checkpoint, self.verbose = pixel_range, checkpoint, verbose
         self.data_parallel = data_parallel
         self._check_params()
+        if self.solver_ is None:  # every solve of the attack, as one value
+            self.solver_ = hypergrad.Solver(method=self.solver, maxiter=self.solver_iterations, rtol=self.solver_rtol,
+                                            damping=self.damping)
 
     def _check_params(self):
         super()._check_params()
@@ -162,7 +179,7 @@ class TGDAAttack(PoisoningAttack):
         if self.data_parallel and (self.leader != "attacker" or self.game_solver != "tgda" or self.cuda_graphs):
             raise ValueError("data_parallel runs the attacker-led TGDA game (leader='attacker', game_solver='tgda') "
                              "without cuda_graphs; run the other variants in one process")
-        if self.cuda_graphs and (self.leader != "attacker" or self.solver_iterations < 1):
+        if self.cuda_graphs and (self.leader != "attacker" or not self.solver_iterations):
             raise ValueError("cuda_graphs needs leader='attacker' (the defender's loss is what the recorded solve "
                              "inverts) and solver_iterations >= 1")
 
@@ -268,14 +285,12 @@ class TGDAAttack(PoisoningAttack):
         def leader_loss():  # l = L(D_v, w), or f in the zero-sum game
             return follower_loss() if self.formulation == "zero-sum" else F.cross_entropy(defender(xv_b), yv_b)
 
-        solve = {"method": self.solver, "maxiter": self.solver_iterations, "rtol": self.solver_rtol,
-                 "damping": self.damping}
-        leader_solve = {**solve, "graphs": self._graphs} if self._graphs is not None else solve
+        solve = self.solver_
         if self.leader == "attacker":
             theta_old = [p.detach().clone() for p in theta] if self.game_solver == "fr" else None
             for _ in range(self.leader_steps):  # theta <- theta + alpha D_theta l
                 d_theta = hypergrad.total_grad(leader_loss, follower_objective(), theta, w, check_finite=False,
-                                               sharded=sharded, **leader_solve)  # losses checked once a step
+                                               sharded=sharded, solver=solve, graphs=self._graphs)  # losses: below
                 with torch.no_grad():
                     for p, d in zip(theta, d_theta):
                         p.add_(self.alpha * d)
@@ -302,7 +317,7 @@ class TGDAAttack(PoisoningAttack):
         else:
             for _ in range(self.leader_steps):  # w <- w - beta D_w f, the attacker responding by ascending f
                 d_w = hypergrad.total_grad(follower_objective(), lambda: -follower_loss(), w, theta, check_finite=False,
-                                           **solve)
+                                           solver=solve)
                 with torch.no_grad():
                     for p, d in zip(w, d_w):
                         p.sub_(self.beta * d)
@@ -349,8 +364,7 @@ class TGDAAttack(PoisoningAttack):
         hessian = hypergrad.structured_hessian(objective, w)
         if hessian is None:
             hessian = hypergrad.HessianOperator.reverse(objective(), w)
-        x, _ = hypergrad.solve(hessian, b, method=solve["method"], maxiter=solve["maxiter"], rtol=solve["rtol"],
-                               damping=solve["damping"])
+        x, _ = solve(hessian, b)
         return x
 
     def _resume(self, defender, attacker):

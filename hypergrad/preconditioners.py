@@ -1,0 +1,29 @@
+"""Diagonal (Jacobi) preconditioners for hypergrad.solve, from products v -> A v alone.
+
+Hutchinson's estimator (Bekas, Kokiopoulou & Saad 2007): for Rademacher vectors z (entries +-1),
+E[z * (A z)] = diag(A), so k products give an unbiased estimate of the diagonal; the k products are
+one batched call of the operator ([k, n]), which the batched Hessian-vector products serve at once.
+jacobi() makes a positive diagonal M ~ A + damping I of it: |estimate|, raised to at least
+`floor` times its mean (a Hessian's diagonal may be zero or negative where A is indefinite: the
+absolute value keeps M positive definite, which CG and MINRES need of a preconditioner).
+"""
+import torch
+
+
+def hutchinson_diagonal(matvec, n, *, samples=32, dtype=torch.float64, device="cpu", seed=0):
+    """An unbiased estimate of diag(A) [n] from `samples` Rademacher products, one batched matvec."""
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    z = (torch.randint(0, 2, (samples, n), generator=generator) * 2 - 1).to(device=device, dtype=dtype)
+    return (z * matvec(z)).mean(0)
+
+
+def jacobi(matvec, n, *, samples=32, floor=1e-2, damping=0.0, dtype=torch.float64, device="cpu", seed=0):
+    """A positive diagonal M ~ A + damping I for hypergrad.solve(preconditioner=M): the Hutchinson estimate
+    of diag(A) in absolute value, at least `floor` times its mean, plus damping."""
+    if not floor > 0:
+        raise ValueError(f"floor must be positive (the diagonal must stay positive), got {floor!r}")
+    estimate = hutchinson_diagonal(matvec, n, samples=samples, dtype=dtype, device=device, seed=seed).abs()
+    least = floor * estimate.mean().clamp(min=torch.finfo(dtype).tiny)
+    return torch.maximum(estimate, least) + damping

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .models import NUM_CLASSES
+
 DATASETS = ("mnist-sample", "mnist", "cifar10")
 SAMPLE_TEST_SIZE = 1000
 
@@ -96,9 +98,32 @@ def from_tensors(name, x_train, y_train, x_test, y_test, *, val_fraction=0.3, se
         raise ValueError("images must be shaped (N, C, H, W)")
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise ValueError("images and labels must have the same length")
+    check_points(x_train, y_train, "training")
+    check_points(x_test, y_test, "test")
     x_tr, y_tr, x_v, y_v = split_train_val(x_train, y_train, val_fraction, seed)
     return Splits(name, x_tr, y_tr, x_v, y_v, x_test, y_test,
                   info={"split_seed": seed, "val_fraction": val_fraction})
+
+
+PIXEL_RANGE = (-1.0, 1.0)  # what the models, attackers and attacks expect: (x / 255 - 0.5) / 0.5
+
+
+def check_points(x, y, what, classes=NUM_CLASSES):
+    """ValueError naming what is wrong with a set of images (N, C, H, W) and labels: empty, non-finite or
+    out-of-range pixels, labels outside 0 .. classes-1, a training set of one class."""
+    if len(y) == 0:
+        raise ValueError(f"the {what} set is empty")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"the {what} images hold NaN or infinite pixels")
+    low, high = x.min().item(), x.max().item()
+    if low < PIXEL_RANGE[0] - 1e-6 or high > PIXEL_RANGE[1] + 1e-6:
+        raise ValueError(f"the {what} pixels range over [{low:.3g}, {high:.3g}]; scale them to [-1, 1] "
+                         "(uint8 images: x / 127.5 - 1)")
+    if y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= classes:
+        raise ValueError(f"the {what} labels must be class indices 0 .. {classes - 1}; got values from "
+                         f"{y.min().item()} to {y.max().item()}")
+    if what == "training" and len(torch.unique(y)) < 2:
+        raise ValueError("the training set holds one class only: a classifier needs at least two")
 
 
 def from_dataset(name, train, test, *, val_fraction=0.3, seed=0):

@@ -35,7 +35,8 @@ from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # n
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
-from .rundir import RunFolderError, claim, load_state, load_weights, need, read_json, read_json_object, settings_of, write_json
+from .rundir import (RunFolderError, claim, load_state, load_weights, need, read_json, read_json_object, save_atomic,
+                     settings_of, write_json)
 from .training import accuracy, pretrain_attacker, train_classifier
 
 logger = logging.getLogger(__name__)
@@ -103,13 +104,13 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False):
     start = time.perf_counter()
     defender = train_defender(cfg, splits.x_train, splits.y_train, verbose, desc="pretrain defender")
     clean = accuracy(defender, splits.x_test, splits.y_test)
-    torch.save(defender.state_dict(), os.path.join(out, "defender_pretrained.pt"))
+    save_atomic(defender.state_dict(), os.path.join(out, "defender_pretrained.pt"))
     if needs_attacker:
         attacker = new_attacker(cfg, splits.image_shape)
         if cfg.pretrain_attacker:
             pretrain_attacker(attacker, splits.x_train, splits.y_train, epochs=cfg.attacker_epochs,
                               batch_size=cfg.attacker_batch_size, seed=cfg.seed, verbose=verbose)
-        torch.save(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
+        save_atomic(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
     result = {"clean_accuracy": clean, "pretrain_seconds": time.perf_counter() - start}
     if _transfers(cfg):
         target = train_defender(cfg, splits.x_train, splits.y_train, verbose, "pretrain eval defender", cfg.eval_defender)
@@ -154,9 +155,9 @@ def stage_attack(out, verbose=False):
     for name, model in (("attacker_attacked.pt", getattr(attack, "attacker_", None)),
                         ("defender_attacked.pt", getattr(attack, "defender_", None))):
         if model is not None:
-            torch.save(model.state_dict(), os.path.join(out, name))
-    torch.save({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_.cpu(),
-                "replaces_sources": torch.tensor(bool(attack.replaces_sources))}, os.path.join(out, "poisons.pt"))
+            save_atomic(model.state_dict(), os.path.join(out, name))
+    save_atomic({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_.cpu(),
+                 "replaces_sources": torch.tensor(bool(attack.replaces_sources))}, os.path.join(out, "poisons.pt"))
     write_json(os.path.join(out, "attack.json"), result)
     return result
 
@@ -212,7 +213,7 @@ def stage_evaluate(out, verbose=False):
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
     retrained = train_defender(cfg, *poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p),
                                verbose, desc="retrain defender", name=tested)
-    torch.save(retrained.state_dict(), os.path.join(out, "defender_poisoned.pt"))
+    save_atomic(retrained.state_dict(), os.path.join(out, "defender_poisoned.pt"))
     poisoned = accuracy(retrained, splits.x_test, splits.y_test)
     clean = pre["eval_clean_accuracy"] if _transfers(cfg) else pre["clean_accuracy"]
     metrics = {
@@ -327,7 +328,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         "clean_defended_accuracy": clean_defended_acc, "attack_drop_under_defense": clean_defended_acc - defended_acc,
         "defense_seconds": time.perf_counter() - start})
     os.makedirs(folder, exist_ok=True)
-    torch.save(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))
+    save_atomic(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))
     write_json(path, result)
     return result
 

@@ -25,9 +25,23 @@ class RunFolderError(ValueError):
 
 
 def write_json(path, obj):
+    """Written to a temporary file, flushed to disk, then renamed: a kill at any instant leaves the old file or
+    the new one, never half of one."""
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file, fsync and a rename (as write_json)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 

@@ -111,8 +111,14 @@ class PoisoningAttack:
             raise ValueError("images and labels must have the same length")
         model = copy.deepcopy(self.defender)
         ref = next(model.parameters())
-        return (model, x.to(ref.device, ref.dtype), y.to(ref.device), x_val.to(ref.device, ref.dtype),
-                y_val.to(ref.device))
+        x, x_val = x.to(ref.device, ref.dtype), x_val.to(ref.device, ref.dtype)
+        with torch.no_grad():
+            out = model(x[:1])
+        labels = int(max(y.max(), y_val.max())) + 1 if len(y) and len(y_val) else 0
+        if out.dim() != 2 or out.shape[1] < labels:
+            raise ValueError(f"the defender outputs {list(out.shape[1:])} for one image, but the labels need "
+                             f"{labels} class scores: give it an output layer of one score per class")
+        return model, x, y.to(ref.device), x_val, y_val.to(ref.device)
 
     @classmethod
     def check_config(cls, cfg):

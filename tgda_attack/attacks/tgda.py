@@ -69,7 +69,7 @@ from hypergrad.distributed import strided_shard
 
 from .. import data_parallel
 from ..progress import progress_bar
-from ..rundir import RunFolderError, load_state
+from ..rundir import RunFolderError, load_state, save_atomic
 from .base import PoisoningAttack, Setting
 
 logger = logging.getLogger(__name__)
@@ -385,10 +385,8 @@ class TGDAAttack(PoisoningAttack):
     def _save(self, defender, attacker, epoch):
         if not self.checkpoint or not data_parallel.is_main():
             return
-        tmp = self.checkpoint + ".tmp"
-        torch.save({"epoch": epoch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),
-                    "history": self.history}, tmp)
-        os.replace(tmp, self.checkpoint)  # never a half-written checkpoint
+        save_atomic({"epoch": epoch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),
+                     "history": self.history}, self.checkpoint)  # never a half-written checkpoint
 
 
 class _DirectPoisons(torch.nn.Module):

@@ -1,0 +1,71 @@
+"""Bad input a user can give, each a clear error before any work: data (empty, one class, NaN or out-of-range
+pixels, labels outside the classes), a defender whose output does not fit the labels; and a TGDA attack
+killed with SIGKILL mid-epoch resumes to the very poisons of an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tgda_attack import cli
+from tgda_attack.attacks import TGDAAttack
+from tgda_attack.data import from_tensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _data(n=30):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 4, 4, generator=g) * 2 - 1
+    return x, torch.arange(n) % 3
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda x, y: (x[:0], y[:0]), "empty"),
+    (lambda x, y: (x, torch.zeros_like(y)), "one class"),
+    (lambda x, y: (x.index_fill(0, torch.tensor([3]), float("nan")), y), "NaN"),
+    (lambda x, y: (x * 255, y), "scale them to \\[-1, 1\\]"),
+    (lambda x, y: (x, y + 9), "class indices 0 .. 9"),
+    (lambda x, y: (x, y - 1), "class indices"),
+])
+def test_bad_data_is_named_before_any_work(damage, message):
+    x, y = _data()
+    bad_x, bad_y = damage(x, y)
+    with pytest.raises(ValueError, match=message):
+        from_tensors("mine", bad_x, bad_y, x, y)
+
+
+def test_a_defender_with_too_few_outputs_is_named():
+    x, y = _data()
+    defender = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    attack = TGDAAttack(defender, None, epochs=1, batch_size=10, alpha=1.0)
+    with pytest.raises(ValueError, match="one score per class"):
+        attack.poison(x, y)
+
+
+ATTACK = ["--pretrain-epochs", "2", "--attacker-epochs", "1", "--attack-epochs", "4", "--follower-steps", "2",
+          "--solver-iterations", "4", "--quiet"]
+
+
+def test_an_attack_killed_mid_epoch_resumes_to_the_poisons_of_an_uninterrupted_run(tmp_path):
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert cli.main(["run", *ATTACK, "--out", whole]) == 0
+    assert cli.main(["pretrain", *ATTACK, "--out", killed]) == 0
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "tgda_attack", "attack", "--out", killed, "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = os.path.join(killed, "attack_checkpoint.pt")
+    deadline = time.time() + 300
+    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # in epoch 2, right after the first epoch's checkpoint
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the attack finished before it could be killed"
+    assert not os.path.exists(os.path.join(killed, "poisons.pt"))
+    assert torch.load(checkpoint, weights_only=True)["epoch"] < 4
+    assert cli.main(["attack", "--out", killed, "--quiet"]) == 0  # continues from the checkpoint
+    a, b = (torch.load(os.path.join(d, "poisons.pt"), weights_only=True) for d in (whole, killed))
+    assert torch.equal(a["x_poison"], b["x_poison"]) and torch.equal(a["y_poison"], b["y_poison"])

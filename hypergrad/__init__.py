@@ -14,10 +14,11 @@ from .solvers import METHODS, SolveInfo, Solver, solve
 from .preconditioners import hutchinson_diagonal, jacobi
 from .total_grad import total_grad
 from .distributed import ShardedMean
+from .implicit import implicit_argmin
 
 __all__ = [
     "ClassifierLoss", "HessianOperator", "METHODS", "ShardedMean", "SolveGraphCache", "SolveInfo", "Solver", "StructuredHessian",
-    "build_info", "hutchinson_diagonal", "jacobi",
+    "build_info", "hutchinson_diagonal", "implicit_argmin", "jacobi",
     "flatten", "has_cuda_extension", "has_extension", "hessian_operator", "hvp", "linear_chain", "solve",
     "structured_hessian", "total_grad", "unflatten", "use_extension",
 ]

@@ -43,7 +43,7 @@ def test_two_processes_make_the_attack_of_one(tmp_path, options):
     x_p, _ = single.poison(x, y, x_val=xv, y_val=yv)
     for rank in (0, 1):
         result = torch.load(f"{out}.{rank}", weights_only=False)
-        torch.testing.assert_close(result["x_p"], x_p, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(result["x_p"], x_p, rtol=0.0, atol=1e-10)  # the bar: 1e-10, float64
         for a, b in zip(result["w"], single.defender_.parameters()):
             torch.testing.assert_close(a, b.detach(), rtol=1e-9, atol=1e-11)
         for got, want in zip(result["history"], single.history):

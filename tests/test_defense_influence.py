@@ -12,18 +12,11 @@ from torch.func import functional_call
 
 from hypergrad import flatten, unflatten
 from tgda_attack.defenses.influence import InfluenceFilter, influence_scores
+from testing import tiny_classification, tiny_model
 from tgda_attack.training import train_classifier
 
 
-def _data(n, d=3, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
-
-
-def _model(kind, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Linear(3, 3) if kind == "lr" else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-    return model.double()
+_data, _model = tiny_classification, tiny_model
 
 
 def _loss_at(model, w, x, y):

@@ -8,18 +8,11 @@ import torch
 from torch import nn
 
 from tgda_attack.defenses.sever import CentredGradients, SeverFilter, round_shares, sever_scores
+from testing import tiny_classification, tiny_model
 from tgda_attack.training import train_classifier
 
 
-def _data(n, d=3, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
-
-
-def _model(kind, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Linear(3, 3) if kind == "lr" else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-    return model.double()
+_data, _model = tiny_classification, tiny_model
 
 
 def _dense_centred_gradients(model, x, y):

@@ -107,3 +107,37 @@ def test_progress_in_a_log_file_is_plain_lines_not_carriage_return_frames(monkey
         bar.set_postfix(loss=0.5)
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and 1 <= len(lines) <= 3 and "500/500" in lines[-1]
+
+
+@pytest.mark.parametrize("name, command", [
+    ("defender_pretrained.pt", "attack"), ("attacker_pretrained.pt", "attack"), ("attack_checkpoint.pt", "attack"),
+    ("poisons.pt", "evaluate"), ("defender_poisoned.pt", "defend"), ("defender_pretrained.pt", "defend"),
+])
+def test_a_malicious_file_is_refused_at_every_place_a_run_reads_one(tmp_path, capsys, name, command):
+    """A pickle that would create a file when loaded, at each tensor file a stage reads: refused, nothing ran."""
+    out = str(tmp_path / "r")
+    flags = ["--attack", "tgda", "--pretrain-epochs", "1", "--attacker-epochs", "1", "--attack-epochs", "1",
+             "--follower-steps", "1", "--solver-iterations", "2", "--quiet"]
+    assert cli.main(["run", *flags, "--out", out]) == 0
+    capsys.readouterr()
+    for how in ("pickle", "zip-pickle"):
+        _damage(out, name, how, tmp_path)
+        argv = {"attack": ["attack", "--out", out], "evaluate": ["evaluate", "--out", out],
+                "defend": ["evaluate", "--out", out, "--defense", "loss"]}[command]
+        if command == "defend":  # evaluate rewrites defender_poisoned.pt: damage it after, through the API
+            from tgda_attack import protocol
+            from tgda_attack.config import DefenseConfig
+            with pytest.raises(protocol.RunFolderError, match="nothing in it ran"):
+                protocol.stage_defend(out, DefenseConfig(defense="loss"), overwrite=True)
+        else:
+            assert cli.main(argv + ["--quiet"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert name in err and "nothing in it ran" in err and "\n" not in err
+        assert not (tmp_path / "ran").exists()
+
+
+def test_debug_shows_the_error_itself_instead_of_its_one_line(tmp_path):
+    out = str(tmp_path / "r")
+    assert cli.main(["run", "--epsilon", "2", "--out", out]) == 2
+    with pytest.raises(cli.UsageError, match="epsilon"):
+        cli.main(["--debug", "run", "--epsilon", "2", "--out", out])

@@ -71,6 +71,8 @@ def _add_defense_options(parser):
 def build_parser():
     parser = _Parser(prog="tgda-attack", description="TGDA data poisoning (Lu, Kamath & Yu, TMLR 2022): "
                      "pretrain -> attack -> retrain from scratch -> test")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one line (tgda-attack --debug run ...)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, text in (("run", "all three stages"), ("pretrain", "stage 1: train the defender and the attacker")):
         p = sub.add_parser(name, help=text)
@@ -199,6 +201,8 @@ def _seed_folder(out, seed, seeds):
 
 def main(argv=None):
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv[:1]  # before the command, as argparse reads it
     try:
         args = parser.parse_args(argv)
         verbose = not args.quiet
@@ -249,9 +253,13 @@ def main(argv=None):
             _print_defense(protocol.stage_defend(args.out, defense, verbose, overwrite=True), args.out)
         return 0
     except (UsageError, RunFolderError, DataNotFoundError, FileNotFoundError) as exc:
+        if debug:
+            raise
         print(f"tgda-attack: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # a diverged attack or training: nothing half-written is kept as a result
+        if debug:
+            raise
         print(f"tgda-attack: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -65,3 +65,25 @@ def test_an_attack_killed_mid_epoch_resumes_to_the_poisons_of_an_uninterrupted_r
     assert cli.main(["attack", "--out", killed, "--quiet"]) == 0  # continues from the checkpoint
     a, b = (torch.load(os.path.join(d, "poisons.pt"), weights_only=True) for d in (whole, killed))
     assert torch.equal(a["x_poison"], b["x_poison"]) and torch.equal(a["y_poison"], b["y_poison"])
+
+
+def test_sigterm_mid_epoch_saves_the_batch_and_resumes_to_the_same_poisons(tmp_path):
+    flags = ["--pretrain-epochs", "2", "--attacker-epochs", "1", "--attack-epochs", "2", "--attack-batch-size", "100",
+             "--follower-steps", "2", "--solver-iterations", "4", "--checkpoint-every", "3", "--quiet"]
+    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    assert cli.main(["run", *flags, "--out", whole]) == 0
+    assert cli.main(["pretrain", *flags, "--out", stopped]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "tgda_attack", "attack", "--out", stopped, "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = os.path.join(stopped, "attack_checkpoint.pt")
+    deadline = time.time() + 300
+    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # after batch 3 of 28 in epoch 1
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "resumes" in err, err
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 0 and 3 <= state["batch"] < 28  # saved mid-epoch, at the batch boundary
+    assert cli.main(["attack", "--out", stopped, "--quiet"]) == 0
+    a, b = (torch.load(os.path.join(d, "poisons.pt"), weights_only=True) for d in (whole, stopped))
+    assert torch.equal(a["x_poison"], b["x_poison"])

@@ -189,6 +189,19 @@ def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed(tmp
     assert json.load(open(os.path.join(out, "metrics.json")))["n_poison"] == 140
 
 
+def test_a_folder_written_before_a_setting_existed_resumes_when_the_setting_is_at_its_default(tmp_path, capsys):
+    out = str(tmp_path)
+    flags = ["--attack", "label-flip", "--out", out, *TINY_FLAGS]
+    assert cli.main(["run", *flags]) == 0
+    path = os.path.join(out, "config.json")
+    recorded = json.load(open(path))
+    del recorded["checkpoint_every"]  # as written by a version without the setting
+    json.dump(recorded, open(path, "w"))
+    assert cli.main(["run", *flags, "--resume"]) == 0
+    assert cli.main(["run", *flags, "--checkpoint-every", "5", "--resume"]) == 2  # not at its default: another run
+    assert "checkpoint_every None -> 5" in capsys.readouterr().err
+
+
 def _flags(values):
     return [arg for key, value in values.items() for arg in ("--" + key.replace("_", "-"), str(value))]
 

@@ -156,7 +156,10 @@ def claim(out, cfg, *, overwrite=False, resume=False):
             if os.path.exists(path):
                 os.remove(path)
         return False
-    changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    # a setting added to the project after this folder was written, at its default, is the same run
+    changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k)
+                     and not (k not in recorded and wanted.get(k) == defaults.get(k, object())))
     if resume and not changed:
         return True
     if resume:

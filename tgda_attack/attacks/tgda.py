@@ -59,6 +59,8 @@ import copy
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -122,13 +124,16 @@ class TGDAAttack(PoisoningAttack):
     needs_attacker = True  # the attacker network L; with attacker=None (--attacker pixels) the pixels lead
     settings = (Setting("game_solver", str, "tgda", GAME_SOLVERS,
                         "TGDA's game solver (Appendix C): tgda (follower gradient descent), fr (follow the ridge) "
-                        "or gdn (follower Newton steps); fr and gdn need the attacker as leader"),)
+                        "or gdn (follower Newton steps); fr and gdn need the attacker as leader"),
+                Setting("checkpoint_every", int, 0, "count",
+                        "TGDA: also save the attack's checkpoint every this many batches (0: at each epoch's end only; "
+                        "SIGINT and SIGTERM always save one at the next batch boundary)"))
 
     def __init__(self, defender, attacker, epsilon=0.03, *, epochs=200, batch_size=1000, alpha=0.01,
                  leader_steps=1, beta=0.1, follower_steps=20, solver="cgnr", solver_iterations=16,
                  solver_rtol=1e-6, damping=0.0, cuda_graphs=False, warm_start="partial", leader="attacker",
                  formulation="non-zero-sum", game_solver="tgda", init="first", pixel_range=(-1.0, 1.0), seed=0,
-                 checkpoint=None, verbose=False, data_parallel=False):
+                 checkpoint=None, verbose=False, data_parallel=False, checkpoint_every=0):
         super().__init__(epsilon, init=init, seed=seed)
         self.defender, self.attacker = defender, attacker
         self.epochs, self.batch_size = epochs, batch_size
@@ -150,7 +155,7 @@ class TGDAAttack(PoisoningAttack):
         self.warm_start, self.leader, self.formulation = warm_start, leader, formulation
         self.game_solver = game_solver
         self.pixel_range, self.checkpoint, self.verbose = pixel_range, checkpoint, verbose
-        self.data_parallel = data_parallel
+        self.data_parallel, self.checkpoint_every = data_parallel, checkpoint_every
         self._check_params()
         if self.solver_ is None:  # every solve of the attack, as one value
             self.solver_ = hypergrad.Solver(method=self.solver, maxiter=self.solver_iterations, rtol=self.solver_rtol,
@@ -158,7 +163,7 @@ class TGDAAttack(PoisoningAttack):
 
     def _check_params(self):
         super()._check_params()
-        self._check_counts("epochs", "leader_steps", "follower_steps", "solver_iterations")
+        self._check_counts("epochs", "leader_steps", "follower_steps", "solver_iterations", "checkpoint_every")
         self._check_counts("batch_size", minimum=1)
         if self.alpha <= 0 or self.beta <= 0:
             raise ValueError("the step sizes alpha and beta must be positive")
@@ -197,7 +202,7 @@ class TGDAAttack(PoisoningAttack):
                    solver=cfg.solver, solver_iterations=cfg.solver_iterations, damping=cfg.damping,
                    cuda_graphs=cfg.cuda_graphs, warm_start=cfg.warm_start, leader=cfg.leader,
                    formulation=cfg.formulation, game_solver=cfg.game_solver, init=cfg.poison_init, seed=cfg.seed, checkpoint=checkpoint,
-                   verbose=verbose, data_parallel=data_parallel.world_size() > 1)
+                   verbose=verbose, data_parallel=data_parallel.world_size() > 1, checkpoint_every=cfg.checkpoint_every)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """Runs Algorithm 1 on D_tr = (x, y) and returns the poisons (x_poison, y_poison).
@@ -224,7 +229,7 @@ class TGDAAttack(PoisoningAttack):
         attacker.to(ref.device, ref.dtype)
         theta = [p for p in attacker.parameters() if p.requires_grad]
 
-        start_epoch = self._resume(defender, attacker)
+        start_epoch, start_batch, partial = self._resume(defender, attacker)
         n_batches = math.ceil(len(y) / self.batch_size)
         rank, world = (data_parallel.rank(), data_parallel.world_size()) if self.data_parallel else (0, 1)
         if world > min(self.batch_size, len(y), len(y_val)):
@@ -232,35 +237,46 @@ class TGDAAttack(PoisoningAttack):
                              "larger batch or fewer processes")
         bar = progress_bar(range(start_epoch, self.epochs), desc="TGDA attack", disable=not self.verbose,
                    initial=start_epoch, total=self.epochs)
-        for epoch in bar:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(y), generator=g).to(ref.device)
-            p_order = torch.randperm(n_poison, generator=g).to(ref.device)
-            v_order = torch.randperm(len(y_val), generator=g).to(ref.device)
-            stats, epoch_start = [], time.perf_counter()
-            for b in range(n_batches):
-                tr = order[b * self.batch_size:(b + 1) * self.batch_size]
-                pp = p_order[b * n_poison // n_batches:(b + 1) * n_poison // n_batches]
-                vv = v_order.roll(-b * self.batch_size)[:self.batch_size]
-                sharded = None
-                if world > 1:  # this rank's share of the batch; the global means are weighted sums over ranks
-                    shards = [strided_shard(i, rank, world) for i in (tr, pp, vv)]
-                    follower_weight = (len(shards[0]) + len(shards[1])) / (len(tr) + len(pp))
-                    leader_weight = follower_weight if self.formulation == "zero-sum" else len(shards[2]) / len(vv)
-                    sharded = hypergrad.ShardedMean(leader_weight, follower_weight)
-                    tr, pp, vv = shards
-                stats.append(self._step(defender, attacker, w, theta, w_pre, x[tr], y[tr], x_p0[pp], y_p0[pp],
-                                        pp, x_val[vv], y_val[vv], sharded))
-                if not all(math.isfinite(v) for v in stats[-1].values()):
-                    raise FloatingPointError(
-                        f"TGDA attack diverged in epoch {epoch + 1}, batch {b + 1} of {n_batches}: the losses became "
-                        f"{stats[-1]}. Most often the follower's gradient descent (beta={self.beta}) blows up on poisons "
-                        "that sharpen its loss; rerun with a smaller beta or alpha. No poisons were returned.")
-            record = {"epoch": epoch + 1, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
-                      "seconds": time.perf_counter() - epoch_start, "batches": n_batches}  # each step ends in a host sync
-            self.history.append(record)
-            bar.set_postfix(leader_loss=f"{record['leader_loss']:.4f}", follower_loss=f"{record['follower_loss']:.4f}")
-            self._save(defender, attacker, epoch + 1)
+        with _StopSignals() as stop:  # SIGINT/SIGTERM: save at the next batch boundary, then stop
+            for epoch in bar:
+                first = start_batch if epoch == start_epoch else 0
+                done_stats, done_seconds = partial if epoch == start_epoch else ([], 0.0)
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(len(y), generator=g).to(ref.device)
+                p_order = torch.randperm(n_poison, generator=g).to(ref.device)
+                v_order = torch.randperm(len(y_val), generator=g).to(ref.device)
+                stats, epoch_start, stopping = list(done_stats), time.perf_counter() - done_seconds, False
+                for b in range(first, n_batches):
+                    tr = order[b * self.batch_size:(b + 1) * self.batch_size]
+                    pp = p_order[b * n_poison // n_batches:(b + 1) * n_poison // n_batches]
+                    vv = v_order.roll(-b * self.batch_size)[:self.batch_size]
+                    sharded = None
+                    if world > 1:  # this rank's share of the batch; the global means are weighted sums over ranks
+                        shards = [strided_shard(i, rank, world) for i in (tr, pp, vv)]
+                        follower_weight = (len(shards[0]) + len(shards[1])) / (len(tr) + len(pp))
+                        leader_weight = follower_weight if self.formulation == "zero-sum" else len(shards[2]) / len(vv)
+                        sharded = hypergrad.ShardedMean(leader_weight, follower_weight)
+                        tr, pp, vv = shards
+                    stats.append(self._step(defender, attacker, w, theta, w_pre, x[tr], y[tr], x_p0[pp], y_p0[pp],
+                                            pp, x_val[vv], y_val[vv], sharded))
+                    if not all(math.isfinite(v) for v in stats[-1].values()):
+                        raise FloatingPointError(
+                            f"TGDA attack diverged in epoch {epoch + 1}, batch {b + 1} of {n_batches}: the losses became "
+                            f"{stats[-1]}. Most often the follower's gradient descent (beta={self.beta}) blows up on poisons "
+                            "that sharpen its loss; rerun with a smaller beta or alpha. No poisons were returned.")
+                    stopping = stop.requested(world)
+                    if b + 1 < n_batches and (stopping or (self.checkpoint_every and (b + 1) % self.checkpoint_every == 0)):
+                        self._save(defender, attacker, epoch, batch=b + 1, partial=(stats, time.perf_counter() - epoch_start))
+                    if stopping and b + 1 < n_batches:
+                        raise KeyboardInterrupt(f"stopped by a signal in epoch {epoch + 1}, after batch {b + 1} of "
+                                                f"{n_batches}; the checkpoint holds it")
+                record = {"epoch": epoch + 1, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
+                          "seconds": time.perf_counter() - epoch_start, "batches": n_batches}  # each step ends in a host sync
+                self.history.append(record)
+                bar.set_postfix(leader_loss=f"{record['leader_loss']:.4f}", follower_loss=f"{record['follower_loss']:.4f}")
+                self._save(defender, attacker, epoch + 1)
+                if stopping:
+                    raise KeyboardInterrupt(f"stopped by a signal at the end of epoch {epoch + 1}; the checkpoint holds it")
         with torch.no_grad():
             x_poison = attacker(x_p0, y_p0).clamp(*self.pixel_range)
         self.attacker_ = None if self.attacker is None else attacker
@@ -368,8 +384,9 @@ class TGDAAttack(PoisoningAttack):
         return x
 
     def _resume(self, defender, attacker):
+        """(epoch, batch, (stats, seconds) of that epoch's batches so far) from the checkpoint, or from the start."""
         if not self.checkpoint or not os.path.exists(self.checkpoint):
-            return 0
+            return 0, 0, ([], 0.0)
         state = load_state(self.checkpoint, {"epoch": int, "defender": dict, "attacker": dict, "history": list})
         try:
             defender.load_state_dict(state["defender"])
@@ -378,15 +395,50 @@ class TGDAAttack(PoisoningAttack):
             raise RunFolderError(f"{self.checkpoint} holds the models of another run ({str(exc).splitlines()[0]}); "
                                  "remove it to restart the attack") from None
         self.history = list(state["history"])
+        partial = (list(state.get("partial_stats", [])), float(state.get("partial_seconds", 0.0)))
         self.earlier_seconds_ = sum(float(h.get("seconds", 0.0)) for h in self.history if isinstance(h, dict))
-        logger.info("resuming the TGDA attack from %s at epoch %d", self.checkpoint, state["epoch"])
-        return int(state["epoch"])
+        logger.info("resuming the TGDA attack from %s at epoch %d, batch %d", self.checkpoint, state["epoch"],
+                    state.get("batch", 0))
+        return int(state["epoch"]), int(state.get("batch", 0)), partial
 
-    def _save(self, defender, attacker, epoch):
+    def _save(self, defender, attacker, epoch, batch=0, partial=((), 0.0)):
+        """The checkpoint after `epoch` full epochs and `batch` batches of the next (their stats and seconds in
+        `partial`): written atomically, by rank 0 alone."""
         if not self.checkpoint or not data_parallel.is_main():
             return
-        save_atomic({"epoch": epoch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),
-                     "history": self.history}, self.checkpoint)  # never a half-written checkpoint
+        save_atomic({"epoch": epoch, "batch": batch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),
+                     "history": self.history, "partial_stats": list(partial[0]), "partial_seconds": partial[1]},
+                    self.checkpoint)  # never a half-written checkpoint
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM (in the main thread) only ask the attack to stop at the next batch
+    boundary, after saving its checkpoint; a second signal acts at once (the handlers before are restored)."""
+
+    def __enter__(self):
+        self.flag, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+        for sig, handler in self.previous.items():  # a second signal is not deferred
+            signal.signal(sig, handler)
+
+    def requested(self, world):
+        """Whether to stop now; with several processes, whether any of them was asked to (they stop together)."""
+        if world == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 class _DirectPoisons(torch.nn.Module):

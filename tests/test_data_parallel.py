@@ -93,6 +93,45 @@ def test_settings_torchrun_cannot_spread_are_refused_in_one_line(tmp_path, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["run", "--attack", "label-flip", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "one process" in err and "\n" not in err and not (tmp_path / "r").exists()
+    assert "one process" in err and "--dp-mode partitions" in err and "\n" not in err and not (tmp_path / "r").exists()
     assert cli.main(["run", "--leader", "defender", "--out", str(tmp_path / "r")]) == 2
     assert "--leader attacker" in capsys.readouterr().err
+
+
+def test_independent_partitions_are_the_attacks_of_each_partition_gathered(tmp_path):
+    """--dp-mode partitions (the paper's 8-GPU CIFAR-10 runs): each process attacks every K-th point alone."""
+    from tgda_attack import protocol
+    from tgda_attack.attacks import ATTACKS
+
+    spread = str(tmp_path / "spread")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "tgda_attack", "run", *SMALL, "--dp-mode", "partitions", "--out", spread], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cfg = protocol._config_from(spread)
+    splits = protocol.load_splits(cfg)
+    parts = []
+    for rank in (0, 1):
+        defender = protocol.new_defender(cfg, splits.image_shape)
+        protocol.load_weights(defender, os.path.join(spread, "defender_pretrained.pt"))
+        attacker = protocol.new_attacker(cfg, splits.image_shape)
+        protocol.load_weights(attacker, os.path.join(spread, "attacker_pretrained.pt"))
+        attack = ATTACKS["tgda"].from_config(cfg, defender=defender, attacker=attacker)
+        tr, va = torch.arange(rank, len(splits.y_train), 2), torch.arange(rank, len(splits.y_val), 2)
+        x_p, _ = attack.poison(splits.x_train[tr], splits.y_train[tr], x_val=splits.x_val[va], y_val=splits.y_val[va])
+        parts.append((x_p, tr[attack.source_indices_]))
+    poisons = torch.load(os.path.join(spread, "poisons.pt"), weights_only=True)
+    torch.testing.assert_close(poisons["x_poison"], torch.cat([p[0] for p in parts]), rtol=1e-8, atol=1e-10)
+    assert torch.equal(poisons["source_indices"], torch.cat([p[1] for p in parts]))
+    assert os.path.exists(os.path.join(spread, "attack_checkpoint.rank1.pt"))
+
+
+def test_label_flip_runs_as_partitions(tmp_path, capsys):
+    out = str(tmp_path / "flip")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "tgda_attack", "run", "--attack", "label-flip", "--pretrain-epochs", "1", "--quiet",
+                           "--dp-mode", "partitions", "--out", out], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.load(os.path.join(out, "poisons.pt"), weights_only=True)["y_poison"].numel() == 84  # 42 + 42

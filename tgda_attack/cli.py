@@ -13,6 +13,7 @@ come from a JSON or TOML file (--config FILE; options on the command line win). 
 with status 2 and one line.
 """
 import argparse
+import atexit
 import dataclasses
 import json
 import os
@@ -215,6 +216,7 @@ def main(argv=None):
                 if args.command != "run" or data_parallel.problem(cfg):
                     raise UsageError(data_parallel.problem(cfg) or "torchrun spreads `tgda-attack run` only")
                 data_parallel.init(cfg.device)
+                atexit.register(data_parallel.finish)
                 verbose = verbose and data_parallel.is_main()
             seeds = args.seeds or [cfg.seed]
             if args.command == "pretrain":

@@ -19,6 +19,7 @@ from .attacks import ATTACKS, FLIP_RULES
 from .attacks.base import INITS, registered_settings
 from .attacks.tgda import FORMULATIONS, LEADERS, WARM_STARTS
 from .data import DATASETS
+from .data_parallel import DP_MODES
 from .defenses import DEFENSES
 from .models import ATTACKERS, DEFENDERS
 
@@ -49,7 +50,7 @@ DATASET_DEFAULTS = {
 ATTACK_SETTINGS = registered_settings(ATTACKS)  # the settings the registered attacks add, each checked by its Setting
 CHOICES = {
     "dataset": DATASETS, "defender": tuple(DEFENDERS), "eval_defender": tuple(DEFENDERS), "attack": tuple(ATTACKS), "attacker": ATTACKER_NAMES,
-    "poison_init": INITS, "flip_rule": FLIP_RULES, "solver": tuple(hypergrad.METHODS), "warm_start": WARM_STARTS,
+    "poison_init": INITS, "dp_mode": DP_MODES, "flip_rule": FLIP_RULES, "solver": tuple(hypergrad.METHODS), "warm_start": WARM_STARTS,
     "leader": LEADERS, "formulation": FORMULATIONS, "dtype": DTYPES,
     **{s.name: s.check for s in ATTACK_SETTINGS if isinstance(s.check, tuple)},
 }
@@ -69,6 +70,7 @@ class _ProtocolSettings:
     defender: str = "lr"
     eval_defender: str = None  # transfer (Table 9): poisons made against `defender` tested on this one
     perfect_knowledge: bool = False  # the attacker's D_v is D_test (Koh et al. 2018's setting)
+    dp_mode: str = "sharded"  # under torchrun: one attack over shards of every batch, or independent partitions
     attack: str = "tgda"
     attacker: str = None
     epsilon: float = 0.03

@@ -6,12 +6,18 @@ strided share of the batch's D_tr, D_p and D_v rows (hypergrad.distributed.strid
 gradients, the solve's right-hand side and Hessian-vector products, the mixed term and the logged losses are
 summed over the processes with the shares' weights (hypergrad.ShardedMean), so every process takes the same
 steps as one process with the whole batch (up to the order of floating-point sums). Stages 1 and 3
-(pretraining, retraining) run on rank 0 while the others wait; rank 0 alone writes files.
+(pretraining, retraining) run on rank 0 while the others wait; rank 0 alone writes files. With
+--dp-mode partitions each process instead runs the attack alone on its partition (DP_MODES).
 """
 import os
 
 import torch
 import torch.distributed as dist
+
+# "sharded": one attack, every batch shared by the processes (above); "partitions": the paper's way of
+# spreading CIFAR-10 over 8 GPUs, each process attacking its own partition of D_tr and D_v (every K-th
+# point) independently, their poisons gathered on rank 0 (any attack; a comparison, not the same attack).
+DP_MODES = ("sharded", "partitions")
 
 
 def world_size():
@@ -33,8 +39,11 @@ def launched():
 
 def problem(cfg):
     """None if the run's settings can be spread over processes, else why not (one sentence)."""
+    if cfg.dp_mode == "partitions":
+        return None
     if cfg.attack != "tgda":
-        return f"torchrun spreads the tgda attack over processes; run {cfg.attack} in one process (python -m tgda_attack)"
+        return (f"torchrun shares the batches of the tgda attack only; run {cfg.attack} in one process (python -m "
+                "tgda_attack), or as independent partitions (--dp-mode partitions)")
     if cfg.leader != "attacker" or cfg.game_solver != "tgda" or cfg.cuda_graphs:
         return "torchrun spreads the attacker-led TGDA game (--leader attacker --game-solver tgda, no --cuda-graphs)"
     return None
@@ -71,6 +80,23 @@ def on_main(fn, *args, **kwargs):
     return value
 
 
+def finish():
+    """Leaves the process group, all processes together (a process that exits while another still talks to it
+    makes gloo abort the other)."""
+    if world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier():
     if world_size() > 1:
         dist.barrier()
+
+
+def gather_partitions(x_p, y_p, sources, history):
+    """The poisons of every process's partition (--dp-mode partitions), in rank order: (x, y, source indices
+    into the whole D_tr, {rank: history}) on every rank."""
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, (x_p.cpu(), y_p.cpu(), sources.cpu(), history))
+    return (torch.cat([g[0] for g in gathered]).to(x_p.device), torch.cat([g[1] for g in gathered]).to(y_p.device),
+            torch.cat([g[2] for g in gathered]), {f"rank {r}": g[3] for r, g in enumerate(gathered)})

@@ -143,20 +143,30 @@ def stage_attack(out, verbose=False):
         attacker = new_attacker(cfg, splits.image_shape)
         load_weights(attacker, os.path.join(out, "attacker_pretrained.pt"))
     start = time.perf_counter()
-    attack = attack_cls.from_config(cfg, defender=defender, attacker=attacker,
-                                    checkpoint=os.path.join(out, "attack_checkpoint.pt"), verbose=verbose)
     x_val, y_val = (splits.x_test, splits.y_test) if cfg.perfect_knowledge else (splits.x_val, splits.y_val)
-    x_p, y_p = attack.poison(splits.x_train, splits.y_train, x_val=x_val, y_val=y_val)
+    rank, world = data_parallel.rank(), data_parallel.world_size()
+    partitions = world > 1 and cfg.dp_mode == "partitions"
+    checkpoint = os.path.join(out, f"attack_checkpoint.rank{rank}.pt" if partitions else "attack_checkpoint.pt")
+    attack = attack_cls.from_config(cfg, defender=defender, attacker=attacker, checkpoint=checkpoint, verbose=verbose)
+    if partitions:  # this process's partition: every world-th point of D_tr and D_v
+        part, vpart = torch.arange(rank, len(splits.y_train), world), torch.arange(rank, len(y_val), world)
+        x_p, y_p = attack.poison(splits.x_train[part.to(cfg.device)], splits.y_train[part.to(cfg.device)],
+                                 x_val=x_val[vpart.to(cfg.device)], y_val=y_val[vpart.to(cfg.device)])
+        x_p, y_p, sources, history = data_parallel.gather_partitions(
+            x_p, y_p, part[attack.source_indices_.cpu()], attack.history)
+    else:
+        x_p, y_p = attack.poison(splits.x_train, splits.y_train, x_val=x_val, y_val=y_val)
+        sources, history = attack.source_indices_.cpu(), attack.history
     seconds = time.perf_counter() - start + attack.earlier_seconds_  # a resumed attack's earlier epochs count
-    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": attack.history, "info": attack.info_,
-              "processes": data_parallel.world_size()}
+    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": history, "info": attack.info_,
+              "processes": world, "dp_mode": cfg.dp_mode if world > 1 else None}
     if not data_parallel.is_main():  # under torchrun rank 0 alone writes
         return result
     for name, model in (("attacker_attacked.pt", getattr(attack, "attacker_", None)),
                         ("defender_attacked.pt", getattr(attack, "defender_", None))):
         if model is not None:
             save_atomic(model.state_dict(), os.path.join(out, name))
-    save_atomic({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": attack.source_indices_.cpu(),
+    save_atomic({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": sources,
                  "replaces_sources": torch.tensor(bool(attack.replaces_sources))}, os.path.join(out, "poisons.pt"))
     write_json(os.path.join(out, "attack.json"), result)
     return result

@@ -151,7 +151,8 @@ def claim(out, cfg, *, overwrite=False, resume=False):
         return False
     wanted = dataclasses.asdict(cfg)
     if overwrite:
-        for name in RUN_FILES:
+        ranks = [n for n in os.listdir(out) if n.startswith("attack_checkpoint.rank")]  # --dp-mode partitions
+        for name in (*RUN_FILES, *ranks):
             path = os.path.join(out, name)
             if os.path.exists(path):
                 os.remove(path)

@@ -202,7 +202,8 @@ class TGDAAttack(PoisoningAttack):
                    solver=cfg.solver, solver_iterations=cfg.solver_iterations, damping=cfg.damping,
                    cuda_graphs=cfg.cuda_graphs, warm_start=cfg.warm_start, leader=cfg.leader,
                    formulation=cfg.formulation, game_solver=cfg.game_solver, init=cfg.poison_init, seed=cfg.seed, checkpoint=checkpoint,
-                   verbose=verbose, data_parallel=data_parallel.world_size() > 1, checkpoint_every=cfg.checkpoint_every)
+                   verbose=verbose, data_parallel=data_parallel.world_size() > 1 and cfg.dp_mode == "sharded",
+                   checkpoint_every=cfg.checkpoint_every)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """Runs Algorithm 1 on D_tr = (x, y) and returns the poisons (x_poison, y_poison).
@@ -404,7 +405,7 @@ class TGDAAttack(PoisoningAttack):
     def _save(self, defender, attacker, epoch, batch=0, partial=((), 0.0)):
         """The checkpoint after `epoch` full epochs and `batch` batches of the next (their stats and seconds in
         `partial`): written atomically, by rank 0 alone."""
-        if not self.checkpoint or not data_parallel.is_main():
+        if not self.checkpoint or (self.data_parallel and not data_parallel.is_main()):
             return
         save_atomic({"epoch": epoch, "batch": batch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),
                      "history": self.history, "partial_stats": list(partial[0]), "partial_seconds": partial[1]},

@@ -105,6 +105,16 @@ def test_resume_from_checkpoint_gives_the_same_result(tmp_path):
     assert resumed_attack.earlier_seconds_ == resumed_attack.history[0]["seconds"] > 0  # counted in attack_seconds
 
 
+def test_a_checkpoint_is_resumed_only_by_the_settings_that_wrote_it(tmp_path):
+    from tgda_attack.rundir import RunFolderError
+    x, y, xv, yv, defender, attacker = _tiny(seed=2)
+    ckpt = str(tmp_path / "attack.pt")
+    _attack(defender, attacker, epochs=1, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
+    with pytest.raises(RunFolderError, match="alpha"):
+        _attack(defender, attacker, epochs=1, alpha=0.5, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
+    _attack(defender, attacker, epochs=1, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)  # the same: resumed
+
+
 def test_a_crafted_or_foreign_checkpoint_is_refused_with_one_message(tmp_path):
     from tgda_attack.rundir import RunFolderError
     x, y, xv, yv, defender, attacker = _tiny(seed=2)

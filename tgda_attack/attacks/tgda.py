@@ -389,6 +389,11 @@ class TGDAAttack(PoisoningAttack):
         if not self.checkpoint or not os.path.exists(self.checkpoint):
             return 0, 0, ([], 0.0)
         state = load_state(self.checkpoint, {"epoch": int, "defender": dict, "attacker": dict, "history": list})
+        recorded = state.get("settings")
+        if recorded is not None and recorded != self._settings():
+            changed = sorted(k for k in self._settings() if recorded.get(k) != self._settings()[k])
+            raise RunFolderError(f"{self.checkpoint} was written by an attack with other settings ({', '.join(changed)}); "
+                                 "it is resumed only by the settings that wrote it: remove it to start afresh")
         try:
             defender.load_state_dict(state["defender"])
             attacker.load_state_dict(state["attacker"])
@@ -402,12 +407,22 @@ class TGDAAttack(PoisoningAttack):
                     state.get("batch", 0))
         return int(state["epoch"]), int(state.get("batch", 0)), partial
 
+    def _settings(self):
+        """What the attack's trajectory depends on, stored in its checkpoint (a resume under others is refused;
+        more epochs continue the same trajectory)."""
+        return {"epsilon": self.epsilon, "batch_size": self.batch_size, "alpha": self.alpha,
+                "leader_steps": self.leader_steps, "beta": self.beta, "follower_steps": self.follower_steps,
+                "solver": repr(self.solver_), "warm_start": self.warm_start, "leader": self.leader,
+                "formulation": self.formulation, "game_solver": self.game_solver, "init": self.init, "seed": self.seed,
+                "pixel_range": list(self.pixel_range), "attacker": "pixels" if self.attacker is None else "network"}
+
     def _save(self, defender, attacker, epoch, batch=0, partial=((), 0.0)):
         """The checkpoint after `epoch` full epochs and `batch` batches of the next (their stats and seconds in
         `partial`): written atomically, by rank 0 alone."""
         if not self.checkpoint or (self.data_parallel and not data_parallel.is_main()):
             return
-        save_atomic({"epoch": epoch, "batch": batch, "defender": defender.state_dict(), "attacker": attacker.state_dict(),
+        save_atomic({"epoch": epoch, "batch": batch, "settings": self._settings(),
+                     "defender": defender.state_dict(), "attacker": attacker.state_dict(),
                      "history": self.history, "partial_stats": list(partial[0]), "partial_seconds": partial[1]},
                     self.checkpoint)  # never a half-written checkpoint
 

@@ -34,12 +34,13 @@ Adapted (and why):
 """
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
-from hypergrad import METHODS, flatten, hessian_operator, solve, unflatten
+from hypergrad import METHODS, flatten, hessian_operator, solve
 
 from ..attacks.base import Setting
 from .base import FRACTION, PoisonFilter, keep_all_but_largest
+from .gradients import batches, directional_derivatives
 
 
 def _trainable(model):
@@ -49,12 +50,6 @@ def _trainable(model):
     if not named:
         raise ValueError("the model has no trainable parameters to compute influences with")
     return [k for k, _ in named], tuple(p.detach().requires_grad_(True) for _, p in named)
-
-
-def _batches(x, y, batch_size, like):
-    """(x_b, y_b) in order, moved to the parameters' device and floating dtype."""
-    for i in range(0, len(y), batch_size):
-        yield x[i:i + batch_size].to(like.device, like.dtype), y[i:i + batch_size].to(like.device)
 
 
 def _summed_loss(model, names, x, y, scale):
@@ -67,7 +62,7 @@ def _summed_loss(model, names, x, y, scale):
 def mean_loss_gradient(model, names, params, x, y, batch_size):
     """grad_w (1/N) sum_i l(z_i; w), flat, accumulated over batches."""
     total = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    for xb, yb in _batches(x, y, batch_size, params[0]):
+    for xb, yb in batches(x, y, batch_size, params[0]):
         total += flatten(torch.autograd.grad(_summed_loss(model, names, xb, yb, 1.0 / len(y))(*params), params))
     return total
 
@@ -77,27 +72,15 @@ def mean_loss_hessian_matvec(model, names, params, x, y, batch_size):
     scaled by 1/N). One batch: its gradient graph is built once and reused by every product; several: each
     product rebuilds them one at a time, so that only one batch's graph is alive."""
     if len(y) <= batch_size:
-        xb, yb = next(_batches(x, y, batch_size, params[0]))
+        xb, yb = next(batches(x, y, batch_size, params[0]))
         return hessian_operator(_summed_loss(model, names, xb, yb, 1.0 / len(y)), params)
 
     def matvec(v):
         out = torch.zeros_like(v)
-        for xb, yb in _batches(x, y, batch_size, params[0]):
+        for xb, yb in batches(x, y, batch_size, params[0]):
             out += hessian_operator(_summed_loss(model, names, xb, yb, 1.0 / len(y)), params)(v)
         return out
     return matvec
-
-
-def directional_derivatives(model, names, params, direction, x, y, batch_size):
-    """grad_w l(z_i; w) . direction for every i: one forward-mode jvp of the per-example losses, in batches."""
-    primals = dict(zip(names, (p.detach() for p in params)))
-    tangents = dict(zip(names, unflatten(direction.detach(), params)))
-    out = []
-    for xb, yb in _batches(x, y, batch_size, params[0]):
-        def per_example(p):
-            return F.cross_entropy(functional_call(model, p, (xb,)), yb, reduction="none")
-        out.append(jvp(per_example, (primals,), (tangents,))[1])
-    return torch.cat(out)
 
 
 def influence_scores(model, x, y, x_val=None, y_val=None, *, damping=0.01, method="minres", maxiter=100, rtol=1e-3,

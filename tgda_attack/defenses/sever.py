@@ -47,12 +47,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
-from hypergrad import flatten, unflatten
+from hypergrad import flatten
 
 from ..attacks.base import Setting
 from .base import FRACTION, PoisonFilter
+from .gradients import directional_derivatives
 
 
 class CentredGradients:
@@ -101,9 +102,7 @@ class CentredGradients:
 
     def gradient_matvec(self, u):
         """G u: grad l_i . u for every i, one forward-mode jvp a batch (uncentred)."""
-        primals = dict(zip(self.names, self.params))
-        tangents = dict(zip(self.names, unflatten(u.detach(), self.params)))
-        return torch.cat([jvp(losses, (primals,), (tangents,))[1] for _, losses in self._batches()])
+        return directional_derivatives(self.model, self.names, self.params, u, self.x, self.y, self.batch_size)
 
     def gradient_rmatvec(self, r):
         """G^T r = grad_w sum_i r_i l_i, one reverse pass a batch (uncentred)."""

@@ -2,7 +2,7 @@
 # GPU check (issue 12): on a machine with a GPU, torch preinstalled and no network, builds hypergrad._C
 # against that torch, runs the CUDA tests, the benchmark summary, a profile of the leader step and a
 # real TGDA attack on full MNIST, then (time allowing) the rest of the suite and more defenders.
-#   OUT=DIR DEADLINE_S=SECONDS [STEPS="build tests summary profile attack suite more"] [AFTER_BUILD=COMMAND]
+#   OUT=DIR DEADLINE_S=SECONDS [STEPS="build tests summary profile attack suite cnn resnet18"] [AFTER_BUILD=COMMAND]
 #     bash benchmarks/gpu_check.sh
 # First, on a machine with the package registries: `bash benchmarks/prepare_gpu_check.sh` (wheels of
 # torchopt and mlxtend into benchmarks/wheels, gzipped MNIST into benchmarks/gpu-data); carry both.
@@ -15,7 +15,8 @@ set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python=${PYTHON:-python3}
 out=${OUT:-/tmp/gpu-check}
-steps=" ${STEPS:-build tests summary profile attack suite more} "
+steps=" ${STEPS:-build tests summary profile attack suite cnn resnet18} "
+steps=${steps/ more / cnn resnet18 }  # the old name of the last two steps
 deadline=$(( $(date +%s) + ${DEADLINE_S:-540} ))
 mkdir -p "$out"
 exec > >(tee -a "$out/gpu-check.log") 2>&1
@@ -97,13 +98,15 @@ if wants attack; then
   fi
 fi
 if wants suite; then
-  xdist=(); "$python" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  step rest-of-suite 300 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${timeout_flag[@]}" -rfE "$repo/tests" -m "not cuda"
+  xdist=(); "$python" -c "import xdist" 2>/dev/null && xdist=(-n 12)
+  step rest-of-suite ${SUITE_LIMIT_S:-300} "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${timeout_flag[@]}" -rfE "$repo/tests" -m "not cuda"
 fi
-if wants more; then
+if wants cnn; then
   step summary-cnn 200 "$python" "$repo/benchmarks/summary.py" --defenders cnn cifar-cnn --parts bc --append \
     --json "$out/summary-gpu.json" --markdown "$out/summary-gpu.md"
-  step summary-resnet18 200 "$python" "$repo/benchmarks/summary.py" --defenders resnet18 --parts bc --repeats 1 \
+fi
+if wants resnet18; then
+  step summary-resnet18 ${RESNET18_LIMIT_S:-200} "$python" "$repo/benchmarks/summary.py" --defenders resnet18 --parts bc --repeats 1 \
     --reference-iterations 50 --append --json "$out/summary-gpu.json" --markdown "$out/summary-gpu.md"
 fi
 [ -f "$tail_md" ] && cat "$tail_md" >> "$md"

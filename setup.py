@@ -1,7 +1,7 @@
 """Build of hypergrad._C, the compiled core of hypergrad (see shared DESIGN: rules of the build).
 
 C++ kernels are always built. CUDA kernels are built when
-  * FORCE_CUDA=1 (even on a machine without a GPU), or
+  * HYPERGRAD_FORCE_CUDA=1 (even on a machine without a GPU; FORCE_CUDA=1, its old name, still works), or
   * torch is a CUDA build and a CUDA toolkit whose major version matches torch.version.cuda is
     found (CUDA_HOME, CUDA_PATH, nvcc on PATH, or /usr/local/cuda, in that order).
 HYPERGRAD_FORCE_CPU=1 skips them. Before anything is compiled, the C++ compiler is probed (hypergrad/_toolchain.py):
@@ -59,20 +59,35 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _toolchain():
+    """hypergrad/_toolchain.py, loaded without importing the package (whose _C is not built yet)."""
+    spec = importlib.util.spec_from_file_location(
+        "hypergrad_toolchain", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hypergrad", "_toolchain.py"))
+    toolchain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toolchain)
+    return toolchain
+
+
 def _plan_cuda():
     """Decides whether to build the CUDA kernels; returns (build, cuda_home, nvcc_version)."""
     import torch
 
-    if _flag("HYPERGRAD_FORCE_CPU"):
+    try:
+        force_cuda, force_cpu, notes = _toolchain().build_switches(os.environ)
+    except ValueError as exc:
+        sys.exit(f"[hypergrad build] {exc}")
+    for note in notes:
+        _log(note)
+    if force_cpu:
         _log("HYPERGRAD_FORCE_CPU=1: building the CPU kernels only")
         return False, None, None
     cuda_home = _find_cuda_home()
     version = _nvcc_version(cuda_home) if cuda_home else None
-    if _flag("FORCE_CUDA"):
+    if force_cuda:
         if version is None:
-            sys.exit("[hypergrad build] FORCE_CUDA=1 but no nvcc was found: set CUDA_HOME to the "
+            sys.exit("[hypergrad build] HYPERGRAD_FORCE_CUDA=1 but no nvcc was found: set CUDA_HOME to the "
                      "CUDA toolkit (the folder holding bin/nvcc)")
-        _log(f"FORCE_CUDA=1: building CUDA kernels with nvcc {version} from {cuda_home}")
+        _log(f"HYPERGRAD_FORCE_CUDA=1: building CUDA kernels with nvcc {version} from {cuda_home}")
         return True, cuda_home, version
     if torch.version.cuda is None:
         _log(f"torch {torch.__version__} is a CPU build: building the CPU kernels only")
@@ -83,7 +98,7 @@ def _plan_cuda():
         return False, None, None
     if version.split(".")[0] != torch.version.cuda.split(".")[0]:
         _log(f"nvcc {version} in {cuda_home} does not match torch's CUDA {torch.version.cuda}: "
-             "building the CPU kernels only (FORCE_CUDA=1 overrides)")
+             "building the CPU kernels only (HYPERGRAD_FORCE_CUDA=1 overrides)")
         return False, None, None
     _log(f"building CUDA kernels with nvcc {version} from {cuda_home}")
     return True, cuda_home, version
@@ -95,10 +110,7 @@ def _choose_cxx():
     both CC and CXX, and with none the build stops with the reasons."""
     if _flag("HYPERGRAD_SKIP_COMPILER_PROBE"):
         return
-    spec = importlib.util.spec_from_file_location(
-        "hypergrad_toolchain", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hypergrad", "_toolchain.py"))
-    toolchain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toolchain)
+    toolchain = _toolchain()
     preferred = os.environ.get("CXX", "c++")
     compiler, rejected = toolchain.choose_compiler(preferred)
     if compiler is None:

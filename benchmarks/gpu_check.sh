@@ -20,7 +20,7 @@ steps=${steps/ more / cnn resnet18 }  # the old name of the last two steps
 deadline=$(( $(date +%s) + ${DEADLINE_S:-540} ))
 mkdir -p "$out"
 exec > >(tee -a "$out/gpu-check.log") 2>&1
-export PYTHONUNBUFFERED=1 HYPERGRAD_REQUIRE_EXTENSION=1 FORCE_CUDA=1
+export PYTHONUNBUFFERED=1 HYPERGRAD_REQUIRE_EXTENSION=1 HYPERGRAD_FORCE_CUDA=1
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 card=${card:-"no GPU visible to nvidia-smi"}
 md="$out/gpu-check.md"

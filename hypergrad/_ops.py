@@ -1,12 +1,23 @@
-"""The single place that routes each solver op to the compiled kernel or to its pure-PyTorch twin.
+"""The ops of hypergrad._C in one registration table, and the routers generated from it.
 
-A tensor on a device that hypergrad._C has kernels for goes to torch.ops.hypergrad.*; anything
-else (no compiled library, a CUDA tensor with a CPU-only build, another device, or the reference
-path forced by `use_extension(False)` / HYPERGRAD_DISABLE_EXTENSION=1) goes to hypergrad._reference.
+Each op has three faces, declared together in OPS below (pytorch/extension-cpp's ops.py is the
+model): the compiled kernel (schema in csrc/hypergrad.cpp, CPU and CUDA kernels in csrc/), its
+pure-PyTorch twin (hypergrad._reference, the oracle of the tests) and its fake, which gives
+torch.compile and torch.library.opcheck the shapes and dtypes of the outputs and checks the inputs
+with torch._check. For every row of the table this module defines a router of the op's name
+(`_ops.row_dot`, ...): a tensor on a device that hypergrad._C has kernels for goes to
+torch.ops.hypergrad.*, anything else (no compiled library, a CUDA tensor with a CPU-only build or
+one built for another CUDA major, another device, or the twins forced by `use_extension(False)` /
+HYPERGRAD_DISABLE_EXTENSION=1) to the twin. The ops are the vector work of the Krylov solvers and
+the pieces of the structured Hessian-vector product behind the total derivative of Lu, Kamath & Yu
+(TMLR 2022), eq. 15-17.
 """
 import contextlib
+import inspect
 import os
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,6 +35,21 @@ else:
                       f"{torch.__version__} is running; reinstall hypergrad (pip install .) if ops fail",
                       RuntimeWarning, stacklevel=2)
 
+
+def cuda_major_mismatch(compiled, running):
+    """Why the extension's CUDA kernels cannot serve this torch (None when they can): the CUDA
+    major version they were compiled with (compiled) against the one torch runs (running)."""
+    if not compiled or not running or compiled.split(".")[0] == running.split(".")[0]:
+        return None
+    return (f"hypergrad._C was compiled with CUDA {compiled} but torch {torch.__version__} runs CUDA {running}: "
+            f"its CUDA kernels are off and CUDA tensors take the pure-PyTorch twins (same results, slower). "
+            f"Rebuild it against this torch: pip install --no-build-isolation --no-deps --force-reinstall .")
+
+
+CUDA_MISMATCH = cuda_major_mismatch(_C.compiled_cuda_version(), torch.version.cuda) if _C is not None else None
+if CUDA_MISMATCH:
+    warnings.warn(CUDA_MISMATCH, RuntimeWarning, stacklevel=2)
+
 _enabled = os.environ.get("HYPERGRAD_DISABLE_EXTENSION", "0") not in ("1", "true", "yes")
 
 
@@ -33,8 +59,8 @@ def has_extension():
 
 
 def has_cuda_extension():
-    """True when hypergrad._C is in use and carries CUDA kernels."""
-    return has_extension() and _C.compiled_cuda_version() != ""
+    """True when hypergrad._C is in use and carries CUDA kernels built for torch's CUDA major."""
+    return has_extension() and _C.compiled_cuda_version() != "" and CUDA_MISMATCH is None
 
 
 @contextlib.contextmanager
@@ -55,100 +81,144 @@ def _kernel_for(t):
     return t.device.type == "cpu" or (t.device.type == "cuda" and has_cuda_extension())
 
 
-def row_dot(a, b):
-    """<a_i, b_i> per row in float64 (see hypergrad._reference.row_dot)."""
-    if _kernel_for(a):
-        return torch.ops.hypergrad.row_dot(a, b)
-    return _reference.row_dot(a, b)
+# ---- the fakes: output shapes and dtypes, the inputs checked as the kernels check them ----------
+
+def _check_vectors(op, like, *others):
+    torch._check(like.dim() in (1, 2), lambda: f"hypergrad::{op}: vectors must be [n] or [B, n], got {list(like.shape)}")
+    torch._check(like.dtype in (torch.float32, torch.float64), lambda: f"hypergrad::{op}: vectors must be float32 or float64")
+    for t in others:
+        torch._check(t.shape == like.shape, lambda: f"hypergrad::{op}: all vectors must have shape {list(like.shape)}")
+        torch._check(t.dtype == like.dtype, lambda: f"hypergrad::{op}: all vectors must be {like.dtype}")
 
 
-def cg_step(x, r, p, q, num, den, active):
-    """Fused CG update x += alpha p, r -= alpha q, returning the new <r, r> (see _reference.cg_step)."""
-    if _kernel_for(x):
-        return torch.ops.hypergrad.cg_step(x, r, p, q, num, den, active)
-    return _reference.cg_step(x, r, p, q, num, den, active)
+def _check_rows(op, rows, dtype, *scalars):
+    for s in scalars:
+        torch._check(s.shape == rows, lambda: f"hypergrad::{op}: per-row values must have shape {list(rows)}")
+        torch._check(s.dtype == dtype, lambda: f"hypergrad::{op}: per-row values must be {dtype}")
 
 
-def cg_direction(p, z, num_new, num_old, active):
-    """Fused direction update p = z + beta p in place (see _reference.cg_direction)."""
-    if _kernel_for(p):
-        torch.ops.hypergrad.cg_direction(p, z, num_new, num_old, active)
-    else:
-        _reference.cg_direction(p, z, num_new, num_old, active)
+def _check_pair(op, base, batched):
+    """batched is shaped like base or [B, *base.shape], with base's dtype."""
+    torch._check(batched.shape == base.shape or batched.shape[1:] == base.shape,
+                 lambda: f"hypergrad::{op}: {list(batched.shape)} must be {list(base.shape)} or [B, *{list(base.shape)}]")
+    torch._check(batched.dtype == base.dtype, lambda: f"hypergrad::{op}: all tensors must be {base.dtype}")
 
 
-def cg_track(den, rr, tol2, active, iterations, negative):
-    """Per-row CG bookkeeping (active, iterations, negative) updated in place (see _reference.cg_track)."""
-    if _kernel_for(den):
-        torch.ops.hypergrad.cg_track(den, rr, tol2, active, iterations, negative)
-    else:
-        _reference.cg_track(den, rr, tol2, active, iterations, negative)
+def _row_dot_fake(a, b):
+    _check_vectors("row_dot", a, b)
+    return a.new_empty(a.shape[:-1], dtype=torch.float64)
 
 
-def activation_jvp(z, rz, activation, negative_slope=0.0):
-    """sigma'(z) * rz (see _reference.activation_jvp)."""
-    if _kernel_for(z):
-        return torch.ops.hypergrad.activation_jvp(z, rz, activation, negative_slope)
-    return _reference.activation_jvp(z, rz, activation, negative_slope)
+def _cg_step_fake(x, r, p, q, num, den, active):
+    _check_vectors("cg_step", x, r, p, q)
+    _check_rows("cg_step", x.shape[:-1], torch.float64, num, den)
+    _check_rows("cg_step", x.shape[:-1], torch.bool, active)
+    return x.new_empty(x.shape[:-1], dtype=torch.float64)
 
 
-def activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope=0.0):
-    """sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a (see _reference.activation_hvp_backward)."""
-    if _kernel_for(z):
-        return torch.ops.hypergrad.activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope)
-    return _reference.activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope)
+def _cg_direction_fake(p, z, num_new, num_old, active):
+    _check_vectors("cg_direction", p, z)
+    _check_rows("cg_direction", p.shape[:-1], torch.float64, num_new, num_old)
+    _check_rows("cg_direction", p.shape[:-1], torch.bool, active)
 
 
-def softmax_ce_hvp(probs, rz, scale):
-    """The softmax cross-entropy Hessian times rz, per row (see _reference.softmax_ce_hvp)."""
-    if _kernel_for(probs):
-        return torch.ops.hypergrad.softmax_ce_hvp(probs, rz, scale)
-    return _reference.softmax_ce_hvp(probs, rz, scale)
+def _cg_track_fake(den, rr, tol2, active, iterations, negative):
+    torch._check(den.dim() <= 1, lambda: "hypergrad::cg_track: den must hold one value per row, shape [] or [B]")
+    _check_rows("cg_track", den.shape, torch.float64, den, rr, tol2)
+    _check_rows("cg_track", den.shape, torch.bool, active, negative)
+    _check_rows("cg_track", den.shape, torch.int64, iterations)
 
 
-def mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation, negative_slope=0.0):
-    """Structured H v of a linear-activation chain under softmax cross-entropy (csrc/mlp_hvp.cpp)."""
-    if _kernel_for(v):
-        return torch.ops.hypergrad.mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v,
-                                              activation, negative_slope)
-    return _reference.mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation,
-                                 negative_slope)
+def _activation_jvp_fake(z, rz, activation, negative_slope):
+    _check_pair("activation_jvp", z, rz)
+    return torch.empty_like(rz)
 
 
-if _C is not None:
-    # Shapes and dtypes of the outputs, so that torch.compile can trace through the ops.
-    @torch.library.register_fake("hypergrad::row_dot")
-    def _row_dot_fake(a, b):
-        return a.new_empty(a.shape[:-1], dtype=torch.float64)
+def _activation_hvp_backward_fake(z, rz, grad_a, r_grad_a, activation, negative_slope):
+    _check_pair("activation_hvp_backward", z, rz)
+    torch._check(grad_a.shape == z.shape, lambda: "hypergrad::activation_hvp_backward: grad_a must have the shape of z")
+    torch._check(r_grad_a.shape == rz.shape, lambda: "hypergrad::activation_hvp_backward: r_grad_a must have the shape of rz")
+    return torch.empty_like(rz)
 
-    @torch.library.register_fake("hypergrad::cg_step")
-    def _cg_step_fake(x, r, p, q, num, den, active):
-        return x.new_empty(x.shape[:-1], dtype=torch.float64)
 
-    @torch.library.register_fake("hypergrad::cg_direction")
-    def _cg_direction_fake(p, z, num_new, num_old, active):
-        return None
+def _softmax_ce_hvp_fake(probs, rz, scale):
+    torch._check(probs.dim() == 2, lambda: "hypergrad::softmax_ce_hvp: probs must be [N, C]")
+    _check_pair("softmax_ce_hvp", probs, rz)
+    return torch.empty_like(rz)
 
-    @torch.library.register_fake("hypergrad::cg_track")
-    def _cg_track_fake(den, rr, tol2, active, iterations, negative):
-        return None
 
-    @torch.library.register_fake("hypergrad::activation_jvp")
-    def _activation_jvp_fake(z, rz, activation, negative_slope):
-        return torch.empty_like(rz)
+def _mlp_ce_hvp_fake(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation, negative_slope):
+    layers = len(weights)
+    torch._check(len(inputs) == layers and len(deltas) == layers, lambda: "hypergrad::mlp_ce_hvp: one input and one "
+                 "delta per layer")
+    torch._check(len(pre_activations) == layers - 1 and len(grad_activations) == layers - 1,
+                 lambda: "hypergrad::mlp_ce_hvp: one pre-activation and one activation gradient per hidden layer")
+    torch._check(v.dim() in (1, 2), lambda: f"hypergrad::mlp_ce_hvp: v must be [P] or [B, P], got {list(v.shape)}")
+    parameters = sum(w.numel() + w.shape[0] for w in weights)
+    torch._check(v.shape[-1] == parameters, lambda: f"hypergrad::mlp_ce_hvp: v must have {parameters} entries per "
+                 f"direction (weights and biases, in that order per layer)")
+    torch._check(v.dtype == probs.dtype, lambda: "hypergrad::mlp_ce_hvp: v must have the dtype of the model's state")
+    return v.new_empty(v.shape)
 
-    @torch.library.register_fake("hypergrad::activation_hvp_backward")
-    def _activation_hvp_backward_fake(z, rz, grad_a, r_grad_a, activation, negative_slope):
-        return torch.empty_like(rz)
 
-    @torch.library.register_fake("hypergrad::softmax_ce_hvp")
-    def _softmax_ce_hvp_fake(probs, rz, scale):
-        return torch.empty_like(rz)
+# ---- the table -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Op:
+    """One op of hypergrad._C: its name in torch.ops.hypergrad, its twin, its fake, and which
+    argument's device picks between the kernel and the twin."""
+    name: str
+    twin: Callable
+    fake: Callable
+    routes_on: int = 0
+    doc: str = ""
+
+
+OPS = (
+    Op("row_dot", _reference.row_dot, _row_dot_fake,
+       doc="<a_i, b_i> per row in float64."),
+    Op("cg_step", _reference.cg_step, _cg_step_fake,
+       doc="Fused CG update x += alpha p, r -= alpha q (alpha = num/den on active rows), returning the new <r, r>."),
+    Op("cg_direction", _reference.cg_direction, _cg_direction_fake,
+       doc="Fused direction update p = z + (num_new/num_old) p in place on active rows."),
+    Op("cg_track", _reference.cg_track, _cg_track_fake,
+       doc="Per-row CG bookkeeping (active, iterations, negative curvature) updated in place."),
+    Op("activation_jvp", _reference.activation_jvp, _activation_jvp_fake,
+       doc="sigma'(z) * rz, rz shaped like z or [B, *z.shape]."),
+    Op("activation_hvp_backward", _reference.activation_hvp_backward, _activation_hvp_backward_fake,
+       doc="sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a."),
+    Op("softmax_ce_hvp", _reference.softmax_ce_hvp, _softmax_ce_hvp_fake,
+       doc="The softmax cross-entropy Hessian times rz, per row: scale * (p * rz - p <p, rz>)."),
+    Op("mlp_ce_hvp", _reference.mlp_ce_hvp, _mlp_ce_hvp_fake, routes_on=6,
+       doc="Structured H v of a linear-activation chain under mean softmax cross-entropy (csrc/mlp_hvp.cpp)."),
+)
+
+
+def _router(op):
+    kernel = getattr(torch.ops.hypergrad, op.name) if _C is not None else None
+    twin, routes_on = op.twin, op.routes_on
+
+    def route(*args):
+        if _kernel_for(args[routes_on]):
+            return kernel(*args)
+        return twin(*args)
+
+    route.__name__ = route.__qualname__ = op.name
+    route.__doc__ = f"{op.doc}\n\nThe kernel torch.ops.hypergrad.{op.name}, or hypergrad._reference.{op.name} (the twin)."
+    route.__signature__ = inspect.signature(twin)
+    return route
+
+
+for _op in OPS:
+    globals()[_op.name] = _router(_op)  # _ops.row_dot, _ops.cg_step, ...
+    if _C is not None:
+        torch.library.register_fake(f"hypergrad::{_op.name}")(_op.fake)
+del _op
 
 
 def build_info():
     """What is in use: a dict with the torch and CUDA versions and which kernels are present."""
-    info = {
+    return {
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
         "extension_loaded": _C is not None,
@@ -158,8 +228,7 @@ def build_info():
         "compiled_cuda_version": (_C.compiled_cuda_version() or None) if _C is not None else None,
         "cpu_kernels": _C is not None,
         "cuda_kernels": _C is not None and _C.compiled_cuda_version() != "",
+        "cuda_kernels_off": CUDA_MISMATCH,
         "cuda_device_available": torch.cuda.is_available(),
-        "ops": ["row_dot", "cg_step", "cg_direction", "cg_track", "activation_jvp", "activation_hvp_backward", "softmax_ce_hvp",
-                "mlp_ce_hvp"],
+        "ops": [op.name for op in OPS],
     }
-    return info

@@ -1,4 +1,9 @@
-"""Which C++ compiler can build hypergrad._C for this Python: a probe run by setup.py before the build.
+"""The choices setup.py makes before building hypergrad._C: which kernels (the build switches) and
+which C++ compiler can build them for this Python (a probe).
+
+Build switches, each with one name (the old FORCE_CUDA is still read, with a note):
+    HYPERGRAD_FORCE_CUDA=1   build the CUDA kernels even where no GPU or no matching torch is seen
+    HYPERGRAD_FORCE_CPU=1    build the CPU kernels only
 
 An extension runs inside the process torch lives in, so its C++ code runs against the libstdc++ that
 process has loaded, not the one of the compiler that built it. Code compiled with a newer compiler's
@@ -19,6 +24,29 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                 "off": False, "": False}
+OLD_SWITCH_NAMES = {"HYPERGRAD_FORCE_CUDA": "FORCE_CUDA"}
+
+
+def build_switches(environ):
+    """(force_cuda, force_cpu, notes) from the environment; ValueError for a value that is not a
+    yes/no or for both switches at once. notes name an old switch name that was read."""
+    values, notes = {}, []
+    for name in ("HYPERGRAD_FORCE_CUDA", "HYPERGRAD_FORCE_CPU"):
+        used = name
+        if name not in environ and OLD_SWITCH_NAMES.get(name) in environ:
+            used = OLD_SWITCH_NAMES[name]
+            notes.append(f"{used} is read as {name}, its name now")
+        raw = environ.get(used, "0").strip().lower()
+        if raw not in SWITCH_VALUES:
+            raise ValueError(f"{used}={environ[used]!r}: {name} takes 1 or 0")
+        values[name] = SWITCH_VALUES[raw]
+    if values["HYPERGRAD_FORCE_CUDA"] and values["HYPERGRAD_FORCE_CPU"]:
+        raise ValueError("HYPERGRAD_FORCE_CUDA and HYPERGRAD_FORCE_CPU are both set: set one")
+    return values["HYPERGRAD_FORCE_CUDA"], values["HYPERGRAD_FORCE_CPU"], notes
+
 
 PROBE_SOURCE = r"""
 #include <sstream>

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops, _reference
+from . import _ops
 from .hvp import HessianOperator
 
 
@@ -176,7 +176,7 @@ def _forward_backward(linears, activation, slope, x, targets):
         for k in range(len(linears) - 1, 0, -1):
             g = deltas[0] @ linears[k].weight
             grads.insert(0, g)
-            deltas.insert(0, _reference.activation_derivatives(pre[k - 1], activation, slope)[0] * g)
+            deltas.insert(0, _ops.activation_jvp(pre[k - 1], g, activation, slope))  # sigma'(z) g, through the kernel
     return inputs, pre, grads, deltas, probs.contiguous()
 
 

@@ -129,6 +129,36 @@ def test_opcheck(dtype, device):
     torch.library.opcheck(torch.ops.hypergrad.softmax_ce_hvp.default, (torch.softmax(z, 1), rz, 0.5))
 
 
+def _mlp_ce_hvp_args(dtype, device, directions):
+    model, x, y = _chain("tanh", dtype=dtype, device=device)
+    op = structured_hessian(ClassifierLoss(model, x, y), list(model.parameters()))
+    v = torch.randn(*directions, op.n, dtype=dtype, device=device)
+    return (op.weights, op.inputs, op.pre_activations, op.grad_activations, op.deltas, op.probs, v, op.activation,
+            op.negative_slope)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("directions", [(), (3,)])
+def test_opcheck_structured_product(directions, dtype, device):
+    torch.library.opcheck(torch.ops.hypergrad.mlp_ce_hvp.default, _mlp_ce_hvp_args(dtype, device, directions))
+
+
+@pytest.mark.parametrize("directions", [(), (3,)])
+def test_structured_product_fake_gives_the_twins_shape_and_checks_v(directions):
+    args = _mlp_ce_hvp_args(torch.float64, "cpu", directions)
+    op = next(op for op in _ops.OPS if op.name == "mlp_ce_hvp")
+    expected = _reference.mlp_ce_hvp(*args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_args = [[mode.from_tensor(t) for t in a] if isinstance(a, list) else
+                     mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        out = op.fake(*fake_args)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        with pytest.raises(RuntimeError, match="entries per direction"):
+            op.fake(*fake_args[:6], fake_args[6][..., 1:], *fake_args[7:])
+
+
 def test_recognised_models():
     assert linear_chain(nn.Linear(4, 3)) is not None
     _, activation, slope = linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.LeakyReLU(0.3), nn.Linear(5, 3)))

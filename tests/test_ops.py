@@ -1,4 +1,5 @@
 """The fused solver ops of hypergrad._C against their pure-PyTorch twins and torch.library.opcheck."""
+import inspect
 import os
 
 import pytest
@@ -204,5 +205,82 @@ def test_routing_follows_use_extension():
 def test_required_extension_is_loaded():
     info = hypergrad.build_info()
     assert info["extension_loaded"] and hypergrad.has_extension(), info
-    if os.environ.get("FORCE_CUDA") == "1":
-        assert info["cuda_kernels"], "FORCE_CUDA=1 was set but the CUDA kernels were not compiled in"
+    if "1" in (os.environ.get("HYPERGRAD_FORCE_CUDA"), os.environ.get("FORCE_CUDA")):
+        assert info["cuda_kernels"], "HYPERGRAD_FORCE_CUDA=1 was set but the CUDA kernels were not compiled in"
+
+
+def _valid_args(name):
+    """Valid arguments of each op of the registration table (the structured product's are in test_mlp_hvp)."""
+    (x, r, p, q), num, den, active = _make((3, 17), torch.float64, "cpu")
+    z = torch.randn(5, 6, dtype=torch.float64)
+    rz = torch.randn(2, 5, 6, dtype=torch.float64)
+    return {
+        "row_dot": (x, r),
+        "cg_step": (x, r, p, q, num, den, active),
+        "cg_direction": (p, q, num, den, active),
+        "cg_track": tuple(_track_inputs((4,), "cpu")),
+        "activation_jvp": (z, rz, "tanh", 0.0),
+        "activation_hvp_backward": (z, rz, torch.randn_like(z), torch.randn_like(rz), "leaky_relu", 0.2),
+        "softmax_ce_hvp": (torch.softmax(z, 1), rz, 0.5),
+    }[name]
+
+
+TABLE = [op for op in _ops.OPS if op.name != "mlp_ce_hvp"]
+
+
+@pytest.mark.parametrize("op", TABLE, ids=lambda op: op.name)
+def test_each_fake_gives_the_twins_output_shapes_and_dtypes(op):
+    """The fakes stand in for the kernels under torch.compile: the same outputs as the twin, the
+    same in-place behaviour (None), computed without touching data."""
+    args = _valid_args(op.name)
+    expected = op.twin(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        out = op.fake(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    if expected is None:
+        assert out is None
+    else:
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("op", TABLE, ids=lambda op: op.name)
+def test_each_fake_rejects_a_mismatched_second_argument(op):
+    args = list(_valid_args(op.name))
+    args[1] = args[1][..., :-1] if args[1].dim() else args[1].reshape(1)  # one entry short, or a row too many
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError, match=f"hypergrad::{op.name}"):
+            op.fake(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+@pytest.mark.parametrize("op", _ops.OPS, ids=lambda op: op.name)
+def test_every_router_has_its_twins_signature_and_runs_it_without_the_extension(op):
+    router = getattr(_ops, op.name)
+    assert inspect.signature(router) == inspect.signature(op.twin) and router.__name__ == op.name
+    if op.name == "mlp_ce_hvp":
+        return  # routed through the twin and the kernel in test_mlp_hvp
+    args = _valid_args(op.name)
+    with hypergrad.use_extension(False):
+        got = router(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    want = op.twin(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    assert (got is None and want is None) or torch.equal(got, want)
+    assert hypergrad.build_info()["ops"] == [op.name for op in _ops.OPS]
+
+
+def test_a_cuda_major_mismatch_turns_the_cuda_kernels_off_with_a_rebuild_message():
+    assert _ops.cuda_major_mismatch("13.0", "13.2") is None
+    assert _ops.cuda_major_mismatch("", "13.0") is None  # a CPU-only build
+    assert _ops.cuda_major_mismatch("12.8", None) is None  # a CPU build of torch: no CUDA tensors to serve
+    message = _ops.cuda_major_mismatch("12.8", "13.0")
+    assert "CUDA 12.8" in message and "CUDA 13.0" in message and "pip install" in message
+
+
+def test_the_build_switches_have_one_name_each_and_the_old_one_still_works():
+    from hypergrad._toolchain import build_switches
+    assert build_switches({}) == (False, False, [])
+    assert build_switches({"HYPERGRAD_FORCE_CUDA": "1"})[:2] == (True, False)
+    force_cuda, force_cpu, notes = build_switches({"FORCE_CUDA": "1"})
+    assert (force_cuda, force_cpu) == (True, False) and "HYPERGRAD_FORCE_CUDA" in notes[0]
+    assert build_switches({"HYPERGRAD_FORCE_CPU": "yes"})[:2] == (False, True)
+    with pytest.raises(ValueError, match="both"):
+        build_switches({"HYPERGRAD_FORCE_CUDA": "1", "HYPERGRAD_FORCE_CPU": "1"})
+    with pytest.raises(ValueError, match="HYPERGRAD_FORCE_CUDA"):
+        build_switches({"HYPERGRAD_FORCE_CUDA": "maybe"})

@@ -265,12 +265,15 @@ def test_every_router_has_its_twins_signature_and_runs_it_without_the_extension(
     assert hypergrad.build_info()["ops"] == [op.name for op in _ops.OPS]
 
 
-def test_a_cuda_major_mismatch_turns_the_cuda_kernels_off_with_a_rebuild_message():
+def test_a_cuda_major_mismatch_turns_the_cuda_kernels_off_with_a_rebuild_message(monkeypatch):
     assert _ops.cuda_major_mismatch("13.0", "13.2") is None
     assert _ops.cuda_major_mismatch("", "13.0") is None  # a CPU-only build
     assert _ops.cuda_major_mismatch("12.8", None) is None  # a CPU build of torch: no CUDA tensors to serve
     message = _ops.cuda_major_mismatch("12.8", "13.0")
     assert "CUDA 12.8" in message and "CUDA 13.0" in message and "pip install" in message
+    monkeypatch.setattr(_ops, "CUDA_MISMATCH", message)  # what import sets when the majors differ
+    assert not hypergrad.has_cuda_extension()
+    assert hypergrad.build_info()["cuda_kernels_off"] == message
 
 
 def test_the_build_switches_have_one_name_each_and_the_old_one_still_works():

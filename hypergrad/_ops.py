@@ -1,10 +1,10 @@
 """The ops of hypergrad._C in one registration table, and the routers generated from it.
 
-Each op has three faces, declared together in OPS below (pytorch/extension-cpp's ops.py is the
-model): the compiled kernel (schema in csrc/hypergrad.cpp, CPU and CUDA kernels in csrc/), its
-pure-PyTorch twin (hypergrad._reference, the oracle of the tests) and its fake, which gives
-torch.compile and torch.library.opcheck the shapes and dtypes of the outputs and checks the inputs
-with torch._check. For every row of the table this module defines a router of the op's name
+Each op has three faces, declared together by one `@declare_op` on its fake below (pytorch/extension-cpp's
+ops.py is the model): the compiled kernel (schema in csrc/hypergrad.cpp, CPU and CUDA kernels in
+csrc/), its pure-PyTorch twin of the same name (hypergrad._reference, the oracle of the tests) and
+its fake, which gives torch.compile and torch.library.opcheck the shapes and dtypes of the outputs
+and checks the inputs with torch._check. For every op of the table OPS this module defines a router of the op's name
 (`_ops.row_dot`, ...): a tensor on a device that hypergrad._C has kernels for goes to
 torch.ops.hypergrad.*, anything else (no compiled library, a CUDA tensor with a CPU-only build or
 one built for another CUDA major, another device, or the twins forced by `use_extension(False)` /
@@ -81,34 +81,58 @@ def _kernel_for(t):
     return t.device.type == "cpu" or (t.device.type == "cuda" and has_cuda_extension())
 
 
-# ---- the fakes: output shapes and dtypes, the inputs checked as the kernels check them ----------
+# ---- the registration table: one declaration per op, at its fake -------------------------------
 
-def _check_vectors(op, like, *others):
-    torch._check(like.dim() in (1, 2), lambda: f"hypergrad::{op}: vectors must be [n] or [B, n], got {list(like.shape)}")
-    torch._check(like.dtype in (torch.float32, torch.float64), lambda: f"hypergrad::{op}: vectors must be float32 or float64")
+@dataclass(frozen=True)
+class Op:
+    """One op of hypergrad._C: its name in torch.ops.hypergrad, its twin (hypergrad._reference, same
+    name), its fake, and which argument's device picks between the kernel and the twin."""
+    name: str
+    twin: Callable
+    fake: Callable
+    routes_on: int
+    doc: str
+
+
+OPS = []  # the table, in declaration order
+
+
+def declare_op(name, doc, routes_on=0):
+    """Declares the op `name` with the decorated function as its fake."""
+    def declare(fake):
+        OPS.append(Op(name, getattr(_reference, name), fake, routes_on, doc))
+        return fake
+    return declare
+
+
+def _check_vectors(name, like, *others):
+    torch._check(like.dim() in (1, 2), lambda: f"hypergrad::{name}: vectors must be [n] or [B, n], got {list(like.shape)}")
+    torch._check(like.dtype in (torch.float32, torch.float64), lambda: f"hypergrad::{name}: vectors must be float32 or float64")
     for t in others:
-        torch._check(t.shape == like.shape, lambda: f"hypergrad::{op}: all vectors must have shape {list(like.shape)}")
-        torch._check(t.dtype == like.dtype, lambda: f"hypergrad::{op}: all vectors must be {like.dtype}")
+        torch._check(t.shape == like.shape, lambda: f"hypergrad::{name}: all vectors must have shape {list(like.shape)}")
+        torch._check(t.dtype == like.dtype, lambda: f"hypergrad::{name}: all vectors must be {like.dtype}")
 
 
-def _check_rows(op, rows, dtype, *scalars):
-    for s in scalars:
-        torch._check(s.shape == rows, lambda: f"hypergrad::{op}: per-row values must have shape {list(rows)}")
-        torch._check(s.dtype == dtype, lambda: f"hypergrad::{op}: per-row values must be {dtype}")
+def _check_rows(name, rows, dtype, *scalars):
+    for t in scalars:
+        torch._check(t.shape == rows, lambda: f"hypergrad::{name}: per-row values must have shape {list(rows)}")
+        torch._check(t.dtype == dtype, lambda: f"hypergrad::{name}: per-row values must be {dtype}")
 
 
-def _check_pair(op, base, batched):
+def _check_pair(name, base, batched):
     """batched is shaped like base or [B, *base.shape], with base's dtype."""
     torch._check(batched.shape == base.shape or batched.shape[1:] == base.shape,
-                 lambda: f"hypergrad::{op}: {list(batched.shape)} must be {list(base.shape)} or [B, *{list(base.shape)}]")
-    torch._check(batched.dtype == base.dtype, lambda: f"hypergrad::{op}: all tensors must be {base.dtype}")
+                 lambda: f"hypergrad::{name}: {list(batched.shape)} must be {list(base.shape)} or [B, *{list(base.shape)}]")
+    torch._check(batched.dtype == base.dtype, lambda: f"hypergrad::{name}: all tensors must be {base.dtype}")
 
 
+@declare_op("row_dot", "<a_i, b_i> per row in float64.")
 def _row_dot_fake(a, b):
     _check_vectors("row_dot", a, b)
     return a.new_empty(a.shape[:-1], dtype=torch.float64)
 
 
+@declare_op("cg_step", "Fused CG update x += alpha p, r -= alpha q (alpha = num/den on active rows), returning the new <r, r>.")
 def _cg_step_fake(x, r, p, q, num, den, active):
     _check_vectors("cg_step", x, r, p, q)
     _check_rows("cg_step", x.shape[:-1], torch.float64, num, den)
@@ -116,12 +140,14 @@ def _cg_step_fake(x, r, p, q, num, den, active):
     return x.new_empty(x.shape[:-1], dtype=torch.float64)
 
 
+@declare_op("cg_direction", "Fused direction update p = z + (num_new/num_old) p in place on active rows.")
 def _cg_direction_fake(p, z, num_new, num_old, active):
     _check_vectors("cg_direction", p, z)
     _check_rows("cg_direction", p.shape[:-1], torch.float64, num_new, num_old)
     _check_rows("cg_direction", p.shape[:-1], torch.bool, active)
 
 
+@declare_op("cg_track", "Per-row CG bookkeeping (active, iterations, negative curvature) updated in place.")
 def _cg_track_fake(den, rr, tol2, active, iterations, negative):
     torch._check(den.dim() <= 1, lambda: "hypergrad::cg_track: den must hold one value per row, shape [] or [B]")
     _check_rows("cg_track", den.shape, torch.float64, den, rr, tol2)
@@ -129,11 +155,13 @@ def _cg_track_fake(den, rr, tol2, active, iterations, negative):
     _check_rows("cg_track", den.shape, torch.int64, iterations)
 
 
+@declare_op("activation_jvp", "sigma'(z) * rz, rz shaped like z or [B, *z.shape].")
 def _activation_jvp_fake(z, rz, activation, negative_slope):
     _check_pair("activation_jvp", z, rz)
     return torch.empty_like(rz)
 
 
+@declare_op("activation_hvp_backward", "sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a.")
 def _activation_hvp_backward_fake(z, rz, grad_a, r_grad_a, activation, negative_slope):
     _check_pair("activation_hvp_backward", z, rz)
     torch._check(grad_a.shape == z.shape, lambda: "hypergrad::activation_hvp_backward: grad_a must have the shape of z")
@@ -141,12 +169,14 @@ def _activation_hvp_backward_fake(z, rz, grad_a, r_grad_a, activation, negative_
     return torch.empty_like(rz)
 
 
+@declare_op("softmax_ce_hvp", "The softmax cross-entropy Hessian times rz, per row: scale * (p * rz - p <p, rz>).")
 def _softmax_ce_hvp_fake(probs, rz, scale):
     torch._check(probs.dim() == 2, lambda: "hypergrad::softmax_ce_hvp: probs must be [N, C]")
     _check_pair("softmax_ce_hvp", probs, rz)
     return torch.empty_like(rz)
 
 
+@declare_op("mlp_ce_hvp", "Structured H v of a linear-activation chain under mean softmax cross-entropy (csrc/mlp_hvp.cpp).", routes_on=6)
 def _mlp_ce_hvp_fake(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation, negative_slope):
     layers = len(weights)
     torch._check(len(inputs) == layers and len(deltas) == layers, lambda: "hypergrad::mlp_ce_hvp: one input and one "
@@ -159,39 +189,6 @@ def _mlp_ce_hvp_fake(weights, inputs, pre_activations, grad_activations, deltas,
                  f"direction (weights and biases, in that order per layer)")
     torch._check(v.dtype == probs.dtype, lambda: "hypergrad::mlp_ce_hvp: v must have the dtype of the model's state")
     return v.new_empty(v.shape)
-
-
-# ---- the table -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Op:
-    """One op of hypergrad._C: its name in torch.ops.hypergrad, its twin, its fake, and which
-    argument's device picks between the kernel and the twin."""
-    name: str
-    twin: Callable
-    fake: Callable
-    routes_on: int = 0
-    doc: str = ""
-
-
-OPS = (
-    Op("row_dot", _reference.row_dot, _row_dot_fake,
-       doc="<a_i, b_i> per row in float64."),
-    Op("cg_step", _reference.cg_step, _cg_step_fake,
-       doc="Fused CG update x += alpha p, r -= alpha q (alpha = num/den on active rows), returning the new <r, r>."),
-    Op("cg_direction", _reference.cg_direction, _cg_direction_fake,
-       doc="Fused direction update p = z + (num_new/num_old) p in place on active rows."),
-    Op("cg_track", _reference.cg_track, _cg_track_fake,
-       doc="Per-row CG bookkeeping (active, iterations, negative curvature) updated in place."),
-    Op("activation_jvp", _reference.activation_jvp, _activation_jvp_fake,
-       doc="sigma'(z) * rz, rz shaped like z or [B, *z.shape]."),
-    Op("activation_hvp_backward", _reference.activation_hvp_backward, _activation_hvp_backward_fake,
-       doc="sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a."),
-    Op("softmax_ce_hvp", _reference.softmax_ce_hvp, _softmax_ce_hvp_fake,
-       doc="The softmax cross-entropy Hessian times rz, per row: scale * (p * rz - p <p, rz>)."),
-    Op("mlp_ce_hvp", _reference.mlp_ce_hvp, _mlp_ce_hvp_fake, routes_on=6,
-       doc="Structured H v of a linear-activation chain under mean softmax cross-entropy (csrc/mlp_hvp.cpp)."),
-)
 
 
 def _router(op):

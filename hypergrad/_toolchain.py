@@ -35,9 +35,9 @@ def build_switches(environ):
     yes/no or for both switches at once. notes name an old switch name that was read."""
     values, notes = {}, []
     for name in ("HYPERGRAD_FORCE_CUDA", "HYPERGRAD_FORCE_CPU"):
-        used = name
-        if name not in environ and OLD_SWITCH_NAMES.get(name) in environ:
-            used = OLD_SWITCH_NAMES[name]
+        used, old = name, OLD_SWITCH_NAMES.get(name)
+        if name not in environ and old is not None and old in environ:
+            used = old
             notes.append(f"{used} is read as {name}, its name now")
         raw = environ.get(used, "0").strip().lower()
         if raw not in SWITCH_VALUES:

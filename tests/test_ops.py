@@ -276,9 +276,12 @@ def test_a_cuda_major_mismatch_turns_the_cuda_kernels_off_with_a_rebuild_message
     assert hypergrad.build_info()["cuda_kernels_off"] == message
 
 
-def test_the_build_switches_have_one_name_each_and_the_old_one_still_works():
+def test_the_build_switches_have_one_name_each_and_the_old_one_still_works(monkeypatch):
     from hypergrad._toolchain import build_switches
     assert build_switches({}) == (False, False, [])
+    monkeypatch.delenv("HYPERGRAD_FORCE_CPU", raising=False)  # os.environ itself, as setup.py passes it
+    monkeypatch.setenv("HYPERGRAD_FORCE_CUDA", "0")
+    assert build_switches(os.environ) == (False, False, [])
     assert build_switches({"HYPERGRAD_FORCE_CUDA": "1"})[:2] == (True, False)
     force_cuda, force_cpu, notes = build_switches({"FORCE_CUDA": "1"})
     assert (force_cuda, force_cpu) == (True, False) and "HYPERGRAD_FORCE_CUDA" in notes[0]

@@ -115,8 +115,16 @@ def part_a(rows, sizes=(1_000_000, 10_000_000)):
                                   f"{t['paper_lists'] / t['fused']:.1f}x slower than fused"))
 
 
+def _phase(defender, what, t0):
+    """One line on stderr per finished phase, so that a run cut short (gpu_check.sh's time boxes) shows
+    where its time went."""
+    print(f"  [{defender}] {what}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
 def part_b_c(rows, defenders, repeats, reference_iterations):
     for defender in defenders:
+        t0 = time.perf_counter()
         # (b) at the defender's initialisation: there both agree to rounding. On a fitted defender
         # cgnr's 16 iterations amplify rounding differences (measured on the NN: 3e-3 between two
         # float64 autograd runs that differ only in summation order), so agreement is checked here.
@@ -124,18 +132,13 @@ def part_b_c(rows, defenders, repeats, reference_iterations):
         paper = c.paper_leader_step(step64)
         ours = c.hypergrad_leader_step(step64, "cgnr", 16)
         d_paper, d_ours = paper(), ours()
-        # (c) on a fitted defender (quality depends on the weights, cost does not)
-        rec = c.RECOMMENDED
-        fitted64 = leader_step_problem(defender, dtype=torch.float64, device=DEVICE, fit_steps=FIT_STEPS)
-        fitted = leader_step_problem(defender, dtype=rec["dtype"], device=DEVICE, fit_steps=FIT_STEPS)
-        recommended = c.hypergrad_leader_step(fitted, rec["method"], rec["iterations"], rec["damping"])
-        d_rec, d_paper_fitted = recommended(), c.paper_leader_step(fitted64)()
-        timed = [paper, ours, recommended]
+        t0 = _phase(defender, "(b) first calls of the paper's step and total_grad", t0)
+        timed = [paper, ours]
         if DEVICE == "cuda" and hypergrad.linear_chain(step64.follower_objective().model) is not None:
             graphed = c.hypergrad_leader_step(step64, "cgnr", 16, graphs=hypergrad.SolveGraphCache())
             d_graphed = graphed()  # records
             timed.append(graphed)
-        t_paper, t_ours, t_rec, *t_graphed = median_seconds(*timed, repeats=repeats, min_seconds=0)
+        t_paper, t_ours, *t_graphed = median_seconds(*timed, repeats=repeats, min_seconds=0)
         _emit(rows, dict(part="b", case=f"leader step, {defender} (batch {step64.batch}), float64, cgnr 16",
                          baseline=t_paper, ours=t_ours, ratio=t_paper / t_ours,
                          note=f"relative difference {c.relative_difference(d_ours, d_paper):.1e}"))
@@ -146,7 +149,19 @@ def part_b_c(rows, defenders, repeats, reference_iterations):
                              baseline=t_paper, ours=t_graphed, ratio=t_paper / t_graphed,
                              note=f"relative difference {c.relative_difference(d_graphed, d_paper):.1e}; "
                                   f"{t_ours / t_graphed:.2f}x the eager total_grad"))
+        t0 = _phase(defender, "(b) timed", t0)
+        # (c) on a fitted defender (quality depends on the weights, cost does not); the paper's step is
+        # timed again in the same rounds as the recommended one
+        rec = c.RECOMMENDED
+        fitted64 = leader_step_problem(defender, dtype=torch.float64, device=DEVICE, fit_steps=FIT_STEPS)
+        fitted = leader_step_problem(defender, dtype=rec["dtype"], device=DEVICE, fit_steps=FIT_STEPS)
+        t0 = _phase(defender, f"(c) two defenders fitted by {FIT_STEPS} steps", t0)
+        recommended = c.hypergrad_leader_step(fitted, rec["method"], rec["iterations"], rec["damping"])
+        d_rec, d_paper_fitted = recommended(), c.paper_leader_step(fitted64)()
+        t_paper, t_rec = median_seconds(paper, recommended, repeats=repeats, min_seconds=0)
+        t0 = _phase(defender, "(c) recommended step timed", t0)
         reference = c.reference_hypergradient(fitted64, reference_iterations)
+        _phase(defender, f"(c) MINRES-{reference_iterations} reference", t0)
         _emit(rows, dict(part="c", case=f"leader step, {defender}: paper (float64 cgnr 16) vs recommended "
                                         f"({str(rec['dtype']).replace('torch.', '')} {rec['method']} {rec['iterations']}, "
                                         f"damping {rec['damping']})",

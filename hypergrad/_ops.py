@@ -42,7 +42,7 @@ def cuda_major_mismatch(compiled, running):
     if not compiled or not running or compiled.split(".")[0] == running.split(".")[0]:
         return None
     return (f"hypergrad._C was compiled with CUDA {compiled} but torch {torch.__version__} runs CUDA {running}: "
-            f"its CUDA kernels are off and CUDA tensors take the pure-PyTorch twins (same results, slower). "
+            f"hypergrad no longer calls its CUDA kernels, CUDA tensors take the pure-PyTorch twins (same results, slower). "
             f"Rebuild it against this torch: pip install --no-build-isolation --no-deps --force-reinstall .")
 
 
@@ -106,24 +106,30 @@ def declare_op(name, doc, routes_on=0):
 
 
 def _check_vectors(name, like, *others):
-    torch._check(like.dim() in (1, 2), lambda: f"hypergrad::{name}: vectors must be [n] or [B, n], got {list(like.shape)}")
-    torch._check(like.dtype in (torch.float32, torch.float64), lambda: f"hypergrad::{name}: vectors must be float32 or float64")
+    torch._check_value(like.dim() in (1, 2), lambda: f"hypergrad::{name}: vectors must be [n] or [B, n], got {list(like.shape)}")
+    torch._check_value(like.dtype in (torch.float32, torch.float64), lambda: f"hypergrad::{name}: vectors must be float32 or float64")
     for t in others:
-        torch._check(t.shape == like.shape, lambda: f"hypergrad::{name}: all vectors must have shape {list(like.shape)}")
-        torch._check(t.dtype == like.dtype, lambda: f"hypergrad::{name}: all vectors must be {like.dtype}")
+        torch._check_value(t.shape == like.shape, lambda: f"hypergrad::{name}: all vectors must have shape {list(like.shape)}")
+        torch._check_value(t.dtype == like.dtype, lambda: f"hypergrad::{name}: all vectors must be {like.dtype}")
 
 
 def _check_rows(name, rows, dtype, *scalars):
     for t in scalars:
-        torch._check(t.shape == rows, lambda: f"hypergrad::{name}: per-row values must have shape {list(rows)}")
-        torch._check(t.dtype == dtype, lambda: f"hypergrad::{name}: per-row values must be {dtype}")
+        torch._check_value(t.shape == rows, lambda: f"hypergrad::{name}: per-row values must have shape {list(rows)}")
+        torch._check_value(t.dtype == dtype, lambda: f"hypergrad::{name}: per-row values must be {dtype}")
+
+
+def _check_activation(name, z, activation):
+    torch._check_value(activation in _reference.ACTIVATIONS, lambda: f"hypergrad::{name}: unknown activation "
+                       f"'{activation}'; supported: {', '.join(_reference.ACTIVATIONS)}")
+    torch._check_value(z.dtype in (torch.float32, torch.float64), lambda: f"hypergrad::{name}: z must be float32 or float64")
 
 
 def _check_pair(name, base, batched):
     """batched is shaped like base or [B, *base.shape], with base's dtype."""
-    torch._check(batched.shape == base.shape or batched.shape[1:] == base.shape,
+    torch._check_value(batched.shape == base.shape or batched.shape[1:] == base.shape,
                  lambda: f"hypergrad::{name}: {list(batched.shape)} must be {list(base.shape)} or [B, *{list(base.shape)}]")
-    torch._check(batched.dtype == base.dtype, lambda: f"hypergrad::{name}: all tensors must be {base.dtype}")
+    torch._check_value(batched.dtype == base.dtype, lambda: f"hypergrad::{name}: all tensors must be {base.dtype}")
 
 
 @declare_op("row_dot", "<a_i, b_i> per row in float64.")
@@ -149,7 +155,7 @@ def _cg_direction_fake(p, z, num_new, num_old, active):
 
 @declare_op("cg_track", "Per-row CG bookkeeping (active, iterations, negative curvature) updated in place.")
 def _cg_track_fake(den, rr, tol2, active, iterations, negative):
-    torch._check(den.dim() <= 1, lambda: "hypergrad::cg_track: den must hold one value per row, shape [] or [B]")
+    torch._check_value(den.dim() <= 1, lambda: "hypergrad::cg_track: den must hold one value per row, shape [] or [B]")
     _check_rows("cg_track", den.shape, torch.float64, den, rr, tol2)
     _check_rows("cg_track", den.shape, torch.bool, active, negative)
     _check_rows("cg_track", den.shape, torch.int64, iterations)
@@ -157,21 +163,25 @@ def _cg_track_fake(den, rr, tol2, active, iterations, negative):
 
 @declare_op("activation_jvp", "sigma'(z) * rz, rz shaped like z or [B, *z.shape].")
 def _activation_jvp_fake(z, rz, activation, negative_slope):
+    _check_activation("activation_jvp", z, activation)
     _check_pair("activation_jvp", z, rz)
     return torch.empty_like(rz)
 
 
 @declare_op("activation_hvp_backward", "sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a.")
 def _activation_hvp_backward_fake(z, rz, grad_a, r_grad_a, activation, negative_slope):
+    _check_activation("activation_hvp_backward", z, activation)
     _check_pair("activation_hvp_backward", z, rz)
-    torch._check(grad_a.shape == z.shape, lambda: "hypergrad::activation_hvp_backward: grad_a must have the shape of z")
-    torch._check(r_grad_a.shape == rz.shape, lambda: "hypergrad::activation_hvp_backward: r_grad_a must have the shape of rz")
+    _check_pair("activation_hvp_backward", z, grad_a)
+    _check_pair("activation_hvp_backward", rz, r_grad_a)
+    torch._check_value(grad_a.shape == z.shape, lambda: "hypergrad::activation_hvp_backward: grad_a must have the shape of z")
+    torch._check_value(r_grad_a.shape == rz.shape, lambda: "hypergrad::activation_hvp_backward: r_grad_a must have the shape of rz")
     return torch.empty_like(rz)
 
 
 @declare_op("softmax_ce_hvp", "The softmax cross-entropy Hessian times rz, per row: scale * (p * rz - p <p, rz>).")
 def _softmax_ce_hvp_fake(probs, rz, scale):
-    torch._check(probs.dim() == 2, lambda: "hypergrad::softmax_ce_hvp: probs must be [N, C]")
+    torch._check_value(probs.dim() == 2, lambda: "hypergrad::softmax_ce_hvp: probs must be [N, C]")
     _check_pair("softmax_ce_hvp", probs, rz)
     return torch.empty_like(rz)
 
@@ -179,30 +189,36 @@ def _softmax_ce_hvp_fake(probs, rz, scale):
 @declare_op("mlp_ce_hvp", "Structured H v of a linear-activation chain under mean softmax cross-entropy (csrc/mlp_hvp.cpp).", routes_on=6)
 def _mlp_ce_hvp_fake(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation, negative_slope):
     layers = len(weights)
-    torch._check(len(inputs) == layers and len(deltas) == layers, lambda: "hypergrad::mlp_ce_hvp: one input and one "
+    torch._check_value(len(inputs) == layers and len(deltas) == layers, lambda: "hypergrad::mlp_ce_hvp: one input and one "
                  "delta per layer")
-    torch._check(len(pre_activations) == layers - 1 and len(grad_activations) == layers - 1,
+    torch._check_value(len(pre_activations) == layers - 1 and len(grad_activations) == layers - 1,
                  lambda: "hypergrad::mlp_ce_hvp: one pre-activation and one activation gradient per hidden layer")
-    torch._check(v.dim() in (1, 2), lambda: f"hypergrad::mlp_ce_hvp: v must be [P] or [B, P], got {list(v.shape)}")
+    torch._check_value(v.dim() in (1, 2), lambda: f"hypergrad::mlp_ce_hvp: v must be [P] or [B, P], got {list(v.shape)}")
     parameters = sum(w.numel() + w.shape[0] for w in weights)
-    torch._check(v.shape[-1] == parameters, lambda: f"hypergrad::mlp_ce_hvp: v must have {parameters} entries per "
+    torch._check_value(v.shape[-1] == parameters, lambda: f"hypergrad::mlp_ce_hvp: v must have {parameters} entries per "
                  f"direction (weights and biases, in that order per layer)")
-    torch._check(v.dtype == probs.dtype, lambda: "hypergrad::mlp_ce_hvp: v must have the dtype of the model's state")
+    torch._check_value(v.dtype == probs.dtype, lambda: "hypergrad::mlp_ce_hvp: v must have the dtype of the model's state")
     return v.new_empty(v.shape)
 
 
 def _router(op):
     kernel = getattr(torch.ops.hypergrad, op.name) if _C is not None else None
     twin, routes_on = op.twin, op.routes_on
+    signature = inspect.signature(twin)
+    arity = len(signature.parameters)
 
-    def route(*args):
+    def route(*args, **kwargs):
+        if kwargs or len(args) != arity:  # keywords or defaults: the kernel takes every argument by position
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = bound.args
         if _kernel_for(args[routes_on]):
             return kernel(*args)
         return twin(*args)
 
     route.__name__ = route.__qualname__ = op.name
     route.__doc__ = f"{op.doc}\n\nThe kernel torch.ops.hypergrad.{op.name}, or hypergrad._reference.{op.name} (the twin)."
-    route.__signature__ = inspect.signature(twin)
+    route.__signature__ = signature
     return route
 
 

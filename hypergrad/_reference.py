@@ -120,12 +120,12 @@ def activation_derivatives(z, activation, negative_slope):
     return torch.ones_like(z), torch.zeros_like(z)
 
 
-def activation_jvp(z, rz, activation, negative_slope):
+def activation_jvp(z, rz, activation, negative_slope=0.0):
     """sigma'(z) * rz, with rz shaped like z or [B, *z.shape]."""
     return activation_derivatives(z, activation, negative_slope)[0] * rz
 
 
-def activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope):
+def activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope=0.0):
     """sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a."""
     first, second = activation_derivatives(z, activation, negative_slope)
     return second * rz * grad_a + first * r_grad_a
@@ -136,7 +136,7 @@ def softmax_ce_hvp(probs, rz, scale):
     return scale * probs * (rz - (probs * rz).sum(-1, keepdim=True))
 
 
-def mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation, negative_slope):
+def mlp_ce_hvp(weights, inputs, pre_activations, grad_activations, deltas, probs, v, activation, negative_slope=0.0):
     """H v of the mean softmax cross-entropy of a linear-activation chain (see csrc/mlp_hvp.cpp)."""
     expected = sum(w.numel() + w.shape[0] for w in weights)
     if v.dim() not in (1, 2):

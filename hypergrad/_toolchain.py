@@ -3,7 +3,7 @@ which C++ compiler can build them for this Python (a probe).
 
 Build switches, each with one name (the old FORCE_CUDA is still read, with a note):
     HYPERGRAD_FORCE_CUDA=1   build the CUDA kernels even where no GPU or no matching torch is seen
-    HYPERGRAD_FORCE_CPU=1    build the CPU kernels only
+    HYPERGRAD_FORCE_CPU=1    build the CPU kernels only (wins where both are set)
 
 An extension runs inside the process torch lives in, so its C++ code runs against the libstdc++ that
 process has loaded, not the one of the compiler that built it. Code compiled with a newer compiler's
@@ -32,7 +32,8 @@ OLD_SWITCH_NAMES = {"HYPERGRAD_FORCE_CUDA": "FORCE_CUDA"}
 
 def build_switches(environ):
     """(force_cuda, force_cpu, notes) from the environment; ValueError for a value that is not a
-    yes/no or for both switches at once. notes name an old switch name that was read."""
+    yes/no. HYPERGRAD_FORCE_CPU wins over HYPERGRAD_FORCE_CUDA; notes say so, and name an old switch
+    name that was read."""
     values, notes = {}, []
     for name in ("HYPERGRAD_FORCE_CUDA", "HYPERGRAD_FORCE_CPU"):
         used, old = name, OLD_SWITCH_NAMES.get(name)
@@ -41,10 +42,11 @@ def build_switches(environ):
             notes.append(f"{used} is read as {name}, its name now")
         raw = environ.get(used, "0").strip().lower()
         if raw not in SWITCH_VALUES:
-            raise ValueError(f"{used}={environ[used]!r}: {name} takes 1 or 0")
+            raise ValueError(f"{used}={environ[used]!r}: {name} takes 1 or 0 (or yes/no, true/false, on/off)")
         values[name] = SWITCH_VALUES[raw]
-    if values["HYPERGRAD_FORCE_CUDA"] and values["HYPERGRAD_FORCE_CPU"]:
-        raise ValueError("HYPERGRAD_FORCE_CUDA and HYPERGRAD_FORCE_CPU are both set: set one")
+    if values["HYPERGRAD_FORCE_CUDA"] and values["HYPERGRAD_FORCE_CPU"]:  # e.g. FORCE_CUDA left in an image
+        notes.append("HYPERGRAD_FORCE_CUDA and HYPERGRAD_FORCE_CPU are both set: HYPERGRAD_FORCE_CPU wins")
+        values["HYPERGRAD_FORCE_CUDA"] = False
     return values["HYPERGRAD_FORCE_CUDA"], values["HYPERGRAD_FORCE_CPU"], notes
 
 

@@ -198,14 +198,16 @@ def test_routing_follows_use_extension():
     with hypergrad.use_extension(False):
         assert not hypergrad.has_extension()
         torch.testing.assert_close(_ops.row_dot(a, a), (a.double() ** 2).sum(-1))
-    assert hypergrad.has_extension() == (hypergrad.build_info()["extension_loaded"])
+    disabled = os.environ.get("HYPERGRAD_DISABLE_EXTENSION", "0") in ("1", "true", "yes")
+    assert hypergrad.has_extension() == (hypergrad.build_info()["extension_loaded"] and not disabled)
 
 
 @pytest.mark.skipif(os.environ.get("HYPERGRAD_REQUIRE_EXTENSION") != "1", reason="HYPERGRAD_REQUIRE_EXTENSION is not set")
 def test_required_extension_is_loaded():
     info = hypergrad.build_info()
     assert info["extension_loaded"] and hypergrad.has_extension(), info
-    if "1" in (os.environ.get("HYPERGRAD_FORCE_CUDA"), os.environ.get("FORCE_CUDA")):
+    from hypergrad._toolchain import build_switches
+    if build_switches(os.environ)[0]:
         assert info["cuda_kernels"], "HYPERGRAD_FORCE_CUDA=1 was set but the CUDA kernels were not compiled in"
 
 
@@ -247,7 +249,7 @@ def test_each_fake_rejects_a_mismatched_second_argument(op):
     args = list(_valid_args(op.name))
     args[1] = args[1][..., :-1] if args[1].dim() else args[1].reshape(1)  # one entry short, or a row too many
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        with pytest.raises(RuntimeError, match=f"hypergrad::{op.name}"):
+        with pytest.raises(ValueError, match=f"hypergrad::{op.name}"):
             op.fake(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
@@ -263,6 +265,28 @@ def test_every_router_has_its_twins_signature_and_runs_it_without_the_extension(
     want = op.twin(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
     assert (got is None and want is None) or torch.equal(got, want)
     assert hypergrad.build_info()["ops"] == [op.name for op in _ops.OPS]
+
+
+@pytest.mark.parametrize("backend", ["extension", "reference"])
+def test_routers_take_keywords_and_the_twins_defaults(backend):
+    if backend == "extension" and not hypergrad.has_extension():
+        pytest.skip("hypergrad._C is not built")
+    z, rz = torch.randn(5, 6, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    expected = _reference.activation_jvp(z, rz, "leaky_relu", 0.0)
+    with hypergrad.use_extension(backend == "extension"):
+        torch.testing.assert_close(_ops.activation_jvp(z, rz, "leaky_relu"), expected)  # negative_slope=0.0
+        torch.testing.assert_close(_ops.activation_jvp(z, rz=rz, activation="leaky_relu", negative_slope=0.0), expected)
+
+
+def test_the_activation_fakes_check_the_activation_and_dtypes():
+    args = _valid_args("activation_hvp_backward")
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        z, rz, grad_a, r_grad_a = (mode.from_tensor(a) for a in args[:4])
+        fake = next(op.fake for op in _ops.OPS if op.name == "activation_hvp_backward")
+        with pytest.raises(ValueError, match="unknown activation 'swish'"):
+            fake(z, rz, grad_a, r_grad_a, "swish", 0.0)
+        with pytest.raises(ValueError, match="float64"):
+            fake(z, rz, grad_a, r_grad_a.float(), "tanh", 0.0)
 
 
 def test_a_cuda_major_mismatch_turns_the_cuda_kernels_off_with_a_rebuild_message(monkeypatch):
@@ -286,7 +310,7 @@ def test_the_build_switches_have_one_name_each_and_the_old_one_still_works(monke
     force_cuda, force_cpu, notes = build_switches({"FORCE_CUDA": "1"})
     assert (force_cuda, force_cpu) == (True, False) and "HYPERGRAD_FORCE_CUDA" in notes[0]
     assert build_switches({"HYPERGRAD_FORCE_CPU": "yes"})[:2] == (False, True)
-    with pytest.raises(ValueError, match="both"):
-        build_switches({"HYPERGRAD_FORCE_CUDA": "1", "HYPERGRAD_FORCE_CPU": "1"})
+    force_cuda, force_cpu, notes = build_switches({"FORCE_CUDA": "1", "HYPERGRAD_FORCE_CPU": "1"})
+    assert (force_cuda, force_cpu) == (False, True) and "HYPERGRAD_FORCE_CPU wins" in notes[-1]
     with pytest.raises(ValueError, match="HYPERGRAD_FORCE_CUDA"):
         build_switches({"HYPERGRAD_FORCE_CUDA": "maybe"})

@@ -55,10 +55,6 @@ def _nvcc_version(cuda_home):
     return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
-def _flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
-
-
 def _toolchain():
     """hypergrad/_toolchain.py, loaded without importing the package (whose _C is not built yet)."""
     spec = importlib.util.spec_from_file_location(
@@ -108,9 +104,12 @@ def _choose_cxx():
     """Builds with a C++ compiler whose code runs correctly beside torch (the probe of
     hypergrad/_toolchain.py); when $CXX (default c++) fails it, g++ or c++ from PATH takes over as
     both CC and CXX, and with none the build stops with the reasons."""
-    if _flag("HYPERGRAD_SKIP_COMPILER_PROBE"):
-        return
     toolchain = _toolchain()
+    try:
+        if toolchain.switch(os.environ, "HYPERGRAD_SKIP_COMPILER_PROBE"):
+            return
+    except ValueError as exc:
+        sys.exit(f"[hypergrad build] {exc}")
     preferred = os.environ.get("CXX", "c++")
     compiler, rejected = toolchain.choose_compiler(preferred)
     if compiler is None:

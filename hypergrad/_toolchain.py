@@ -30,6 +30,15 @@ SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "
 OLD_SWITCH_NAMES = {"HYPERGRAD_FORCE_CUDA": "FORCE_CUDA"}
 
 
+def switch(environ, name, read_as=None):
+    """The yes/no value of the build switch `name` (unset: no); ValueError naming it for any other value.
+    `read_as` is the switch's current name when `name` is an old one read in its place."""
+    raw = environ.get(name, "0")
+    if raw.strip().lower() not in SWITCH_VALUES:
+        raise ValueError(f"{name}={raw!r}: {read_as or name} takes 1 or 0 (or yes/no, true/false, on/off)")
+    return SWITCH_VALUES[raw.strip().lower()]
+
+
 def build_switches(environ):
     """(force_cuda, force_cpu, notes) from the environment; ValueError for a value that is not a
     yes/no. HYPERGRAD_FORCE_CPU wins over HYPERGRAD_FORCE_CUDA; notes say so, and name an old switch
@@ -40,10 +49,7 @@ def build_switches(environ):
         if name not in environ and old is not None and old in environ:
             used = old
             notes.append(f"{used} is read as {name}, its name now")
-        raw = environ.get(used, "0").strip().lower()
-        if raw not in SWITCH_VALUES:
-            raise ValueError(f"{used}={environ[used]!r}: {name} takes 1 or 0 (or yes/no, true/false, on/off)")
-        values[name] = SWITCH_VALUES[raw]
+        values[name] = switch(environ, used, read_as=name)
     if values["HYPERGRAD_FORCE_CUDA"] and values["HYPERGRAD_FORCE_CPU"]:  # e.g. FORCE_CUDA left in an image
         notes.append("HYPERGRAD_FORCE_CUDA and HYPERGRAD_FORCE_CPU are both set: HYPERGRAD_FORCE_CPU wins")
         values["HYPERGRAD_FORCE_CUDA"] = False

@@ -314,3 +314,14 @@ def test_the_build_switches_have_one_name_each_and_the_old_one_still_works(monke
     assert (force_cuda, force_cpu) == (False, True) and "HYPERGRAD_FORCE_CPU wins" in notes[-1]
     with pytest.raises(ValueError, match="HYPERGRAD_FORCE_CUDA"):
         build_switches({"HYPERGRAD_FORCE_CUDA": "maybe"})
+
+
+def test_every_build_switch_reads_yes_no_the_same_way():
+    from hypergrad._toolchain import switch
+    assert switch({}, "HYPERGRAD_SKIP_COMPILER_PROBE") is False
+    assert switch({"HYPERGRAD_SKIP_COMPILER_PROBE": " On "}, "HYPERGRAD_SKIP_COMPILER_PROBE") is True
+    assert switch({"HYPERGRAD_SKIP_COMPILER_PROBE": "no"}, "HYPERGRAD_SKIP_COMPILER_PROBE") is False
+    with pytest.raises(ValueError, match="HYPERGRAD_SKIP_COMPILER_PROBE='2'"):
+        switch({"HYPERGRAD_SKIP_COMPILER_PROBE": "2"}, "HYPERGRAD_SKIP_COMPILER_PROBE")
+    with pytest.raises(ValueError, match="FORCE_CUDA='maybe': HYPERGRAD_FORCE_CUDA takes"):
+        switch({"FORCE_CUDA": "maybe"}, "FORCE_CUDA", read_as="HYPERGRAD_FORCE_CUDA")

@@ -82,6 +82,9 @@ def test_figure_4_is_drawn(tmp_path):
     (["--scale", "paper"], "--data-root"), (["--seeds", "0"], "--seeds"), (["--table", "14"], "invalid choice"),
     (["--attacks", "fgsm"], "invalid choice"), (["--device", "tpu"], "device"),
     (["--defenders", "cifar-cnn"], "another dataset"), (["--defenses", "loss"], "defense tables"),
+    (["--set", "attack_epochs"], "SETTING=VALUE"), (["--set", "epochs=2"], "no such setting"),
+    (["--set", "seed=3"], "--seeds"), (["--set", "attack_epochs=-1"], "attack-epochs must be >= 0"),
+    (["--set", "attack_epochs=1.5"], "must be int"), (["--table", "7", "--set", "follower_steps=2"], "sets follower_steps itself"),
 ])
 def test_usage_errors_are_one_line_before_any_run(argv, message, tmp_path, capsys):
     args = ["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]
@@ -109,3 +112,17 @@ def test_missing_full_data_stops_the_paper_scale_before_any_run(tmp_path, capsys
     out = tmp_path / "b"
     assert cli.main(["bench", "--table", "5", "--scale", "paper", "--data-root", str(tmp_path), "--out", str(out)]) == 2
     assert "MNIST not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_set_changes_every_run_and_the_tables_say_so(tmp_path, capsys):
+    out = str(tmp_path)
+    flags = ["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]
+    assert cli.main([*flags, "--set", "pretrain_epochs=2", "--set", "pretrain-lr=0.05"]) == 0
+    assert "(smoke scale, with pretrain_epochs=2, pretrain_lr=0.05)" in capsys.readouterr().out
+    for eps in bench.FIGURE_EPSILONS:
+        config = json.load(open(os.path.join(out, "table_figure-4", "label-flip", f"lr_eps={eps}", "seed_0", "config.json")))
+        assert (config["pretrain_epochs"], config["pretrain_lr"], config["epsilon"]) == (2, 0.05, eps)
+    rows = json.load(open(os.path.join(out, "table_figure-4.json")))
+    assert {r["overrides"] for r in rows} == {"pretrain_epochs=2, pretrain_lr=0.05"}
+    assert cli.main(flags) == 2  # the full schedule into the same folders: they hold the shortened runs
+    assert "--overwrite" in capsys.readouterr().err

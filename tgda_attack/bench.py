@@ -232,8 +232,35 @@ def defense_config(cell, scale):
     return DefenseConfig(defense=cell.defense, **quick).checked()
 
 
-def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, attacks=None, defenses=None):
-    """[(cell, seed, resolved Config)] of a table at a scale, every setting checked before anything runs."""
+def overrides_text(overrides):
+    """`--set` settings as the tables state them: "attack_epochs=2, alpha=0.05" ("" for none)."""
+    return ", ".join(f"{k}={v}" for k, v in (overrides or {}).items())
+
+
+def check_overrides(table, overrides, defenders, attacks, defenses):
+    """ValueError for a `--set` setting the bench sets itself: the seed, the scale's dataset and device, or a
+    setting the table's cells vary (a column of Table 7 is its leader_steps and follower_steps)."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for key in overrides:
+        if key not in fields:
+            raise ValueError(f"--set {key}=...: no such setting; the settings are those of `tgda-attack run --help`")
+        if key in BENCH_OWNED:
+            raise ValueError(f"--set {key}=...: {BENCH_OWNED[key]}")
+        varied = sorted({c.column for c in table.cells(defenders, attacks, defenses) if key in c.settings})
+        if varied:
+            raise ValueError(f"--set {key}=...: table {table.key} sets {key} itself in its cells "
+                             f"({'; '.join(varied[:3])}{'; ...' if len(varied) > 3 else ''})")
+
+
+BENCH_OWNED = {"seed": "the bench runs seeds 0 .. K-1: use --seeds K",
+               "dataset": "the table and --scale choose the dataset", "data_root": "use --data-root",
+               "device": "use --device", "defender": "use --defenders"}
+
+
+def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, attacks=None, defenses=None,
+         overrides=None):
+    """[(cell, seed, resolved Config)] of a table at a scale, every setting checked before anything runs.
+    `overrides` ({setting: value}, `--set`) replace the scale's settings in every cell (a shortened schedule)."""
     defenders = tuple(defenders or default_defenders(table, scale))
     dataset = "CIFAR-10" if table.cifar and scale == "paper" else "MNIST"
     allowed = CIFAR_DEFENDERS if dataset == "CIFAR-10" else MNIST_DEFENDERS["paper"]
@@ -252,7 +279,9 @@ def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, a
     unknown = [d for d in defenses if d not in DEFENSES]
     if unknown:
         raise ValueError(f"unknown defense(s) {', '.join(unknown)}; choose from {', '.join(DEFENSES)}")
-    base = base_settings(table, scale, data_root, device)
+    overrides = dict(overrides or {})
+    check_overrides(table, overrides, defenders, attacks, defenses)
+    base = {**base_settings(table, scale, data_root, device), **overrides}
     runs = []
     for cell in table.cells(defenders, attacks, defenses):
         quick = ATTACKS[cell.settings["attack"]].quick if scale == "smoke" else {}
@@ -263,7 +292,7 @@ def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, a
             raise ValueError(f"{where}: {exc}") from None
         for seed in seeds:
             try:
-                cfg = Config.from_dict({**base, **quick, **cell.settings, "seed": seed}).resolved()
+                cfg = Config.from_dict({**base, **quick, **overrides, **cell.settings, "seed": seed}).resolved()
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{where}: {exc}") from None
             runs.append((cell, seed, cfg))
@@ -322,13 +351,13 @@ def folder_job(items, scale, overwrite):
 
 
 def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defenders=None, attacks=None,
-              defenses=None, overwrite=False, verbose=True, executor=None, jobs=1):
+              defenses=None, overrides=None, overwrite=False, verbose=True, executor=None, jobs=1):
     """Runs (or resumes) every run of a table; writes and returns the rows (one dict a cell).
 
     Runs go one after the other in this process, or, with `executor` (a submitit executor:
     tgda_attack.cluster.make_executor), one job a run folder, at most `jobs` at once."""
     runs = plan(table, scale, seeds, data_root=data_root, device=device, defenders=defenders, attacks=attacks,
-                defenses=defenses)
+                defenses=defenses, overrides=overrides)
     if scale == "paper":
         check_available(runs[0][2].dataset, data_root)  # before any run starts
     groups = {}  # run folder -> [(cell, cfg, folder)], in plan order
@@ -352,7 +381,7 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
         for (cell, _, _), metrics in zip(items, metrics_list):
             results.setdefault(cell.key, []).append(metrics)
     cells = {cell.key: cell for cell, _, _ in runs}
-    rows = [_row(table, scale, cells[key], runs_) for key, runs_ in results.items()]
+    rows = [_row(table, scale, cells[key], runs_, overrides_text(overrides)) for key, runs_ in results.items()]
     write_outputs(table, scale, rows, out)
     return rows
 
@@ -361,11 +390,11 @@ def _mean_std(values):
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
 
 
-def _row(table, scale, cell, runs):
+def _row(table, scale, cell, runs, overrides=""):
     row, column = cell.row, cell.column
     done = [r for r in runs if "diverged" not in r]
-    out = {"table": table.key, "scale": scale, table.row_name: row, "column": column, "seeds": len(runs),
-           "diverged": len(runs) - len(done)}
+    out = {"table": table.key, "scale": scale, "overrides": overrides, table.row_name: row, "column": column,
+           "seeds": len(runs), "diverged": len(runs) - len(done)}
     for key, scale_by in (("clean_accuracy", 100), ("poisoned_accuracy", 100), ("accuracy_drop", 100),
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
         mean, std = _mean_std([scale_by * r[key] for r in done if key in r])
@@ -399,7 +428,7 @@ def _defense_row(table, scale, cell, done, out):
 
 def defense_markdown(table, scale, rows):
     """A defense table as Markdown: one line an (attack, defender, defense), ours beside the paper's."""
-    lines = [f"### Table {table.key}: {table.title} ({scale} scale)\n",
+    lines = [f"### Table {table.key}: {table.title} ({_scale_label(scale, rows)})\n",
              "Drops are in points of test accuracy from the clean accuracy without defense (the paper's), and from the "
              "accuracy the same defense gives on the clean D_tr (\"clean acc. with defense\", its own cost); a filter's removed points are counts per run "
              "(precision: the share of removed points that are poisons; recall: the share of poisons removed).\n",
@@ -434,12 +463,18 @@ def _time(seconds):
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _scale_label(scale, rows):
+    overrides = rows[0].get("overrides") if rows else ""
+    return f"{scale} scale" + (f", with {overrides}" if overrides else "")
+
+
 def markdown(table, scale, rows):
     """The table as Markdown: one line a cell, ours (mean ± std over seeds) beside the paper's."""
     if table.defenses:
         return defense_markdown(table, scale, rows)
-    head = (f"### Table {table.key}: {table.title} ({scale} scale)\n\n"
-            if table.key != "figure-4" else f"### {table.title} ({scale} scale)\n\n")
+    label = _scale_label(scale, rows)
+    head = (f"### Table {table.key}: {table.title} ({label})\n\n"
+            if table.key != "figure-4" else f"### {table.title} ({label})\n\n")
     if table.cifar and scale != "paper":
         head += "The paper ran this table on CIFAR-10; at this scale it runs on MNIST, so no paper numbers are beside.\n\n"
     lines = [f"| {table.row_name} | column | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) | attack time "

@@ -100,6 +100,9 @@ def build_parser():
                    help="rows of tables 2 and 10 and figure-4 (default: all; table 10: tgda, label-flip, gradient-canceling)")
     p.add_argument("--defenses", nargs="+", choices=tuple(DEFENSES), help="defenses of tables 10 and 11 (default: the table's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE", dest="overrides",
+                   help="a setting of every run over the scale's, e.g. a shortened schedule: --set attack_epochs=2 "
+                        "(repeatable; the tables' titles state it; use another --out than the full schedule's)")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--overwrite", action="store_true", help="replace runs whose folders hold other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -120,16 +123,17 @@ def _bench(args):
         raise UsageError("--jobs and --job-minutes must be at least 1, --job-gpus at least 0")
     if args.executor is None and (args.jobs != 1 or args.slurm_partition):
         raise UsageError("--jobs and --slurm-partition set how jobs run on a cluster: add --executor local|slurm")
+    overrides = _parse_overrides(args.overrides)
     try:
         bench.plan(table, args.scale, [0], data_root=args.data_root, device=args.device, defenders=args.defenders,
-                   attacks=args.attacks, defenses=args.defenses)  # every setting checked before a job is submitted
+                   attacks=args.attacks, defenses=args.defenses, overrides=overrides)  # every setting checked before a job is submitted
         executor = None
         if args.executor:
             executor = cluster.make_executor(args.executor, cluster.log_folder(args.out), timeout_min=args.job_minutes,
                                              slurm_partition=args.slurm_partition, gpus=args.job_gpus, jobs=args.jobs)
         rows = bench.run_table(table, args.scale, list(range(args.seeds)), args.out, data_root=args.data_root,
                                device=args.device, defenders=args.defenders, attacks=args.attacks, defenses=args.defenses,
-                               overwrite=args.overwrite, verbose=not args.quiet, executor=executor, jobs=args.jobs)
+                               overrides=overrides, overwrite=args.overwrite, verbose=not args.quiet, executor=executor, jobs=args.jobs)
     except cluster.ClusterError as exc:
         if "failed" not in str(exc):
             raise UsageError(str(exc)) from None
@@ -143,6 +147,22 @@ def _bench(args):
     print(f"written: {os.path.join(args.out, f'table_{table.key}')}.{{md,csv,json}}"
           + (" and .png" if table.key == "figure-4" else ""))
     return 0
+
+
+def _parse_overrides(items):
+    """`--set SETTING=VALUE` items -> {setting: value}; a value is read as JSON where it is one (2, 0.5, true),
+    else as text (cold); Config checks each against its setting."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not text.strip():
+            raise UsageError(f"--set {item!r}: write SETTING=VALUE, e.g. --set attack_epochs=2")
+        try:
+            overrides[key] = json.loads(text)
+        except ValueError:
+            overrides[key] = text.strip()
+    return overrides
 
 
 def _read_config_file(path):

@@ -99,8 +99,9 @@ def test_usage_errors_are_one_line_before_any_run(argv, message, tmp_path, capsy
 def test_a_run_folder_with_other_settings_stops_the_bench_unless_overwrite(tmp_path, capsys):
     out = str(tmp_path)
     flags = ["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]
-    folder = os.path.join(out, "table_figure-4", "label-flip", "lr_eps=0.03", "seed_0")
-    assert cli.main(["run", "--attack", "label-flip", "--pretrain-epochs", "1", "--out", folder, "--quiet"]) == 0
+    folder = os.path.join(out, "table_figure-4", "label-flip", "lr_eps=0.1", "seed_0")
+    assert cli.main(["run", "--attack", "label-flip", "--epsilon", "0.1", "--pretrain-epochs", "1", "--out", folder,
+                     "--quiet"]) == 0
     capsys.readouterr()
     assert cli.main(flags) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -119,10 +120,25 @@ def test_set_changes_every_run_and_the_tables_say_so(tmp_path, capsys):
     flags = ["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]
     assert cli.main([*flags, "--set", "pretrain_epochs=2", "--set", "pretrain-lr=0.05"]) == 0
     assert "(smoke scale, with pretrain_epochs=2, pretrain_lr=0.05)" in capsys.readouterr().out
-    for eps in bench.FIGURE_EPSILONS:
-        config = json.load(open(os.path.join(out, "table_figure-4", "label-flip", f"lr_eps={eps}", "seed_0", "config.json")))
+    folders = [os.path.join(out, "table_2", "label-flip", "lr", "seed_0")] + [  # epsilon 3%: Table 2's run
+        os.path.join(out, "table_figure-4", "label-flip", f"lr_eps={eps}", "seed_0") for eps in bench.FIGURE_EPSILONS[1:]]
+    for eps, folder in zip(bench.FIGURE_EPSILONS, folders):
+        config = json.load(open(os.path.join(folder, "config.json")))
         assert (config["pretrain_epochs"], config["pretrain_lr"], config["epsilon"]) == (2, 0.05, eps)
     rows = json.load(open(os.path.join(out, "table_figure-4.json")))
     assert {r["overrides"] for r in rows} == {"pretrain_epochs=2, pretrain_lr=0.05"}
     assert cli.main(flags) == 2  # the full schedule into the same folders: they hold the shortened runs
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_cell_with_table_2_settings_is_table_2_run_not_a_second_one(tmp_path, capsys):
+    out = str(tmp_path)
+    assert cli.main(["bench", "--table", "2", "--attacks", "tgda", "--out", out, "--quiet"]) == 0
+    table_2 = json.load(open(os.path.join(out, "table_2.json")))[0]
+    assert cli.main(["bench", "--table", "5", "--out", out, "--quiet"]) == 0
+    rows = {r["column"]: r for r in json.load(open(os.path.join(out, "table_5.json")))}
+    assert not os.path.exists(os.path.join(out, "table_5", "lr", "non-zero-sum"))  # Table 2's tgda run, same settings
+    assert os.path.exists(os.path.join(out, "table_5", "lr", "zero-sum", "seed_0", "metrics.json"))
+    assert rows["non-zero-sum"]["accuracy_drop_mean"] == table_2["accuracy_drop_mean"]
+    assert rows["non-zero-sum"]["attack_seconds_mean"] == table_2["attack_seconds_mean"]  # not made again
+    assert rows["zero-sum"]["accuracy_drop_mean"] is not None

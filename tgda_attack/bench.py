@@ -303,11 +303,26 @@ def _slug(text):
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
-def run_folder(out, table, cell, seed):
+def run_folder(out, table, cell, seed, same_as_table_2=False):
     """OUT/table_N/ROW/COLUMN/seed_K. A defense table's cell is Table 2's run of its (attack, defender) tested
-    under a defense: its folder is Table 2's, so that an attack Table 2 has run is not run again."""
-    key = "2" if cell.defense is not None else table.key
-    return os.path.join(out, f"table_{key}", _slug(cell.row), _slug(cell.column), f"seed_{seed}")
+    under a defense, and a cell whose settings are those of Table 2's run (the ablations' default column:
+    Table 4's "attacker leads", Table 7's "m=1, n=20", Figure 4's epsilon 3%, ...) is that run: their folder
+    is Table 2's, so that a run Table 2 has made is not made again."""
+    if cell.defense is not None or same_as_table_2:
+        return os.path.join(out, "table_2", _slug(cell.settings["attack"]), _slug(cell.settings["defender"]),
+                            f"seed_{seed}")
+    return os.path.join(out, f"table_{table.key}", _slug(cell.row), _slug(cell.column), f"seed_{seed}")
+
+
+def _table_2_configs(table, scale, seeds, runs, *, data_root, device, overrides):
+    """{(attack, defender, seed): Config of Table 2's run} for the attacks and defenders of `runs`, at the same
+    scale and overrides (empty for a CIFAR table: Table 2 is MNIST)."""
+    if table.key == "2" or (table.cifar and scale == "paper"):
+        return {}
+    cells = {(cell.settings["attack"], cell.settings["defender"]) for cell, _, _ in runs}
+    table_2 = plan(TABLES["2"], scale, seeds, data_root=data_root, device=device,
+                   defenders=sorted({d for _, d in cells}), attacks=sorted({a for a, _ in cells}), overrides=overrides)
+    return {(cell.row, cell.column, seed): cfg for cell, seed, cfg in table_2 if (cell.row, cell.column) in cells}
 
 
 def _resumed(step, folder, overwrite):
@@ -360,9 +375,11 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
                 defenses=defenses, overrides=overrides)
     if scale == "paper":
         check_available(runs[0][2].dataset, data_root)  # before any run starts
+    table_2 = _table_2_configs(table, scale, seeds, runs, data_root=data_root, device=device, overrides=overrides)
     groups = {}  # run folder -> [(cell, cfg, folder)], in plan order
     for cell, seed, cfg in runs:
-        folder = run_folder(out, table, cell, seed)
+        folder = run_folder(out, table, cell, seed,
+                            same_as_table_2=table_2.get((cfg.attack, cfg.defender, seed)) == cfg)
         groups.setdefault(folder, []).append((cell, cfg, folder))
     groups = list(groups.values())
     bar = progress_bar(total=len(runs), desc=f"table {table.key} ({scale})", disable=not verbose)

@@ -84,7 +84,8 @@ def test_figure_4_is_drawn(tmp_path):
     (["--defenders", "cifar-cnn"], "another dataset"), (["--defenses", "loss"], "defense tables"),
     (["--set", "attack_epochs"], "SETTING=VALUE"), (["--set", "epochs=2"], "no such setting"),
     (["--set", "seed=3"], "--seeds"), (["--set", "attack_epochs=-1"], "attack-epochs must be >= 0"),
-    (["--set", "attack_epochs=1.5"], "must be int"), (["--table", "7", "--set", "follower_steps=2"], "sets follower_steps itself"),
+    (["--set", "attack_epochs=1.5"], "attack_epochs takes an integer"), (["--set", "damping=nan"], "finite"),
+    (["--set", "pretrain_attacker=maybe"], "yes or no"), (["--table", "7", "--set", "follower_steps=2"], "sets follower_steps itself"),
 ])
 def test_usage_errors_are_one_line_before_any_run(argv, message, tmp_path, capsys):
     args = ["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]
@@ -142,3 +143,25 @@ def test_a_cell_with_table_2_settings_is_table_2_run_not_a_second_one(tmp_path, 
     assert rows["non-zero-sum"]["accuracy_drop_mean"] == table_2["accuracy_drop_mean"]
     assert rows["non-zero-sum"]["attack_seconds_mean"] == table_2["attack_seconds_mean"]  # not made again
     assert rows["zero-sum"]["accuracy_drop_mean"] is not None
+
+
+def test_set_reads_each_value_as_its_setting_type():
+    overrides = cli._parse_overrides(["gc_labels=true", "pretrain-attacker=no", "alpha=0.5", "attack_epochs=2"])
+    assert overrides == {"gc_labels": "true", "pretrain_attacker": False, "alpha": 0.5, "attack_epochs": 2}
+    assert type(overrides["alpha"]) is float and type(overrides["attack_epochs"]) is int
+
+
+def test_a_run_folder_another_bench_is_making_waits_for_it(tmp_path, monkeypatch):
+    import threading
+
+    from tgda_attack import rundir
+    made = []
+    monkeypatch.setattr(bench, "_run_cell", lambda cell, scale, cfg, folder, overwrite, diverged: made.append(folder))
+    folder = str(tmp_path / "run")
+    with rundir.exclusive(folder):
+        other = threading.Thread(target=bench.folder_job, args=([(None, None, folder)], "smoke", False))
+        other.start()
+        other.join(0.5)
+        assert other.is_alive() and made == []  # waiting for the lock
+    other.join(10)
+    assert made == [folder]

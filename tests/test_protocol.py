@@ -185,8 +185,11 @@ def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed(tmp
     assert "epsilon 0.03 -> 0.05" in capsys.readouterr().err
     assert cli.main(["run", *flags, "--resume"]) == 0  # same settings: the finished run is kept
     assert json.load(open(os.path.join(out, "metrics.json"))) == metrics
+    assert cli.main(["run", *flags, "--defense", "sphere", "--resume"]) == 0  # a defense result of these poisons
+    assert os.path.exists(os.path.join(out, "defense_sphere", "metrics.json"))
     assert cli.main(["run", *flags, "--epsilon", "0.05", "--overwrite"]) == 0
     assert json.load(open(os.path.join(out, "metrics.json")))["n_poison"] == 140
+    assert not os.path.exists(os.path.join(out, "defense_sphere"))  # it was of the replaced poisons
 
 
 def test_a_folder_written_before_a_setting_existed_resumes_when_the_setting_is_at_its_default(tmp_path, capsys):

@@ -7,7 +7,7 @@ Tables 2-9, 12 and 13 and Figure 4 (accuracy drop against epsilon), and the defe
 of run settings (a tgda_attack.config.Config over the scale's base) run for every seed into its own
 folder OUT/table_N/ROW/COLUMN/seed_K; a cell of a defense table (10, 11) is Table 2's run of its attack and
 defender tested under a defense, in Table 2's folder (the attack runs once for Table 2 and every defense),
-into its sub-folder defense_NAME. A run already complete in its folder is kept (the run folders'
+into its sub-folder defense_NAME, and a cell with the settings of a Table 2 run is that run, in its folder. A run already complete in its folder is kept (the run folders'
 resume check: tgda_attack.rundir.claim), so an interrupted bench continues where it stopped; a run whose
 folder holds other settings stops the bench unless --overwrite.
 
@@ -32,7 +32,7 @@ from .attacks import ATTACKS
 from .config import Config, DefenseConfig
 from .data import check_available
 from .defenses import DEFENSES
-from .rundir import RunFolderError, write_json
+from .rundir import RunFolderError, exclusive, write_json
 
 SCALES = ("smoke", "sample", "paper")
 SMOKE = {"pretrain_epochs": 3, "pretrain_batch_size": 100, "attacker_epochs": 0, "attack_epochs": 1,
@@ -243,7 +243,8 @@ def check_overrides(table, overrides, defenders, attacks, defenses):
     fields = {f.name for f in dataclasses.fields(Config)}
     for key in overrides:
         if key not in fields:
-            raise ValueError(f"--set {key}=...: no such setting; the settings are those of `tgda-attack run --help`")
+            raise ValueError(f"--set {key}=...: no such setting of a run (`tgda-attack run --help` lists them; "
+                             "a defense's own settings are not set here)")
         if key in BENCH_OWNED:
             raise ValueError(f"--set {key}=...: {BENCH_OWNED[key]}")
         varied = sorted({c.column for c in table.cells(defenders, attacks, defenses) if key in c.settings})
@@ -305,9 +306,9 @@ def _slug(text):
 
 def run_folder(out, table, cell, seed, same_as_table_2=False):
     """OUT/table_N/ROW/COLUMN/seed_K. A defense table's cell is Table 2's run of its (attack, defender) tested
-    under a defense, and a cell whose settings are those of Table 2's run (the ablations' default column:
-    Table 4's "attacker leads", Table 7's "m=1, n=20", Figure 4's epsilon 3%, ...) is that run: their folder
-    is Table 2's, so that a run Table 2 has made is not made again."""
+    under a defense, and a cell whose settings are those of Table 2's run (the ablations' default column, such
+    as Table 4's "attacker leads" or Figure 4's epsilon 3%; which one depends on the scale's settings) is that
+    run: their folder is Table 2's, so that a run Table 2 has made is not made again."""
     if cell.defense is not None or same_as_table_2:
         return os.path.join(out, "table_2", _slug(cell.settings["attack"]), _slug(cell.settings["defender"]),
                             f"seed_{seed}")
@@ -362,7 +363,8 @@ def folder_job(items, scale, overwrite):
     """The cells that share one run folder, in order (a defense table's cells of one attack run: the attack
     runs once, then each defense): [(cell, cfg, folder)] -> [metrics]. One job of a cluster sweep."""
     diverged = {}
-    return [_run_cell(cell, scale, cfg, folder, overwrite, diverged) for cell, cfg, folder in items]
+    with exclusive(items[0][2]):  # another bench making the same run (a shared Table 2 folder) waits for this one
+        return [_run_cell(cell, scale, cfg, folder, overwrite, diverged) for cell, cfg, folder in items]
 
 
 def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defenders=None, attacks=None,

@@ -149,19 +149,25 @@ def _bench(args):
     return 0
 
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _parse_overrides(items):
-    """`--set SETTING=VALUE` items -> {setting: value}; a value is read as JSON where it is one (2, 0.5, true),
-    else as text (cold); Config checks each against its setting."""
+    """`--set SETTING=VALUE` items -> {setting: value}, each value read as its setting's type (Config's hints:
+    int, float, yes/no, text); Config checks the values themselves."""
+    hints = typing.get_type_hints(Config)
     overrides = {}
     for item in items:
         key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key or not text.strip():
+        key, text = key.strip().replace("-", "_"), text.strip()
+        if not sep or not key or not text:
             raise UsageError(f"--set {item!r}: write SETTING=VALUE, e.g. --set attack_epochs=2")
+        kind = hints.get(key, str)  # an unknown name is reported by bench.check_overrides
         try:
-            overrides[key] = json.loads(text)
-        except ValueError:
-            overrides[key] = text.strip()
+            overrides[key] = (BOOL_WORDS[text.lower()] if kind is bool else kind(text))
+        except (KeyError, ValueError):
+            raise UsageError(f"--set {key}={text}: {key} takes "
+                             f"{'yes or no' if kind is bool else 'an integer' if kind is int else 'a number'}") from None
     return overrides
 
 

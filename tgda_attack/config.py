@@ -9,6 +9,7 @@ every registered attack's. CHOICES lists each setting's allowed values, taken fr
 owns them; the command line reads its choices and types from here.
 """
 import dataclasses
+import math
 import typing
 
 import torch
@@ -124,6 +125,11 @@ class _ProtocolSettings:
         _check_types(self)
 
     def _check_values(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # nan would pass the range checks below, and no run equals itself
+            value = getattr(self, f.name)
+            if hints[f.name] is float and value is not None and not math.isfinite(value):
+                raise ValueError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         if not 0 < self.epsilon <= 1:
             raise ValueError(f"epsilon is the poison budget as a fraction of the training set, in (0, 1]; got {self.epsilon}")
         for name in NON_NEGATIVE_INTS:

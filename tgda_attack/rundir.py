@@ -7,13 +7,20 @@ holds another run is stopped before any work (`RunFolderError`): `overwrite` rem
 and starts afresh; `resume` continues it, and only with the very same settings, so that no result is
 ever reported under settings that did not produce it.
 """
+import contextlib
 import dataclasses
 import json
 import os
 import pickle
+import shutil
 import warnings
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 RUN_FILES = ("config.json", "pretrain.json", "defender_pretrained.pt", "attacker_pretrained.pt", "attack_checkpoint.pt",
              "attack_checkpoint.pt.tmp", "attack.json", "poisons.pt", "attacker_attacked.pt", "defender_attacked.pt",
@@ -22,6 +29,22 @@ RUN_FILES = ("config.json", "pretrain.json", "defender_pretrained.pt", "attacker
 
 class RunFolderError(ValueError):
     """The output folder holds a run that this one must not silently continue or overwrite."""
+
+
+@contextlib.contextmanager
+def exclusive(out):
+    """Holds an exclusive lock on the run folder `out` (its file .lock), waiting for another process that holds
+    it: two benches whose tables share a run (tgda_attack.bench) make it once, one after the other. Where
+    fcntl is missing (Windows) it does not lock."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_json(path, obj):
@@ -156,6 +179,9 @@ def claim(out, cfg, *, overwrite=False, resume=False):
             path = os.path.join(out, name)
             if os.path.exists(path):
                 os.remove(path)
+        for name in os.listdir(out):  # the old poisons' defense results (stage_defend's defense_NAME folders)
+            if name.startswith("defense_") and os.path.isdir(os.path.join(out, name)):
+                shutil.rmtree(os.path.join(out, name))
         return False
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     # a setting added to the project after this folder was written, at its default, is the same run

@@ -7,9 +7,10 @@ Tables 2-9, 12 and 13 and Figure 4 (accuracy drop against epsilon), and the defe
 of run settings (a tgda_attack.config.Config over the scale's base) run for every seed into its own
 folder OUT/table_N/ROW/COLUMN/seed_K; a cell of a defense table (10, 11) is Table 2's run of its attack and
 defender tested under a defense, in Table 2's folder (the attack runs once for Table 2 and every defense),
-into its sub-folder defense_NAME, and a cell with the settings of a Table 2 run is that run, in its folder. A run already complete in its folder is kept (the run folders'
-resume check: tgda_attack.rundir.claim), so an interrupted bench continues where it stopped; a run whose
-folder holds other settings stops the bench unless --overwrite.
+into its sub-folder defense_NAME, and a cell with the settings of a Table 2 run is that run, in its folder.
+A run already complete in its folder is kept (the run folders' resume check: tgda_attack.rundir.claim), so
+an interrupted bench continues where it stopped; a run whose folder holds other settings stops the bench
+unless --overwrite.
 
 Scales: "smoke" (the embedded mnist-sample with every schedule cut to a run of seconds: for tests and CI,
 numbers without meaning), "sample" (mnist-sample with its dataset defaults: minutes a run on 2 CPU
@@ -241,13 +242,14 @@ def check_overrides(table, overrides, defenders, attacks, defenses):
     """ValueError for a `--set` setting the bench sets itself: the seed, the scale's dataset and device, or a
     setting the table's cells vary (a column of Table 7 is its leader_steps and follower_steps)."""
     fields = {f.name for f in dataclasses.fields(Config)}
+    cells = table.cells(defenders, attacks, defenses)
     for key in overrides:
         if key not in fields:
             raise ValueError(f"--set {key}=...: no such setting of a run (`tgda-attack run --help` lists them; "
                              "a defense's own settings are not set here)")
         if key in BENCH_OWNED:
             raise ValueError(f"--set {key}=...: {BENCH_OWNED[key]}")
-        varied = sorted({c.column for c in table.cells(defenders, attacks, defenses) if key in c.settings})
+        varied = sorted({c.column for c in cells if key in c.settings})
         if varied:
             raise ValueError(f"--set {key}=...: table {table.key} sets {key} itself in its cells "
                              f"({'; '.join(varied[:3])}{'; ...' if len(varied) > 3 else ''})")
@@ -282,7 +284,7 @@ def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, a
         raise ValueError(f"unknown defense(s) {', '.join(unknown)}; choose from {', '.join(DEFENSES)}")
     overrides = dict(overrides or {})
     check_overrides(table, overrides, defenders, attacks, defenses)
-    base = {**base_settings(table, scale, data_root, device), **overrides}
+    base = base_settings(table, scale, data_root, device)
     runs = []
     for cell in table.cells(defenders, attacks, defenses):
         quick = ATTACKS[cell.settings["attack"]].quick if scale == "smoke" else {}

@@ -67,6 +67,33 @@ def test_table_10_smoke_is_a_matrix_of_attacks_and_every_defense_each_attack_run
     assert row["recall_mean"] == pytest.approx(100 * metrics["recall"])
 
 
+def test_a_run_that_diverges_is_counted_and_its_message_kept(tmp_path):
+    # a learning rate of 1e30 makes the NN defender's gradient descent blow up: a result of the bench, not its end
+    out = str(tmp_path)
+    assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--attacks", "label-flip", "--defenders", "nn",
+                     "--set", "pretrain_lr=1e30", "--out", out, "--quiet"]) == 0
+    (row,) = json.load(open(os.path.join(out, "table_2.json")))
+    assert (row["seeds"], row["diverged"], row["accuracy_drop_mean"]) == (1, 1, None)
+    folder = os.path.join(out, "table_2", "label-flip", "nn", "seed_0")
+    assert row["diverged_messages"].startswith(folder + ": ") and "lr 1e+30" in row["diverged_messages"]
+    text = open(os.path.join(out, "table_2.md")).read()
+    assert "| 1 (1 diverged) |" in text and "diverged_messages" in text
+
+
+def test_figure_4_marks_the_points_whose_seeds_diverged(tmp_path):
+    def row(attack, eps, drop, diverged):
+        return {"attack": attack, "column": f"nn eps={eps}", "seeds": 3, "diverged": diverged,
+                "accuracy_drop_mean": drop, "accuracy_drop_std": None if drop is None else 0.5}
+    rows = [row("tgda", 1.0, 0.1, 1), row("tgda", 0.03, -0.1, 0), row("min-max", 0.3, None, 3)]
+    curves = bench.epsilon_curves(rows)
+    assert curves == {"nn": {"tgda": [(0.03, -0.1, 0.5, ""), (1.0, 0.1, 0.5, "1/3 diverged")],
+                             "min-max": [(0.3, None, None, "3/3 diverged")]}}
+    path = str(tmp_path / "figure.png")
+    bench.save_epsilon_figure(rows, path)  # an attack with no drawable point is still marked, not a crash
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_figure_4_is_drawn(tmp_path):
     out = str(tmp_path)
     assert cli.main(["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]) == 0

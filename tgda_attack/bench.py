@@ -358,7 +358,7 @@ def _run_cell(cell, scale, cfg, folder, overwrite, diverged):
         return _resumed(lambda fresh: protocol.stage_defend(folder, dcfg, overwrite=fresh, resume=not fresh),
                         os.path.join(folder, f"defense_{cell.defense}"), overwrite)
     except FloatingPointError as exc:  # a diverged training or attack is a result of the bench, not its end
-        return {"diverged": str(exc)}
+        return {"diverged": f"{folder}: {exc}"}
 
 
 def folder_job(items, scale, overwrite):
@@ -415,7 +415,8 @@ def _row(table, scale, cell, runs, overrides=""):
     row, column = cell.row, cell.column
     done = [r for r in runs if "diverged" not in r]
     out = {"table": table.key, "scale": scale, "overrides": overrides, table.row_name: row, "column": column,
-           "seeds": len(runs), "diverged": len(runs) - len(done)}
+           "seeds": len(runs), "diverged": len(runs) - len(done),
+           "diverged_messages": " | ".join(r["diverged"] for r in runs if "diverged" in r)}
     for key, scale_by in (("clean_accuracy", 100), ("poisoned_accuracy", 100), ("accuracy_drop", 100),
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
         mean, std = _mean_std([scale_by * r[key] for r in done if key in r])
@@ -471,7 +472,16 @@ def defense_markdown(table, scale, rows):
                      f"| {_fmt(r['clean_defended_accuracy_mean'], r['clean_defended_accuracy_std'])} "
                      f"| {_fmt(r['attack_drop_under_defense_mean'], r['attack_drop_under_defense_std'])} "
                      f"| {removed} | {prec} | {paper} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _diverged_footnote(rows)
+
+
+def _diverged_footnote(rows):
+    """The sentence under a table some of whose runs diverged ("" when none did)."""
+    if not any(r["diverged"] for r in rows):
+        return ""
+    return ("\n\"diverged\": the defender's training on the poisoned set, or the attack, blew up (loss to inf or "
+            "nan) at the run's learning rate, so that run has no accuracy; a row's numbers are over its other seeds. Each "
+            "diverged run's folder and message are in the column diverged_messages of the table's CSV and JSON.\n")
 
 
 def _fmt(mean, std, digits=2):
@@ -511,7 +521,7 @@ def markdown(table, scale, rows):
                      f"| {_fmt(r['poisoned_accuracy_mean'], r['poisoned_accuracy_std'])} "
                      f"| {_fmt(r['accuracy_drop_mean'], r['accuracy_drop_std'])} | {_time(r['attack_seconds_mean'])} "
                      f"| {_fmt(r['mean_perturbation_linf_mean'], r['mean_perturbation_linf_std'], 3)} | {paper} | {hours} |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + _diverged_footnote(rows)
 
 
 def write_outputs(table, scale, rows, out):
@@ -531,22 +541,42 @@ def write_outputs(table, scale, rows, out):
         save_epsilon_figure(rows, stem + ".png")
 
 
-def save_epsilon_figure(rows, path):
-    """Figure 4: the accuracy drop against epsilon, one panel a defender, one line an attack."""
-    from .report import plt
-
-    panels = {}
+def epsilon_curves(rows):
+    """Figure 4's data: {defender: {attack: [(epsilon, drop mean, drop std, note)]}} sorted by epsilon, where
+    note says how many of a point's seeds diverged ("1/3 diverged"; "" when none). A point whose every seed
+    diverged has no drop (None): it is drawn as a mark on the axis, not as a value."""
+    curves = {}
     for r in rows:
         defender, eps = r["column"].split(" eps=")
-        panels.setdefault(defender, {}).setdefault(r["attack"], []).append((float(eps), r["accuracy_drop_mean"],
-                                                                            r["accuracy_drop_std"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (defender, lines) in zip(axes[0], panels.items()):
+        note = f"{r['diverged']}/{r['seeds']} diverged" if r["diverged"] else ""
+        curves.setdefault(defender, {}).setdefault(r["attack"], []).append(
+            (float(eps), r["accuracy_drop_mean"], r["accuracy_drop_std"], note))
+    for lines in curves.values():
+        for points in lines.values():
+            points.sort(key=lambda p: p[0])
+    return curves
+
+
+def save_epsilon_figure(rows, path):
+    """Figure 4: the accuracy drop against epsilon, one panel a defender, one line an attack; a point some of
+    whose seeds diverged (the defender could not be trained on the poisoned set) says so beside it."""
+    from .report import plt
+
+    curves = epsilon_curves(rows)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (defender, lines) in zip(axes[0], curves.items()):
         for attack, points in lines.items():
-            points = sorted(p for p in points if p[1] is not None)
-            if points:
-                ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                            marker="o", capsize=3, label=attack)
+            drawn = [p for p in points if p[1] is not None]
+            if drawn:
+                line = ax.errorbar([p[0] for p in drawn], [p[1] for p in drawn], yerr=[p[2] for p in drawn],
+                                   marker="o", capsize=3, label=attack)
+                color = line[0].get_color()
+            for eps, mean, _, note in points:
+                if mean is not None and note:
+                    ax.annotate(note, (eps, mean), xytext=(4, 4), textcoords="offset points", fontsize=6,
+                                color=color)
+                elif mean is None:  # every seed diverged: no drop to draw
+                    ax.annotate(f"{attack}: {note}", (eps, 0.02), xycoords=("data", "axes fraction"), fontsize=6)
         ax.set_xscale("log")
         ax.set_xlabel("epsilon (poisons / |D_tr|)")
         ax.set_ylabel("accuracy drop (points)")

@@ -63,6 +63,19 @@ def test_retraining_follows_the_pretrain_procedure(tiny_run):
         assert torch.equal(v, saved[k]), k
 
 
+def test_the_stage_helpers_fill_in_the_dataset_defaults_of_a_config():
+    # from Python a user may pass a Config as written (its None settings not yet filled in)
+    raw = protocol.Config(dataset="mnist-sample", defender="lr", pretrain_epochs=1, seed=3)
+    assert raw.pretrain_batch_size is None
+    full = raw.resolved()
+    splits = protocol.load_splits(raw)
+    assert torch.equal(splits.x_train, protocol.load_splits(full).x_train)
+    a = protocol.train_defender(raw, splits.x_train[:200], splits.y_train[:200])
+    b = protocol.train_defender(full, splits.x_train[:200], splits.y_train[:200])
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
 def test_stages_run_separately_and_match_run(tiny_run, tmp_path):
     out = str(tmp_path)
     assert cli.main(["pretrain", "--epsilon", "0.03", "--seed", "0", "--out", out, *TINY_FLAGS]) == 0

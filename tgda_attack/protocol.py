@@ -47,6 +47,9 @@ def _torch_dtype(cfg):
 
 
 def load_splits(cfg):
+    """The dataset's train / validation / test splits on the run's device and dtype (`cfg` a Config, its dataset
+    defaults filled in here when it is not resolved yet)."""
+    cfg = cfg.resolved()
     splits = data_mod.load_dataset(cfg.dataset, cfg.data_root, cfg.download, seed=cfg.split_seed)
     dt = _torch_dtype(cfg)
     for name in ("x_train", "x_val", "x_test"):
@@ -73,7 +76,8 @@ def new_attacker(cfg, image_shape):
 
 def train_defender(cfg, x, y, verbose=False, desc="train defender", name=None):
     """The pretrain procedure: a fresh defender (or architecture `name`) trained on (x, y). Retraining calls it
-    again."""
+    again. `cfg` may be a Config whose dataset defaults are not filled in yet."""
+    cfg = cfg.resolved()
     model = new_defender(cfg, tuple(x.shape[1:]), name)
     return train_classifier(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
                             lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc)

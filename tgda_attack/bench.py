@@ -414,9 +414,9 @@ def _mean_std(values):
 def _row(table, scale, cell, runs, overrides=""):
     row, column = cell.row, cell.column
     done = [r for r in runs if "diverged" not in r]
+    failed = [r["diverged"] for r in runs if "diverged" in r]
     out = {"table": table.key, "scale": scale, "overrides": overrides, table.row_name: row, "column": column,
-           "seeds": len(runs), "diverged": len(runs) - len(done),
-           "diverged_messages": " | ".join(r["diverged"] for r in runs if "diverged" in r)}
+           "seeds": len(runs), "diverged": len(failed), "diverged_messages": " | ".join(failed)}
     for key, scale_by in (("clean_accuracy", 100), ("poisoned_accuracy", 100), ("accuracy_drop", 100),
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
         mean, std = _mean_std([scale_by * r[key] for r in done if key in r])
@@ -479,9 +479,10 @@ def _diverged_footnote(rows):
     """The sentence under a table some of whose runs diverged ("" when none did)."""
     if not any(r["diverged"] for r in rows):
         return ""
-    return ("\n\"diverged\": the defender's training on the poisoned set, or the attack, blew up (loss to inf or "
-            "nan) at the run's learning rate, so that run has no accuracy; a row's numbers are over its other seeds. Each "
-            "diverged run's folder and message are in the column diverged_messages of the table's CSV and JSON.\n")
+    return ("\n\"diverged\": a training of the defender (pretraining, or retraining on the poisoned set) or the "
+            "attack blew up (loss to inf or nan) at the run's learning rate, so that run has no accuracy; a row's "
+            "numbers are over its other seeds. Each diverged run's folder and message are in the column "
+            "diverged_messages of the table's CSV and JSON.\n")
 
 
 def _fmt(mean, std, digits=2):
@@ -566,7 +567,7 @@ def save_epsilon_figure(rows, path):
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
     for ax, (defender, lines) in zip(axes[0], curves.items()):
         for attack, points in lines.items():
-            drawn = [p for p in points if p[1] is not None]
+            drawn, color = [p for p in points if p[1] is not None], None
             if drawn:
                 line = ax.errorbar([p[0] for p in drawn], [p[1] for p in drawn], yerr=[p[2] for p in drawn],
                                    marker="o", capsize=3, label=attack)

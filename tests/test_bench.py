@@ -132,9 +132,26 @@ def test_a_run_folder_with_other_settings_stops_the_bench_unless_overwrite(tmp_p
                      "--quiet"]) == 0
     capsys.readouterr()
     assert cli.main(flags) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "pretrain_epochs 1 -> " in err  # what differs is named
     assert cli.main([*flags, "--overwrite"]) == 0
     assert json.load(open(os.path.join(folder, "config.json")))["pretrain_epochs"] == bench.SMOKE["pretrain_epochs"]
+
+
+def test_a_damaged_file_in_a_run_folder_is_named_not_called_other_settings(tmp_path, capsys):
+    out = str(tmp_path)
+    flags = ["bench", "--table", "2", "--attacks", "label-flip", "--defenders", "lr", "--out", out, "--quiet"]
+    assert cli.main(flags) == 0
+    folder = os.path.join(out, "table_2", "label-flip", "lr", "seed_0")
+    os.remove(os.path.join(folder, "metrics.json"))
+    with open(os.path.join(folder, "poisons.pt"), "w") as fh:
+        fh.write("garbage")
+    capsys.readouterr()
+    assert cli.main(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert "poisons.pt" in err and "other settings" not in err and "\n" not in err
+    assert cli.main([*flags, "--overwrite"]) == 0  # --overwrite makes the run again
+    assert os.path.exists(os.path.join(folder, "metrics.json"))
 
 
 def test_missing_full_data_stops_the_paper_scale_before_any_run(tmp_path, capsys):

@@ -33,7 +33,7 @@ from .attacks import ATTACKS
 from .config import Config, DefenseConfig
 from .data import check_available
 from .defenses import DEFENSES
-from .rundir import RunFolderError, exclusive, write_json
+from .rundir import OtherSettingsError, RunFolderError, exclusive, write_json
 
 SCALES = ("smoke", "sample", "paper")
 SMOKE = {"pretrain_epochs": 3, "pretrain_batch_size": 100, "attacker_epochs": 0, "attack_epochs": 1,
@@ -330,14 +330,18 @@ def _table_2_configs(table, scale, seeds, runs, *, data_root, device, overrides)
 
 def _resumed(step, folder, overwrite):
     """step(fresh=False) (resume what the folder holds), or with `overwrite` step(fresh=True) where the folder
-    holds other settings."""
+    holds other settings or a damaged file. Without `overwrite` a damaged file stops the bench with its own
+    message (the file and the command that writes it again)."""
     try:
         return step(fresh=False)
-    except RunFolderError:
-        if not overwrite:
-            raise RunFolderError(f"{folder} holds a run with other settings (an earlier bench with other "
-                                 "options or code): rerun with --overwrite to replace it, or use another --out")
-        return step(fresh=True)
+    except RunFolderError as exc:
+        if overwrite:
+            return step(fresh=True)
+        if isinstance(exc, OtherSettingsError):
+            raise RunFolderError(f"{folder} holds a run with other settings ({exc.changed}; an earlier bench with "
+                                 "other options or code): rerun with --overwrite to replace it, or use another "
+                                 "--out") from None
+        raise
 
 
 def _run_cell(cell, scale, cfg, folder, overwrite, diverged):

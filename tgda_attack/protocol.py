@@ -35,7 +35,7 @@ from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # n
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
-from .rundir import (RunFolderError, claim, load_state, load_weights, need, read_json, read_json_object, save_atomic,
+from .rundir import (OtherSettingsError, RunFolderError, claim, load_state, load_weights, need, read_json, read_json_object, save_atomic,
                      settings_of, write_json)
 from .training import accuracy, pretrain_attacker, train_classifier
 
@@ -295,8 +295,9 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         if recorded.get("defense_settings") == dcfg.own_settings() and resume:
             return recorded
         if not overwrite:
-            raise RunFolderError(f"{folder} holds results of defense settings {recorded.get('defense_settings')}; "
-                                 "--resume keeps results of the same settings, --overwrite replaces them")
+            raise OtherSettingsError(f"{folder} holds results of defense settings {recorded.get('defense_settings')}; "
+                                     "--resume keeps results of the same settings, --overwrite replaces them",
+                                     f"defense settings {recorded.get('defense_settings')} -> {dcfg.own_settings()}")
     cfg = _config_from(out)
     undefended = read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),
                                                                       "poisoned_accuracy": (int, float)})

@@ -31,6 +31,14 @@ class RunFolderError(ValueError):
     """The output folder holds a run that this one must not silently continue or overwrite."""
 
 
+class OtherSettingsError(RunFolderError):
+    """The folder holds a run (or defense results) of other settings; `changed` says which differ."""
+
+    def __init__(self, message, changed):
+        super().__init__(message)
+        self.changed = changed
+
+
 @contextlib.contextmanager
 def exclusive(out):
     """Holds an exclusive lock on the run folder `out` (its file .lock), waiting for another process that holds
@@ -191,7 +199,7 @@ def claim(out, cfg, *, overwrite=False, resume=False):
         return True
     if resume:
         diff = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
-        raise RunFolderError(f"{out} holds a run with other settings ({diff}); --resume continues only the same "
-                             "settings: use another --out, or --overwrite to replace that run")
+        raise OtherSettingsError(f"{out} holds a run with other settings ({diff}); --resume continues only the same "
+                                 "settings: use another --out, or --overwrite to replace that run", diff)
     raise RunFolderError(f"{out} already holds a run (config.json); --resume continues it with the same settings, "
                          "--overwrite replaces it, or choose another --out")

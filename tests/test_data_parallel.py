@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import hypergrad
 from test_attacks import _attack, _tiny
 from tgda_attack import cli
+from tgda_attack.attacks.tgda import DEFAULT_SOLVER
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -33,6 +34,7 @@ def _worker(rank, world, init_file, options, out):
 @pytest.mark.parametrize("options", [
     {"batch_size": 20, "epochs": 2, "follower_steps": 3},  # 3 batches an epoch, shares of 7/7/6 and 10/10 rows
     {"batch_size": 30, "formulation": "zero-sum", "warm_start": "cold"},
+    {"batch_size": 20, "epochs": 2, "solver": DEFAULT_SOLVER, "solver_iterations": 16, "follower_steps": 20},  # defaults
 ])
 def test_two_processes_make_the_attack_of_one(tmp_path, options):
     out = str(tmp_path / "result")

@@ -140,6 +140,29 @@ def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert err.startswith("tgda-attack: error:") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("command", ["run", "pretrain", "attack", "evaluate", "bench"])
+def test_every_command_prints_its_help(command, capsys):  # a "3%" in a help text once crashed --help
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_a_busy_machine_gets_a_note_and_threads_set_the_run(tmp_path, monkeypatch, capsys):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
+    assert "--threads 1" in cli.busy_cpu_note(2) and cli.busy_cpu_note(1) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cli.busy_cpu_note(cores) is None
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["run", *TINY_FLAGS, "--attack", "label-flip", "--threads", "1", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+        with open(os.path.join(tmp_path, "attack.json")) as fh:
+            assert json.load(fh)["threads"] == 1  # recorded: a seed fixes a run's bits for one thread count
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_config_round_trips_through_json(tiny_run):
     with open(os.path.join(tiny_run, "config.json")) as fh:
         values = json.load(fh)
@@ -163,6 +186,7 @@ def test_diverging_training_is_an_error():
     (["--game-solver", "fr", "--leader", "defender"], "game-solver fr needs --leader attacker"),
     (["--game-solver", "fr", "--warm-start", "cold"], "warm-start partial"),
     (["--gc-steps", "-1"], "gc-steps must be an integer >= 0"), (["--target-epsilon", "0"], "target-epsilon must be a fraction"),
+    (["--threads", "-1"], "threads must be >= 0"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -21,6 +21,8 @@ import sys
 import tomllib
 import typing
 
+import torch
+
 from . import bench, cluster, data_parallel, protocol
 from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, Config, DefenseConfig
 from .defenses import DEFENSES
@@ -39,6 +41,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _literal(text):
+    """A help text as argparse prints it literally (it expands %-formats: "3%" crashed --help)."""
+    return text.replace("%", "%%")
+
+
 def _add_config_options(parser):
     group = parser.add_argument_group("settings (defaults: tgda_attack.config.Config and DATASET_DEFAULTS)")
     hints = typing.get_type_hints(Config)
@@ -49,7 +56,7 @@ def _add_config_options(parser):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
             continue
         group.add_argument(flag, dest=f.name, type=hints[f.name], choices=CHOICES.get(f.name), default=None,
-                           help=f"{helps.get(f.name, '')}(default: {f.default if f.default is not None else 'by dataset'})")
+                           help=_literal(f"{helps.get(f.name, '')}(default: {f.default if f.default is not None else 'by dataset'})"))
     parser.add_argument("--config", help="a JSON or TOML file of settings")
     parser.add_argument("--seeds", type=int, nargs="+", help="run several seeds, one sub-folder each")
     runs = parser.add_mutually_exclusive_group()
@@ -66,7 +73,7 @@ def _add_defense_options(parser):
     for s in DEFENSE_SETTINGS:
         group.add_argument("--" + s.name.replace("_", "-"), dest=s.name, type=hints[s.name],
                            choices=s.check if isinstance(s.check, tuple) else None, default=None,
-                           help=f"{s.help} (default: {s.default})")
+                           help=_literal(f"{s.help} (default: {s.default})"))
 
 
 def build_parser():
@@ -221,6 +228,20 @@ def _print_run(metrics, out):
     print(f"results: {os.path.join(out, 'metrics.json')}; figure: {os.path.join(out, 'poisons.png')}")
 
 
+def busy_cpu_note(threads):
+    """A one-line note when other work already keeps this machine's CPUs busy and the run's `threads` would
+    wait on each other (torch's OpenMP threads spin at every parallel region: the mnist-sample demo took 2.4x
+    as long beside one busy core, an attack epoch 50x beside two 2-thread processes), else None."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = threads or torch.get_num_threads()
+    if threads < 2 or load + threads <= cores + 0.5:
+        return None
+    return (f"tgda-attack: note: the CPUs are busy (load {load:.1f} on {cores} cores) and this run uses {threads} "
+            "threads, which then wait on each other and can make it many times slower; --threads 1 (or fewer "
+            "threads) avoids that. A seed fixes a run's bits for one thread count.")
+
+
 def _seed_folder(out, seed, seeds):
     """The output folder of one seed: `out` itself for a single seed, out/seed_K for several."""
     return out if len(seeds) == 1 else os.path.join(out, f"seed_{seed}")
@@ -238,6 +259,9 @@ def main(argv=None):
         defense = defense_from_args(args) if args.command in ("run", "evaluate") else None
         if args.command in ("run", "pretrain"):
             cfg = config_from_args(args)
+            note = None if data_parallel.launched() else busy_cpu_note(cfg.threads)
+            if note:  # on stdout, beside the results: stderr holds an error's one line alone
+                print(note)
             if data_parallel.launched():
                 if args.command != "run" or data_parallel.problem(cfg):
                     raise UsageError(data_parallel.problem(cfg) or "torchrun spreads `tgda-attack run` only")

@@ -18,7 +18,7 @@ import hypergrad
 
 from .attacks import ATTACKS, FLIP_RULES
 from .attacks.base import INITS, registered_settings
-from .attacks.tgda import FORMULATIONS, LEADERS, WARM_STARTS
+from .attacks.tgda import DEFAULT_SOLVER, FORMULATIONS, LEADERS, WARM_STARTS
 from .data import DATASETS
 from .data_parallel import DP_MODES
 from .defenses import DEFENSES
@@ -56,7 +56,7 @@ CHOICES = {
     **{s.name: s.check for s in ATTACK_SETTINGS if isinstance(s.check, tuple)},
 }
 NON_NEGATIVE_INTS = ("pretrain_epochs", "attacker_epochs", "attack_epochs", "leader_steps", "follower_steps",
-                     "solver_iterations")
+                     "solver_iterations", "threads")
 POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_size")
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
 
@@ -91,7 +91,7 @@ class _ProtocolSettings:
     leader_steps: int = 1
     beta: float = None
     follower_steps: int = 20
-    solver: str = "cgnr"
+    solver: str = DEFAULT_SOLVER  # MINRES; "cgnr" is the paper's (attacks/tgda.py says why not the default)
     solver_iterations: int = 16
     damping: float = 0.0
     cuda_graphs: bool = False
@@ -100,6 +100,7 @@ class _ProtocolSettings:
     formulation: str = "non-zero-sum"
     dtype: str = "float32"
     device: str = "cpu"
+    threads: int = 0  # CPU threads of a process (torch.set_num_threads); 0: torch's choice (OMP_NUM_THREADS or the cores)
 
     def resolved(self):
         """A copy with the dataset's defaults filled in; raises ValueError naming the first bad setting."""

@@ -99,6 +99,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False):
     `out` must be new or hold this run (`resume`, then a finished stage 1 is kept) or be cleared
     (`overwrite`): see tgda_attack.rundir.claim."""
     cfg = cfg.resolved()
+    use_threads(cfg)
     needs_attacker = _needs_attacker_network(cfg)
     done = ["pretrain.json", "defender_pretrained.pt"] + (["attacker_pretrained.pt"] if needs_attacker else [])
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
@@ -123,6 +124,13 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False):
     return result
 
 
+def use_threads(cfg):
+    """The run's CPU threads (torch.set_num_threads) when its `threads` setting names them (0: torch's own
+    choice, OMP_NUM_THREADS or the cores)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
 def _config_from(out):
     """The resolved settings recorded in out/config.json; RunFolderError if they are unreadable or invalid."""
     need(out, "config.json")
@@ -137,6 +145,7 @@ def stage_attack(out, verbose=False):
     attack.json (seconds, per-epoch history) and, for attacks that train them, the attacked models."""
     need(out, "config.json", "defender_pretrained.pt")
     cfg = _config_from(out)
+    use_threads(cfg)
     attack_cls = ATTACKS[cfg.attack]
     splits = load_splits(cfg)
     defender = new_defender(cfg, splits.image_shape)
@@ -163,7 +172,8 @@ def stage_attack(out, verbose=False):
         sources, history = attack.source_indices_.cpu(), attack.history
     seconds = time.perf_counter() - start + attack.earlier_seconds_  # a resumed attack's earlier epochs count
     result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": history, "info": attack.info_,
-              "processes": world, "dp_mode": cfg.dp_mode if world > 1 else None}
+              "processes": world, "dp_mode": cfg.dp_mode if world > 1 else None,
+              "threads": torch.get_num_threads()}  # a seed fixes a run's bits for one thread count
     if not data_parallel.is_main():  # under torchrun rank 0 alone writes
         return result
     for name, model in (("attacker_attacked.pt", getattr(attack, "attacker_", None)),
@@ -218,6 +228,7 @@ def stage_evaluate(out, verbose=False):
     """Stage 3: retrains the defender from scratch on D_tr U D_p; writes metrics.json and the PNG."""
     need(out, "config.json", "pretrain.json", "attack.json", "poisons.pt")
     cfg = _config_from(out)
+    use_threads(cfg)
     pre = read_json_object(os.path.join(out, "pretrain.json"), {"clean_accuracy": (int, float), "pretrain_seconds": (int, float)})
     att = read_json_object(os.path.join(out, "attack.json"), {"attack_seconds": (int, float)})  # before any work
     splits = load_splits(cfg)
@@ -299,6 +310,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
                                      "--resume keeps results of the same settings, --overwrite replaces them",
                                      f"defense settings {recorded.get('defense_settings')} -> {dcfg.own_settings()}")
     cfg = _config_from(out)
+    use_threads(cfg)
     undefended = read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),
                                                                       "poisoned_accuracy": (int, float)})
     splits = load_splits(cfg)

@@ -44,7 +44,7 @@ unchanged (eq. 46, 48, 50: theta += alpha * D_theta l); they differ in the follo
     update: the two agree to first order in Delta, and exactly on a quadratic game.
   * "gdn", gradient descent Newton (eq. 50-51; Zhang et al. 2021): each of the n follower steps is
     a Newton step, w -= beta * (H_ww + damping I)^{-1} grad_w f, solved as for "fr". Against a
-    non-convex defender H_ww is indefinite; the default solver (cgnr) still solves such systems.
+    non-convex defender H_ww is indefinite; the default solver (MINRES) and cgnr still solve such systems.
 The products H_ww v use the structured product of hypergrad.mlp_hvp for LR and NN defenders and
 reverse-over-reverse autograd otherwise. Neither "fr" nor "gdn" is defined with the defender as
 leader (the appendix states both with the attacker leading), and "fr" needs the partial warm
@@ -80,6 +80,15 @@ WARM_STARTS = ("partial", "cold")
 LEADERS = ("attacker", "defender")
 FORMULATIONS = ("non-zero-sum", "zero-sum")
 GAME_SOLVERS = ("tgda", "fr", "gdn")  # Appendix C: the follower's update
+# The solve of (H_ww + damping I) v = grad_w l in every leader step. The paper's procedure is CG on the
+# normal equations ("cgnr", 16 iterations), but a batch's H_ww is singular (LR on full MNIST: 7,850
+# parameters, 3,437 eigenvalues above 1e-6 for a batch of 1,030 points), and 16 cgnr iterations on it
+# amplify rounding: in float32 a one-ulp change of grad_w l changes D_theta l by up to 46% of its norm
+# (MINRES: under 1%), and its cosine to the exact hypergradient is 0.07-0.11 (MINRES: 0.70-0.79, both
+# against the solve damped by 1e-3). So the attack's outcome depended on the order of floating-point
+# sums: full MNIST, LR, seed 4, one code, cgnr: drop 2.78 with one thread, 2.59 with two (1.25 seen on
+# another machine); MINRES: 4.56 and 4.55 with the compiled kernels and with their twins (issue 21).
+DEFAULT_SOLVER = "minres"
 
 
 class TGDAAttack(PoisoningAttack):
@@ -96,9 +105,9 @@ class TGDAAttack(PoisoningAttack):
         leader_steps: m, leader steps per batch. (default: 1)
         beta: defender step size. (default: 0.1)
         follower_steps: n, follower steps per batch. (default: 20)
-        solver: hypergrad.solve method for the total gradient (default: "cgnr", the paper's), or a
-            hypergrad.Solver holding every setting of the solves (then solver_iterations, solver_rtol and
-            damping are not given).
+        solver: hypergrad.solve method for the total gradient (default: "minres"; "cgnr" is the paper's
+            procedure, whose result hinges on rounding: DEFAULT_SOLVER), or a hypergrad.Solver holding
+            every setting of the solves (then solver_iterations, solver_rtol and damping are not given).
         solver_iterations: most solver iterations per leader step. (default: 16)
         solver_rtol: relative tolerance of the solve. (default: 1e-6)
         damping: added to the Hessian's diagonal. (default: 0.0)
@@ -130,7 +139,7 @@ class TGDAAttack(PoisoningAttack):
                         "SIGINT and SIGTERM always save one at the next batch boundary)"))
 
     def __init__(self, defender, attacker, epsilon=0.03, *, epochs=200, batch_size=1000, alpha=0.01,
-                 leader_steps=1, beta=0.1, follower_steps=20, solver="cgnr", solver_iterations=16,
+                 leader_steps=1, beta=0.1, follower_steps=20, solver=DEFAULT_SOLVER, solver_iterations=16,
                  solver_rtol=1e-6, damping=0.0, cuda_graphs=False, warm_start="partial", leader="attacker",
                  formulation="non-zero-sum", game_solver="tgda", init="first", pixel_range=(-1.0, 1.0), seed=0,
                  checkpoint=None, verbose=False, data_parallel=False, checkpoint_every=0):

@@ -77,6 +77,84 @@ def test_a_reachable_target_is_reached():
     start, end = attack.history[0]["gradient_norm"], attack.history[-1]["gradient_norm"]
     assert end < 1e-3 * start  # w_t made (nearly) stationary on D_tr U D_p
     assert _mean_gradient_norm(target, torch.cat([x, x_p]), torch.cat([y, y_p])) == pytest.approx(end, rel=1e-6)
+    retrained = _fit(defender, torch.cat([x, x_p]), torch.cat([y, y_p]))  # the defender trained on D_tr U D_p
+    w_t, w_r = (torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (target, retrained))
+    assert (w_r - w_t).norm() < 1e-2 * w_t.norm()  # lands on the target (another set of poisons, the same optimum)
+
+
+def _authors_by_definition(defender, target, x, y, n_poison, epochs, lr0, stop=1.0):
+    """The authors' recipe written out for a softmax linear model (independent of the attack's code): in their
+    coordinates z = a x + c, G(z) = sum_i (softmax(W z_i + b) - e_{y_i}) z_i^T, the objective ||G_clean + G(z_p)||,
+    gradient descent with step lr0 (1 + cos(pi e / E)) / 2 while the objective is at least `stop`."""
+    from tgda_attack.models import MnistStandardize
+
+    a, c = MnistStandardize.SCALE, MnistStandardize.SHIFT
+    model = copy.deepcopy(defender)
+    model.load_state_dict(target)
+    W, b = model[-1].weight.detach(), model[-1].bias.detach()
+
+    def G(z, labels):
+        z = z.flatten(1)
+        return (torch.softmax(z @ W.T + b, 1) - F.one_hot(labels, W.shape[0]).to(z.dtype)).T @ z
+
+    g_clean = G(x * a + c, y)
+    z = (x[:n_poison] * a + c).clone()
+    for epoch in range(epochs):
+        z.requires_grad_(True)
+        objective = (g_clean + G(z, y[:n_poison])).norm()
+        if objective.item() < stop:
+            break
+        (grad,) = torch.autograd.grad(objective, z)
+        z = (z - lr0 * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) * grad).detach()
+    return (z.detach() - c) / a
+
+
+def test_the_authors_recipe_is_its_definition(monkeypatch):
+    import tgda_attack.attacks.gradient_canceling as gc
+    from tgda_attack.models import MnistStandardize
+
+    # 20 epochs of the cosine schedule: lr-10 descent amplifies rounding (1e-14 apart after 20 epochs, 1e-6
+    # after 100, chaos by 1,000), so the check of the definition runs a short schedule
+    monkeypatch.setitem(gc.AUTHORS_SCHEDULE, "lr", (20, 10.0))
+    x, y, _ = _tiny(n=60)
+    torch.manual_seed(0)
+    defender = nn.Sequential(MnistStandardize(), nn.Flatten(), nn.Linear(4, 3)).double()
+    target = targets.authors_gradpc_target(defender, x, y, radius=0.5, seed=0)
+    attack = GradientCancelingAttack(defender, 0.1, recipe="authors", target=target, batch_size=7)  # 7: sums over batches
+    x_p, y_p = attack.poison(x, y)
+    torch.testing.assert_close(x_p, _authors_by_definition(defender, target, x, y, 6, 20, 10.0), rtol=1e-12, atol=1e-12)
+    assert torch.equal(y_p, y[:6])  # the first epsilon*N points, their true labels
+    info = attack.info_
+    assert info["objective"]["end"] < info["objective"]["start"] and info["target"]["parameter"] == "2.weight"
+    pixels = (x_p + 1) / 2  # no projection: the reported range is the poisons' own
+    assert info["pixels"]["min"] == pytest.approx(pixels.min().item()) and info["pixels"]["max"] == pytest.approx(pixels.max().item())
+    assert info["pixels"]["max"] > 1  # out of the valid range
+
+    stop = 0.99 * attack.history[1]["objective"]  # reached after a few epochs: the descent stops below it
+    monkeypatch.setattr(gc, "AUTHORS_STOP", stop)
+    early = GradientCancelingAttack(defender, 0.1, recipe="authors", target=target)
+    x_e, _ = early.poison(x, y)
+    assert early.history[-1]["objective"] < stop and early.info_["schedule"]["stopped_at"] < 20
+    torch.testing.assert_close(x_e, _authors_by_definition(defender, target, x, y, 6, 20, 10.0, stop=stop))
+
+
+def test_the_authors_target_is_gradpc_of_one_adadelta_epoch_within_its_ball():
+    x, y, defender = _tiny(n=60)
+    target = targets.authors_gradpc_target(defender, x, y, radius=0.5, seed=3)
+    model = copy.deepcopy(defender)
+    torch.manual_seed(3)
+    model[1].reset_parameters()
+    opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(3))
+    for i in range(0, len(y), 64):
+        opt.zero_grad()
+        F.cross_entropy(model(x[order[i:i + 64]]), y[order[i:i + 64]]).backward()
+        opt.step()
+    trained = torch.cat([p.detach().flatten() for p in model.parameters()])
+    corrupted = torch.cat([target[k].flatten() for k in ("1.weight", "1.bias")])
+    assert (corrupted - trained).norm().item() == pytest.approx(0.5, rel=1e-9)  # one batch: one unit step, shrunk to 0.5
+    expected = targets.gradpc_target(model, x, y, radius=0.5, batch_size=64, seed=3)
+    torch.testing.assert_close(corrupted, torch.cat([expected[k].flatten() for k in ("1.weight", "1.bias")]))
 
 
 def test_registered_and_checked():

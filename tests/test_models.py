@@ -35,3 +35,17 @@ def test_unknown_names_are_reported():
         make_defender("svm")
     with pytest.raises(ValueError, match="choose one of"):
         make_attacker("gan")
+
+
+def test_the_gradient_canceling_authors_models_see_their_normalised_pixels():
+    from tgda_attack.models import MnistStandardize
+
+    x = torch.tensor([-1.0, 0.0, 1.0])  # our pixels; theirs (x01 - 0.1307) / 0.3081 with x01 = (x + 1) / 2
+    torch.testing.assert_close(MnistStandardize()(x), (torch.tensor([0.0, 0.5, 1.0]) - 0.1307) / 0.3081)
+    images = torch.rand(2, 1, 28, 28) * 2 - 1
+    sizes = {"gc-lr": 7850, "gc-nn": 784 * 128 + 128 + 1290, "gc-cnn": 320 + 18496 + 9216 * 128 + 128 + 1290}
+    for name, size in sizes.items():
+        model = make_defender(name)
+        assert model(images).shape == (2, 10) and sum(p.numel() for p in model.parameters()) == size
+        with pytest.raises(ValueError, match="MNIST model"):
+            make_defender(name, (3, 32, 32))

@@ -186,7 +186,9 @@ def test_diverging_training_is_an_error():
     (["--game-solver", "fr", "--leader", "defender"], "game-solver fr needs --leader attacker"),
     (["--game-solver", "fr", "--warm-start", "cold"], "warm-start partial"),
     (["--gc-steps", "-1"], "gc-steps must be an integer >= 0"), (["--target-epsilon", "0"], "target-epsilon must be a fraction"),
-    (["--threads", "-1"], "threads must be >= 0"),
+    (["--threads", "-1"], "threads must be >= 0"), (["--gc-recipe", "mine"], "invalid choice"),
+    (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--gc-labels", "reverse"], "gc-recipe authors"),
+    (["--dataset", "cifar10", "--defender", "gc-cnn"], "is an MNIST model"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "run"

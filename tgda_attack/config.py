@@ -26,6 +26,7 @@ from .models import ATTACKERS, DEFENDERS
 
 ATTACKER_NAMES = (*ATTACKERS, "pixels")  # "pixels": the poisons themselves are the leader's parameters
 DTYPES = ("float32", "float64")
+MNIST_ONLY_DEFENDERS = ("gc-lr", "gc-nn", "gc-cnn")  # behind MNIST's input normalisation (models.MnistStandardize)
 LINEAR_CHAIN_DEFENDERS = ("lr", "nn")  # the defenders whose solves can be recorded as CUDA graphs
 
 # Schedules by dataset (None in a Config means "take it from here").
@@ -153,6 +154,11 @@ class _ProtocolSettings:
                                                           or self.leader != "attacker"):
             raise ValueError(f"cuda-graphs records the solves of an {' or '.join(LINEAR_CHAIN_DEFENDERS)} defender "
                              f"with the attacker as leader; got defender {self.defender!r}, leader {self.leader!r}")
+        for role in ("defender", "eval_defender"):
+            if getattr(self, role) in MNIST_ONLY_DEFENDERS and not self.dataset.startswith("mnist"):
+                raise ValueError(f"{role.replace('_', '-')} {getattr(self, role)} is an MNIST model (the Gradient "
+                                 f"Canceling authors'); dataset {self.dataset} needs another: "
+                                 f"{', '.join(d for d in DEFENDERS if d not in MNIST_ONLY_DEFENDERS)}")
         check_device(self.device)
 
 

@@ -1,10 +1,12 @@
 """Defenders and attackers of Lu, Kamath & Yu, "Indiscriminate Data Poisoning Attacks on Neural
-Networks" (TMLR 2022), Section 5.1.
+Networks" (TMLR 2022), Section 5.1, and the defenders of their Gradient Canceling paper (ICML 2023).
 
 Defenders (the follower F with parameters w): "lr" (logistic regression), "nn" (784-784-784-10,
 leaky ReLU 0.2) and "cnn" (two conv layers, max-pooling, one linear layer) for MNIST;
 "cifar-cnn" (conv6-conv16-fc120-fc84-fc10) and "resnet18" (torchvision's, adapted to 32x32) for
-CIFAR-10. Attackers (the leader L with parameters theta) generate poisons from clean points and
+CIFAR-10; "gc-lr", "gc-nn" (784-128-10, ReLU) and "gc-cnn" (PyTorch's MNIST example net with
+dropout), the MNIST models of the Gradient Canceling paper (watml/plim), each behind that code's input
+normalisation (MnistStandardize). Attackers (the leader L with parameters theta) generate poisons from clean points and
 their labels: the MNIST fully connected generator (785-784-784-784, leaky ReLU, tanh) and the
 CIFAR-10 convolutional autoencoder (three conv, three transposed conv), label as an extra input.
 Every attacker ends in tanh, so its poisons stay in the [-1, 1] pixel range of the data.
@@ -49,7 +51,47 @@ def _resnet18(in_shape):
     return model
 
 
-DEFENDERS = {"lr": _lr, "nn": _nn, "cnn": _cnn, "cifar-cnn": _cifar_cnn, "resnet18": _resnet18}
+class MnistStandardize(nn.Module):
+    """Our MNIST pixels x in [-1, 1] to the (x01 - 0.1307) / 0.3081 of PyTorch's MNIST example (x01 = (x + 1) / 2
+    in [0, 1]): the input normalisation of the Gradient Canceling authors' models (watml/plim). A fixed affine
+    map without parameters, so a model behind it trains on our data exactly as theirs trains on theirs."""
+
+    MEAN, STD = 0.1307, 0.3081
+    SCALE, SHIFT = 1 / (2 * STD), (0.5 - MEAN) / STD  # x' = SCALE * x + SHIFT
+
+    def forward(self, x):
+        return x * self.SCALE + self.SHIFT
+
+
+def _mnist_only(name, in_shape):
+    if tuple(in_shape) != (1, 28, 28):
+        raise ValueError(f"the {name} defender is the Gradient Canceling authors' MNIST model (1x28x28 inputs); "
+                         f"got inputs of shape {tuple(in_shape)}: use lr, nn, cnn, cifar-cnn or resnet18")
+
+
+def _gc_lr(in_shape):
+    """The GC authors' LR (watml/plim GradPC/models.py `LR`): ours behind their input normalisation."""
+    _mnist_only("gc-lr", in_shape)
+    return nn.Sequential(MnistStandardize(), nn.Flatten(), nn.Linear(784, NUM_CLASSES))
+
+
+def _gc_nn(in_shape):
+    """The GC authors' NN (`LinearModel`): 784-128-10 with ReLU, behind their input normalisation."""
+    _mnist_only("gc-nn", in_shape)
+    return nn.Sequential(MnistStandardize(), nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES))
+
+
+def _gc_cnn(in_shape):
+    """The GC authors' CNN (`ConvNet`, PyTorch's MNIST example net, dropout included), behind their input
+    normalisation."""
+    _mnist_only("gc-cnn", in_shape)
+    return nn.Sequential(MnistStandardize(), nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Linear(128, NUM_CLASSES))
+
+
+DEFENDERS = {"lr": _lr, "nn": _nn, "cnn": _cnn, "cifar-cnn": _cifar_cnn, "resnet18": _resnet18,
+             "gc-lr": _gc_lr, "gc-nn": _gc_nn, "gc-cnn": _gc_cnn}
 
 
 def _numel(shape):

@@ -10,6 +10,8 @@ budget of poisons can reach one.
   generator of Gradient Canceling): one pass of gradient ascent on the training loss over D_tr in
   mini-batches, each step the batch gradient scaled to unit L2 norm, the accumulated corruption
   projected onto an L2 ball of the given radius around the trained parameters.
+* `authors_gradpc_target`: GradPC as the authors ran it, from a fresh model trained one epoch by
+  Adadelta instead of from the trained defender.
 * `necessary_epsilon`: for a softmax linear model (the LR defender), a lower bound on the budget that
   can make target parameters w_t stationary on D_tr U D_p: the poisons' gradients must sum to minus
   D_tr's, g = sum_{D_tr} grad_w l(x_i, y_i; w_t), so epsilon N >= (what D_tr needs) / (what one poison
@@ -71,6 +73,28 @@ def gradpc_target(defender, x, y, *, radius, batch_size=64, seed=0):
                 d.mul_(shrink)
                 p.copy_(p0 + d)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def authors_gradpc_target(defender, x, y, *, radius=0.5, seed=0, lr=1.0, batch_size=64):
+    """The GradPC target as the Gradient Canceling authors made it (watml/plim, GradPC/grad_attack.py): a
+    fresh, seeded initialisation of the defender's architecture trained one epoch by Adadelta (lr 1.0, mean
+    cross-entropy, seeded shuffled batches of 64), then corrupted by gradpc_target within an L2 ball of
+    `radius` (their files: 0.5). A state_dict."""
+    model = copy.deepcopy(defender)
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adadelta(params, lr=lr)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
+    model.train()
+    for i in range(0, len(y), batch_size):
+        idx = order[i:i + batch_size]
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    return gradpc_target(model, x, y, radius=radius, batch_size=batch_size, seed=seed)
 
 
 def lambert_w(z):

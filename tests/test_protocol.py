@@ -189,6 +189,8 @@ def test_diverging_training_is_an_error():
     (["--threads", "-1"], "threads must be >= 0"), (["--gc-recipe", "mine"], "invalid choice"),
     (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--gc-labels", "reverse"], "gc-recipe authors"),
     (["--dataset", "cifar10", "--defender", "gc-cnn"], "is an MNIST model"),
+    (["--feasible-set", "sanitized"], "add --attacker pixels"), (["--feasible-quantile", "0"], "feasible-quantile"),
+    (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--feasible-set", "sanitized"], "drop --feasible-set"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -38,6 +38,7 @@ from torch.func import functional_call, grad
 from ..progress import progress_bar
 
 from .base import PoisoningAttack, Setting
+from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
 from .label_flip import FLIP_RULES, LabelFlipAttack
 
 
@@ -91,13 +92,15 @@ class BackGradientAttack(PoisoningAttack):
         Setting("bg_unroll_steps", int, 10, "count",
                 "k: the defender's gradient-descent steps the back-gradient leader differentiates through"),
         Setting("bg_lr", float, 100.0, "positive", "eta: the back-gradient leader's step size on the poisons' pixels"),
-    )
+    ) + FEASIBLE_SETTINGS
     quick = {"bg_unroll_steps": 2}
 
     def __init__(self, defender, epsilon=0.03, *, unroll_steps=10, lr=100.0, epochs=200, batch_size=1000, beta=0.1,
-                 flip_rule="reverse", num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0, verbose=False):
+                 flip_rule="reverse", num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0, verbose=False,
+                 feasible_set="box", feasible_quantile=0.9):
         super().__init__(epsilon, init=init, seed=seed)
         self.defender = defender
+        self.feasible_set, self.feasible_quantile, self.feasible_ = feasible_set, feasible_quantile, None
         self.unroll_steps, self.lr, self.epochs, self.batch_size, self.beta = unroll_steps, lr, epochs, batch_size, beta
         self.flip_rule, self.num_classes = flip_rule, num_classes
         self.pixel_range, self.verbose = pixel_range, verbose
@@ -117,12 +120,13 @@ class BackGradientAttack(PoisoningAttack):
             raise ValueError(f"num_classes must be an integer of at least 2, got {self.num_classes!r}")
         if self.pixel_range[0] >= self.pixel_range[1]:
             raise ValueError(f"pixel_range must be (low, high) with low < high, got {self.pixel_range}")
+        check_feasible(self.feasible_set, self.feasible_quantile)
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
         return cls(defender, cfg.epsilon, unroll_steps=cfg.bg_unroll_steps, lr=cfg.bg_lr, epochs=cfg.attack_epochs,
                    batch_size=cfg.attack_batch_size, beta=cfg.beta, flip_rule=cfg.flip_rule, init=cfg.poison_init,
-                   seed=cfg.seed, verbose=verbose)
+                   seed=cfg.seed, verbose=verbose, feasible_set=cfg.feasible_set, feasible_quantile=cfg.feasible_quantile)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison) by UGDA on D_tr = (x, y) against D_v = (x_val, y_val); without D_v, 30% of
@@ -134,7 +138,11 @@ class BackGradientAttack(PoisoningAttack):
                                num_classes=self.num_classes, seed=self.seed)
         x_p, y_p = flip.poison(x, y)
         model.train()
-        x_p, y_p = x_p.clone(), y_p.to(ref.device)
+        y_p = y_p.to(ref.device)
+        self.feasible_ = make_feasible_set(self.feasible_set, x, y, quantile=self.feasible_quantile,
+                                           pixel_range=self.pixel_range, num_classes=self.num_classes)
+        self.info_ = {"feasible_set": self.feasible_.describe()}
+        x_p = self.feasible_.project(x_p, y_p)  # a flipped point moves into its new label's set
         n_poison = len(y_p)
         params = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
@@ -192,7 +200,7 @@ class BackGradientAttack(PoisoningAttack):
         if first is None:
             first = grad(lambda p: classifier_loss(model, p, x_f, y_f))(params)
         with torch.no_grad():
-            x_next = (xp.detach() + self.lr * d_x).clamp_(*self.pixel_range)
+            x_next = self._project(xp.detach() + self.lr * d_x, yp_b)
             w_next = {k: params[k] - self.beta * first[k].detach() for k in params}
             follower = classifier_loss(model, params, x_f, y_f).item()
         return w_next, x_next, leader.item(), follower

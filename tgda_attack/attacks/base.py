@@ -94,6 +94,12 @@ class PoisoningAttack:
                 kind = "non-negative" if minimum == 0 else "positive"
                 raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
 
+    def _project(self, x, y):
+        """x projected onto the feasible set of its labels y (`feasible_`, attacks/feasible.py, made by `poison` in
+        the attacks that optimise pixels), or clamped to `pixel_range` where there is none."""
+        feasible = getattr(self, "feasible_", None)
+        return x.clamp(*self.pixel_range) if feasible is None else feasible.project(x, y)
+
     def _craft_sources(self, n):
         """D_p^0 for a training set of n points: sets and returns `source_indices_`; an attack that crafts
         poisons needs at least one."""

@@ -44,6 +44,7 @@ from ..models import MnistStandardize
 from ..progress import progress_bar
 from ..training import accuracy
 from .base import PoisoningAttack, Setting
+from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
 from .targets import TARGET_SETTINGS, authors_gradpc_target, gradpc_target, label_flip_target, necessary_epsilon
 
 TARGETS = ("gradpc", "label-flip")
@@ -105,14 +106,16 @@ class GradientCancelingAttack(PoisoningAttack):
         Setting("gc_recipe", str, "valid", RECIPES,
                 "valid: poisons kept in the pixel range (ours); authors: Gradient Canceling as watml/plim runs it "
                 "(its GradPC target, first-layer objective, gradient descent without projection)"),
-    )
+    ) + FEASIBLE_SETTINGS
     quick = {"gc_steps": 3, "target_epochs": 1}
 
     def __init__(self, defender, epsilon=0.03, *, target=None, target_kind="gradpc", radius=0.0, labels="true",
                  target_epsilon=0.1, target_epochs=10, target_lr=0.1, steps=500, lr=0.01, batch_size=1000,
-                 num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0, verbose=False, recipe="valid"):
+                 num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0, verbose=False, recipe="valid",
+                 feasible_set="box", feasible_quantile=0.9):
         super().__init__(epsilon, init=init, seed=seed)
         self.defender, self.target, self.recipe = defender, target, recipe
+        self.feasible_set, self.feasible_quantile, self.feasible_ = feasible_set, feasible_quantile, None
         self.target_kind, self.radius, self.labels = target_kind, radius, labels
         self.target_epsilon, self.target_epochs, self.target_lr = target_epsilon, target_epochs, target_lr
         self.steps, self.lr, self.batch_size, self.num_classes = steps, lr, batch_size, num_classes
@@ -129,6 +132,9 @@ class GradientCancelingAttack(PoisoningAttack):
         if self.recipe == "authors" and (self.labels != "true" or self.init != "first" or self.target_kind != "gradpc"):
             raise ValueError("the authors' recipe poisons the first epsilon*N points of D_tr with their true labels "
                              "toward a GradPC target: use labels='true', init='first', target_kind='gradpc'")
+        check_feasible(self.feasible_set, self.feasible_quantile)
+        if self.recipe == "authors" and self.feasible_set != "box":
+            raise ValueError("the authors' recipe projects onto no set at all: use feasible_set='box' with it")
         if not self.radius >= 0:
             raise ValueError(f"radius must be >= 0 (0: chosen from the budget), got {self.radius}")
         if not 0 < self.target_epsilon <= 1:
@@ -144,13 +150,16 @@ class GradientCancelingAttack(PoisoningAttack):
                                            or cfg.gc_target != "gradpc"):
             raise ValueError("gc-recipe authors poisons the first epsilon*N training points with their true labels "
                              "toward a GradPC target: drop --gc-labels, --poison-init and --gc-target")
+        if cfg.gc_recipe == "authors" and cfg.feasible_set != "box":
+            raise ValueError("gc-recipe authors projects onto no feasible set: drop --feasible-set")
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
         return cls(defender, cfg.epsilon, target_kind=cfg.gc_target, radius=cfg.gc_radius, labels=cfg.gc_labels,
                    target_epsilon=cfg.target_epsilon, target_epochs=cfg.target_epochs,
                    target_lr=cfg.pretrain_lr, steps=cfg.gc_steps, lr=cfg.gc_lr, batch_size=cfg.pretrain_batch_size,
-                   init=cfg.poison_init, seed=cfg.seed, verbose=verbose, recipe=cfg.gc_recipe)
+                   init=cfg.poison_init, seed=cfg.seed, verbose=verbose, recipe=cfg.gc_recipe,
+                   feasible_set=cfg.feasible_set, feasible_quantile=cfg.feasible_quantile)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison) minimising (GC) at the target parameters. D_v is not used."""
@@ -165,8 +174,11 @@ class GradientCancelingAttack(PoisoningAttack):
         params = {k: v.detach() for k, v in model.named_parameters()}
 
         idx = self._craft_sources(len(y)).to(ref.device)
-        x_p = x[idx].clone().requires_grad_(True)
         y_p = y[idx].clone() if self.labels == "true" else (self.num_classes - 1) - y[idx]
+        self.feasible_ = make_feasible_set(self.feasible_set, x, y, quantile=self.feasible_quantile,
+                                           pixel_range=self.pixel_range, num_classes=self.num_classes)
+        self.info_["feasible_set"] = self.feasible_.describe()
+        x_p = self._project(x[idx], y_p).requires_grad_(True)
         g_clean = self.clean_gradient(model, params, x, y)
         scale = 1.0 / (len(y) + len(y_p))
         optimizer = torch.optim.Adam([x_p], lr=self.lr)
@@ -181,7 +193,7 @@ class GradientCancelingAttack(PoisoningAttack):
             objective.backward()
             optimizer.step()
             with torch.no_grad():
-                x_p.clamp_(*self.pixel_range)
+                x_p.copy_(self._project(x_p, y_p))
         return x_p.detach(), y_p
 
     def _poison_as_authors(self, model, x, y):

@@ -51,8 +51,11 @@ Departures from the originals, and why:
     point alone (a stand-in for all of D_p); here it takes plain gradient-descent steps on D_tr U the
     poisons made so far (the TMLR paper's follower), which at the last round is exactly the objective
     the defender is retrained on.
-  * Koh et al.'s feasible set also includes sanitization defenses (spheres, slabs); none is used here,
-    only the pixel range.
+  * Koh et al.'s feasible set also includes sanitization defenses (spheres, slabs): `feasible_set`
+    "sanitized" keeps every poison in its label's sphere and slab and in the clean data's per-pixel
+    range (attacks/feasible.py), projecting after every ascent step and choosing the label at the
+    starting point projected onto each label's set; "box" (the default) keeps only the pixel range.
+    The exact inner maximisation over that set (their QP) is replaced by the same projected ascent.
 """
 import copy
 import math
@@ -63,6 +66,7 @@ import torch.nn.functional as F
 from ..progress import progress_bar
 
 from .base import PoisoningAttack, Setting
+from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
 from .targets import TARGET_SETTINGS, label_flip_target
 
 MIN_MAX_SETTINGS = (
@@ -73,7 +77,7 @@ MIN_MAX_SETTINGS = (
             "projected signed-gradient ascent steps on each new poison's pixels in the (improved) min-max attack"),
     Setting("mm_step_size", float, 0.1, "positive",
             "step size of that ascent (pixels, in the units of the pixel range)"),
-)
+) + FEASIBLE_SETTINGS
 
 
 class MinMaxAttack(PoisoningAttack):
@@ -95,8 +99,11 @@ class MinMaxAttack(PoisoningAttack):
         pixel_range: the poisons stay in it. (default: (-1.0, 1.0))
         seed: seed of the defender's batches and of a random D_p^0. (default: 0)
         verbose: show a progress bar. (default: False)
+        feasible_set: "box" (the pixel range) or "sanitized" (attacks/feasible.py: also the sphere and slab
+            of the poison's label and the clean data's per-pixel range). (default: "box")
+        feasible_quantile: the sanitized set's quantile of the clean distances. (default: 0.9)
 
-    After `poison`, `defender_` is the defender at the end of the game and `history` has one record a
+    After `poison`, `feasible_` is the FeasibleSet, `defender_` is the defender at the end of the game and `history` has one record a
     round: the poisons made so far, the new poisons' mean loss under the round's w at their starting
     pixels (with their chosen labels) and after the ascent, the follower's mean batch loss, seconds.
 
@@ -112,9 +119,12 @@ class MinMaxAttack(PoisoningAttack):
     quick = {"mm_rounds": 2, "mm_steps": 2, "follower_steps": 2}
 
     def __init__(self, defender, epsilon=0.03, *, rounds=100, steps=20, step_size=0.1, beta=0.1, follower_steps=20,
-                 batch_size=1000, num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0, verbose=False):
+                 batch_size=1000, num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0, verbose=False,
+                 feasible_set="box", feasible_quantile=0.9):
         super().__init__(epsilon, init=init, seed=seed)
         self.defender = defender
+        self.feasible_set, self.feasible_quantile = feasible_set, feasible_quantile
+        self.feasible_ = None
         self.rounds, self.steps, self.step_size = rounds, steps, step_size
         self.beta, self.follower_steps, self.batch_size = beta, follower_steps, batch_size
         self.num_classes, self.pixel_range, self.verbose = num_classes, pixel_range, verbose
@@ -135,6 +145,7 @@ class MinMaxAttack(PoisoningAttack):
         lo, hi = self.pixel_range
         if not lo < hi:
             raise ValueError(f"pixel_range must be (low, high) with low < high, got {self.pixel_range!r}")
+        check_feasible(self.feasible_set, self.feasible_quantile)
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
@@ -144,7 +155,8 @@ class MinMaxAttack(PoisoningAttack):
     @staticmethod
     def _game_settings(cfg):
         return {"rounds": cfg.mm_rounds, "steps": cfg.mm_steps, "step_size": cfg.mm_step_size, "beta": cfg.beta,
-                "follower_steps": cfg.follower_steps, "batch_size": cfg.attack_batch_size}
+                "follower_steps": cfg.follower_steps, "batch_size": cfg.attack_batch_size,
+                "feasible_set": cfg.feasible_set, "feasible_quantile": cfg.feasible_quantile}
 
     # -- the constraint of eq. 35: none for min-max (ImprovedMinMaxAttack overrides these) ------------
 
@@ -165,6 +177,9 @@ class MinMaxAttack(PoisoningAttack):
         n = len(y)
         idx = self._craft_sources(n).to(ref.device)
         n_poison = len(idx)
+        self.feasible_ = make_feasible_set(self.feasible_set, x, y, quantile=self.feasible_quantile,
+                                           pixel_range=self.pixel_range, num_classes=self.num_classes)
+        self.info_ = {"feasible_set": self.feasible_.describe()}
         self._prepare(model, x, y)
         constraint = self.constraint_
         model.eval()
@@ -198,33 +213,48 @@ class MinMaxAttack(PoisoningAttack):
 
     @torch.no_grad()
     def choose_labels(self, model, x, constraint=None):
-        """The class of largest cross-entropy under `model` for each point of x; with a constraint
-        (target model, tau), the largest among the classes whose loss under the target is <= tau, or, where
-        none is, the class of smallest loss under the target."""
-        losses = self._all_class_losses(model, x)
+        """The class of largest cross-entropy under `model` for each point of x (each class at the point
+        projected onto that class's feasible set); with a constraint (target model, tau), the largest among
+        the classes whose loss under the target is <= tau, or, where none is, the class of smallest loss
+        under the target."""
+        starts = self._candidate_starts(x)
+        losses = self._all_class_losses(model, x, starts)
         if constraint is None:
             return losses.argmax(1)
         target, tau = constraint
-        target_losses = self._all_class_losses(target, x)
+        target_losses = self._all_class_losses(target, x, starts)
         feasible = target_losses <= tau
         best_feasible = losses.masked_fill(~feasible, -math.inf).argmax(1)
         return torch.where(feasible.any(1), best_feasible, target_losses.argmin(1))
 
-    def _all_class_losses(self, model, x):
-        """(len(x), K): the cross-entropy of every point of x under every label, -log softmax."""
-        out = torch.cat([-F.log_softmax(model(x[i:i + self.batch_size]), dim=1)
-                         for i in range(0, len(x), self.batch_size)])
+    def _candidate_starts(self, x):
+        """{class j: x projected onto j's feasible set}, or None where the set is the same for every class (the
+        box, which holds every clean point)."""
+        if self.feasible_ is None or self.feasible_.kind == "box":
+            return None
+        return {j: self.feasible_.project(x, torch.full((len(x),), j, dtype=torch.int64, device=x.device))
+                for j in range(self.num_classes)}
+
+    def _all_class_losses(self, model, x, starts=None):
+        """(len(x), K): the cross-entropy of every point of x under every label, -log softmax; with `starts`
+        (_candidate_starts), label j's column at the point projected onto j's feasible set."""
+        def log_probs(points):
+            return torch.cat([F.log_softmax(model(points[i:i + self.batch_size]), dim=1)
+                              for i in range(0, len(points), self.batch_size)])
+        out = -log_probs(x)
         if out.shape[1] != self.num_classes:
             raise ValueError(f"the defender gives {out.shape[1]} classes, not num_classes={self.num_classes}")
+        if starts is not None:
+            out = torch.stack([-log_probs(starts[j])[:, j] for j in range(self.num_classes)], dim=1)
         return out
 
     def ascend(self, model, x0, y, constraint=None):
         """`steps` steps of projected signed-gradient ascent on each point's own loss under `model` (minus
-        the hinge penalty of the constraint, if any), from x0. Returns (x, loss at x0, loss at x): x is, for
-        each point, the iterate of largest loss under `model` (with a constraint, among the feasible ones;
-        if none is feasible, the one of smallest loss under the target)."""
-        lo, hi = self.pixel_range
-        x_cur = x0.detach().clone()
+        the hinge penalty of the constraint, if any), from x0 projected onto its label's feasible set, each
+        step projected back onto it. Returns (x, loss at the start, loss at x): x is, for each point, the
+        iterate of largest loss under `model` (with a constraint, among the feasible ones; if none is
+        feasible, the one of smallest loss under the target)."""
+        x_cur = self._project(x0.detach(), y)
         best = x_cur.clone()
         best_loss = best_feasible = best_target = None
         for step in range(self.steps + 1):
@@ -255,7 +285,7 @@ class MinMaxAttack(PoisoningAttack):
                 break
             (grad,) = torch.autograd.grad(objective.sum(), x_cur)
             with torch.no_grad():
-                x_cur = (x_cur.detach() + self.step_size * grad.sign()).clamp_(lo, hi)
+                x_cur = self._project(x_cur.detach() + self.step_size * grad.sign(), y)
         return best.detach(), start_loss, best_loss
 
     def follower(self, model, w, x, y, x_p, y_p, generator):
@@ -288,7 +318,7 @@ class ImprovedMinMaxAttack(MinMaxAttack):
 
     Args:
         defender, epsilon, rounds, steps, step_size, beta, follower_steps, batch_size, num_classes, init,
-            pixel_range, seed, verbose: as MinMaxAttack.
+            pixel_range, seed, verbose, feasible_set, feasible_quantile: as MinMaxAttack.
         target: w_tar as a state_dict of the defender, or None to make it by a large-budget label flip
             (target_epsilon, target_epochs, target_lr, target_batch_size). (default: None)
         target_epsilon: size of that label flip as a fraction of |D_tr|. (default: 0.1)
@@ -319,13 +349,14 @@ class ImprovedMinMaxAttack(MinMaxAttack):
     def __init__(self, defender, epsilon=0.03, *, target=None, target_epsilon=0.1, target_epochs=10, target_lr=0.1,
                  target_batch_size=1000, tau=None, tau_quantile=1.0, penalty=10.0, rounds=100, steps=20,
                  step_size=0.1, beta=0.1, follower_steps=20, batch_size=1000, num_classes=10, init="first",
-                 pixel_range=(-1.0, 1.0), seed=0, verbose=False):
+                 pixel_range=(-1.0, 1.0), seed=0, verbose=False, feasible_set="box", feasible_quantile=0.9):
         self.target, self.target_epsilon, self.target_epochs = target, target_epsilon, target_epochs
         self.target_lr, self.target_batch_size = target_lr, target_batch_size
         self.tau, self.tau_quantile, self.penalty = tau, tau_quantile, penalty
         super().__init__(defender, epsilon, rounds=rounds, steps=steps, step_size=step_size, beta=beta,
                          follower_steps=follower_steps, batch_size=batch_size, num_classes=num_classes, init=init,
-                         pixel_range=pixel_range, seed=seed, verbose=verbose)
+                         pixel_range=pixel_range, seed=seed, verbose=verbose, feasible_set=feasible_set,
+                         feasible_quantile=feasible_quantile)
 
     def _check_params(self):
         super()._check_params()

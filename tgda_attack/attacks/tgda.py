@@ -73,6 +73,7 @@ from .. import data_parallel
 from ..progress import progress_bar
 from ..rundir import RunFolderError, load_state, save_atomic
 from .base import PoisoningAttack, Setting
+from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +137,16 @@ class TGDAAttack(PoisoningAttack):
                         "or gdn (follower Newton steps); fr and gdn need the attacker as leader"),
                 Setting("checkpoint_every", int, 0, "count",
                         "TGDA: also save the attack's checkpoint every this many batches (0: at each epoch's end only; "
-                        "SIGINT and SIGTERM always save one at the next batch boundary)"))
+                        "SIGINT and SIGTERM always save one at the next batch boundary)")) + FEASIBLE_SETTINGS
 
     def __init__(self, defender, attacker, epsilon=0.03, *, epochs=200, batch_size=1000, alpha=0.01,
                  leader_steps=1, beta=0.1, follower_steps=20, solver=DEFAULT_SOLVER, solver_iterations=16,
                  solver_rtol=1e-6, damping=0.0, cuda_graphs=False, warm_start="partial", leader="attacker",
                  formulation="non-zero-sum", game_solver="tgda", init="first", pixel_range=(-1.0, 1.0), seed=0,
-                 checkpoint=None, verbose=False, data_parallel=False, checkpoint_every=0):
+                 checkpoint=None, verbose=False, data_parallel=False, checkpoint_every=0, feasible_set="box",
+                 feasible_quantile=0.9):
         super().__init__(epsilon, init=init, seed=seed)
+        self.feasible_set, self.feasible_quantile, self.feasible_ = feasible_set, feasible_quantile, None
         self.defender, self.attacker = defender, attacker
         self.epochs, self.batch_size = epochs, batch_size
         self.alpha, self.leader_steps, self.beta, self.follower_steps = alpha, leader_steps, beta, follower_steps
@@ -193,6 +196,10 @@ class TGDAAttack(PoisoningAttack):
         if self.data_parallel and (self.leader != "attacker" or self.game_solver != "tgda" or self.cuda_graphs):
             raise ValueError("data_parallel runs the attacker-led TGDA game (leader='attacker', game_solver='tgda') "
                              "without cuda_graphs; run the other variants in one process")
+        check_feasible(self.feasible_set, self.feasible_quantile)
+        if self.feasible_set != "box" and self.attacker is not None:
+            raise ValueError(f"feasible_set={self.feasible_set!r} constrains pixels the attack optimises: use attacker=None "
+                             "(the poisons' pixels as the leader's parameters); a generator's poisons are its outputs")
         if self.cuda_graphs and (self.leader != "attacker" or not self.solver_iterations):
             raise ValueError("cuda_graphs needs leader='attacker' (the defender's loss is what the recorded solve "
                              "inverts) and solver_iterations >= 1")
@@ -203,6 +210,9 @@ class TGDAAttack(PoisoningAttack):
             raise ValueError(f"game-solver {cfg.game_solver} needs --leader attacker (Appendix C defines it so)")
         if cfg.game_solver == "fr" and cfg.warm_start != "partial":
             raise ValueError("game-solver fr needs --warm-start partial (a cold start discards the w it moves)")
+        if cfg.feasible_set != "box" and cfg.attacker != "pixels":
+            raise ValueError(f"feasible-set {cfg.feasible_set} constrains the pixels TGDA optimises: add --attacker pixels "
+                             "(a generator's poisons are its outputs)")
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
@@ -212,7 +222,8 @@ class TGDAAttack(PoisoningAttack):
                    cuda_graphs=cfg.cuda_graphs, warm_start=cfg.warm_start, leader=cfg.leader,
                    formulation=cfg.formulation, game_solver=cfg.game_solver, init=cfg.poison_init, seed=cfg.seed, checkpoint=checkpoint,
                    verbose=verbose, data_parallel=data_parallel.world_size() > 1 and cfg.dp_mode == "sharded",
-                   checkpoint_every=cfg.checkpoint_every)
+                   checkpoint_every=cfg.checkpoint_every, feasible_set=cfg.feasible_set,
+                   feasible_quantile=cfg.feasible_quantile)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """Runs Algorithm 1 on D_tr = (x, y) and returns the poisons (x_poison, y_poison).
@@ -235,7 +246,10 @@ class TGDAAttack(PoisoningAttack):
         idx = self._craft_sources(len(y)).to(ref.device)
         n_poison = len(idx)
         x_p0, y_p0 = x[idx], y[idx]
-        attacker = _DirectPoisons(x_p0) if self.attacker is None else copy.deepcopy(self.attacker)
+        self.feasible_ = make_feasible_set(self.feasible_set, x, y, quantile=self.feasible_quantile,
+                                           pixel_range=self.pixel_range)
+        self._poison_labels = y_p0
+        attacker = _DirectPoisons(self._project(x_p0, y_p0)) if self.attacker is None else copy.deepcopy(self.attacker)
         attacker.to(ref.device, ref.dtype)
         theta = [p for p in attacker.parameters() if p.requires_grad]
 
@@ -320,8 +334,8 @@ class TGDAAttack(PoisoningAttack):
                 with torch.no_grad():
                     for p, d in zip(theta, d_theta):
                         p.add_(self.alpha * d)
-                    if isinstance(attacker, _DirectPoisons):  # projected onto the valid pixels
-                        attacker.pixels.clamp_(*self.pixel_range)
+                    if isinstance(attacker, _DirectPoisons):  # projected onto the feasible set (a row inside stays)
+                        attacker.pixels.copy_(self._project(attacker.pixels, self._poison_labels))
             if self.warm_start == "cold":
                 with torch.no_grad():
                     for p, p0 in zip(w, w_pre):
@@ -353,7 +367,7 @@ class TGDAAttack(PoisoningAttack):
                     for p, g in zip(theta, grads):
                         p.add_(self.alpha * g)
                     if isinstance(attacker, _DirectPoisons):
-                        attacker.pixels.clamp_(*self.pixel_range)
+                        attacker.pixels.copy_(self._project(attacker.pixels, self._poison_labels))
         with torch.no_grad():
             losses = leader_loss(), follower_loss()
         if sharded is not None:  # every rank sees the global losses (and stops together if they are not finite)
@@ -423,7 +437,9 @@ class TGDAAttack(PoisoningAttack):
                 "leader_steps": self.leader_steps, "beta": self.beta, "follower_steps": self.follower_steps,
                 "solver": repr(self.solver_), "warm_start": self.warm_start, "leader": self.leader,
                 "formulation": self.formulation, "game_solver": self.game_solver, "init": self.init, "seed": self.seed,
-                "pixel_range": list(self.pixel_range), "attacker": "pixels" if self.attacker is None else "network"}
+                "pixel_range": list(self.pixel_range), "attacker": "pixels" if self.attacker is None else "network",
+                **({} if self.feasible_set == "box" else {"feasible_set": self.feasible_set,
+                                                          "feasible_quantile": self.feasible_quantile})}
 
     def _save(self, defender, attacker, epoch, batch=0, partial=((), 0.0)):
         """The checkpoint after `epoch` full epochs and `batch` batches of the next (their stats and seconds in

@@ -28,11 +28,17 @@ def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, 
     assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--seeds", "1", "--out", out, "--quiet"]) == 0
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("| ") and " lr " in line]
-    assert sorted(line.split(" | ")[0][2:] for line in lines) == sorted(ATTACKS)
+    boxed = [f"{a} (box)" for a in bench.SANITIZED_ROWS]  # min-max in its sanitised set, and in the box alone
+    assert sorted(line.split(" | ")[0][2:] for line in lines) == sorted([*ATTACKS, *boxed])
     assert "| tgda | lr | 1 |" in printed and "92.35 / 89.56 / 2.79 | 1.1 h |" in printed  # the paper's, beside ours
+    assert "| min-max | lr | 1 |" in printed and "92.35 / 89.80 / 2.55 |" in printed  # the sanitised row carries it
     with open(os.path.join(out, "table_2.csv")) as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(ATTACKS) and all(r["seeds"] == "1" for r in rows)
+    assert len(rows) == len(ATTACKS) + len(boxed) and all(r["seeds"] == "1" for r in rows)
+    for row in bench.SANITIZED_ROWS:
+        for folder, kind in ((row, "sanitized"), (f"{row}_box", "box")):
+            config = json.load(open(os.path.join(out, "table_2", folder, "lr", "seed_0", "config.json")))
+            assert config["attack"] == row and config["feasible_set"] == kind
     metrics = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "metrics.json")))
     row = next(r for r in rows if r["attack"] == "label-flip")
     assert float(row["accuracy_drop_mean"]) == pytest.approx(100 * metrics["accuracy_drop"])

@@ -42,7 +42,6 @@ MNIST_DEFENDERS = {"smoke": ("lr",), "sample": ("lr", "nn"), "paper": ("lr", "nn
 CIFAR_DEFENDERS = ("cifar-cnn", "resnet18")
 FIGURE_EPSILONS = (0.03, 0.1, 0.3, 1.0)
 FIGURE_ATTACKS = ("label-flip", "min-max", "gradient-canceling", "tgda")
-DEFENSE_ATTACKS = ("tgda", "label-flip", "gradient-canceling")  # Table 10's rows by default (--attacks for more)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +90,21 @@ MNIST_CLEAN = {"lr": 92.35, "nn": 98.04, "cnn": 99.13}
 CIFAR_CLEAN = {"cifar-cnn": 69.44, "resnet18": 94.95}
 
 
+# The paper's min-max and improved min-max are Koh et al.'s, whose poisons stay in a sanitisation feasible set:
+# those rows run in it (and carry the paper's numbers); a second row each runs in the pixel box alone.
+SANITIZED_ROWS = ("min-max", "i-min-max")
+
+
+def _rows(attack):
+    """[(row name, settings)] of an attack in Tables 2 and 10."""
+    if attack in SANITIZED_ROWS:
+        return [(attack, {"attack": attack, "feasible_set": "sanitized"}),
+                (f"{attack} (box)", {"attack": attack, "feasible_set": "box"})]
+    return [(attack, {"attack": attack})]
+
+
 def _attack_rows(defenders, attacks, defenses=()):
-    return [Cell(a, d, {"attack": a, "defender": d}) for a in attacks for d in defenders]
+    return [Cell(row, d, {**settings, "defender": d}) for a in attacks for row, settings in _rows(a) for d in defenders]
 
 
 def _variant_rows(variants):
@@ -117,7 +129,8 @@ def _figure(defenders, attacks, defenses):
 
 
 def _defended(defenders, attacks, defenses):
-    return [Cell(a, d, {"attack": a, "defender": d}, defense) for a in attacks for d in defenders for defense in defenses]
+    return [Cell(row, d, {**settings, "defender": d}, defense) for a in attacks for row, settings in _rows(a)
+            for d in defenders for defense in defenses]
 
 
 def _p(acc, drop, hours=None):
@@ -191,7 +204,7 @@ TABLES = {t.key: t for t in (
           "defense, and Table 11's)", False, _defended, {**TGDA_UNDER_DEFENSES, **{
               ("tgda", d, "loss"): PaperDefense(drop, with_) for d, (drop, with_) in
               {"lr": (2.79, 2.56), "nn": (1.50, 1.49), "cnn": (1.11, 1.104)}.items()}},
-          MNIST_CLEAN, attacks=DEFENSE_ATTACKS, defenses=tuple(DEFENSES)),
+          MNIST_CLEAN, defenses=tuple(DEFENSES)),  # every registered attack (--attacks for fewer)
     Table("11", "MNIST, epsilon = 3%: TGDA against the influence, Sever and MaxUp defenses", False,
           lambda defenders, attacks, defenses: _defended(defenders, ("tgda",), defenses), TGDA_UNDER_DEFENSES,
           MNIST_CLEAN, attacks=("tgda",), defenses=("influence", "sever", "maxup")),
@@ -306,26 +319,33 @@ def _slug(text):
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
-def run_folder(out, table, cell, seed, same_as_table_2=False):
-    """OUT/table_N/ROW/COLUMN/seed_K. A defense table's cell is Table 2's run of its (attack, defender) tested
-    under a defense, and a cell whose settings are those of Table 2's run (the ablations' default column, such
-    as Table 4's "attacker leads" or Figure 4's epsilon 3%; which one depends on the scale's settings) is that
-    run: their folder is Table 2's, so that a run Table 2 has made is not made again."""
-    if cell.defense is not None or same_as_table_2:
-        return os.path.join(out, "table_2", _slug(cell.settings["attack"]), _slug(cell.settings["defender"]),
-                            f"seed_{seed}")
+def run_folder(out, table, cell, seed, table_2_row=None):
+    """OUT/table_N/ROW/COLUMN/seed_K. A defense table's cell is Table 2's run of its row and defender tested
+    under a defense, and a cell whose settings are those of a Table 2 run (`table_2_row`, its row: the
+    ablations' default column, such as Table 4's "attacker leads" or Figure 4's epsilon 3%; which one depends
+    on the scale's settings) is that run: their folder is Table 2's, so that a run Table 2 has made is not made
+    again."""
+    if cell.defense is not None:
+        table_2_row = cell.row
+    if table_2_row is not None:
+        return os.path.join(out, "table_2", _slug(table_2_row), _slug(cell.settings["defender"]), f"seed_{seed}")
     return os.path.join(out, f"table_{table.key}", _slug(cell.row), _slug(cell.column), f"seed_{seed}")
 
 
 def _table_2_configs(table, scale, seeds, runs, *, data_root, device, overrides):
-    """{(attack, defender, seed): Config of Table 2's run} for the attacks and defenders of `runs`, at the same
-    scale and overrides (empty for a CIFAR table: Table 2 is MNIST)."""
+    """[(Table 2 row, seed, Config of its run)] for the attacks and defenders of `runs`, at the same scale and
+    overrides (empty for a CIFAR table: Table 2 is MNIST)."""
     if table.key == "2" or (table.cifar and scale == "paper"):
-        return {}
+        return []
     cells = {(cell.settings["attack"], cell.settings["defender"]) for cell, _, _ in runs}
     table_2 = plan(TABLES["2"], scale, seeds, data_root=data_root, device=device,
                    defenders=sorted({d for _, d in cells}), attacks=sorted({a for a, _ in cells}), overrides=overrides)
-    return {(cell.row, cell.column, seed): cfg for cell, seed, cfg in table_2 if (cell.row, cell.column) in cells}
+    return [(cell.row, seed, cfg) for cell, seed, cfg in table_2 if (cell.settings["attack"], cell.column) in cells]
+
+
+def _table_2_row(table_2, seed, cfg):
+    """The row of the Table 2 run whose settings are cfg's, or None."""
+    return next((row for row, s, c in table_2 if s == seed and c == cfg), None)
 
 
 def _resumed(step, folder, overwrite):
@@ -386,8 +406,7 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
     table_2 = _table_2_configs(table, scale, seeds, runs, data_root=data_root, device=device, overrides=overrides)
     groups = {}  # run folder -> [(cell, cfg, folder)], in plan order
     for cell, seed, cfg in runs:
-        folder = run_folder(out, table, cell, seed,
-                            same_as_table_2=table_2.get((cfg.attack, cfg.defender, seed)) == cfg)
+        folder = run_folder(out, table, cell, seed, table_2_row=_table_2_row(table_2, seed, cfg))
         groups.setdefault(folder, []).append((cell, cfg, folder))
     groups = list(groups.values())
     bar = progress_bar(total=len(runs), desc=f"table {table.key} ({scale})", disable=not verbose)

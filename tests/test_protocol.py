@@ -190,6 +190,8 @@ def test_diverging_training_is_an_error():
     (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--gc-labels", "reverse"], "gc-recipe authors"),
     (["--dataset", "cifar10", "--defender", "gc-cnn"], "is an MNIST model"),
     (["--feasible-set", "sanitized"], "add --attacker pixels"), (["--feasible-quantile", "0"], "feasible-quantile"),
+    (["--attack", "label-flip", "--feasible-set", "sanitized"], "does not keep its poisons in a feasible set"),
+    (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--dataset", "cifar10"], "MNIST recipe"),
     (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--feasible-set", "sanitized"], "drop --feasible-set"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
@@ -239,11 +241,29 @@ def test_a_folder_written_before_a_setting_existed_resumes_when_the_setting_is_a
     assert cli.main(["run", *flags]) == 0
     path = os.path.join(out, "config.json")
     recorded = json.load(open(path))
-    del recorded["checkpoint_every"]  # as written by a version without the setting
+    del recorded["perfect_knowledge"]  # as written by a version without the setting
     json.dump(recorded, open(path, "w"))
     assert cli.main(["run", *flags, "--resume"]) == 0
-    assert cli.main(["run", *flags, "--checkpoint-every", "5", "--resume"]) == 2  # not at its default: another run
-    assert "checkpoint_every None -> 5" in capsys.readouterr().err
+    assert cli.main(["run", *flags, "--perfect-knowledge", "--resume"]) == 2  # not at its default: another run
+    assert "perfect_knowledge None -> True" in capsys.readouterr().err
+
+
+def test_a_run_is_the_settings_it_reads(tmp_path, capsys):
+    """Settings a run's attack does not read (TGDA's solve and schedule, another attack's options, the thread
+    count) do not stop a resume; a TGDA run written under the former default solver names the option."""
+    out = str(tmp_path / "flip")
+    flags = ["--attack", "label-flip", "--out", out, *TINY_FLAGS]
+    assert cli.main(["run", *flags]) == 0
+    recorded = json.load(open(os.path.join(out, "config.json")))
+    recorded.update(solver="cgnr", checkpoint_every=5, gc_steps=7)  # as an older version wrote a label-flip run
+    json.dump(recorded, open(os.path.join(out, "config.json"), "w"))
+    assert cli.main(["run", *flags, "--threads", "1", "--resume"]) == 0
+    out = str(tmp_path / "tgda")
+    assert cli.main(["run", "--out", out, *TINY_FLAGS, "--solver", "cgnr"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--out", out, *TINY_FLAGS, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "solver 'cgnr' -> 'minres'" in err and "add --solver cgnr to continue it" in err and "\n" not in err.strip()
 
 
 def _flags(values):

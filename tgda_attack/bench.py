@@ -67,6 +67,11 @@ class Cell:
     column: str
     settings: dict
     defense: str = None  # a defense table's cell: the run of `settings` tested under this defense
+    folder: str = None  # the row's folder name where it is not the row's own (min-max's sanitised rows)
+
+    @property
+    def row_folder(self):
+        return self.folder or _slug(self.row)
 
     @property
     def key(self):
@@ -96,15 +101,17 @@ SANITIZED_ROWS = ("min-max", "i-min-max")
 
 
 def _rows(attack):
-    """[(row name, settings)] of an attack in Tables 2 and 10."""
+    """[(row name, settings, folder name)] of an attack in Tables 2 and 10. The box rows keep the attack's own
+    folder, which held box runs before the sanitised rows existed, so that those runs are kept."""
     if attack in SANITIZED_ROWS:
-        return [(attack, {"attack": attack, "feasible_set": "sanitized"}),
-                (f"{attack} (box)", {"attack": attack, "feasible_set": "box"})]
-    return [(attack, {"attack": attack})]
+        return [(attack, {"attack": attack, "feasible_set": "sanitized"}, f"{attack}_sanitized"),
+                (f"{attack} (box)", {"attack": attack, "feasible_set": "box"}, attack)]
+    return [(attack, {"attack": attack}, None)]
 
 
 def _attack_rows(defenders, attacks, defenses=()):
-    return [Cell(row, d, {**settings, "defender": d}) for a in attacks for row, settings in _rows(a) for d in defenders]
+    return [Cell(row, d, {**settings, "defender": d}, folder=folder) for a in attacks for row, settings, folder in _rows(a)
+            for d in defenders]
 
 
 def _variant_rows(variants):
@@ -129,7 +136,7 @@ def _figure(defenders, attacks, defenses):
 
 
 def _defended(defenders, attacks, defenses):
-    return [Cell(row, d, {**settings, "defender": d}, defense) for a in attacks for row, settings in _rows(a)
+    return [Cell(row, d, {**settings, "defender": d}, defense, folder) for a in attacks for row, settings, folder in _rows(a)
             for d in defenders for defense in defenses]
 
 
@@ -321,15 +328,15 @@ def _slug(text):
 
 def run_folder(out, table, cell, seed, table_2_row=None):
     """OUT/table_N/ROW/COLUMN/seed_K. A defense table's cell is Table 2's run of its row and defender tested
-    under a defense, and a cell whose settings are those of a Table 2 run (`table_2_row`, its row: the
-    ablations' default column, such as Table 4's "attacker leads" or Figure 4's epsilon 3%; which one depends
-    on the scale's settings) is that run: their folder is Table 2's, so that a run Table 2 has made is not made
-    again."""
+    under a defense, and a cell whose settings are those of a Table 2 run (`table_2_row`, that run's row folder:
+    the ablations' default column, such as Table 4's "attacker leads" or Figure 4's epsilon 3%; which one
+    depends on the scale's settings) is that run: their folder is Table 2's, so that a run Table 2 has made is
+    not made again."""
     if cell.defense is not None:
-        table_2_row = cell.row
+        table_2_row = cell.row_folder
     if table_2_row is not None:
-        return os.path.join(out, "table_2", _slug(table_2_row), _slug(cell.settings["defender"]), f"seed_{seed}")
-    return os.path.join(out, f"table_{table.key}", _slug(cell.row), _slug(cell.column), f"seed_{seed}")
+        return os.path.join(out, "table_2", table_2_row, _slug(cell.settings["defender"]), f"seed_{seed}")
+    return os.path.join(out, f"table_{table.key}", cell.row_folder, _slug(cell.column), f"seed_{seed}")
 
 
 def _table_2_configs(table, scale, seeds, runs, *, data_root, device, overrides):
@@ -340,11 +347,11 @@ def _table_2_configs(table, scale, seeds, runs, *, data_root, device, overrides)
     cells = {(cell.settings["attack"], cell.settings["defender"]) for cell, _, _ in runs}
     table_2 = plan(TABLES["2"], scale, seeds, data_root=data_root, device=device,
                    defenders=sorted({d for _, d in cells}), attacks=sorted({a for a, _ in cells}), overrides=overrides)
-    return [(cell.row, seed, cfg) for cell, seed, cfg in table_2 if (cell.settings["attack"], cell.column) in cells]
+    return [(cell.row_folder, seed, cfg) for cell, seed, cfg in table_2 if (cell.settings["attack"], cell.column) in cells]
 
 
 def _table_2_row(table_2, seed, cfg):
-    """The row of the Table 2 run whose settings are cfg's, or None."""
+    """The row folder of the Table 2 run whose settings are cfg's, or None."""
     return next((row for row, s, c in table_2 if s == seed and c == cfg), None)
 
 

@@ -104,7 +104,7 @@ def build_parser():
     p.add_argument("--data-root", help="folder of the full dataset (the paper scale)")
     p.add_argument("--defenders", nargs="+", choices=CHOICES["defender"], help="columns (default: by scale)")
     p.add_argument("--attacks", nargs="+", choices=CHOICES["attack"],
-                   help="rows of tables 2 and 10 and figure-4 (default: all; table 10: tgda, label-flip, gradient-canceling)")
+                   help="rows of tables 2 and 10 and figure-4 (default: all; min-max and i-min-max give a sanitised and a box row)")
     p.add_argument("--defenses", nargs="+", choices=tuple(DEFENSES), help="defenses of tables 10 and 11 (default: the table's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE", dest="overrides",

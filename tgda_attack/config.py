@@ -50,6 +50,22 @@ DATASET_DEFAULTS = {
 }
 
 ATTACK_SETTINGS = registered_settings(ATTACKS)  # the settings the registered attacks add, each checked by its Setting
+# Protocol settings only a TGDA run reads (its game, its solve, its attacker network), and settings of how a run
+# executes rather than what it computes: neither is part of another run's identity (identity_of), so that,
+# for instance, a label-flip folder resumes whatever the solver's default has become since it was written.
+TGDA_ONLY = ("alpha", "leader_steps", "solver", "solver_iterations", "damping", "cuda_graphs", "warm_start", "leader",
+             "formulation", "attacker", "pretrain_attacker", "attacker_epochs", "attacker_batch_size")
+EXECUTION = ("threads",)
+FORMER_DEFAULTS = {"solver": "cgnr"}  # defaults changed since runs were first written (issue 21: cgnr -> minres)
+
+
+def identity_of(values):
+    """The settings (a dict, as config.json holds them) that make a run what it is: the protocol's, less TGDA's
+    own for another attack and the execution settings, and the run's attack's own settings (not the others')."""
+    attack = values.get("attack")
+    own = {s.name for s in ATTACKS[attack].settings} if attack in ATTACKS else set()
+    drop = ({s.name for s in ATTACK_SETTINGS} - own) | set(EXECUTION) | (set(TGDA_ONLY) if attack != "tgda" else set())
+    return {k: v for k, v in values.items() if k not in drop}
 CHOICES = {
     "dataset": DATASETS, "defender": tuple(DEFENDERS), "eval_defender": tuple(DEFENDERS), "attack": tuple(ATTACKS), "attacker": ATTACKER_NAMES,
     "poison_init": INITS, "dp_mode": DP_MODES, "flip_rule": FLIP_RULES, "solver": tuple(hypergrad.METHODS), "warm_start": WARM_STARTS,
@@ -123,6 +139,13 @@ class _ProtocolSettings:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
 
+    def identity(self):
+        """identity_of this run's settings."""
+        return identity_of(dataclasses.asdict(self))
+
+    identity_of = staticmethod(identity_of)
+    FORMER_DEFAULTS = FORMER_DEFAULTS
+
     def _check_types(self):
         _check_types(self)
 
@@ -150,6 +173,10 @@ class _ProtocolSettings:
             if problem:
                 raise ValueError(problem)
         ATTACKS[self.attack].check_config(self)
+        if self.feasible_set != "box" and "feasible_set" not in {s.name for s in ATTACKS[self.attack].settings}:
+            takes = ", ".join(a for a, cls in ATTACKS.items() if "feasible_set" in {s.name for s in cls.settings})
+            raise ValueError(f"attack {self.attack} does not keep its poisons in a feasible set (these do: {takes}); "
+                             "drop --feasible-set")
         if self.cuda_graphs and self.attack == "tgda" and (self.defender not in LINEAR_CHAIN_DEFENDERS
                                                           or self.leader != "attacker"):
             raise ValueError(f"cuda-graphs records the solves of an {' or '.join(LINEAR_CHAIN_DEFENDERS)} defender "

@@ -180,7 +180,7 @@ def claim(out, cfg, *, overwrite=False, resume=False):
     recorded = settings_of(out)
     if recorded is None:
         return False
-    wanted = dataclasses.asdict(cfg)
+    wanted = cfg.identity()  # the settings the run reads (tgda_attack.config.identity_of)
     if overwrite:
         ranks = [n for n in os.listdir(out) if n.startswith("attack_checkpoint.rank")]  # --dp-mode partitions
         for name in (*RUN_FILES, *ranks):
@@ -191,6 +191,7 @@ def claim(out, cfg, *, overwrite=False, resume=False):
             if name.startswith("defense_") and os.path.isdir(os.path.join(out, name)):
                 shutil.rmtree(os.path.join(out, name))
         return False
+    recorded = cfg.identity_of({**recorded, "attack": recorded.get("attack")})
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     # a setting added to the project after this folder was written, at its default, is the same run
     changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k)
@@ -199,7 +200,10 @@ def claim(out, cfg, *, overwrite=False, resume=False):
         return True
     if resume:
         diff = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
-        raise OtherSettingsError(f"{out} holds a run with other settings ({diff}); --resume continues only the same "
-                                 "settings: use another --out, or --overwrite to replace that run", diff)
+        former = [f"--{k.replace('_', '-')} {recorded[k]}" for k in changed
+                  if recorded.get(k) == cfg.FORMER_DEFAULTS.get(k) and wanted.get(k) == defaults.get(k)]
+        hint = f" (it was written under an earlier default: add {' '.join(former)} to continue it)" if former else ""
+        raise OtherSettingsError(f"{out} holds a run with other settings ({diff}){hint}; --resume continues only the "
+                                 "same settings: use another --out, or --overwrite to replace that run", diff)
     raise RunFolderError(f"{out} already holds a run (config.json); --resume continues it with the same settings, "
                          "--overwrite replaces it, or choose another --out")

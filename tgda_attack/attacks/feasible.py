@@ -21,9 +21,15 @@ Read from kohpangwei/data-poisoning-journal-release (matlab/generateAttackTar.m:
 sphere radius at a quantile of the clean distances, box over the data; data_utils.py: the slab radius at
 the same percentile along the normalised difference of centroids) and jsteinha/data-poisoning; not copied.
 Their exact projection is a quadratic program (cvxpy); here it is Dykstra's alternating projections
-(Boyle & Dykstra 1986), which converge to the exact Euclidean projection onto an intersection of convex
-sets, each step in closed form: a clamp, a radial shrink, a clip along v_j. A point already inside is
-returned unchanged.
+(Boyle & Dykstra 1986), which converge to the Euclidean projection onto an intersection of convex sets,
+each step in closed form: a clamp, a radial shrink, a clip along v_j; run until the iterate stops moving
+(to 1e-7 a pixel). A point already inside is returned unchanged.
+
+What a filter sees: the sets come from the clean D_tr, the filters score the poisoned training set. With a
+small budget (3%) the centroids hardly move, and a point inside the 90% quantile of its class is below
+what a filter removing that class's 3% farthest points takes (measured: min-max's sanitised poisons are
+never removed); a filter removing more than 1 - quantile of a class, or poisons so many that they move
+their class's centroid (a large epsilon heaped on few classes), can find them.
 """
 import torch
 
@@ -79,8 +85,9 @@ class FeasibleSet:
 
     def project(self, x, y, *, iterations=500, tol=1e-7):
         """The Euclidean projection of each x_i onto the set of its label y_i (x shaped (N, ...), y (N,)), in x's
-        dtype: Dykstra's algorithm until every point is within `tol` (in pixel units) of each of the three
-        sets, or `iterations` rounds; the box alone is a clamp."""
+        dtype: Dykstra's algorithm until a round moves no pixel by more than `tol` and every point is within
+        `tol` of each of the three sets (float64 inside; a float32 result is rounded to it), or `iterations`
+        rounds; the box alone is a clamp."""
         shape, dtype = x.shape, x.dtype
         z = x.detach().flatten(1).double()
         if self.centroids is None:
@@ -90,12 +97,14 @@ class FeasibleSet:
         steps = (lambda t: torch.maximum(torch.minimum(t, self.upper), self.lower),
                  lambda t: _into_sphere(t, mu, rho), lambda t: _into_slab(t, mu, v, s))
         for round_ in range(iterations):
+            start = z
             for k, step in enumerate(steps):
                 moved = step(z + increments[k])
                 increments[k] = z + increments[k] - moved
                 z = moved
-            if round_ % 5 == 4 and float(self._violation(z, mu, rho, v, s).max()) <= tol:
-                break
+            if round_ % 5 == 4 and float((z - start).abs().max()) <= tol \
+                    and float(self._violation(z, mu, rho, v, s).max()) <= tol:
+                break  # feasible and no longer moving: at the projection
         return z.to(dtype).view(shape)
 
     def violation(self, x, y):

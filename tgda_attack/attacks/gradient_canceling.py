@@ -152,6 +152,9 @@ class GradientCancelingAttack(PoisoningAttack):
                              "toward a GradPC target: drop --gc-labels, --poison-init and --gc-target")
         if cfg.gc_recipe == "authors" and cfg.feasible_set != "box":
             raise ValueError("gc-recipe authors projects onto no feasible set: drop --feasible-set")
+        if cfg.gc_recipe == "authors" and not cfg.dataset.startswith("mnist"):
+            raise ValueError(f"gc-recipe authors is the authors' MNIST recipe (their pixel normalisation and schedules); "
+                             f"dataset {cfg.dataset} needs --gc-recipe valid")
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
@@ -229,6 +232,9 @@ class GradientCancelingAttack(PoisoningAttack):
             z.requires_grad_(True)
             objective = (g_clean + self._first_gradient(model, params, name, (z - c) / a, y_p, create_graph=True)
                          ).norm()
+            if not math.isfinite(objective.item()):
+                raise FloatingPointError(f"gradient canceling (the authors' recipe) diverged at epoch {epoch} of {epochs}: "
+                                         f"the objective became {objective.item()}; no poisons were returned")
             if epoch % self.log_every == 0 or epoch == epochs or objective.item() < AUTHORS_STOP:
                 self.history.append({"step": epoch, "objective": objective.item()})
             if objective.item() < AUTHORS_STOP or epoch == epochs:

@@ -16,8 +16,8 @@ the defender w starts at the trained defender, and the epsilon*N poisons are mad
   * each new poison, starting from its clean point of D_p^0, gets the label of largest cross-entropy
     under w (any class: labels are part of what is maximised, the attack is not clean-label), then
     its pixels take `steps` steps of projected signed-gradient ascent on its own loss L((x_p, y_p), w)
-    (x <- clip(x + step_size * sign(grad_x L)) onto the pixel range: the steepest ascent step for the
-    box, which is the only feasible set here); of the iterates the one of largest loss is kept, so a
+    (x <- project(x + step_size * sign(grad_x L)) onto the feasible set: the steepest ascent step for the
+    box, the default set; see `feasible_set` below); of the iterates the one of largest loss is kept, so a
     poison's loss never falls below its start's;
   * the defender, as follower, takes `follower_steps` steps of mini-batch gradient descent,
     w <- w - beta grad_w L(batch, w), on D_tr U the poisons made so far (seeded batches drawn from
@@ -241,12 +241,10 @@ class MinMaxAttack(PoisoningAttack):
         def log_probs(points):
             return torch.cat([F.log_softmax(model(points[i:i + self.batch_size]), dim=1)
                               for i in range(0, len(points), self.batch_size)])
-        out = -log_probs(x)
-        if out.shape[1] != self.num_classes:
-            raise ValueError(f"the defender gives {out.shape[1]} classes, not num_classes={self.num_classes}")
-        if starts is not None:
-            out = torch.stack([-log_probs(starts[j])[:, j] for j in range(self.num_classes)], dim=1)
-        return out
+        losses = [-log_probs(p) for p in ([x] if starts is None else [starts[j] for j in range(self.num_classes)])]
+        if losses[0].shape[1] != self.num_classes:
+            raise ValueError(f"the defender gives {losses[0].shape[1]} classes, not num_classes={self.num_classes}")
+        return losses[0] if starts is None else torch.stack([c[:, j] for j, c in enumerate(losses)], dim=1)
 
     def ascend(self, model, x0, y, constraint=None):
         """`steps` steps of projected signed-gradient ascent on each point's own loss under `model` (minus

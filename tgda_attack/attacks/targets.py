@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import train_classifier
-from .base import Setting
+from .base import Setting, fresh_model
 from .label_flip import LabelFlipAttack
 
 TARGET_SETTINGS = (
@@ -80,11 +80,7 @@ def authors_gradpc_target(defender, x, y, *, radius=0.5, seed=0, lr=1.0, batch_s
     fresh, seeded initialisation of the defender's architecture trained one epoch by Adadelta (lr 1.0, mean
     cross-entropy, seeded shuffled batches of 64), then corrupted by gradpc_target within an L2 ball of
     `radius` (their files: 0.5). A state_dict."""
-    model = copy.deepcopy(defender)
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+    model = fresh_model(defender, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adadelta(params, lr=lr)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)

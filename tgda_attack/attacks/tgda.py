@@ -249,6 +249,7 @@ class TGDAAttack(PoisoningAttack):
         self.feasible_ = make_feasible_set(self.feasible_set, x, y, quantile=self.feasible_quantile,
                                            pixel_range=self.pixel_range)
         self._poison_labels = y_p0
+        self.info_ = {"feasible_set": self.feasible_.describe()}
         attacker = _DirectPoisons(self._project(x_p0, y_p0)) if self.attacker is None else copy.deepcopy(self.attacker)
         attacker.to(ref.device, ref.dtype)
         theta = [p for p in attacker.parameters() if p.requires_grad]

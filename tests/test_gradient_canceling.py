@@ -218,3 +218,39 @@ def test_the_default_gradpc_target_is_within_the_budget():
     loose = GradientCancelingAttack(defender, 0.1, steps=1, radius=2 * info["relative_radius"] + 0.5, num_classes=3)
     loose.poison(x2, y2)
     assert loose.target_info_["necessary_epsilon"] > 0.1  # a larger corruption is out of this budget's reach
+
+
+def _linear_gradients(target, x0, classes):
+    """(n, K, P) closed form of a softmax linear model: grad_W l(x, c) = (p - e_c) x^T, grad_b = p - e_c, flattened
+    as named_parameters orders them (weight, then bias)."""
+    W, b = target[-1].weight.detach(), target[-1].bias.detach()
+    z = x0.flatten(1)
+    p = torch.softmax(z @ W.T + b, 1)
+    out = []
+    for c in range(classes):
+        r = p - F.one_hot(torch.full((len(z),), c), classes).to(z.dtype)
+        out.append(torch.cat([(r[:, :, None] * z[:, None, :]).flatten(1), r], 1))
+    return torch.stack(out, 1)
+
+
+def test_canceling_labels_are_the_greedy_minimiser_of_the_objective(monkeypatch):
+    x, y, defender = _tiny()
+    target = _fit(defender, x[:20], y[:20])  # a target D_tr alone does not make stationary
+    attack = GradientCancelingAttack(defender, 0.3, target=target.state_dict(), labels="cancel", steps=0,
+                                     num_classes=3)
+    monkeypatch.setattr("tgda_attack.attacks.gradient_canceling.CANCEL_CHUNK_FLOATS", 40)  # several chunks
+    x_p, y_p = attack.poison(x, y)
+    params = {k: v.detach() for k, v in target.named_parameters()}
+    g_clean = attack.clean_gradient(target, params, x, y).double()
+    grads = _linear_gradients(target, x[attack.source_indices_], 3)
+    residual, expected = g_clean.clone(), []
+    for g in grads:  # the greedy rule, by brute force over the classes
+        norms = [(residual + g[c]).norm().item() for c in range(3)]
+        expected.append(min(range(3), key=norms.__getitem__))
+        residual += g[expected[-1]]
+    assert y_p.tolist() == expected
+    assert attack.info_["label_counts"] == torch.bincount(y_p, minlength=3).tolist()
+    scale = 1.0 / (len(y) + len(y_p))
+    chosen, true, flipped = (attack.objective(target, params, g_clean, x_p, labels, scale).item()
+                             for labels in (y_p, y[attack.source_indices_], 2 - y[attack.source_indices_]))
+    assert chosen < true and chosen < flipped  # on this problem the chosen labels cancel best at the start

@@ -12,7 +12,12 @@ The first sum is constant and computed once; the objective's gradient in x_p is 
 derivative (one double backward a step). It is minimised by projected Adam on the poisons' pixels,
 clamped to the valid pixel range after every step (the authors' released code omits the projection).
 The poisons start at D_p^0, the epsilon*N chosen points of D_tr, with their true labels (as in the
-authors' code) or labels flipped by the paper's rule y -> K - 1 - y, and keep those labels.
+authors' code), labels flipped by the paper's rule y -> K - 1 - y, or labels the attack chooses to cancel
+D_tr's gradient ("cancel", `canceling_labels`): poison by poison, the class c whose gradient
+grad_w l(x_p, c; w_t) leaves the running sum g_clean + sum_{earlier poisons} g the smallest (a greedy
+minimisation of (GC) over the labels at the starting pixels). They keep those labels.
+Measured on full MNIST (LR, epsilon 0.03, the default GradPC target, seeds 0 1 2): drops 1.16 / 0.82 / 1.73
+with "cancel" against 0.58 +- 0.27 with true labels; the greedy rule gives nearly every poison one class.
 
 Target parameters (attacks/targets.py): given explicitly (`target`, a state_dict of the defender), or
 made from the trained defender by GradPC, the authors' generator (gradient-ascent corruption of the
@@ -38,7 +43,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from ..models import MnistStandardize
 from ..progress import progress_bar
@@ -48,7 +53,8 @@ from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
 from .targets import TARGET_SETTINGS, authors_gradpc_target, gradpc_target, label_flip_target, necessary_epsilon
 
 TARGETS = ("gradpc", "label-flip")
-LABELS = ("true", "reverse")
+LABELS = ("true", "reverse", "cancel")
+CANCEL_CHUNK_FLOATS = 2 ** 24  # per-example, per-class gradients held at once when labels are chosen
 RECIPES = ("valid", "authors")  # valid pixels (ours, the default) or the authors' code as they ran it
 DEFAULT_RELATIVE_RADIUS = 0.1  # GradPC radius / ||w|| where no reachability bound applies (not LR)
 
@@ -102,7 +108,8 @@ class GradientCancelingAttack(PoisoningAttack):
         Setting("gc_target", str, "gradpc", TARGETS, "how gradient canceling makes its target parameters"),
         Setting("gc_radius", float, 0.0, "non-negative",
                 "GradPC's L2 radius relative to ||w||; 0: the largest the budget can reach (LR), else 0.1"),
-        Setting("gc_labels", str, "true", LABELS, "the poisons' labels: their sources' or flipped (9 - y)"),
+        Setting("gc_labels", str, "true", LABELS, "the poisons' labels: their sources', flipped (9 - y), or each the class that best cancels D_tr's "
+                "gradient at the target (greedy)"),
         Setting("gc_recipe", str, "valid", RECIPES,
                 "valid: poisons kept in the pixel range (ours); authors: Gradient Canceling as watml/plim runs it "
                 "(its GradPC target, first-layer objective, gradient descent without projection)"),
@@ -177,12 +184,16 @@ class GradientCancelingAttack(PoisoningAttack):
         params = {k: v.detach() for k, v in model.named_parameters()}
 
         idx = self._craft_sources(len(y)).to(ref.device)
-        y_p = y[idx].clone() if self.labels == "true" else (self.num_classes - 1) - y[idx]
         self.feasible_ = make_feasible_set(self.feasible_set, x, y, quantile=self.feasible_quantile,
                                            pixel_range=self.pixel_range, num_classes=self.num_classes)
         self.info_["feasible_set"] = self.feasible_.describe()
-        x_p = self._project(x[idx], y_p).requires_grad_(True)
         g_clean = self.clean_gradient(model, params, x, y)
+        if self.labels == "cancel":
+            y_p = self.canceling_labels(model, params, g_clean, x[idx])
+        else:
+            y_p = y[idx].clone() if self.labels == "true" else (self.num_classes - 1) - y[idx]
+        self.info_["label_counts"] = torch.bincount(y_p, minlength=self.num_classes).tolist()
+        x_p = self._project(x[idx], y_p).requires_grad_(True)
         scale = 1.0 / (len(y) + len(y_p))
         optimizer = torch.optim.Adam([x_p], lr=self.lr)
         self.history = []
@@ -314,6 +325,34 @@ class GradientCancelingAttack(PoisoningAttack):
             g = self._flat_gradient(model, params, x[i:i + self.batch_size], y[i:i + self.batch_size], create_graph=False)
             total = g.double() if total is None else total + g.double()
         return total.to(next(iter(params.values())).dtype)
+
+    def canceling_labels(self, model, params, g_clean, x0):
+        """Labels for poisons starting at x0 (each projected onto its class's feasible set first): poison by
+        poison, the class c minimising ||r + grad_w l(x_i, c; w_t)||, r the running sum of D_tr's gradient and
+        the earlier poisons' (module docstring). Per-example gradients by torch.func.vmap, in chunks."""
+        leaves = {k: v.detach() for k, v in params.items()}
+
+        def loss_of_one(p, xi, ci):
+            return F.cross_entropy(functional_call(model, p, (xi[None],)), ci[None], reduction="sum")
+
+        per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))
+        size = sum(v.numel() for v in leaves.values())
+        chunk = max(1, CANCEL_CHUNK_FLOATS // (self.num_classes * size))
+        residual = g_clean.double().clone()
+        labels = torch.empty(len(x0), dtype=torch.long, device=x0.device)
+        for start in range(0, len(x0), chunk):
+            grads = []  # (chunk, K, P): each poison's gradient for each class, at its class's projected start
+            for c in range(self.num_classes):
+                classes = torch.full((min(chunk, len(x0) - start),), c, dtype=torch.long, device=x0.device)
+                points = self._project(x0[start:start + chunk], classes)
+                g = per_example(leaves, points, classes)
+                grads.append(torch.cat([g[k].reshape(len(classes), -1) for k in leaves], 1))
+            grads = torch.stack(grads, 1).double()
+            for i in range(grads.shape[0]):
+                best = (residual[None] + grads[i]).pow(2).sum(1).argmin()
+                labels[start + i] = best
+                residual += grads[i, best]
+        return labels
 
     def objective(self, model, params, g_clean, x_p, y_p, scale):
         """(GC): the squared norm of the mean training-loss gradient at w_t over D_tr U D_p."""

@@ -79,21 +79,7 @@ def _from(gc, x, y, x0, y0):
     model.eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
     g_clean = gc.clean_gradient(model, params, x, y)
-    x_p = x0.clone().clamp(*gc.pixel_range).requires_grad_(True)
-    scale = 1.0 / (len(y) + len(y0))
-    opt = torch.optim.Adam([x_p], lr=gc.lr)
-    gc.history = []
-    for step in range(gc.steps + 1):
-        objective = gc.objective(model, params, g_clean, x_p, y0, scale)
-        gc.history.append({"step": step, "gradient_norm": objective.detach().sqrt().item()})
-        if step == gc.steps:
-            break
-        opt.zero_grad()
-        objective.backward()
-        opt.step()
-        with torch.no_grad():
-            x_p.clamp_(*gc.pixel_range)
-    return x_p.detach(), y0
+    return gc.descend(model, params, g_clean, x0.clamp(*gc.pixel_range), y0, len(y)), y0
 
 
 if __name__ == "__main__":

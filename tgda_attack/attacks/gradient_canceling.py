@@ -193,8 +193,13 @@ class GradientCancelingAttack(PoisoningAttack):
         else:
             y_p = y[idx].clone() if self.labels == "true" else (self.num_classes - 1) - y[idx]
         self.info_["label_counts"] = torch.bincount(y_p, minlength=self.num_classes).tolist()
-        x_p = self._project(x[idx], y_p).requires_grad_(True)
-        scale = 1.0 / (len(y) + len(y_p))
+        return self.descend(model, params, g_clean, self._project(x[idx], y_p), y_p, len(y)), y_p
+
+    def descend(self, model, params, g_clean, x_start, y_p, n_clean):
+        """Projected Adam on the poisons' pixels from x_start (`steps` steps of `lr`) minimising (GC) at the
+        target loaded in `model`, D_tr's gradient sum g_clean over n_clean points; logs `history`. The poisons."""
+        x_p = x_start.clone().requires_grad_(True)
+        scale = 1.0 / (n_clean + len(y_p))
         optimizer = torch.optim.Adam([x_p], lr=self.lr)
         self.history = []
         for step in progress_bar(range(self.steps + 1), desc="gradient canceling", disable=not self.verbose):
@@ -208,7 +213,7 @@ class GradientCancelingAttack(PoisoningAttack):
             optimizer.step()
             with torch.no_grad():
                 x_p.copy_(self._project(x_p, y_p))
-        return x_p.detach(), y_p
+        return x_p.detach()
 
     def _poison_as_authors(self, model, x, y):
         """The authors' recipe (watml/plim): their GradPC target (targets.authors_gradpc_target, radius 0.5);

@@ -27,9 +27,10 @@ def cross_entropy_loss(model, x, y):
 
 
 def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
-                     loss_fn=cross_entropy_loss):
+                     loss_fn=cross_entropy_loss, after_epoch=None):
     """Mini-batch gradient descent on loss_fn(model, x_batch, y_batch) (the cross-entropy unless a robust
-    training procedure gives its own): w -= lr * grad. Returns the model."""
+    training procedure gives its own): w -= lr * grad. `after_epoch(model)`, where given, is called after
+    each epoch (in eval mode; training resumes in train mode). Returns the model."""
     if epochs < 0 or batch_size < 1 or lr <= 0:
         raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
     generator = torch.Generator().manual_seed(seed)
@@ -50,6 +51,10 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
                 "the training data make the loss too sharp for this step size (poisons can do this: an attack "
                 "outcome, but no accuracy can be measured); use a smaller learning rate (--pretrain-lr)")
         bar.set_postfix(loss=f"{last:.4f}")
+        if after_epoch is not None:
+            model.eval()
+            after_epoch(model)
+            model.train()
     model.eval()
     return model
 

@@ -12,6 +12,11 @@ A run already complete in its folder is kept (the run folders' resume check: tgd
 an interrupted bench continues where it stopped; a run whose folder holds other settings stops the bench
 unless --overwrite.
 
+Rows beyond the paper's: min-max and i-min-max in their sanitisation feasible set (the paper's, the row under
+the attack's name) and in the pixel box alone ("(box)"); Gradient Canceling with labels chosen to cancel D_tr's
+gradient ("(cancel labels)") and as its authors' code runs it ("(authors)": their recipe and their network of the
+column's kind, gc-lr / gc-nn / gc-cnn, beside the drops of their paper, Lu, Kamath & Yu, ICML 2023, Table 2).
+
 Scales: "smoke" (the embedded mnist-sample with every schedule cut to a run of seconds: for tests and CI,
 numbers without meaning), "sample" (mnist-sample with its dataset defaults: minutes a run on 2 CPU
 cores), "paper" (the full datasets with the paper's settings, from --data-root). The paper's CIFAR-10
@@ -46,11 +51,13 @@ FIGURE_ATTACKS = ("label-flip", "min-max", "gradient-canceling", "tgda")
 
 @dataclasses.dataclass(frozen=True)
 class Paper:
-    """A published cell: the poisoned accuracy and the drop (points), the attack's hours where given."""
+    """A published cell: the poisoned accuracy and the drop (points), the attack's hours where given, and the
+    paper it is from where that is not the TMLR paper (whose clean accuracies are then not beside it)."""
 
     accuracy: float
     drop: float
     hours: float = None
+    source: str = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,18 +107,42 @@ CIFAR_CLEAN = {"cifar-cnn": 69.44, "resnet18": 94.95}
 SANITIZED_ROWS = ("min-max", "i-min-max")
 
 
-def _rows(attack):
-    """[(row name, settings, folder name)] of an attack in Tables 2 and 10. The box rows keep the attack's own
-    folder, which held box runs before the sanitised rows existed, so that those runs are kept."""
+def _gc_as_authors(defender):
+    """Gradient Canceling as watml/plim runs it (attacks/gradient_canceling.py, `recipe`), against their network
+    of the column's kind (gc-lr, gc-nn, gc-cnn) with their evaluation: float64, batches of 10,000 (CNN: 1,000)."""
+    return {"gc_recipe": "authors", "defender": f"gc-{defender}", "dtype": "float64",
+            "pretrain_batch_size": 1000 if defender == "cnn" else 10000}
+
+
+# Gradient Canceling's rows beyond its default (valid pixels, true labels): {row: (folder, settings by defender)}.
+GC_ROWS = {"gradient-canceling (cancel labels)": ("gradient-canceling_cancel", lambda d: {"gc_labels": "cancel"}),
+           "gradient-canceling (authors)": ("gradient-canceling_authors", _gc_as_authors)}
+
+
+def _rows(attack, defender):
+    """[(row name, settings, folder name)] of an attack against a defender in Tables 2 and 10. The box rows keep
+    the attack's own folder, which held box runs before the sanitised rows existed, so that those runs are kept."""
+    own = {"attack": attack, "defender": defender}
     if attack in SANITIZED_ROWS:
-        return [(attack, {"attack": attack, "feasible_set": "sanitized"}, f"{attack}_sanitized"),
-                (f"{attack} (box)", {"attack": attack, "feasible_set": "box"}, attack)]
-    return [(attack, {"attack": attack}, None)]
+        return [(attack, {**own, "feasible_set": "sanitized"}, f"{attack}_sanitized"),
+                (f"{attack} (box)", {**own, "feasible_set": "box"}, attack)]
+    if attack == "gradient-canceling":
+        return [(attack, own, None)] + [(row, {**own, **settings(defender)}, folder)
+                                        for row, (folder, settings) in GC_ROWS.items()]
+    return [(attack, own, None)]
+
+
+def _by_row(cells):
+    """The cells in the order of their rows' first appearance (a row's defenders together, as in the paper)."""
+    order = {}
+    for cell in cells:
+        order.setdefault(cell.row, len(order))
+    return sorted(cells, key=lambda cell: order[cell.row])
 
 
 def _attack_rows(defenders, attacks, defenses=()):
-    return [Cell(row, d, {**settings, "defender": d}, folder=folder) for a in attacks for row, settings, folder in _rows(a)
-            for d in defenders]
+    return _by_row([Cell(row, d, settings, folder=folder) for a in attacks for d in defenders
+                    for row, settings, folder in _rows(a, d)])
 
 
 def _variant_rows(variants):
@@ -136,13 +167,17 @@ def _figure(defenders, attacks, defenses):
 
 
 def _defended(defenders, attacks, defenses):
-    return [Cell(row, d, {**settings, "defender": d}, defense, folder) for a in attacks for row, settings, folder in _rows(a)
-            for d in defenders for defense in defenses]
+    return _by_row([Cell(row, d, settings, defense, folder) for a in attacks for d in defenders
+                    for row, settings, folder in _rows(a, d) for defense in defenses])
 
 
 def _p(acc, drop, hours=None):
     return Paper(acc, drop, hours)
 
+
+# Lu, Kamath & Yu (ICML 2023), "Exploring the limits of model-targeted indiscriminate data poisoning attacks",
+# Table 2, MNIST, epsilon 0.03, Gradient Canceling's drops against their LR, NN (784-128-10) and CNN.
+GC_PAPER_DROPS = {"lr": 21.1, "nn": 5.3, "cnn": 12.8}
 
 CIFAR_LABEL_FLIP_AND_TGDA = {  # Tables 3 and 12 share these rows
     ("label-flip", "cifar-cnn"): _p(68.99, 0.45, 0), ("label-flip", "resnet18"): _p(94.79, 0.16, 0),
@@ -164,6 +199,7 @@ TABLES = {t.key: t for t in (
         ("back-gradient", "lr"): _p(89.82, 2.53, 27), ("back-gradient", "nn"): _p(97.67, 0.37, 239),
         ("back-gradient", "cnn"): _p(99.02, 0.09, 2153),
         ("tgda", "lr"): _p(89.56, 2.79, 1.1), ("tgda", "nn"): _p(96.54, 1.50, 15), ("tgda", "cnn"): _p(98.02, 1.11, 75),
+        **{("gradient-canceling (authors)", d): Paper(None, drop, source="GC paper") for d, drop in GC_PAPER_DROPS.items()},
     }, MNIST_CLEAN),
     Table("3", "CIFAR-10, epsilon = 3%: label flip, MetaPoison and TGDA", True,
           lambda defenders, attacks, defenses: _attack_rows(defenders, ("label-flip", "metapoison", "tgda")), {
@@ -332,8 +368,8 @@ def run_folder(out, table, cell, seed, table_2_row=None):
     the ablations' default column, such as Table 4's "attacker leads" or Figure 4's epsilon 3%; which one
     depends on the scale's settings) is that run: their folder is Table 2's, so that a run Table 2 has made is
     not made again."""
-    if cell.defense is not None:
-        table_2_row = cell.row_folder
+    if cell.defense is not None:  # a defense table's columns are Table 2's (its defenders)
+        return os.path.join(out, "table_2", cell.row_folder, _slug(cell.column), f"seed_{seed}")
     if table_2_row is not None:
         return os.path.join(out, "table_2", table_2_row, _slug(cell.settings["defender"]), f"seed_{seed}")
     return os.path.join(out, f"table_{table.key}", cell.row_folder, _slug(cell.column), f"seed_{seed}")
@@ -457,8 +493,10 @@ def _row(table, scale, cell, runs, overrides=""):
     out["paper_accuracy"] = paper.accuracy if paper else None
     out["paper_drop"] = paper.drop if paper else None
     out["paper_hours"] = paper.hours if paper else None
+    out["paper_source"] = paper.source if paper else None
     tested = cell.settings.get("eval_defender") or cell.settings["defender"]
-    out["paper_clean"] = table.paper_clean.get(tested, table.paper_clean.get(column)) if paper else None
+    out["paper_clean"] = (table.paper_clean.get(tested, table.paper_clean.get(column))
+                          if paper and paper.source is None else None)
     return out
 
 
@@ -539,6 +577,11 @@ def markdown(table, scale, rows):
             if table.key != "figure-4" else f"### {table.title} ({label})\n\n")
     if table.cifar and scale != "paper":
         head += "The paper ran this table on CIFAR-10; at this scale it runs on MNIST, so no paper numbers are beside.\n\n"
+    if any(r[table.row_name] == "gradient-canceling (authors)" for r in rows):
+        head += ("\"gradient-canceling (authors)\": the attack as its authors' code runs it (no projection: its poisons "
+                 "leave the pixel range), against their network of the column's kind (gc-lr, gc-nn, gc-cnn) with their "
+                 "evaluation, so its clean accuracy is that network's; beside it the drop of the GC paper "
+                 "(Lu, Kamath & Yu, ICML 2023, Table 2).\n\n")
     lines = [f"| {table.row_name} | column | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) | attack time "
              "| L∞ perturbation | paper: clean / poisoned / drop | paper time |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -546,6 +589,8 @@ def markdown(table, scale, rows):
         paper = "—"
         if r["paper_drop"] is not None:
             paper = " / ".join("—" if v is None else f"{v:.2f}" for v in (r["paper_clean"], r["paper_accuracy"], r["paper_drop"]))
+            if r.get("paper_source"):
+                paper += f" ({r['paper_source']})"
         hours = "" if r["paper_hours"] is None else f"{r['paper_hours']:g} h"
         seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
         lines.append(f"| {r[table.row_name]} | {r['column']} | {seeds} | {_fmt(r['clean_accuracy_mean'], r['clean_accuracy_std'])} "

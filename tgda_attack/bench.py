@@ -115,8 +115,9 @@ def _gc_as_authors(defender):
 
 
 # Gradient Canceling's rows beyond its default (valid pixels, true labels): {row: (folder, settings by defender)}.
+GC_AUTHORS_ROW = "gradient-canceling (authors)"
 GC_ROWS = {"gradient-canceling (cancel labels)": ("gradient-canceling_cancel", lambda d: {"gc_labels": "cancel"}),
-           "gradient-canceling (authors)": ("gradient-canceling_authors", _gc_as_authors)}
+           GC_AUTHORS_ROW: ("gradient-canceling_authors", _gc_as_authors)}
 
 
 def _rows(attack, defender):
@@ -199,7 +200,7 @@ TABLES = {t.key: t for t in (
         ("back-gradient", "lr"): _p(89.82, 2.53, 27), ("back-gradient", "nn"): _p(97.67, 0.37, 239),
         ("back-gradient", "cnn"): _p(99.02, 0.09, 2153),
         ("tgda", "lr"): _p(89.56, 2.79, 1.1), ("tgda", "nn"): _p(96.54, 1.50, 15), ("tgda", "cnn"): _p(98.02, 1.11, 75),
-        **{("gradient-canceling (authors)", d): Paper(None, drop, source="GC paper") for d, drop in GC_PAPER_DROPS.items()},
+        **{(GC_AUTHORS_ROW, d): Paper(None, drop, source="GC paper") for d, drop in GC_PAPER_DROPS.items()},
     }, MNIST_CLEAN),
     Table("3", "CIFAR-10, epsilon = 3%: label flip, MetaPoison and TGDA", True,
           lambda defenders, attacks, defenses: _attack_rows(defenders, ("label-flip", "metapoison", "tgda")), {
@@ -577,8 +578,8 @@ def markdown(table, scale, rows):
             if table.key != "figure-4" else f"### {table.title} ({label})\n\n")
     if table.cifar and scale != "paper":
         head += "The paper ran this table on CIFAR-10; at this scale it runs on MNIST, so no paper numbers are beside.\n\n"
-    if any(r[table.row_name] == "gradient-canceling (authors)" for r in rows):
-        head += ("\"gradient-canceling (authors)\": the attack as its authors' code runs it (no projection: its poisons "
+    if any(r[table.row_name] == GC_AUTHORS_ROW for r in rows):
+        head += (f"\"{GC_AUTHORS_ROW}\": the attack as its authors' code runs it (no projection: its poisons "
                  "leave the pixel range), against their network of the column's kind (gc-lr, gc-nn, gc-cnn) with their "
                  "evaluation, so its clean accuracy is that network's; beside it the drop of the GC paper "
                  "(Lu, Kamath & Yu, ICML 2023, Table 2).\n\n")

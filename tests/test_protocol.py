@@ -187,6 +187,7 @@ def test_diverging_training_is_an_error():
     (["--game-solver", "fr", "--warm-start", "cold"], "warm-start partial"),
     (["--gc-steps", "-1"], "gc-steps must be an integer >= 0"), (["--target-epsilon", "0"], "target-epsilon must be a fraction"),
     (["--threads", "-1"], "threads must be >= 0"), (["--gc-recipe", "mine"], "invalid choice"),
+    (["--pretrain-max-grad-norm", "-1"], "pretrain-max-grad-norm must be >= 0"),
     (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--gc-labels", "reverse"], "gc-recipe authors"),
     (["--dataset", "cifar10", "--defender", "gc-cnn"], "is an MNIST model"),
     (["--feasible-set", "sanitized"], "add --attacker pixels"), (["--feasible-quantile", "0"], "feasible-quantile"),

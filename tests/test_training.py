@@ -1,7 +1,10 @@
-"""train_classifier's after_epoch hook: it sees the model of each epoch and does not change training."""
+"""train_classifier: its after_epoch hook sees the model of each epoch and does not change training; its
+gradient-norm bound is the clipped step written out by hand, and keeps a run finite that plain GD blows up."""
 import copy
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from tgda_attack.training import train_classifier
 
@@ -27,3 +30,46 @@ def test_after_epoch_sees_the_model_that_k_epochs_of_the_same_training_give():
             torch.testing.assert_close(state[name], expected[name], rtol=0, atol=0)
     for p, q in zip(hooked.parameters(), train_classifier(copy.deepcopy(model), x, y, epochs=3, **kw).parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05, 1e6])
+def test_the_bounded_step_is_the_gradient_scaled_down_to_the_bound(max_grad_norm):
+    model, x, y = _problem()
+    lr = 0.5
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    assert 0.05 < norm < 1e6  # the three bounds: none, one that acts, one that does not
+    scale = min(1.0, max_grad_norm / norm.item()) if max_grad_norm else 1.0
+    expected = [p.detach() - lr * scale * g for p, g in zip(params, grads)]
+    trained = train_classifier(copy.deepcopy(model), x, y, epochs=1, batch_size=len(y), lr=lr, seed=0,
+                               max_grad_norm=max_grad_norm)
+    for p, e in zip(trained.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-9, atol=1e-7)  # clip_grad_norm_'s 1e-6
+
+
+def _sharp_problem():
+    """A ReLU network whose loss is too sharp for lr 10: plain gradient descent overflows to nan."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 20, generator=g) * 3
+    y = torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 3))
+    return model, x, y
+
+
+def test_plain_descent_diverges_on_a_sharp_problem_and_the_bound_keeps_it_finite():
+    model, x, y = _sharp_problem()
+    kw = dict(epochs=50, batch_size=16, lr=10.0, seed=0)
+    with pytest.raises(FloatingPointError, match="--pretrain-max-grad-norm"):
+        train_classifier(copy.deepcopy(model), x, y, max_grad_norm=0.0, **kw)
+    bounded = train_classifier(copy.deepcopy(model), x, y, max_grad_norm=1.0, **kw)
+    assert all(torch.isfinite(p).all() for p in bounded.parameters())
+    assert torch.isfinite(F.cross_entropy(bounded(x), y))
+
+
+def test_a_negative_bound_is_refused():
+    model, x, y = _problem()
+    with pytest.raises(ValueError, match="max_grad_norm >= 0"):
+        train_classifier(model, x, y, epochs=1, batch_size=8, lr=0.1, seed=0, max_grad_norm=-1.0)

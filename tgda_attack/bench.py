@@ -109,9 +109,10 @@ SANITIZED_ROWS = ("min-max", "i-min-max")
 
 def _gc_as_authors(defender):
     """Gradient Canceling as watml/plim runs it (attacks/gradient_canceling.py, `recipe`), against their network
-    of the column's kind (gc-lr, gc-nn, gc-cnn) with their evaluation: float64, batches of 10,000 (CNN: 1,000)."""
+    of the column's kind (gc-lr, gc-nn, gc-cnn) with their evaluation: float64, batches of 10,000 (CNN: 1,000), plain
+    SGD (no gradient-norm bound)."""
     return {"gc_recipe": "authors", "defender": f"gc-{defender}", "dtype": "float64",
-            "pretrain_batch_size": 1000 if defender == "cnn" else 10000}
+            "pretrain_batch_size": 1000 if defender == "cnn" else 10000, "pretrain_max_grad_norm": 0.0}
 
 
 # Gradient Canceling's rows beyond its default (valid pixels, true labels): {row: (folder, settings by defender)}.

@@ -99,6 +99,7 @@ class _ProtocolSettings:
     pretrain_epochs: int = None
     pretrain_batch_size: int = None
     pretrain_lr: float = 0.1
+    pretrain_max_grad_norm: float = 5.0  # a step's gradient scaled down to this L2 norm (0: plain GD); training.py says why
     pretrain_attacker: bool = True
     attacker_epochs: int = None
     attacker_batch_size: int = None
@@ -168,6 +169,9 @@ class _ProtocolSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.pretrain_max_grad_norm < 0:
+            raise ValueError(f"pretrain-max-grad-norm must be >= 0 (0: no bound, plain gradient descent), "
+                             f"got {self.pretrain_max_grad_norm}")
         for setting in ATTACK_SETTINGS:
             problem = setting.problem(getattr(self, setting.name))
             if problem:

@@ -80,7 +80,8 @@ def train_defender(cfg, x, y, verbose=False, desc="train defender", name=None):
     cfg = cfg.resolved()
     model = new_defender(cfg, tuple(x.shape[1:]), name)
     return train_classifier(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
-                            lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc)
+                            lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc,
+                            max_grad_norm=cfg.pretrain_max_grad_norm)
 
 
 def _transfers(cfg):
@@ -275,7 +276,8 @@ def _defended_training(cfg, dcfg, defense, tested, splits, verbose):
         if defense.kind == "training":
             model = new_defender(cfg, tuple(x.shape[1:]), tested)
             return defense.train(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
-                                 lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc)
+                                 lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc,
+                                 max_grad_norm=cfg.pretrain_max_grad_norm)
         return train_defender(cfg, x, y, verbose, desc=desc, name=tested)
 
     if defense.kind == "training":

@@ -9,6 +9,14 @@ exactly. Attackers are pretrained as autoencoders: they learn to reconstruct D_t
 Gradient descent with a fixed step diverges when the data make the loss too sharp for it (poisons
 can do that); the loss then overflows to inf/nan. Training stops with a FloatingPointError instead
 of returning a model with nan weights, whose "accuracy" would be a meaningless number.
+
+One deviation from plain gradient descent, on by default (Config.pretrain_max_grad_norm, 5): a step whose
+gradient has an L2 norm (over all parameters) above `max_grad_norm` is scaled down to that norm, as
+torch.nn.utils.clip_grad_norm_ does. The paper's NN on full MNIST at lr 0.1 is at the edge of stability:
+on seed 0 it trains smoothly to 97.14% test accuracy at epoch 80, then one step in epoch 81 throws it out
+(batch loss 1e25, then nan). A stable run's gradient norms stay below 3.4, so the bound acts only on the
+first steps and the few outlier steps that start such a blow-up: 23 of the 4,200 steps on each of seeds 0
+and 1, which then reach 97.52% and 97.48% (the paper: 98.04%); a bound of 20 lets them start. 0 turns it off.
 """
 import math
 
@@ -27,12 +35,13 @@ def cross_entropy_loss(model, x, y):
 
 
 def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
-                     loss_fn=cross_entropy_loss, after_epoch=None):
+                     loss_fn=cross_entropy_loss, after_epoch=None, max_grad_norm=0.0):
     """Mini-batch gradient descent on loss_fn(model, x_batch, y_batch) (the cross-entropy unless a robust
-    training procedure gives its own): w -= lr * grad. `after_epoch(model)`, where given, is called after
+    training procedure gives its own): w -= lr * grad, the gradient scaled down to an L2 norm of
+    `max_grad_norm` where it is longer (0: never). `after_epoch(model)`, where given, is called after
     each epoch (in eval mode; training resumes in train mode). Returns the model."""
-    if epochs < 0 or batch_size < 1 or lr <= 0:
-        raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+    if epochs < 0 or batch_size < 1 or lr <= 0 or not max_grad_norm >= 0:
+        raise ValueError("epochs must be >= 0, batch_size >= 1, lr > 0 and max_grad_norm >= 0")
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -42,14 +51,19 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
             loss = loss_fn(model, x[idx], y[idx])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
+                step = lr
+                if max_grad_norm:  # a tensor: no host synchronisation per step
+                    norm = torch.nn.utils.get_total_norm(grads)
+                    step = lr * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
                 for p, g in zip(params, grads):
-                    p.sub_(lr * g)
+                    p.sub_(step * g)
         last = loss.item()  # one host synchronisation per epoch
         if not math.isfinite(last):
             raise FloatingPointError(
                 f"{desc}: gradient descent diverged (loss {last}) in epoch {epoch + 1} of {epochs} with lr {lr}: "
                 "the training data make the loss too sharp for this step size (poisons can do this: an attack "
-                "outcome, but no accuracy can be measured); use a smaller learning rate (--pretrain-lr)")
+                "outcome, but no accuracy can be measured); use a smaller learning rate (--pretrain-lr) or a gradient-norm "
+                "bound (--pretrain-max-grad-norm)")
         bar.set_postfix(loss=f"{last:.4f}")
         if after_epoch is not None:
             model.eval()

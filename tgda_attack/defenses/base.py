@@ -80,7 +80,8 @@ class PoisonFilter(Defense):
 class RobustTraining(Defense):
     kind = "training"
 
-    def train(self, model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="robust training"):
+    def train(self, model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="robust training",
+              max_grad_norm=0.0):
         raise NotImplementedError
 
 

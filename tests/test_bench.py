@@ -45,6 +45,11 @@ def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, 
     config = json.load(open(os.path.join(out, "table_2", "gradient-canceling_authors", "lr", "seed_0", "config.json")))
     assert (config["gc_recipe"], config["defender"], config["dtype"]) == ("authors", "gc-lr", "float64")
     assert "| gradient-canceling (authors) | lr | 1 |" in printed and "— / — / 21.10 (GC paper) |" in printed
+    pretrains = [json.load(open(os.path.join(out, "table_2", f, "lr", "seed_0", "pretrain.json")))
+                 for f in os.listdir(os.path.join(out, "table_2"))]
+    # the cells' clean LR is trained once; TGDA's (it adds an attacker) and the authors' (gc-lr) differ
+    assert sum("pretrained_in" not in p for p in pretrains) == 3 and len(pretrains) == len(rows)
+    assert len({p["clean_accuracy"] for p in pretrains if "pretrained_in" in p}) == 1
     metrics = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "metrics.json")))
     row = next(r for r in rows if r["attack"] == "label-flip")
     assert float(row["accuracy_drop_mean"]) == pytest.approx(100 * metrics["accuracy_drop"])

@@ -309,3 +309,52 @@ def test_perfect_knowledge_gives_the_attacker_the_test_set(tmp_path, monkeypatch
     for flag, expected in (("--no-perfect-knowledge", 1200), ("--perfect-knowledge", 1000)):
         assert cli.main(["run", "--attack", "label-flip", flag, "--out", str(tmp_path / flag), *TINY_FLAGS]) == 0
         assert seen["n_val"] == expected  # D_v: 30% of the 4,000 training digits, or the 1,000 test digits
+
+
+def _pretrained(out):
+    return torch.load(os.path.join(out, "defender_pretrained.pt"), weights_only=True)
+
+
+def test_a_shared_pretraining_is_trained_once_and_equals_training_it_again(tmp_path, monkeypatch):
+    shared = str(tmp_path / "shared")
+    flip = protocol.Config.from_dict({**TINY, "attack": "label-flip", "pretrain_epochs": 2})
+    canceling = dataclasses.replace(flip, attack="gradient-canceling")  # another attack: the same clean model
+    first = protocol.stage_pretrain(flip, str(tmp_path / "a"), shared=shared)
+    assert "pretrained_in" not in first and len(os.listdir(shared)) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a pretraining the shared folder holds was trained again")
+
+    monkeypatch.setattr(protocol, "train_defender", no_training)
+    second = protocol.stage_pretrain(canceling, str(tmp_path / "b"), shared=shared)
+    assert second["clean_accuracy"] == first["clean_accuracy"]
+    assert second["pretrained_in"] == os.path.join(shared, os.listdir(shared)[0])
+    assert protocol.settings_of(str(tmp_path / "b"))["attack"] == "gradient-canceling"
+    monkeypatch.undo()
+    alone = str(tmp_path / "alone")  # the independent check: the same settings trained without the store
+    protocol.stage_pretrain(canceling, alone)
+    for name, value in _pretrained(alone).items():
+        assert torch.equal(_pretrained(str(tmp_path / "b"))[name], value), name
+
+
+@pytest.mark.parametrize("change", [dict(pretrain_lr=0.05), dict(seed=1), dict(pretrain_max_grad_norm=0.0),
+                                    dict(defender="nn"), dict(threads=1)])
+def test_a_pretraining_with_other_settings_is_not_taken_from_the_shared_folder(change, tmp_path):
+    shared = str(tmp_path / "shared")
+    base = protocol.Config.from_dict({**TINY, "attack": "label-flip", "threads": 2})
+    protocol.stage_pretrain(base, str(tmp_path / "a"), shared=shared)
+    other = protocol.stage_pretrain(dataclasses.replace(base, **change), str(tmp_path / "b"), shared=shared)
+    assert "pretrained_in" not in other and len(os.listdir(shared)) == 2
+
+
+def test_an_unfinished_shared_entry_is_trained_again_not_copied(tmp_path):
+    shared = str(tmp_path / "shared")
+    cfg = protocol.Config.from_dict({**TINY, "attack": "label-flip"})
+    protocol.stage_pretrain(cfg, str(tmp_path / "a"), shared=shared)
+    entry = os.path.join(shared, os.listdir(shared)[0])
+    os.remove(os.path.join(entry, "defender_pretrained.pt"))  # a store killed before its key.json was written
+    again = protocol.stage_pretrain(cfg, str(tmp_path / "b"), shared=shared)
+    assert "pretrained_in" not in again and os.path.exists(os.path.join(entry, "defender_pretrained.pt"))
+    with open(os.path.join(entry, "key.json"), "w") as fh:
+        fh.write("{trunc")
+    assert "pretrained_in" not in protocol.stage_pretrain(cfg, str(tmp_path / "c"), shared=shared)

@@ -409,15 +409,20 @@ def _resumed(step, folder, overwrite):
         raise
 
 
-def _run_cell(cell, scale, cfg, folder, overwrite, diverged):
+# The bench's store of clean pretrainings (protocol.stage_pretrain's `shared`), under --out.
+PRETRAINED_FOLDER = "pretrained"
+
+
+def _run_cell(cell, scale, cfg, folder, overwrite, diverged, shared_pretraining=None):
     """The metrics of one run of a cell (under its defense for a defense table), resumed where complete. A run
-    that diverged is recorded in `diverged` (folder -> message) and not run again for the next defense."""
+    that diverged is recorded in `diverged` (folder -> message) and not run again for the next defense.
+    `shared_pretraining`: the bench's folder of clean pretrainings (protocol.stage_pretrain's `shared`)."""
     try:
         if folder in diverged:
             raise FloatingPointError(diverged[folder])
         try:
-            metrics = _resumed(lambda fresh: protocol.run(cfg, folder, verbose=False, overwrite=fresh, resume=not fresh),
-                               folder, overwrite)
+            metrics = _resumed(lambda fresh: protocol.run(cfg, folder, verbose=False, overwrite=fresh, resume=not fresh,
+                                                          shared_pretraining=shared_pretraining), folder, overwrite)
         except FloatingPointError as exc:
             diverged[folder] = str(exc)
             raise
@@ -430,12 +435,13 @@ def _run_cell(cell, scale, cfg, folder, overwrite, diverged):
         return {"diverged": f"{folder}: {exc}"}
 
 
-def folder_job(items, scale, overwrite):
+def folder_job(items, scale, overwrite, shared_pretraining=None):
     """The cells that share one run folder, in order (a defense table's cells of one attack run: the attack
     runs once, then each defense): [(cell, cfg, folder)] -> [metrics]. One job of a cluster sweep."""
     diverged = {}
     with exclusive(items[0][2]):  # another bench making the same run (a shared Table 2 folder) waits for this one
-        return [_run_cell(cell, scale, cfg, folder, overwrite, diverged) for cell, cfg, folder in items]
+        return [_run_cell(cell, scale, cfg, folder, overwrite, diverged, shared_pretraining)
+                for cell, cfg, folder in items]
 
 
 def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defenders=None, attacks=None,
@@ -454,15 +460,16 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
         folder = run_folder(out, table, cell, seed, table_2_row=_table_2_row(table_2, seed, cfg))
         groups.setdefault(folder, []).append((cell, cfg, folder))
     groups = list(groups.values())
+    shared = os.path.join(out, PRETRAINED_FOLDER)  # cells that pretrain the same clean models train them once
     bar = progress_bar(total=len(runs), desc=f"table {table.key} ({scale})", disable=not verbose)
     if executor is None:
         outcomes = []
         for items in groups:
             bar.set_postfix_str(" / ".join(items[0][0].key[:2]) + f" / {os.path.basename(items[0][2])}")
-            outcomes.append(folder_job(items, scale, overwrite))
+            outcomes.append(folder_job(items, scale, overwrite, shared))
             bar.update(len(items))
     else:
-        outcomes = cluster.run_jobs(executor, folder_job, [(items, scale, overwrite) for items in groups], jobs=jobs,
+        outcomes = cluster.run_jobs(executor, folder_job, [(items, scale, overwrite, shared) for items in groups], jobs=jobs,
                                     on_done=lambda i, result: bar.update(len(result)))
     bar.close()
     results = {}

@@ -22,6 +22,8 @@ own, so the stages can run separately (`tgda-attack pretrain|attack|evaluate`) o
 Settings and their checks live in tgda_attack.config, the reported statistics in tgda_attack.metrics.
 """
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
@@ -35,8 +37,8 @@ from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # n
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
-from .rundir import (OtherSettingsError, RunFolderError, claim, load_state, load_weights, need, read_json, read_json_object, save_atomic,
-                     settings_of, write_json)
+from .rundir import (OtherSettingsError, RunFolderError, claim, copy_atomic, load_state, load_weights, need, read_json,
+                     read_json_object, save_atomic, settings_of, write_json)
 from .training import accuracy, pretrain_attacker, train_classifier
 
 logger = logging.getLogger(__name__)
@@ -94,19 +96,84 @@ def _needs_attacker_network(cfg):
     return ATTACKS[cfg.attack].needs_attacker and cfg.attacker != "pixels"
 
 
-def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False):
+# The settings that make stage 1 what it is (the clean models), with the attacker's where the attack trains one:
+# runs that agree on them, and on the threads and torch they run with, pretrain the same models.
+PRETRAIN_SETTINGS = ("dataset", "data_root", "split_seed", "seed", "defender", "eval_defender", "dtype", "device",
+                     "pretrain_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_max_grad_norm")
+ATTACKER_PRETRAIN_SETTINGS = ("attacker", "pretrain_attacker", "attacker_epochs", "attacker_batch_size")
+
+
+def pretrain_key(cfg):
+    """What stage 1 of the resolved `cfg` depends on, as a JSON-able dict (stage_pretrain's `shared` store)."""
+    key = {name: getattr(cfg, name) for name in PRETRAIN_SETTINGS}
+    key["data_root"] = os.path.abspath(cfg.data_root) if cfg.data_root else None
+    key["eval_defender"] = cfg.eval_defender if _transfers(cfg) else None
+    if _needs_attacker_network(cfg):
+        key.update({name: getattr(cfg, name) for name in ATTACKER_PRETRAIN_SETTINGS})
+    key.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    return key
+
+
+def _pretrain_files(cfg):
+    """Stage 1's files, pretrain.json (the mark that it finished) first."""
+    return ["pretrain.json", "defender_pretrained.pt"] + (["attacker_pretrained.pt"] if _needs_attacker_network(cfg) else [])
+
+
+def _shared_entry(shared, key):
+    """The folder of `shared` for the stage 1 of `key`."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(shared, digest)
+
+
+def _from_shared(entry, key, files, out):
+    """Copies the stage 1 that `entry` holds for `key` into `out` (pretrain.json last); False where it holds none
+    (missing, unfinished, or another key)."""
+    try:
+        with open(os.path.join(entry, "key.json")) as fh:
+            if json.load(fh) != key:
+                return False
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    if not all(os.path.exists(os.path.join(entry, name)) for name in files):
+        return False
+    for name in reversed(files):
+        copy_atomic(os.path.join(entry, name), os.path.join(out, name))
+    return True
+
+
+def _to_shared(entry, key, files, out):
+    """Stores the stage 1 in `out` for `key` in `entry` (key.json, the mark of a complete entry, last)."""
+    os.makedirs(entry, exist_ok=True)
+    for name in files:
+        copy_atomic(os.path.join(out, name), os.path.join(entry, name))
+    tmp = os.path.join(entry, f"key.json.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(key, fh, indent=2)
+    os.replace(tmp, os.path.join(entry, "key.json"))
+
+
+def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, shared=None):
     """Stage 1: writes config.json, the pretrained models and pretrain.json (clean accuracy).
 
     `out` must be new or hold this run (`resume`, then a finished stage 1 is kept) or be cleared
-    (`overwrite`): see tgda_attack.rundir.claim."""
+    (`overwrite`): see tgda_attack.rundir.claim. `shared`, a folder, holds stage 1s by pretrain_key: one that
+    another run made there is copied instead of trained again (pretrain.json then names it in
+    "pretrained_in"), and one trained here is stored there (tgda-attack bench: the cells of one seed)."""
     cfg = cfg.resolved()
     use_threads(cfg)
     needs_attacker = _needs_attacker_network(cfg)
-    done = ["pretrain.json", "defender_pretrained.pt"] + (["attacker_pretrained.pt"] if needs_attacker else [])
+    done = _pretrain_files(cfg)
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
         return read_json(os.path.join(out, "pretrain.json"))
     splits = load_splits(cfg)
     write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "split": splits.summary()})
+    if shared is not None:
+        key = pretrain_key(cfg)
+        entry = _shared_entry(shared, key)
+        if _from_shared(entry, key, done, out):
+            result = {**read_json(os.path.join(out, "pretrain.json")), "pretrained_in": entry}
+            write_json(os.path.join(out, "pretrain.json"), result)
+            return result
     start = time.perf_counter()
     defender = train_defender(cfg, splits.x_train, splits.y_train, verbose, desc="pretrain defender")
     clean = accuracy(defender, splits.x_test, splits.y_test)
@@ -122,6 +189,8 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False):
         target = train_defender(cfg, splits.x_train, splits.y_train, verbose, "pretrain eval defender", cfg.eval_defender)
         result["eval_clean_accuracy"] = accuracy(target, splits.x_test, splits.y_test)
     write_json(os.path.join(out, "pretrain.json"), result)
+    if shared is not None:
+        _to_shared(entry, key, done, out)
     return result
 
 
@@ -362,11 +431,13 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     return result
 
 
-def run(cfg, out, verbose=False, *, overwrite=False, resume=False):
+def run(cfg, out, verbose=False, *, overwrite=False, resume=False, shared_pretraining=None):
     """All three stages into `out`; returns the metrics. With `resume` the stages this run already
     finished in `out` are kept (and an interrupted attack continues from its checkpoint). Under torchrun
-    (tgda_attack.data_parallel) stages 1 and 3 run on rank 0 and the attack on every process."""
-    data_parallel.on_main(stage_pretrain, cfg, out, verbose, overwrite=overwrite, resume=resume)
+    (tgda_attack.data_parallel) stages 1 and 3 run on rank 0 and the attack on every process.
+    `shared_pretraining`: stage_pretrain's `shared` folder."""
+    data_parallel.on_main(stage_pretrain, cfg, out, verbose, overwrite=overwrite, resume=resume,
+                          shared=shared_pretraining)
     finished = lambda *names: resume and all(os.path.exists(os.path.join(out, n)) for n in names)  # noqa: E731
     if not finished("attack.json", "poisons.pt"):
         stage_attack(out, verbose and data_parallel.is_main())

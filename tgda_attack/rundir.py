@@ -76,6 +76,16 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def copy_atomic(src, dst):
+    """A copy of the file `src` at `dst` through a temporary file of this process, fsync and a rename: a kill
+    leaves the old `dst` or the new one, and two processes copying to one `dst` do not write one temporary."""
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dst)
+
+
 # The stage (tgda-attack command) that writes each file: named in the advice when a file cannot be read.
 WRITTEN_BY = {"config.json": "pretrain", "pretrain.json": "pretrain", "defender_pretrained.pt": "pretrain",
               "attacker_pretrained.pt": "pretrain", "attack_checkpoint.pt": "attack", "attack.json": "attack",

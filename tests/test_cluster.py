@@ -3,6 +3,8 @@ as processes here), the same results as in one process, a failed job named with 
 import json
 import operator
 import os
+import signal
+import time
 
 import pytest
 
@@ -25,6 +27,24 @@ def test_a_failed_job_stops_the_sweep_naming_its_log(tmp_path):
     assert cluster.run_jobs(executor, operator.add, [(1, 2), (3, 4)], jobs=2) == [3, 7]
     with pytest.raises(cluster.ClusterError, match="ZeroDivisionError.*its log: .*err"):
         cluster.run_jobs(executor, operator.truediv, [(1, 0)])
+
+
+def test_a_sweep_stopped_by_sigterm_cancels_the_jobs_in_flight(tmp_path):
+    executor = cluster.make_executor("local", cluster.log_folder(str(tmp_path)), timeout_min=5)
+    submitted = []
+    submit = executor.submit
+    executor.submit = lambda *args: submitted.append(submit(*args)) or submitted[-1]
+
+    def terminate(index, result):  # the sweep's process gets SIGTERM while the long job runs
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cluster.run_jobs(executor, time.sleep, [(0,), (120,)], jobs=2, on_done=terminate)
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handler before the sweep is back
+    while not submitted[1].done() and time.monotonic() - start < 60:
+        time.sleep(0.5)
+    assert submitted[1].done() and time.monotonic() - start < 60  # cancelled, not slept for 120 s
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,10 +3,15 @@ job in its own process on this machine): the executor of `tgda-attack bench --ex
 
 Each job's function and arguments are pickled into OUT/submitit/ with its logs; at most `jobs` jobs are in
 flight at once. A job that fails stops the sweep with one message naming its log; the jobs finished
-before it have written their results (a bench resumed afterwards keeps them).
+before it have written their results (a bench resumed afterwards keeps them). A sweep stopped by Ctrl-C
+or SIGTERM cancels the jobs it has in flight, so that none goes on writing a run folder the next bench
+would make again beside it.
 """
+import contextlib
 import os
 import re
+import signal
+import threading
 import time
 
 EXECUTORS = ("local", "slurm")
@@ -48,28 +53,50 @@ def run_jobs(executor, fn, arg_lists, *, jobs=1, poll_seconds=1.0, on_done=None)
         raise ValueError(f"jobs is the number of jobs in flight at once, at least 1; got {jobs}")
     pending = list(enumerate(arg_lists))
     running, results = [], [None] * len(arg_lists)
-    while pending or running:
-        while pending and len(running) < jobs:
-            index, args = pending.pop(0)
-            running.append((index, executor.submit(fn, *args)))
-        finished = [(i, job) for i, job in running if job.done()]
-        for index, job in finished:
-            running.remove((index, job))
-            try:
-                results[index] = job.result()
-            except Exception as exc:  # submitit wraps the job's own exception and traceback
-                for _, other in running:
-                    other.cancel(check=False)
-                log = getattr(job.paths, "stderr", None)
-                errors = [line.strip() for line in str(exc).splitlines()
-                          if re.match(r"\s*[\w.]+(Error|Exception|Interrupt)\b", line)]
-                first = errors[-1] if errors else type(exc).__name__
-                raise ClusterError(f"job {job.job_id} failed ({first}); its log: {log}") from None
-            if on_done:
-                on_done(index, results[index])
-        if not finished:
-            time.sleep(poll_seconds)
+    with _sigterm_interrupts():
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    index, args = pending.pop(0)
+                    running.append((index, executor.submit(fn, *args)))
+                finished = [(i, job) for i, job in running if job.done()]
+                for index, job in finished:
+                    running.remove((index, job))
+                    try:
+                        results[index] = job.result()
+                    except Exception as exc:  # submitit wraps the job's own exception and traceback
+                        log = getattr(job.paths, "stderr", None)
+                        errors = [line.strip() for line in str(exc).splitlines()
+                                  if re.match(r"\s*[\w.]+(Error|Exception|Interrupt)\b", line)]
+                        first = errors[-1] if errors else type(exc).__name__
+                        raise ClusterError(f"job {job.job_id} failed ({first}); its log: {log}") from None
+                    if on_done:
+                        on_done(index, results[index])
+                if not finished:
+                    time.sleep(poll_seconds)
+        except BaseException:  # a failed job, Ctrl-C, SIGTERM: the jobs in flight stop too
+            for _, other in running:
+                other.cancel(check=False)
+            raise
     return results
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While active (in the main thread), SIGTERM raises KeyboardInterrupt, as Ctrl-C does, instead of ending
+    the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def log_folder(out):

@@ -217,7 +217,7 @@ def test_a_run_folder_another_bench_is_making_waits_for_it(tmp_path, monkeypatch
 
     from tgda_attack import rundir
     made = []
-    monkeypatch.setattr(bench, "_run_cell", lambda cell, scale, cfg, folder, overwrite, diverged: made.append(folder))
+    monkeypatch.setattr(bench, "_run_cell", lambda cell, scale, cfg, folder, overwrite, diverged, shared: made.append(folder))
     folder = str(tmp_path / "run")
     with rundir.exclusive(folder):
         other = threading.Thread(target=bench.folder_job, args=([(None, None, folder)], "smoke", False))

@@ -203,7 +203,87 @@ def test_necessary_epsilon_is_the_lambert_bound_of_a_linear_model():
     for i in range(len(y)):  # no point's gradient is longer than the norm bound's sqrt(2) ||[x; 1]||
         g = torch.autograd.grad(F.cross_entropy(defender(x[i:i + 1]), y[i:i + 1]), w)
         assert torch.cat([t.flatten() for t in g]).norm() <= math.sqrt(2) * math.sqrt(4 + 1)
-    assert targets.necessary_epsilon(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)), x, y) is None
+
+
+def _mlp(seed=0, classes=3, hidden=5):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, classes)).double()
+
+
+def _box_corners(d, lo=-1.0, hi=1.0):
+    bits = torch.tensor([[(i >> j) & 1 for j in range(d)] for i in range(2 ** d)], dtype=torch.float64)
+    return lo + (hi - lo) * bits
+
+
+def test_the_feature_bound_of_one_layer_is_its_largest_value_over_the_box_corners():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(4, 1), nn.ReLU()).double()
+    corners = _box_corners(4, -1.0, 0.5)  # a ReLU of an affine map is largest at a corner of the box
+    exact = layer(corners).abs().max().item()
+    assert targets.feature_norm_bound(layer, (4,), (-1.0, 0.5), corners) == pytest.approx(exact, rel=1e-12)
+    flat = targets.feature_norm_bound(nn.Sequential(nn.Flatten()), (1, 2, 2), (-1.0, 0.5), corners)
+    assert flat == pytest.approx(math.sqrt(4) * 1.0, rel=1e-12)  # the identity: the farthest corner
+    assert targets.feature_norm_bound(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)), (1, 2, 2), (-1, 1), corners) is None
+
+
+def test_the_feature_bound_holds_for_every_point_of_the_box_through_deeper_layers():
+    g = torch.Generator().manual_seed(1)
+    conv = nn.Sequential(nn.Conv2d(1, 3, 2, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5), nn.Flatten(),
+                         nn.Linear(3, 4), nn.Tanh()).double().eval()
+    mlp = _mlp()[:-1]
+    for layers, shape in ((conv, (1, 2, 2)), (mlp, (1, 2, 2))):
+        bound = targets.feature_norm_bound(layers, shape, (-1.0, 1.0), next(layers.parameters()))
+        points = torch.cat([_box_corners(4).view(-1, *shape), torch.rand(500, *shape, generator=g, dtype=torch.float64) * 2 - 1])
+        assert layers(points).flatten(1).norm(dim=1).max().item() <= bound
+
+
+def test_necessary_epsilon_of_a_network_is_the_lambert_bound_of_its_last_layer():
+    x, y, _ = _tiny(classes=3)
+    model = _mlp()
+    last = list(model[-1].parameters())
+    inner = [sum((gi * wi).sum() for gi, wi in zip(torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), last), last))
+             for i in range(len(y))]
+    bound = targets.lambert_w(2 / math.e)
+    corners = _box_corners(4).view(-1, 1, 2, 2)
+    for points in (x, corners):  # whatever the pixels, no point pulls the last layer harder than the bound
+        for i in range(len(points)):
+            zi = model(points[i:i + 1])
+            p = zi.softmax(1)
+            assert ((p * zi).sum() - zi.max()).item() >= -bound - 1e-12  # its most pulling label
+    along = torch.stack(inner).mean().item() / bound
+    features = targets.feature_norm_bound(model[:-1], (1, 2, 2), (-1.0, 1.0), x)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), last)
+    in_norm = torch.cat([g.flatten() for g in grads]).norm().item() / (math.sqrt(2) * math.sqrt(features ** 2 + 1))
+    assert targets.necessary_epsilon(model, x, y) == pytest.approx(max(along, in_norm, 0.0), rel=1e-9)
+    for points in (x, corners):  # no point's last-layer gradient is longer than the norm bound
+        for i in range(len(points)):
+            for c in range(3):
+                g = torch.autograd.grad(F.cross_entropy(model(points[i:i + 1]), torch.tensor([c])), last)
+                assert torch.cat([t.flatten() for t in g]).norm() <= math.sqrt(2) * math.sqrt(features ** 2 + 1)
+
+
+def test_necessary_epsilon_sees_the_input_normalisation_of_the_authors_lr():
+    from tgda_attack.models import MnistStandardize, make_defender
+    torch.manual_seed(0)
+    model = make_defender("gc-lr").double()
+    x = torch.rand(20, 1, 28, 28, dtype=torch.float64) * 2 - 1
+    widest = max(abs(MnistStandardize.SHIFT - MnistStandardize.SCALE), MnistStandardize.SHIFT + MnistStandardize.SCALE)
+    assert targets.feature_norm_bound(model[:-1], (1, 28, 28), (-1.0, 1.0), x) == pytest.approx(28 * widest, rel=1e-12)
+
+
+def test_necessary_epsilon_is_none_where_the_logits_are_not_a_final_linear_layer():
+    x, y, _ = _tiny(classes=3)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _mlp()
+
+        def forward(self, t):
+            return self.inner(t)
+
+    assert targets.necessary_epsilon(Wrapped(), x, y) is None
+    assert targets.necessary_epsilon(nn.Sequential(_mlp(), nn.Softmax(1)), x, y) is None
 
 
 def test_the_default_gradpc_target_is_within_the_budget():
@@ -218,6 +298,19 @@ def test_the_default_gradpc_target_is_within_the_budget():
     loose = GradientCancelingAttack(defender, 0.1, steps=1, radius=2 * info["relative_radius"] + 0.5, num_classes=3)
     loose.poison(x2, y2)
     assert loose.target_info_["necessary_epsilon"] > 0.1  # a larger corruption is out of this budget's reach
+
+
+def test_the_default_gradpc_target_of_a_network_is_within_the_budget():
+    x, y, _ = _tiny()
+    defender = _fit(_mlp(), x, y)
+    attack = GradientCancelingAttack(defender, 0.1, steps=1, num_classes=3)
+    attack.poison(x, y)
+    info = attack.target_info_
+    assert info["kind"] == "gradpc" and 0 < info["relative_radius"] < 64
+    assert info["necessary_epsilon"] <= 0.1
+    loose = GradientCancelingAttack(defender, 0.1, steps=1, radius=2 * info["relative_radius"] + 0.5, num_classes=3)
+    loose.poison(x, y)
+    assert loose.target_info_["necessary_epsilon"] > 0.1
 
 
 def _linear_gradients(target, x0, classes):

@@ -22,7 +22,8 @@ with "cancel" against 0.58 +- 0.27 with true labels; the greedy rule gives nearl
 Target parameters (attacks/targets.py): given explicitly (`target`, a state_dict of the defender), or
 made from the trained defender by GradPC, the authors' generator (gradient-ascent corruption of the
 parameters within an L2 ball), or by a large-budget label flip. A target must be within the budget's
-reach: for the LR defender `necessary_epsilon` bounds the budget any target needs, and the GradPC
+reach: for a defender whose logits are a final linear layer (LR, NN, CNN) `necessary_epsilon` bounds the
+budget any target needs (through that layer's parameters), and the GradPC
 radius is chosen, by default, as the largest whose target needs at most epsilon. (A 10% label-flip
 target needs about 3.3 times a 3% budget: on full MNIST its objective fell only 10% and the attack
 did no better than a label flip.)
@@ -56,7 +57,7 @@ TARGETS = ("gradpc", "label-flip")
 LABELS = ("true", "reverse", "cancel")
 CANCEL_CHUNK_FLOATS = 2 ** 24  # per-example, per-class gradients held at once when labels are chosen
 RECIPES = ("valid", "authors")  # valid pixels (ours, the default) or the authors' code as they ran it
-DEFAULT_RELATIVE_RADIUS = 0.1  # GradPC radius / ||w|| where no reachability bound applies (not LR)
+DEFAULT_RELATIVE_RADIUS = 0.1  # GradPC radius / ||w|| where no reachability bound applies (no final linear layer)
 
 # The authors' recipe (watml/plim GC/mnist_{lr,nn,cnn}-0.03*.py): by defender kind, the epochs of full-batch
 # gradient descent on the poisons and its initial step (cosine-decayed), in their input coordinates.
@@ -295,13 +296,14 @@ class GradientCancelingAttack(PoisoningAttack):
         probe = copy.deepcopy(model)
         probe.load_state_dict(target)
         self.target_info_.update(kind="given" if self.target is not None else self.target_kind,
-                                 necessary_epsilon=necessary_epsilon(probe, x, y, self.pixel_range))
+                                 necessary_epsilon=necessary_epsilon(probe, x, y, self.pixel_range),
+                                 train_accuracy=accuracy(probe, x, y))
         self.info_ = {"target": self.target_info_}
         return target
 
     def _gradpc(self, model, x, y):
-        """GradPC at radius * ||w||; radius 0: for LR the largest radius whose target needs at most epsilon
-        (bisection on necessary_epsilon), else DEFAULT_RELATIVE_RADIUS."""
+        """GradPC at radius * ||w||; radius 0: where necessary_epsilon applies, the largest radius whose target
+        needs at most epsilon (bisection on it), else DEFAULT_RELATIVE_RADIUS."""
         size = torch.sqrt(sum(p.detach().pow(2).sum() for p in model.parameters())).item()
         make = lambda r: gradpc_target(model, x, y, radius=r * size, seed=self.seed)  # noqa: E731
         self.target_info_["weight_norm"] = size

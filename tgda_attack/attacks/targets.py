@@ -12,15 +12,19 @@ budget of poisons can reach one.
   projected onto an L2 ball of the given radius around the trained parameters.
 * `authors_gradpc_target`: GradPC as the authors ran it, from a fresh model trained one epoch by
   Adadelta instead of from the trained defender.
-* `necessary_epsilon`: for a softmax linear model (the LR defender), a lower bound on the budget that
-  can make target parameters w_t stationary on D_tr U D_p: the poisons' gradients must sum to minus
-  D_tr's, g = sum_{D_tr} grad_w l(x_i, y_i; w_t), so epsilon N >= (what D_tr needs) / (what one poison
-  can give), by two bounds that hold for any poison:
-    - along w_t: the logits z are linear in w, so <grad_w l(x, y; w), w> = sum_k p_k z_k - z_y
-      >= -W((K - 1) / e) (W: Lambert's function; 1.101 for K = 10), whatever the pixels;
-    - in norm: grad_w l = (p - e_y) [x; 1]^T, of norm <= sqrt(2) ||[x; 1]||, and ||x|| is bounded by
-      the pixel range (sqrt(784 + 1) * sqrt(2) = 39.6 for MNIST in [-1, 1]).
-  A target above its budget is out of reach: Gradient Canceling's objective then barely falls.
+* `necessary_epsilon`: for a softmax model whose logits are a final linear layer z = A h + c of features h
+  (the LR defender, h = x; the NN and the CNN, h the last hidden layer), a lower bound on the budget that can
+  make target parameters w_t stationary on D_tr U D_p. Stationary in all parameters means stationary in the
+  last layer's (A, c): the poisons' last-layer gradients must sum to minus D_tr's,
+  g = sum_{D_tr} grad_{A,c} l(x_i, y_i; w_t), so epsilon N >= (what D_tr needs) / (what one poison can give),
+  by two bounds that hold for any poison:
+    - along (A, c): the logits are linear in (A, c), so <grad_{A,c} l(x, y; w), (A, c)> = sum_k p_k z_k - z_y
+      >= -W((K - 1) / e) (W: Lambert's function; 1.101 for K = 10), whatever the pixels and the layers below;
+    - in norm: grad_{A,c} l = (p - e_y) [h; 1]^T, of norm <= sqrt(2) ||[h; 1]||, and ||h|| is bounded over the
+      pixel box by interval arithmetic through the layers below (`feature_norm_bound`; for LR exactly
+      sqrt(784) * 1, so sqrt(785) * sqrt(2) = 39.6 for MNIST in [-1, 1]).
+  A target above its budget is out of reach: Gradient Canceling's objective then barely falls. (The bound
+  is necessary, not sufficient: a target under it may still be out of reach through the other layers.)
 """
 import copy
 import math
@@ -28,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..models import MnistStandardize
 from ..training import train_classifier
 from .base import Setting, fresh_model
 from .label_flip import LabelFlipAttack
@@ -101,14 +106,49 @@ def lambert_w(z):
     return w
 
 
+# Layers interval arithmetic passes through by mapping both ends: monotone maps, which take bounds to bounds.
+_MONOTONE = (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.MaxPool2d, torch.nn.Flatten,
+             torch.nn.Identity)
+
+
+def feature_norm_bound(layers, shape, pixel_range, like):
+    """An upper bound on ||h|| for h = layers(x) over the box x in pixel_range^shape, by interval arithmetic
+    (a linear or convolutional layer maps the centre and |weights| the radius; monotone layers map both
+    ends; dropout is the identity, as in evaluation); None if a layer is not one of those. `like`: a tensor
+    whose dtype and device to use."""
+    lo = torch.full((1, *shape), float(pixel_range[0]), dtype=like.dtype, device=like.device)
+    hi = torch.full_like(lo, float(pixel_range[1]))
+    with torch.no_grad():
+        for layer in layers:
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                centre, radius = (hi + lo) / 2, (hi - lo) / 2
+                if isinstance(layer, torch.nn.Linear):
+                    centre, radius = layer(centre), radius @ layer.weight.abs().T
+                else:
+                    centre = layer(centre)
+                    radius = torch.nn.functional.conv2d(radius, layer.weight.abs(), None, layer.stride, layer.padding,
+                                                        layer.dilation, layer.groups)
+                lo, hi = centre - radius, centre + radius
+            elif isinstance(layer, MnistStandardize):
+                lo, hi = layer(lo), layer(hi)  # a positive scale and a shift
+            elif isinstance(layer, _MONOTONE):
+                lo, hi = layer(lo), layer(hi)
+            elif isinstance(layer, torch.nn.Dropout):
+                continue
+            else:
+                return None
+    return torch.maximum(lo.abs(), hi.abs()).double().norm().item()
+
+
 def necessary_epsilon(model, x, y, pixel_range=(-1.0, 1.0), batch_size=2000):
     """A lower bound on the poison budget (fraction of |D_tr|) that can make `model`'s parameters stationary
-    on D_tr U D_p, for a softmax linear model: the larger of the bounds along w and in norm (module
-    docstring); None for other models (no such bound is known here)."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if len(linears) != 1 or len(list(model.parameters())) != len(list(linears[0].parameters())):
+    on D_tr U D_p, for an nn.Sequential ending in a linear layer (the logits): the larger of the bounds along
+    the last layer's parameters and in norm (module docstring; the norm bound only where the features' norm
+    can be bounded). None for other models (no such bound is known here)."""
+    if not (isinstance(model, torch.nn.Sequential) and len(model) and isinstance(model[-1], torch.nn.Linear)):
         return None
-    params = list(model.parameters())
+    last = model[-1]
+    params = list(last.parameters())
     along, total = 0.0, None
     for i in range(0, len(y), batch_size):
         z = model(x[i:i + batch_size])
@@ -119,7 +159,9 @@ def necessary_epsilon(model, x, y, pixel_range=(-1.0, 1.0), batch_size=2000):
         grads = torch.autograd.grad(F.cross_entropy(z, yb, reduction="sum"), params)
         flat = torch.cat([g.flatten() for g in grads]).double()
         total = flat if total is None else total + flat
-    widest = max(abs(pixel_range[0]), abs(pixel_range[1]))
-    per_poison = math.sqrt(2.0) * math.sqrt(linears[0].in_features * widest ** 2 + (linears[0].bias is not None))
-    classes = linears[0].out_features
-    return max(along / len(y) / lambert_w((classes - 1) / math.e), total.norm().item() / len(y) / per_poison, 0.0)
+    bounds = [along / len(y) / lambert_w((last.out_features - 1) / math.e), 0.0]
+    features = feature_norm_bound(model[:-1], tuple(x.shape[1:]), pixel_range, params[0])
+    if features is not None:
+        per_poison = math.sqrt(2.0) * math.sqrt(features ** 2 + (last.bias is not None))
+        bounds.append(total.norm().item() / len(y) / per_poison)
+    return max(bounds)

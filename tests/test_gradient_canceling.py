@@ -313,6 +313,19 @@ def test_the_default_gradpc_target_of_a_network_is_within_the_budget():
     assert loose.target_info_["necessary_epsilon"] > 0.1
 
 
+
+def test_the_reachability_bound_of_a_dropout_network_is_that_of_the_network_as_evaluated():
+    x, y, _ = _tiny()
+    torch.manual_seed(0)
+    defender = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    defender.train()  # as a training loop leaves it
+    attack = GradientCancelingAttack(defender, 0.1, steps=1, num_classes=3)
+    attack.poison(x, y)
+    probe = copy.deepcopy(defender).eval()
+    probe.load_state_dict(attack.target_)
+    assert attack.target_info_["necessary_epsilon"] == pytest.approx(targets.necessary_epsilon(probe, x, y), rel=1e-12)
+
+
 def _linear_gradients(target, x0, classes):
     """(n, K, P) closed form of a softmax linear model: grad_W l(x, c) = (p - e_c) x^T, grad_b = p - e_c, flattened
     as named_parameters orders them (weight, then bias)."""

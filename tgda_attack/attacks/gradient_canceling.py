@@ -293,7 +293,7 @@ class GradientCancelingAttack(PoisoningAttack):
             target = label_flip_target(model, x, y, epsilon=self.target_epsilon, epochs=self.target_epochs,
                                        lr=self.target_lr, batch_size=self.batch_size, num_classes=self.num_classes,
                                        seed=self.seed, verbose=self.verbose)
-        probe = copy.deepcopy(model)
+        probe = copy.deepcopy(model).eval()  # dropout off: the bound of the model as it is evaluated
         probe.load_state_dict(target)
         self.target_info_.update(kind="given" if self.target is not None else self.target_kind,
                                  necessary_epsilon=necessary_epsilon(probe, x, y, self.pixel_range),
@@ -307,10 +307,10 @@ class GradientCancelingAttack(PoisoningAttack):
         size = torch.sqrt(sum(p.detach().pow(2).sum() for p in model.parameters())).item()
         make = lambda r: gradpc_target(model, x, y, radius=r * size, seed=self.seed)  # noqa: E731
         self.target_info_["weight_norm"] = size
-        if self.radius > 0 or necessary_epsilon(model, x, y, self.pixel_range) is None:
+        probe = copy.deepcopy(model).eval()  # dropout off: the bound of the model as it is evaluated
+        if self.radius > 0 or necessary_epsilon(probe, x, y, self.pixel_range) is None:
             self.target_info_["relative_radius"] = self.radius or DEFAULT_RELATIVE_RADIUS
             return make(self.target_info_["relative_radius"])
-        probe = copy.deepcopy(model)
 
         def needs(r):
             probe.load_state_dict(make(r))

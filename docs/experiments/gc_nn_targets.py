@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tgda_attack import protocol
 from tgda_attack.attacks import targets
 from tgda_attack.config import Config
-from tgda_attack.rundir import settings_of
+from tgda_attack.rundir import load_state, load_weights, read_json, settings_of
 from tgda_attack.training import accuracy
 
 RADII = (0.0, 0.01, 0.03, 0.1)
@@ -48,13 +48,17 @@ def main():
     for name in ("config.json", "defender_pretrained.pt", "poisons.pt", "attack.json"):
         if not os.path.exists(os.path.join(args.run, name)):
             parser.error(f"{args.run} has no {name}: give a finished Gradient Canceling run folder")
-    cfg = Config.from_dict({**settings_of(args.run), "data_root": args.data_root}).resolved()
-    splits = protocol.load_splits(cfg)
-    x, y = splits.x_train, splits.y_train
-    model = protocol.new_defender(cfg, tuple(x.shape[1:]))
-    model.load_state_dict(torch.load(os.path.join(args.run, "defender_pretrained.pt"), weights_only=True))
+    try:
+        cfg = Config.from_dict({**settings_of(args.run), "data_root": args.data_root}).resolved()
+        splits = protocol.load_splits(cfg)
+        x, y = splits.x_train, splits.y_train
+        model = protocol.new_defender(cfg, tuple(x.shape[1:]))
+        load_weights(model, os.path.join(args.run, "defender_pretrained.pt"))
+        own = read_json(os.path.join(args.run, "attack.json"))["info"]["target"]["relative_radius"]
+        poisons = load_state(os.path.join(args.run, "poisons.pt"), protocol.POISON_FILE)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        parser.error(f"{args.run}: {exc}")
     size = torch.sqrt(sum(p.detach().pow(2).sum() for p in model.parameters())).item()
-    own = json.load(open(os.path.join(args.run, "attack.json")))["info"]["target"]["relative_radius"]
     for radius in sorted(set(RADII) | {own}):
         probe = copy.deepcopy(model)
         if radius:
@@ -64,7 +68,6 @@ def main():
                           "test_accuracy": accuracy(probe, splits.x_test, splits.y_test)}), flush=True)
     model.load_state_dict(targets.gradpc_target(model, x, y, radius=own * size, seed=cfg.seed))
     model.eval()
-    poisons = torch.load(os.path.join(args.run, "poisons.pt"), weights_only=True)
     x_p, y_p = poisons["x_poison"].to(x.dtype), poisons["y_poison"]
     clean = summed_gradients(model, x, y)
     sources = summed_gradients(model, x[poisons["source_indices"]], y_p)

@@ -51,7 +51,8 @@ from ..progress import progress_bar
 from ..training import accuracy
 from .base import PoisoningAttack, Setting
 from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
-from .targets import TARGET_SETTINGS, authors_gradpc_target, gradpc_target, label_flip_target, necessary_epsilon
+from .targets import (TARGET_SETTINGS, authors_gradpc_target, gradpc_target, label_flip_target, logits_layer,
+                      necessary_epsilon)
 
 TARGETS = ("gradpc", "label-flip")
 LABELS = ("true", "reverse", "cancel")
@@ -307,10 +308,10 @@ class GradientCancelingAttack(PoisoningAttack):
         size = torch.sqrt(sum(p.detach().pow(2).sum() for p in model.parameters())).item()
         make = lambda r: gradpc_target(model, x, y, radius=r * size, seed=self.seed)  # noqa: E731
         self.target_info_["weight_norm"] = size
-        probe = copy.deepcopy(model).eval()  # dropout off: the bound of the model as it is evaluated
-        if self.radius > 0 or necessary_epsilon(probe, x, y, self.pixel_range) is None:
+        if self.radius > 0 or logits_layer(model) is None:
             self.target_info_["relative_radius"] = self.radius or DEFAULT_RELATIVE_RADIUS
             return make(self.target_info_["relative_radius"])
+        probe = copy.deepcopy(model).eval()  # dropout off: the bound of the model as it is evaluated
 
         def needs(r):
             probe.load_state_dict(make(r))

@@ -106,9 +106,10 @@ def lambert_w(z):
     return w
 
 
-# Layers interval arithmetic passes through by mapping both ends: monotone maps, which take bounds to bounds.
+# Layers interval arithmetic passes through by mapping both ends: monotone maps, which take bounds to bounds
+# (MnistStandardize: a positive scale and a shift).
 _MONOTONE = (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.MaxPool2d, torch.nn.Flatten,
-             torch.nn.Identity)
+             torch.nn.Identity, MnistStandardize)
 
 
 def feature_norm_bound(layers, shape, pixel_range, like):
@@ -129,8 +130,6 @@ def feature_norm_bound(layers, shape, pixel_range, like):
                     radius = torch.nn.functional.conv2d(radius, layer.weight.abs(), None, layer.stride, layer.padding,
                                                         layer.dilation, layer.groups)
                 lo, hi = centre - radius, centre + radius
-            elif isinstance(layer, MnistStandardize):
-                lo, hi = layer(lo), layer(hi)  # a positive scale and a shift
             elif isinstance(layer, _MONOTONE):
                 lo, hi = layer(lo), layer(hi)
             elif isinstance(layer, torch.nn.Dropout):
@@ -140,14 +139,22 @@ def feature_norm_bound(layers, shape, pixel_range, like):
     return torch.maximum(lo.abs(), hi.abs()).double().norm().item()
 
 
+def logits_layer(model):
+    """The final linear layer whose outputs are `model`'s logits (an nn.Sequential ending in one), else None:
+    the models necessary_epsilon bounds."""
+    if isinstance(model, torch.nn.Sequential) and len(model) and isinstance(model[-1], torch.nn.Linear):
+        return model[-1]
+    return None
+
+
 def necessary_epsilon(model, x, y, pixel_range=(-1.0, 1.0), batch_size=2000):
     """A lower bound on the poison budget (fraction of |D_tr|) that can make `model`'s parameters stationary
     on D_tr U D_p, for an nn.Sequential ending in a linear layer (the logits): the larger of the bounds along
     the last layer's parameters and in norm (module docstring; the norm bound only where the features' norm
     can be bounded). None for other models (no such bound is known here)."""
-    if not (isinstance(model, torch.nn.Sequential) and len(model) and isinstance(model[-1], torch.nn.Linear)):
+    last = logits_layer(model)
+    if last is None:
         return None
-    last = model[-1]
     params = list(last.parameters())
     along, total = 0.0, None
     for i in range(0, len(y), batch_size):

@@ -97,6 +97,18 @@ def test_a_run_that_diverges_is_counted_and_its_message_kept(tmp_path):
     assert "| 1 (1 diverged) |" in text and "diverged_messages" in text
 
 
+def test_retrainings_pool_into_a_column_of_the_table(tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--attacks", "label-flip", "--defenders", "lr",
+                     "--seeds", "2", "--set", "retrainings=2", "--out", out, "--quiet"]) == 0
+    (row,) = json.load(open(os.path.join(out, "table_2.json")))
+    drops = [100 * d for s in (0, 1) for d in json.load(open(os.path.join(
+        out, "table_2", "label-flip", "lr", f"seed_{s}", "metrics.json")))["retrainings"]["accuracy_drop"]]
+    assert row["retrained_drops"] == 4 and row["retrained_drop_mean"] == pytest.approx(sum(drops) / 4)
+    text = open(os.path.join(out, "table_2.md")).read()
+    assert "| drop over retrainings |" in text and f"({row['retrained_drops']}) |" in text
+
+
 def test_figure_4_marks_the_points_whose_seeds_diverged(tmp_path):
     def row(attack, eps, drop, diverged):
         return {"attack": attack, "column": f"nn eps={eps}", "seeds": 3, "diverged": diverged,

@@ -63,6 +63,58 @@ def test_retraining_follows_the_pretrain_procedure(tiny_run):
         assert torch.equal(v, saved[k]), k
 
 
+def test_retrainings_retrain_the_same_poisons_under_other_training_seeds_and_resume(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path)
+    flip = ["--attack", "label-flip"]
+    assert cli.main(["run", *flip, "--retrainings", "3", "--seed", "4", "--out", out, *TINY_FLAGS]) == 0
+    with open(os.path.join(out, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    r = metrics["retrainings"]
+    assert r["seeds"] == [4, 5, 6]
+    assert [r["clean_accuracy"][0], r["poisoned_accuracy"][0]] == [metrics["clean_accuracy"], metrics["poisoned_accuracy"]]
+    cfg = protocol.Config.from_dict({**TINY, "attack": "label-flip"}).resolved()
+    splits = protocol.load_splits(cfg)
+    poisons = torch.load(os.path.join(out, "poisons.pt"), weights_only=True)
+    x_all = torch.cat([splits.x_train, poisons["x_poison"]])
+    y_all = torch.cat([splits.y_train, poisons["y_poison"]])
+    for k, seed in enumerate(r["seeds"]):  # each pair: the pretrain procedure of that seed, on D_tr and on D_tr U D_p
+        other = dataclasses.replace(cfg, seed=seed)
+        clean = protocol.accuracy(protocol.train_defender(other, splits.x_train, splits.y_train), splits.x_test, splits.y_test)
+        poisoned = protocol.accuracy(protocol.train_defender(other, x_all, y_all), splits.x_test, splits.y_test)
+        assert (r["clean_accuracy"][k], r["poisoned_accuracy"][k]) == (clean, poisoned), seed
+        assert r["accuracy_drop"][k] == pytest.approx(clean - poisoned)
+    assert len(set(r["poisoned_accuracy"])) > 1  # the seeds do train differently
+    assert r["accuracy_drop_mean"] == pytest.approx(sum(r["accuracy_drop"]) / 3)
+    assert "Drop over 3 retrainings (training seeds 4-6" in capsys.readouterr().out
+    # stage 3 again: the finished pairs are read back from retrainings.json; only the run's own retraining is redone
+    calls = []
+    original = protocol.train_defender
+    monkeypatch.setattr(protocol, "train_defender", lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    assert protocol.stage_evaluate(out)["retrainings"] == r
+    assert calls == ["retrain defender"]
+    # other poisons (the digest of poisons.pt differs): every pair is trained again
+    poisons["x_poison"] = poisons["x_poison"].flip(0)
+    torch.save(poisons, os.path.join(out, "poisons.pt"))
+    calls.clear()
+    protocol.stage_evaluate(out)
+    assert len(calls) == 1 + 2 * 2
+    with open(os.path.join(out, "retrainings.json"), "w") as fh:
+        fh.write("{not json")  # a damaged partial file: its pairs are trained again, nothing else happens
+    calls.clear()
+    assert protocol.stage_evaluate(out)["retrainings"]["seeds"] == [4, 5, 6] and len(calls) == 5
+    # a retraining that diverges is that seed's result (None), not the end of the stage
+    os.remove(os.path.join(out, "retrainings.json"))
+
+    def diverging(cfg, x, y, *a, desc="", **k):
+        if desc == "retrain defender, seed 5":
+            raise FloatingPointError("diverged")
+        return original(cfg, x, y, *a, desc=desc, **k)
+    monkeypatch.setattr(protocol, "train_defender", diverging)
+    r = protocol.stage_evaluate(out)["retrainings"]
+    assert r["accuracy_drop"][1] is None and r["diverged_seeds"] == [5] and r["poisoned_accuracy"][1] is None
+    assert r["accuracy_drop_mean"] == pytest.approx((r["accuracy_drop"][0] + r["accuracy_drop"][2]) / 2)
+
+
 def test_the_stage_helpers_fill_in_the_dataset_defaults_of_a_config():
     # from Python a user may pass a Config as written (its None settings not yet filled in)
     raw = protocol.Config(dataset="mnist-sample", defender="lr", pretrain_epochs=1, seed=3)

@@ -74,7 +74,7 @@ CHOICES = {
 }
 NON_NEGATIVE_INTS = ("pretrain_epochs", "attacker_epochs", "attack_epochs", "leader_steps", "follower_steps",
                      "solver_iterations", "threads")
-POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_size")
+POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_size", "retrainings")
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
 
 
@@ -101,6 +101,7 @@ class _ProtocolSettings:
     pretrain_lr: float = 0.1
     pretrain_max_grad_norm: float = 5.0  # a step's gradient scaled down to this L2 norm (0: plain GD); training.py says why
     pretrain_attacker: bool = True
+    retrainings: int = 1  # stage 3 retrains the poisoned (and the clean) set under seeds seed .. seed+K-1 (protocol.py)
     attacker_epochs: int = None
     attacker_batch_size: int = None
     attack_epochs: int = None

@@ -7,7 +7,11 @@
      (the held-out 30% of the training data, or D_test itself with perfect_knowledge);
   3. evaluate: the defender is retrained from scratch on D_tr U D_p with exactly the pretrain
      procedure (same initialisation seed, epochs, batch size, learning rate) and tested: acc2
-     (poisoned_accuracy); the accuracy drop is acc1 - acc2.
+     (poisoned_accuracy); the accuracy drop is acc1 - acc2. With `retrainings` K > 1 the poisoned set is
+     also retrained, each beside a clean training, under the training seeds seed+1 .. seed+K-1 (a seed
+     fixes the initialisation and the batch order): the poisons stay, so the spread of the K drops is
+     the part of a reported drop that the defender's own training randomness decides (retrainings.json
+     keeps each finished pair, so an interrupted stage 3 continues).
 Transfer (the paper's Table 9): with eval_defender set, the attack uses `defender` as its surrogate and
 stages 1 and 3 also train and retrain the eval_defender, whose accuracies are the ones reported.
 
@@ -26,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import time
 
 import torch
@@ -37,6 +42,7 @@ from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # n
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
+from .progress import progress_bar
 from .rundir import (OtherSettingsError, RunFolderError, claim, copy_atomic, load_state, load_weights, need, read_json,
                      read_json_object, save_atomic, settings_of, write_json)
 from .training import accuracy, pretrain_attacker, train_classifier
@@ -319,6 +325,8 @@ def stage_evaluate(out, verbose=False):
         "accuracy_drop": clean - poisoned, "attack_seconds": att["attack_seconds"],
         "pretrain_seconds": pre["pretrain_seconds"],
     }
+    if cfg.retrainings > 1:
+        metrics["retrainings"] = _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, verbose)
     source = splits.x_train[poisons["source_indices"].to(splits.x_train.device)]
     metrics.update(poison_statistics(source.cpu(), poisons["x_poison"]))
     write_json(os.path.join(out, "metrics.json"), metrics)
@@ -326,6 +334,54 @@ def stage_evaluate(out, verbose=False):
     save_poison_figure(source.cpu(), poisons["x_poison"], splits.y_train[poisons["source_indices"]].cpu(),
                        poisons["y_poison"], os.path.join(out, "poisons.png"))
     return metrics
+
+
+def _file_digest(path):
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, verbose):
+    """Stage 3 under the training seeds seed .. seed+K-1 (K = cfg.retrainings): for each, the tested defender
+    trained on D_tr and on D_tr U D_p (the first pair is the run's own, `clean` and `poisoned`); a training that
+    diverges is recorded as None (and its seed in "diverged_seeds"), not the end of the stage. Every finished
+    pair is kept in retrainings.json with the digest of the poisons it was trained on, so that a rerun continues
+    and poisons written since are retrained afresh. Returns the per-seed accuracies, drops and their mean / std."""
+    path, digest = os.path.join(out, "retrainings.json"), _file_digest(os.path.join(out, "poisons.pt"))
+    done = {}
+    if os.path.exists(path):
+        try:
+            kept = read_json(path)
+        except ValueError:  # a damaged partial file costs its trainings again, nothing else
+            kept = {}
+        if isinstance(kept, dict) and kept.get("poisons_sha256") == digest and isinstance(kept.get("pairs"), dict):
+            done = kept["pairs"]
+    seeds = [cfg.seed + k for k in range(cfg.retrainings)]
+    done[str(cfg.seed)] = [clean, poisoned]
+    x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
+
+    def tested_accuracy(other, x, y, desc):
+        try:
+            model = train_defender(other, x, y, desc=desc, name=tested)
+        except FloatingPointError:
+            return None
+        return accuracy(model, splits.x_test, splits.y_test)
+
+    for seed in progress_bar(seeds, desc="retrainings", disable=not verbose, leave=False):
+        pair = done.get(str(seed))
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(a is None or isinstance(a, (int, float)) for a in pair)):
+            other = dataclasses.replace(cfg, seed=seed)
+            done[str(seed)] = [tested_accuracy(other, splits.x_train, splits.y_train, f"train clean, seed {seed}"),
+                               tested_accuracy(other, x_all, y_all, f"retrain defender, seed {seed}")]
+            write_json(path, {"poisons_sha256": digest, "pairs": done})
+    pairs = [done[str(seed)] for seed in seeds]
+    drops = [None if c is None or p is None else c - p for c, p in pairs]
+    finite = [d for d in drops if d is not None]
+    return {"seeds": seeds, "clean_accuracy": [c for c, _ in pairs], "poisoned_accuracy": [p for _, p in pairs],
+            "accuracy_drop": drops, "diverged_seeds": [s for s, d in zip(seeds, drops) if d is None],
+            "accuracy_drop_mean": statistics.fmean(finite) if finite else None,
+            "accuracy_drop_std": statistics.stdev(finite) if len(finite) > 1 else None}
 
 
 def _poison_mask(n, poisons):

@@ -41,7 +41,20 @@ def metrics_table(metrics):
         "|---|---|---|---|" + ("---|---|" if spread else ""),
         f"| {_pct(metrics['clean_accuracy'])} | {_pct(metrics['poisoned_accuracy'])} | "
         f"{_pct(metrics['accuracy_drop'])} | {metrics['attack_seconds']:.1f} |" + (f" {spread}" if spread else ""),
-    ])
+    ]) + _retrainings_line(metrics)
+
+
+def _retrainings_line(metrics):
+    """The drop over the run's retrainings (protocol stage 3 with `retrainings` > 1), or "" without them."""
+    r = metrics.get("retrainings")
+    if not r:
+        return ""
+    def pct(v):
+        return "—" if v is None else _pct(v)
+    diverged = f"; {len(r['diverged_seeds'])} diverged" if r.get("diverged_seeds") else ""
+    return (f"\n\nDrop over {len(r['seeds'])} retrainings (training seeds {r['seeds'][0]}-{r['seeds'][-1]}, the poisons "
+            f"fixed): {pct(r['accuracy_drop_mean'])} ± {pct(r['accuracy_drop_std'])} points (per seed "
+            + " / ".join("diverged" if d is None else _pct(d) for d in r["accuracy_drop"]) + diverged + ")")
 
 
 def summary_table(summaries):

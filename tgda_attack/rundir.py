@@ -24,7 +24,7 @@ except ImportError:  # Windows
 
 RUN_FILES = ("config.json", "pretrain.json", "defender_pretrained.pt", "attacker_pretrained.pt", "attack_checkpoint.pt",
              "attack_checkpoint.pt.tmp", "attack.json", "poisons.pt", "attacker_attacked.pt", "defender_attacked.pt",
-             "defender_poisoned.pt", "metrics.json", "poisons.png")
+             "defender_poisoned.pt", "metrics.json", "poisons.png", "retrainings.json")
 
 
 class RunFolderError(ValueError):

@@ -138,6 +138,20 @@ def test_the_authors_recipe_is_its_definition(monkeypatch):
     torch.testing.assert_close(x_e, _authors_by_definition(defender, target, x, y, 6, 20, 10.0, stop=stop))
 
 
+def test_the_authors_target_starts_from_another_initialisation_than_the_retraining(monkeypatch):
+    import tgda_attack.attacks.gradient_canceling as gc
+    from tgda_attack.attacks.base import fresh_model
+    monkeypatch.setitem(gc.AUTHORS_SCHEDULE, "lr", (2, 10.0))
+    x, y, defender = _tiny(n=60)
+    attack = GradientCancelingAttack(defender, 0.1, recipe="authors", seed=2)
+    attack.poison(x, y)
+    expected = targets.authors_gradpc_target(defender, x, y, radius=0.5, seed=gc.AUTHORS_TARGET_SEED_OFFSET + 2)
+    for k, v in expected.items():
+        assert torch.equal(attack.target_[k], v), k
+    # the defender is retrained from fresh_model(defender, 2)'s initialisation (protocol.new_defender, seed 2)
+    assert not torch.equal(fresh_model(defender, gc.AUTHORS_TARGET_SEED_OFFSET + 2)[1].weight, fresh_model(defender, 2)[1].weight)
+
+
 def test_the_authors_target_is_gradpc_of_one_adadelta_epoch_within_its_ball():
     x, y, defender = _tiny(n=60)
     target = targets.authors_gradpc_target(defender, x, y, radius=0.5, seed=3)

@@ -105,6 +105,38 @@ def test_the_defenders_update_is_a_gradient_step_on_the_training_set_and_the_poi
     assert torch.equal(_wb(defender)[0], W0)  # the caller's defender is untouched
 
 
+def test_the_defenders_update_is_bounded_in_norm_as_the_defenders_training_is():
+    x, y, defender = _tiny()
+    W0, b0 = _wb(defender)
+    x_p, y_p = MinMaxAttack(defender, 0.1, rounds=1, steps=3, step_size=0.2, beta=0.7, follower_steps=1,
+                            batch_size=1000, num_classes=K).poison(x, y)
+    gW, gb = _lr_mean_gradient(W0, b0, torch.cat([x, x_p]), torch.cat([y, y_p]))
+    norm = torch.cat([gW.flatten(), gb]).norm()
+    bound = 0.25 * norm.item()  # active: the step is scaled to a quarter of the gradient's length
+    attack = MinMaxAttack(defender, 0.1, rounds=1, steps=3, step_size=0.2, beta=0.7, follower_steps=1,
+                          batch_size=1000, num_classes=K, max_grad_norm=bound)
+    x_b, y_b = attack.poison(x, y)
+    assert torch.equal(x_b, x_p) and torch.equal(y_b, y_p)  # the poisons come before the step
+    scale = bound / (norm + 1e-6)
+    W1, b1 = _wb(attack.defender_)
+    assert torch.allclose(W1, W0 - 0.7 * scale * gW, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(b1, b0 - 0.7 * scale * gb, rtol=1e-10, atol=1e-13)
+    loose = MinMaxAttack(defender, 0.1, rounds=1, steps=3, step_size=0.2, beta=0.7, follower_steps=1,
+                         batch_size=1000, num_classes=K, max_grad_norm=10 * norm.item())
+    loose.poison(x, y)  # a bound longer than the gradient leaves the plain step
+    assert torch.allclose(_wb(loose.defender_)[0], W0 - 0.7 * gW, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        MinMaxAttack(defender, 0.1, max_grad_norm=-1.0)
+
+
+def test_from_config_bounds_the_follower_as_the_defenders_training():
+    from tgda_attack.config import Config
+    _, _, defender = _tiny()
+    cfg = Config(dataset="mnist-sample", attack="min-max", pretrain_max_grad_norm=3.0).resolved()
+    assert MinMaxAttack.from_config(cfg, defender=defender).max_grad_norm == 3.0
+    assert ImprovedMinMaxAttack.from_config(cfg, defender=defender).max_grad_norm == 3.0
+
+
 def test_the_online_game_matches_a_hand_written_loop():
     """Rounds of (label of largest loss under the current w for the round's share of D_p^0) then
     (full-batch gradient descent on D_tr U the poisons so far), written out by hand."""

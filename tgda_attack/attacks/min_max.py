@@ -116,6 +116,10 @@ class MinMaxAttack(PoisoningAttack):
     Table 2 reports for min-max on NN: -0.03). Full MNIST, LR: 28 s, drop 7.90 (paper 2.55): with no
     sanitization feasible set the poisons go to saturated corners of the pixel box, with losses ~30
     under w, which moves a linear model much more than the constrained points of the original.
+    The follower's length decides the strength: with follower_steps=1000 (and the follower's gradient-norm
+    bound) the box set drops full-MNIST LR by 14.71 +- 2.98 over 15 retrainings (3 seeds x 5 training seeds),
+    5.7 points above the default's 20 steps at the same training seeds; with one round it drops ~1
+    (README, "Table 2 at paper scale, LR defender, over five retrainings").
     """
 
     name = "min-max"

@@ -34,6 +34,15 @@ def cross_entropy_loss(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
+def bounded_step(lr, grads, max_grad_norm):
+    """The step size of w -= step * grad with the gradient scaled down to an L2 norm of `max_grad_norm` where it
+    is longer: lr itself when max_grad_norm is 0, else a 0-dim tensor (no host synchronisation per step)."""
+    if not max_grad_norm:
+        return lr
+    norm = torch.nn.utils.get_total_norm(grads)
+    return lr * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+
+
 def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
                      loss_fn=cross_entropy_loss, after_epoch=None, max_grad_norm=0.0):
     """Mini-batch gradient descent on loss_fn(model, x_batch, y_batch) (the cross-entropy unless a robust
@@ -51,10 +60,7 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
             loss = loss_fn(model, x[idx], y[idx])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                step = lr
-                if max_grad_norm:  # a tensor: no host synchronisation per step
-                    norm = torch.nn.utils.get_total_norm(grads)
-                    step = lr * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+                step = bounded_step(lr, grads, max_grad_norm)
                 for p, g in zip(params, grads):
                     p.sub_(step * g)
         last = loss.item()  # one host synchronisation per epoch

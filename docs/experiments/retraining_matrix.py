@@ -44,11 +44,11 @@ def drops_by_seed(row_dir, column):
 def between_share(drops):
     """Share of the drops' variance that lies between training seeds (a one-way decomposition)."""
     values = list(drops.values())
-    total = sum((v - statistics.fmean(values)) ** 2 for v in values)
+    mean = statistics.fmean(values)
+    total = sum((v - mean) ** 2 for v in values)
     by_t = {}
     for (_, t), v in drops.items():
         by_t.setdefault(t, []).append(v)
-    mean = statistics.fmean(values)
     between = sum(len(vs) * (statistics.fmean(vs) - mean) ** 2 for vs in by_t.values())
     return between / total if total > 0 else float("nan")
 

@@ -66,6 +66,7 @@ import time
 import torch
 import torch.nn.functional as F
 from ..progress import progress_bar
+from ..training import bounded_step
 
 from .base import PoisoningAttack, Setting
 from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
@@ -315,10 +316,7 @@ class MinMaxAttack(PoisoningAttack):
             loss = F.cross_entropy(model(xb), yb)
             grads = torch.autograd.grad(loss, w)
             with torch.no_grad():
-                step = self.beta
-                if self.max_grad_norm:
-                    norm = torch.nn.utils.get_total_norm(grads)
-                    step = self.beta * torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+                step = bounded_step(self.beta, grads, self.max_grad_norm)
                 for p, g in zip(w, grads):
                     p.sub_(step * g)
             losses.append(loss.detach())

@@ -29,6 +29,7 @@ def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, 
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("| ") and " lr " in line]
     boxed = [f"{a} (box)" for a in bench.SANITIZED_ROWS]  # min-max in its sanitised set, and in the box alone
+    boxed += [f"{a} {kind}" for a in bench.LONG_FOLLOWER_ROWS for kind in ("(long follower)", "(box, long follower)")]
     boxed += list(bench.GC_ROWS)  # and Gradient Canceling's other labels and its authors' recipe
     assert sorted(line.split(" | ")[0][2:] for line in lines) == sorted([*ATTACKS, *boxed])
     assert "| tgda | lr | 1 |" in printed and "92.35 / 89.56 / 2.79 | 1.1 h |" in printed  # the paper's, beside ours
@@ -40,6 +41,10 @@ def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, 
         for folder, kind in ((f"{row}_sanitized", "sanitized"), (row, "box")):  # the box rows keep the old folders
             config = json.load(open(os.path.join(out, "table_2", folder, "lr", "seed_0", "config.json")))
             assert config["attack"] == row and config["feasible_set"] == kind
+    for folder, kind in (("min-max_sanitized_long", "sanitized"), ("min-max_long", "box")):
+        config = json.load(open(os.path.join(out, "table_2", folder, "lr", "seed_0", "config.json")))
+        assert (config["attack"], config["feasible_set"], config["follower_steps"]) == ("min-max", kind, 1000)
+    assert '"long follower": min-max\'s defender takes 1000 gradient steps a round' in printed
     config = json.load(open(os.path.join(out, "table_2", "gradient-canceling_cancel", "lr", "seed_0", "config.json")))
     assert config["gc_labels"] == "cancel" and config["gc_recipe"] == "valid"
     config = json.load(open(os.path.join(out, "table_2", "gradient-canceling_authors", "lr", "seed_0", "config.json")))

@@ -23,6 +23,19 @@ def test_every_table_plans_valid_runs_at_every_scale():
                 assert set(table.paper) <= keys, table.key  # every published cell is run at the paper scale
 
 
+def test_the_long_follower_rows_take_fifty_times_the_follower_of_the_others_also_under_set():
+    def follower_steps(overrides=None):
+        runs = bench.plan(bench.TABLES["2"], "paper", [0], data_root="/data", defenders=["lr"],
+                          attacks=["min-max", "tgda"], overrides=overrides)
+        return {cell.row: cfg.follower_steps for cell, _, cfg in runs}
+
+    assert follower_steps() == {"min-max": 20, "min-max (box)": 20, "min-max (long follower)": 1000,
+                                "min-max (box, long follower)": 1000, "tgda": 20}
+    shortened = follower_steps({"follower_steps": 4})
+    assert shortened == {"min-max": 4, "min-max (box)": 4, "min-max (long follower)": 200,
+                         "min-max (box, long follower)": 200, "tgda": 4}
+
+
 def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, monkeypatch):
     out = str(tmp_path)
     assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--seeds", "1", "--out", out, "--quiet"]) == 0
@@ -43,8 +56,9 @@ def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, 
             assert config["attack"] == row and config["feasible_set"] == kind
     for folder, kind in (("min-max_sanitized_long", "sanitized"), ("min-max_long", "box")):
         config = json.load(open(os.path.join(out, "table_2", folder, "lr", "seed_0", "config.json")))
-        assert (config["attack"], config["feasible_set"], config["follower_steps"]) == ("min-max", kind, 1000)
-    assert '"long follower": min-max\'s defender takes 1000 gradient steps a round' in printed
+        assert (config["attack"], config["feasible_set"]) == ("min-max", kind)
+        assert config["follower_steps"] == bench.LONG_FOLLOWER * ATTACKS["min-max"].quick["follower_steps"]
+    assert '"long follower": min-max\'s defender takes 50 times the other rows\' gradient steps a round' in printed
     config = json.load(open(os.path.join(out, "table_2", "gradient-canceling_cancel", "lr", "seed_0", "config.json")))
     assert config["gc_labels"] == "cancel" and config["gc_recipe"] == "valid"
     config = json.load(open(os.path.join(out, "table_2", "gradient-canceling_authors", "lr", "seed_0", "config.json")))

@@ -241,6 +241,36 @@ def test_largest_loss_flip_takes_the_other_class_of_largest_cross_entropy():
         LabelFlipAttack(0.1, rule="largest-loss")
 
 
+def test_nearest_flip_takes_the_other_class_of_smallest_cross_entropy():
+    x, y, _, _, defender, _ = _tiny()
+    x_p, y_p = LabelFlipAttack(0.25, rule="nearest", defender=defender, num_classes=3).poison(x, y)
+    with torch.no_grad():
+        logits = defender(x[:10])
+    for i in range(10):  # the oracle: each wrong label's loss; the nearest wrong class is the one of least loss
+        losses = {k: F.cross_entropy(logits[i:i + 1], torch.tensor([k])).item() for k in range(3) if k != y[i]}
+        assert y_p[i].item() == min(losses, key=losses.get)
+    assert torch.equal(x_p, x[:10])
+    with pytest.raises(ValueError, match="needs the trained defender"):
+        LabelFlipAttack(0.1, rule="nearest")
+
+
+def test_the_validation_pool_takes_the_poisons_from_d_v_with_the_budget_of_d_tr():
+    x, y, xv, yv, defender, _ = _tiny(n=40)  # D_tr 40 points, D_v 20
+    flip = LabelFlipAttack(0.25, rule="reverse", pool="val", init="random", seed=3, num_classes=3)
+    x_p, y_p = flip.poison(x, y, x_val=xv, y_val=yv)
+    idx = flip.source_indices_
+    assert len(y_p) == 10 and flip.source_pool == "val"  # floor(0.25 * 40) points, taken from D_v's 20
+    assert len(set(idx.tolist())) == 10 and int(idx.max()) < 20
+    assert torch.equal(x_p, xv[idx]) and torch.equal(y_p, 2 - yv[idx])
+    assert LabelFlipAttack(0.25).source_pool == "train"
+    with pytest.raises(ValueError, match="pass x_val and y_val"):
+        LabelFlipAttack(0.25, pool="val").poison(x, y)
+    with pytest.raises(ValueError, match="D_v has only 20 points"):
+        LabelFlipAttack(0.75, pool="val").poison(x, y, x_val=xv, y_val=yv)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        LabelFlipAttack(0.25, pool="test")
+
+
 def test_every_attack_follows_the_one_interface():
     import inspect
 

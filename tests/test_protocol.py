@@ -148,6 +148,27 @@ def test_label_flip_and_seeds_summary(tmp_path, capsys):
     assert "mean ± std" in capsys.readouterr().out
 
 
+def test_a_label_flip_from_d_v_is_read_back_against_d_v(tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["run", "--attack", "label-flip", "--flip-rule", "nearest", "--flip-pool", "val", "--out", out,
+                     *TINY_FLAGS]) == 0
+    cfg = protocol.Config.from_dict({**TINY, "seed": 0}).resolved()
+    splits = protocol.load_splits(cfg)
+    poisons = torch.load(os.path.join(out, "poisons.pt"), weights_only=True)
+    idx = poisons["source_indices"]
+    assert poisons["source_pool"] == "val" and len(idx) == 84  # the budget is 3% of D_tr, the images D_v's
+    assert torch.equal(poisons["x_poison"], splits.x_val[idx]) and bool((poisons["y_poison"] != splits.y_val[idx]).all())
+    with open(os.path.join(out, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    assert metrics["source_pool"] == "val" and metrics["max_perturbation_linf"] == 0  # measured against D_v's images
+    # a damaged pool or an index past D_v is named before any retraining
+    for damage, what in (({"source_pool": "test"}, "source pool 'test'"),
+                         ({"source_indices": idx + len(splits.y_val)}, f"outside the {len(splits.y_val)} points of its source pool")):
+        torch.save({**poisons, **damage}, os.path.join(out, "poisons.pt"))
+        with pytest.raises(protocol.RunFolderError, match=what):
+            protocol.stage_evaluate(out)
+
+
 def test_pixel_attacker_runs_without_an_attacker_network(tmp_path):  # with the solves recorded (--cuda-graphs)
     out = str(tmp_path)
     assert cli.main(["run", "--attacker", "pixels", "--alpha", "100", "--cuda-graphs", "--out", out, *TINY_FLAGS]) == 0

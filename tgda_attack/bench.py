@@ -16,7 +16,9 @@ Rows beyond the paper's: min-max and i-min-max in their sanitisation feasible se
 the attack's name) and in the pixel box alone ("(box)"), and min-max in both with a follower of 1,000 steps a round
 ("(long follower)", "(box, long follower)"; the default is 20); Gradient Canceling with labels chosen to cancel D_tr's
 gradient ("(cancel labels)") and as its authors' code runs it ("(authors)": their recipe and their network of the
-column's kind, gc-lr / gc-nn / gc-cnn, beside the drops of their paper, Lu, Kamath & Yu, ICML 2023, Table 2).
+column's kind, gc-lr / gc-nn / gc-cnn, beside the drops of their paper, Lu, Kamath & Yu, ICML 2023, Table 2); label
+flip with points of the attacker's D_v labelled with the wrong class the trained defender finds most probable
+("(nearest, D_v)").
 
 Scales: "smoke" (the embedded mnist-sample with every schedule cut to a run of seconds: for tests and CI,
 numbers without meaning), "sample" (mnist-sample with its dataset defaults: minutes a run on 2 CPU
@@ -130,6 +132,11 @@ GC_ROWS = {"gradient-canceling (cancel labels)": ("gradient-canceling_cancel", l
            GC_AUTHORS_ROW: ("gradient-canceling_authors", _gc_as_authors)}
 
 
+# Label flip beyond the paper's (copies of D_tr[0:eps N], labels 9 - y): the attacker's own D_v points, each labelled
+# with the wrong class the trained defender finds most probable (attacks/label_flip.py).
+LABEL_FLIP_NEAREST_ROW = "label-flip (nearest, D_v)"
+
+
 def _rows(attack, defender):
     """[(row name, settings, folder name)] of an attack against a defender in Tables 2 and 10. The box rows keep
     the attack's own folder, which held box runs before the sanitised rows existed, so that those runs are kept."""
@@ -146,6 +153,9 @@ def _rows(attack, defender):
     if attack == "gradient-canceling":
         return [(attack, own, None)] + [(row, {**own, **settings(defender)}, folder)
                                         for row, (folder, settings) in GC_ROWS.items()]
+    if attack == "label-flip":
+        return [(attack, own, None),
+                (LABEL_FLIP_NEAREST_ROW, {**own, "flip_rule": "nearest", "flip_pool": "val"}, "label-flip_nearest_val")]
     return [(attack, own, None)]
 
 
@@ -618,6 +628,10 @@ def markdown(table, scale, rows):
         head += (f"\"long follower\": min-max's defender takes {LONG_FOLLOWER} times the other rows' gradient steps a "
                  f"round (follower_steps; {LONG_FOLLOWER * Config.follower_steps} at the default "
                  f"{Config.follower_steps}).\n\n")
+    if any(r[table.row_name] == LABEL_FLIP_NEAREST_ROW for r in rows):
+        head += (f"\"{LABEL_FLIP_NEAREST_ROW}\": label flip whose poisons are points of the attacker's D_v (real images "
+                 "the defender does not train on), each labelled with the wrong class the trained defender finds most "
+                 "probable (`--flip-rule nearest --flip-pool val`).\n\n")
     retrained = any(r.get("retrained_drops") for r in rows)
     if retrained:
         head += ("\"drop over retrainings\": each seed's poisons retrained under the training seeds seed .. seed+K-1 "

@@ -241,8 +241,9 @@ def stage_attack(out, verbose=False):
         part, vpart = torch.arange(rank, len(splits.y_train), world), torch.arange(rank, len(y_val), world)
         x_p, y_p = attack.poison(splits.x_train[part.to(cfg.device)], splits.y_train[part.to(cfg.device)],
                                  x_val=x_val[vpart.to(cfg.device)], y_val=y_val[vpart.to(cfg.device)])
+        pool_part = vpart if attack.source_pool == "val" else part
         x_p, y_p, sources, history = data_parallel.gather_partitions(
-            x_p, y_p, part[attack.source_indices_.cpu()], attack.history)
+            x_p, y_p, pool_part[attack.source_indices_.cpu()], attack.history)
     else:
         x_p, y_p = attack.poison(splits.x_train, splits.y_train, x_val=x_val, y_val=y_val)
         sources, history = attack.source_indices_.cpu(), attack.history
@@ -257,7 +258,8 @@ def stage_attack(out, verbose=False):
         if model is not None:
             save_atomic(model.state_dict(), os.path.join(out, name))
     save_atomic({"x_poison": x_p.cpu(), "y_poison": y_p.cpu(), "source_indices": sources,
-                 "replaces_sources": torch.tensor(bool(attack.replaces_sources))}, os.path.join(out, "poisons.pt"))
+                 "replaces_sources": torch.tensor(bool(attack.replaces_sources)), "source_pool": attack.source_pool},
+                os.path.join(out, "poisons.pt"))
     write_json(os.path.join(out, "attack.json"), result)
     return result
 
@@ -274,24 +276,38 @@ def poisoned_training_set(x_train, y_train, poisons, x_p, y_p):
 
 
 POISON_FILE = {"x_poison": torch.Tensor, "y_poison": torch.Tensor, "source_indices": torch.Tensor}
+SOURCE_POOLS = ("train", "val")  # what poisons.pt's source_indices index: D_tr, or the attacker's D_v (absent: D_tr)
 
 
-def _read_poisons(out, splits):
+def source_points(cfg, splits, poisons):
+    """(x, y) of the split the poisons' source_indices index: D_tr, or the attacker's D_v (D_test under
+    --perfect-knowledge, as stage_attack gave it to the attack)."""
+    if poisons.get("source_pool", "train") == "train":
+        return splits.x_train, splits.y_train
+    return (splits.x_test, splits.y_test) if cfg.perfect_knowledge else (splits.x_val, splits.y_val)
+
+
+def _read_poisons(out, cfg, splits):
     """poisons.pt, checked against the run's data: as many images, labels and source indices, images shaped
-    like the data's, labels among its classes, indices into D_tr; RunFolderError naming what is wrong."""
+    like the data's, labels among its classes, indices into the split they name; RunFolderError naming what is
+    wrong."""
     path = os.path.join(out, "poisons.pt")
     poisons = load_state(path, POISON_FILE)
     x_p, y_p, idx = poisons["x_poison"], poisons["y_poison"], poisons["source_indices"]
-    n_train, classes = len(splits.y_train), int(splits.y_train.max()) + 1
+    pool = poisons.get("source_pool", "train")
+    n_pool = len(source_points(cfg, splits, poisons)[1]) if pool in SOURCE_POOLS else 0
+    classes = int(splits.y_train.max()) + 1
     problems = [
+        (pool not in SOURCE_POOLS, f"source pool {pool!r}, not one of {', '.join(SOURCE_POOLS)}"),
         (tuple(x_p.shape[1:]) != tuple(splits.x_train.shape[1:]) or not x_p.is_floating_point(),
          f"poison images of shape {list(x_p.shape)} ({x_p.dtype}), not float images shaped like the data's {list(splits.x_train.shape[1:])}"),
         (y_p.dim() != 1 or len(y_p) != len(x_p) or len(idx) != len(x_p),
          f"{len(x_p)} images, {len(y_p)} labels and {len(idx)} source indices"),
         (y_p.is_floating_point() or (len(y_p) and not (0 <= int(y_p.min()) and int(y_p.max()) < classes)),
          f"labels outside the {classes} classes"),
-        (idx.is_floating_point() or (len(idx) and not (0 <= int(idx.min()) and int(idx.max()) < n_train)),
-         f"source indices outside the {n_train} training points"),
+        (idx.is_floating_point() or (len(idx) and not (0 <= int(idx.min()) and int(idx.max()) < n_pool)),
+         f"source indices outside the {n_pool} points of its source pool ({pool})"),
+        (pool != "train" and bool(poisons.get("replaces_sources", False)), "poisons that replace points of D_v"),
         (len(x_p) and not bool(torch.isfinite(x_p).all()), "non-finite pixels"),
     ]
     for bad, what in problems:
@@ -308,7 +324,7 @@ def stage_evaluate(out, verbose=False):
     pre = read_json_object(os.path.join(out, "pretrain.json"), {"clean_accuracy": (int, float), "pretrain_seconds": (int, float)})
     att = read_json_object(os.path.join(out, "attack.json"), {"attack_seconds": (int, float)})  # before any work
     splits = load_splits(cfg)
-    poisons = _read_poisons(out, splits)
+    poisons = _read_poisons(out, cfg, splits)
     x_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg))
     y_p = poisons["y_poison"].to(cfg.device)
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
@@ -327,11 +343,13 @@ def stage_evaluate(out, verbose=False):
     }
     if cfg.retrainings > 1:
         metrics["retrainings"] = _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, verbose)
-    source = splits.x_train[poisons["source_indices"].to(splits.x_train.device)]
+    x_pool, y_pool = source_points(cfg, splits, poisons)
+    source = x_pool[poisons["source_indices"].to(x_pool.device)]
+    metrics["source_pool"] = poisons.get("source_pool", "train")
     metrics.update(poison_statistics(source.cpu(), poisons["x_poison"]))
     write_json(os.path.join(out, "metrics.json"), metrics)
     from .report import save_poison_figure
-    save_poison_figure(source.cpu(), poisons["x_poison"], splits.y_train[poisons["source_indices"]].cpu(),
+    save_poison_figure(source.cpu(), poisons["x_poison"], y_pool[poisons["source_indices"].to(y_pool.device)].cpu(),
                        poisons["y_poison"], os.path.join(out, "poisons.png"))
     return metrics
 
@@ -441,7 +459,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     undefended = read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),
                                                                       "poisoned_accuracy": (int, float)})
     splits = load_splits(cfg)
-    poisons = _read_poisons(out, splits)
+    poisons = _read_poisons(out, cfg, splits)
     x_p, y_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg)), poisons["y_poison"].to(cfg.device)
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender

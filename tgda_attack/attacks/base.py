@@ -10,7 +10,9 @@ with the same signature for every attack: (x, y) is D_tr, (x_val, y_val) the att
 attack uses one. It returns only the points to add to the training set, |D_p| = floor(epsilon |D_tr|),
 and sets `source_indices_`, the indices into D_tr of the clean points D_p^0 the poisons start from.
 An attack that perturbs training points in place instead of adding points (unlearnable examples) sets
-`replaces_sources = True`: the defender is then retrained on D_tr with its source points replaced.
+`replaces_sources = True`: the defender is then retrained on D_tr with its source points replaced. An attack whose
+poisons start from points of the attacker's D_v instead of D_tr sets `source_pool = "val"`; `source_indices_` then
+index D_v.
 
 Adding an attack: one module under tgda_attack/attacks/ with a PoisoningAttack subclass, and its class
 in the tuple of tgda_attack/attacks/__init__.py. The protocol and the CLI need no other change: the
@@ -73,6 +75,7 @@ class PoisoningAttack:
     def __init__(self, epsilon=0.03, *, init="first", seed=0):
         self.epsilon, self.init, self.seed = epsilon, init, seed
         self.replaces_sources = False
+        self.source_pool = "train"  # the split source_indices_ index: "train" (D_tr) or "val" (the attacker's D_v)
         self.source_indices_ = None
         self.history = []  # what the attack logged as it ran (a dict every few steps or epochs)
         self.info_ = {}  # what it reports about its result (attack.json "info"), e.g. its target parameters

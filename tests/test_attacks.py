@@ -271,6 +271,34 @@ def test_the_validation_pool_takes_the_poisons_from_d_v_with_the_budget_of_d_tr(
         LabelFlipAttack(0.25, pool="test")
 
 
+def test_confused_pairs_take_the_fewest_most_frequent_class_pairs_that_hold_the_budget():
+    # a defender whose logits are fixed per class: class 0 looks like 1, class 1 like 2, class 2 like 0
+    defender = nn.Sequential(nn.Flatten(), nn.Linear(3, 3)).double()
+    with torch.no_grad():
+        defender[1].weight.copy_(torch.tensor([[2.0, 0, 1], [1, 2, 0], [0, 1, 2]]))
+        defender[1].bias.zero_()
+    y_val = torch.tensor([0] * 6 + [1] * 4 + [2] * 2)  # pairs (0, 1): 6 points, (1, 2): 4, (2, 0): 2
+    x_val = F.one_hot(y_val, 3).double().view(-1, 1, 1, 3)
+    x = torch.zeros(30, 1, 1, 3, dtype=torch.float64)
+    y = torch.zeros(30, dtype=torch.long)
+
+    def poison(epsilon, **kw):
+        flip = LabelFlipAttack(epsilon, rule="nearest", defender=defender, pool="val", select="confused-pairs",
+                               num_classes=3, **kw)
+        x_p, y_p = flip.poison(x, y, x_val=x_val, y_val=y_val)
+        return flip, x_p, y_p
+
+    flip, x_p, y_p = poison(0.2)  # 6 poisons: pair (0, 1) alone holds them
+    assert flip.source_indices_.tolist() == list(range(6)) and y_p.tolist() == [1] * 6
+    assert torch.equal(x_p, x_val[:6]) and flip.info_["pairs"] == [[0, 1, 6]]
+    flip, x_p, y_p = poison(0.3, init="random", seed=2)  # 9 poisons: pairs (0, 1) and (1, 2), never (2, 0)
+    idx = flip.source_indices_
+    assert len(set(idx.tolist())) == 9 and int(idx.max()) < 10 and torch.equal(y_p, (y_val[idx] + 1) % 3)
+    assert flip.info_["pairs"] == [[0, 1, 6], [1, 2, 4]]
+    with pytest.raises(ValueError, match="needs rule 'nearest'"):
+        LabelFlipAttack(0.1, defender=defender, select="confused-pairs")
+
+
 def test_every_attack_follows_the_one_interface():
     import inspect
 

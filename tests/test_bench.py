@@ -44,7 +44,7 @@ def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, 
     boxed = [f"{a} (box)" for a in bench.SANITIZED_ROWS]  # min-max in its sanitised set, and in the box alone
     boxed += [f"{a} {kind}" for a in bench.LONG_FOLLOWER_ROWS for kind in ("(long follower)", "(box, long follower)")]
     boxed += list(bench.GC_ROWS)  # and Gradient Canceling's other labels and its authors' recipe
-    boxed += [bench.LABEL_FLIP_NEAREST_ROW]  # and label flip from D_v with the nearest wrong class
+    boxed += list(bench.LABEL_FLIP_ROWS)  # and label flip from D_v with the nearest wrong class
     assert sorted(line.split(" | ")[0][2:] for line in lines) == sorted([*ATTACKS, *boxed])
     assert "| tgda | lr | 1 |" in printed and "92.35 / 89.56 / 2.79 | 1.1 h |" in printed  # the paper's, beside ours
     assert "| min-max | lr | 1 |" in printed and "92.35 / 89.80 / 2.55 |" in printed  # the sanitised row carries it
@@ -57,6 +57,8 @@ def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, 
             assert config["attack"] == row and config["feasible_set"] == kind
     config = json.load(open(os.path.join(out, "table_2", "label-flip_nearest_val", "lr", "seed_0", "config.json")))
     assert (config["attack"], config["flip_rule"], config["flip_pool"]) == ("label-flip", "nearest", "val")
+    config = json.load(open(os.path.join(out, "table_2", "label-flip_pairs_val", "lr", "seed_0", "config.json")))
+    assert (config["flip_pool"], config["flip_select"]) == ("val", "confused-pairs")
     for folder, kind in (("min-max_sanitized_long", "sanitized"), ("min-max_long", "box")):
         config = json.load(open(os.path.join(out, "table_2", folder, "lr", "seed_0", "config.json")))
         assert (config["attack"], config["feasible_set"]) == ("min-max", kind)
@@ -95,7 +97,7 @@ def test_table_10_smoke_is_a_matrix_of_attacks_and_every_defense_each_attack_run
     for attack in ("label-flip", "tgda"):
         assert {line.split(" | ")[2] for line in printed.splitlines() if line.startswith(f"| {attack} | lr |")} == set(DEFENSES)
     assert "| tgda | lr | loss | 1 |" in printed and "| 2.79 / 2.56 |" in printed  # the paper's Table 10, beside ours
-    assert len(calls) == 3  # one attack run per (row, defender, seed: label flip's two rows, TGDA), shared by every defense
+    assert len(calls) == 4  # one attack run per (row, defender, seed: label flip's three rows, TGDA), shared by every defense
     calls.clear()
     assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--attacks", "tgda", "--out", out, "--quiet"]) == 0
     assert calls == []  # and by Table 2

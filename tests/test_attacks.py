@@ -227,31 +227,18 @@ def test_a_diverging_follower_is_an_error_not_nan_poisons():
         _attack(defender, attacker, beta=1e6, follower_steps=5, epochs=2).poison(x, y, x_val=xv, y_val=yv)
 
 
-def test_largest_loss_flip_takes_the_other_class_of_largest_cross_entropy():
+@pytest.mark.parametrize("rule, pick", [("largest-loss", max), ("nearest", min)])
+def test_defender_flips_take_the_other_class_of_largest_or_smallest_cross_entropy(rule, pick):
     x, y, _, _, defender, _ = _tiny()
-    flip = LabelFlipAttack(0.25, rule="largest-loss", defender=defender, num_classes=3)
-    x_p, y_p = flip.poison(x, y)
+    x_p, y_p = LabelFlipAttack(0.25, rule=rule, defender=defender, num_classes=3).poison(x, y)
     with torch.no_grad():
         logits = defender(x[:10])
-    for i in range(10):  # the oracle: each candidate label's loss, the true label excluded
+    for i in range(10):  # the oracle: each wrong label's loss; "nearest" is the wrong class of least loss
         losses = {k: F.cross_entropy(logits[i:i + 1], torch.tensor([k])).item() for k in range(3) if k != y[i]}
-        assert y_p[i].item() == max(losses, key=losses.get)
+        assert y_p[i].item() == pick(losses, key=losses.get)
     assert torch.equal(x_p, x[:10])
     with pytest.raises(ValueError, match="needs the trained defender"):
-        LabelFlipAttack(0.1, rule="largest-loss")
-
-
-def test_nearest_flip_takes_the_other_class_of_smallest_cross_entropy():
-    x, y, _, _, defender, _ = _tiny()
-    x_p, y_p = LabelFlipAttack(0.25, rule="nearest", defender=defender, num_classes=3).poison(x, y)
-    with torch.no_grad():
-        logits = defender(x[:10])
-    for i in range(10):  # the oracle: each wrong label's loss; the nearest wrong class is the one of least loss
-        losses = {k: F.cross_entropy(logits[i:i + 1], torch.tensor([k])).item() for k in range(3) if k != y[i]}
-        assert y_p[i].item() == min(losses, key=losses.get)
-    assert torch.equal(x_p, x[:10])
-    with pytest.raises(ValueError, match="needs the trained defender"):
-        LabelFlipAttack(0.1, rule="nearest")
+        LabelFlipAttack(0.1, rule=rule)
 
 
 def test_the_validation_pool_takes_the_poisons_from_d_v_with_the_budget_of_d_tr():

@@ -259,14 +259,15 @@ def test_the_validation_pool_takes_the_poisons_from_d_v_with_the_budget_of_d_tr(
 
 
 def test_confused_pairs_take_the_fewest_most_frequent_class_pairs_that_hold_the_budget():
-    # a defender whose logits are fixed per class: class 0 looks like 1, class 1 like 2, class 2 like 0
-    defender = nn.Sequential(nn.Flatten(), nn.Linear(3, 3)).double()
+    # a defender whose nearest wrong class is fixed per point: one-hot inputs e_0, e_1, e_2 look like 1, 2, 0; the
+    # inputs e_3 (class 1) and e_4 (class 0) like 0 and 1 (the reverse of the first two pairs, never chosen with them)
+    defender = nn.Sequential(nn.Flatten(), nn.Linear(5, 3)).double()
     with torch.no_grad():
-        defender[1].weight.copy_(torch.tensor([[2.0, 0, 1], [1, 2, 0], [0, 1, 2]]))
+        defender[1].weight.copy_(torch.tensor([[2.0, 0, 1, 1, 2], [1, 2, 0, 2, 1], [0, 1, 2, 0, 0]]))
         defender[1].bias.zero_()
-    y_val = torch.tensor([0] * 6 + [1] * 4 + [2] * 2)  # pairs (0, 1): 6 points, (1, 2): 4, (2, 0): 2
-    x_val = F.one_hot(y_val, 3).double().view(-1, 1, 1, 3)
-    x = torch.zeros(30, 1, 1, 3, dtype=torch.float64)
+    y_val = torch.tensor([0] * 6 + [1] * 4 + [2] * 2 + [1] * 5)  # pairs (0, 1): 6, (1, 2): 4, (2, 0): 2, (1, 0): 5
+    x_val = F.one_hot(torch.tensor([0] * 6 + [1] * 4 + [2] * 2 + [3] * 5), 5).double().view(-1, 1, 1, 5)
+    x = torch.zeros(30, 1, 1, 5, dtype=torch.float64)
     y = torch.zeros(30, dtype=torch.long)
 
     def poison(epsilon, **kw):
@@ -278,10 +279,12 @@ def test_confused_pairs_take_the_fewest_most_frequent_class_pairs_that_hold_the_
     flip, x_p, y_p = poison(0.2)  # 6 poisons: pair (0, 1) alone holds them
     assert flip.source_indices_.tolist() == list(range(6)) and y_p.tolist() == [1] * 6
     assert torch.equal(x_p, x_val[:6]) and flip.info_["pairs"] == [[0, 1, 6]]
-    flip, x_p, y_p = poison(0.3, init="random", seed=2)  # 9 poisons: pairs (0, 1) and (1, 2), never (2, 0)
+    flip, x_p, y_p = poison(0.3, init="random", seed=2)  # 9 poisons: pairs (0, 1) and (1, 2); (1, 0) undoes (0, 1)
     idx = flip.source_indices_
     assert len(set(idx.tolist())) == 9 and int(idx.max()) < 10 and torch.equal(y_p, (y_val[idx] + 1) % 3)
     assert flip.info_["pairs"] == [[0, 1, 6], [1, 2, 4]]
+    with pytest.raises(ValueError, match="hold 12 points, fewer than the 15 poisons"):
+        poison(0.5)
     with pytest.raises(ValueError, match="needs rule 'nearest'"):
         LabelFlipAttack(0.1, defender=defender, select="confused-pairs")
 

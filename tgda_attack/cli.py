@@ -26,7 +26,7 @@ import torch
 from . import bench, cluster, data_parallel, protocol
 from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, Config, DefenseConfig
 from .defenses import DEFENSES
-from .data import DataNotFoundError
+from .data import DataNotFoundError, DataTooSmallError
 from .metrics import summarize
 from .report import defense_table, metrics_table, summary_table
 from .rundir import RunFolderError
@@ -304,7 +304,7 @@ def main(argv=None):
         if defense:
             _print_defense(protocol.stage_defend(args.out, defense, verbose, overwrite=True), args.out)
         return 0
-    except (UsageError, RunFolderError, DataNotFoundError, FileNotFoundError) as exc:
+    except (UsageError, RunFolderError, DataNotFoundError, DataTooSmallError, FileNotFoundError) as exc:
         if debug:
             raise
         print(f"tgda-attack: error: {exc}", file=sys.stderr)

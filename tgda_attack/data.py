@@ -34,6 +34,10 @@ class DataNotFoundError(FileNotFoundError):
     """A dataset's files are missing from the folder it was looked for in."""
 
 
+class DataTooSmallError(ValueError):
+    """The loaded data cannot serve a run's settings (a poison budget larger than the pool it is taken from)."""
+
+
 @dataclass
 class Splits:
     """D_tr, D_v and D_test as float tensors in [-1, 1] (N, C, H, W) and int64 labels."""

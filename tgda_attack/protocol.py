@@ -38,6 +38,7 @@ import torch
 from . import data as data_mod
 from . import data_parallel
 from .attacks import ATTACKS
+from .attacks.base import SOURCE_POOLS
 from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # noqa: F401  (re-exported for callers)
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
@@ -169,9 +170,10 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     use_threads(cfg)
     needs_attacker = _needs_attacker_network(cfg)
     done = _pretrain_files(cfg)
+    splits = load_splits(cfg)
+    ATTACKS[cfg.attack].check_data(cfg, len(splits.y_train), len(attacker_validation(cfg, splits)[1]))  # no folder yet
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
         return read_json(os.path.join(out, "pretrain.json"))
-    splits = load_splits(cfg)
     write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "split": splits.summary()})
     if shared is not None:
         key = pretrain_key(cfg)
@@ -232,7 +234,7 @@ def stage_attack(out, verbose=False):
         attacker = new_attacker(cfg, splits.image_shape)
         load_weights(attacker, os.path.join(out, "attacker_pretrained.pt"))
     start = time.perf_counter()
-    x_val, y_val = (splits.x_test, splits.y_test) if cfg.perfect_knowledge else (splits.x_val, splits.y_val)
+    x_val, y_val = attacker_validation(cfg, splits)
     rank, world = data_parallel.rank(), data_parallel.world_size()
     partitions = world > 1 and cfg.dp_mode == "partitions"
     checkpoint = os.path.join(out, f"attack_checkpoint.rank{rank}.pt" if partitions else "attack_checkpoint.pt")
@@ -276,15 +278,19 @@ def poisoned_training_set(x_train, y_train, poisons, x_p, y_p):
 
 
 POISON_FILE = {"x_poison": torch.Tensor, "y_poison": torch.Tensor, "source_indices": torch.Tensor}
-SOURCE_POOLS = ("train", "val")  # what poisons.pt's source_indices index: D_tr, or the attacker's D_v (absent: D_tr)
+
+
+def attacker_validation(cfg, splits):
+    """(x, y) of the attacker's D_v: the validation split, or D_test under --perfect-knowledge."""
+    return (splits.x_test, splits.y_test) if cfg.perfect_knowledge else (splits.x_val, splits.y_val)
 
 
 def source_points(cfg, splits, poisons):
-    """(x, y) of the split the poisons' source_indices index: D_tr, or the attacker's D_v (D_test under
-    --perfect-knowledge, as stage_attack gave it to the attack)."""
+    """(x, y) of the split the poisons' source_indices index (poisons.pt's source_pool, D_tr where a file predates
+    it): D_tr, or the attacker's D_v as stage_attack gave it to the attack."""
     if poisons.get("source_pool", "train") == "train":
         return splits.x_train, splits.y_train
-    return (splits.x_test, splits.y_test) if cfg.perfect_knowledge else (splits.x_val, splits.y_val)
+    return attacker_validation(cfg, splits)
 
 
 def _read_poisons(out, cfg, splits):

@@ -28,6 +28,7 @@ import torch
 from ..data import poison_budget, poison_sources, split_train_val
 
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
+SOURCE_POOLS = ("train", "val")  # the split an attack's source_indices_ index: D_tr, or the attacker's D_v
 
 # What Setting.check may name: a rule on the value, or a tuple of the allowed values.
 SETTING_CHECKS = {
@@ -75,7 +76,7 @@ class PoisoningAttack:
     def __init__(self, epsilon=0.03, *, init="first", seed=0):
         self.epsilon, self.init, self.seed = epsilon, init, seed
         self.replaces_sources = False
-        self.source_pool = "train"  # the split source_indices_ index: "train" (D_tr) or "val" (the attacker's D_v)
+        self.source_pool = "train"  # one of SOURCE_POOLS: the split source_indices_ index
         self.source_indices_ = None
         self.history = []  # what the attack logged as it ran (a dict every few steps or epochs)
         self.info_ = {}  # what it reports about its result (attack.json "info"), e.g. its target parameters
@@ -115,7 +116,7 @@ class PoisoningAttack:
         """(a copy of the defender, x, y, x_val, y_val on its device and dtype); without D_v, 30% of (x, y)
         is held out as D_v (a seeded split) and the attack runs on the rest."""
         if x_val is None or y_val is None:
-            x, y, x_val, y_val = split_train_val(x, y, 0.3, self.seed)
+            x, y, x_val, y_val = split_train_val(x, y, seed=self.seed)
         if len(x) != len(y) or len(x_val) != len(y_val):
             raise ValueError("images and labels must have the same length")
         model = copy.deepcopy(self.defender)
@@ -133,6 +134,11 @@ class PoisoningAttack:
     def check_config(cls, cfg):
         """Raises ValueError if settings of a run contradict each other for this attack (checked with every
         other setting, before any work); each setting alone is checked by its Setting."""
+
+    @classmethod
+    def check_data(cls, cfg, n_train, n_val):
+        """Raises data.DataTooSmallError if a run's data, once loaded (n_train points of D_tr, n_val of the attacker's
+        D_v), cannot serve its settings; the protocol asks before any training."""
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):

@@ -24,11 +24,11 @@ that oscillation larger and the drop at one epoch more a matter of luck (0.63 +-
 """
 import torch
 
-from ..data import VAL_FRACTION, initial_poison_indices, poison_budget
-from .base import PoisoningAttack, Setting
+from ..data import DataTooSmallError, initial_poison_indices, poison_budget
+from .base import SOURCE_POOLS, PoisoningAttack, Setting
 
 FLIP_RULES = ("reverse", "random", "largest-loss", "nearest")
-FLIP_POOLS = ("train", "val")
+FLIP_POOLS = SOURCE_POOLS
 FLIP_SELECTIONS = ("spread", "confused-pairs")
 
 
@@ -92,10 +92,14 @@ class LabelFlipAttack(PoisoningAttack):
         if cfg.flip_select == "confused-pairs" and cfg.flip_rule != "nearest":
             raise ValueError(f"--flip-select confused-pairs labels each point with its nearest wrong class: it needs "
                              f"--flip-rule nearest, got {cfg.flip_rule!r}")
-        most = VAL_FRACTION / (1 - VAL_FRACTION)  # |D_v| / |D_tr| of the protocol's split
-        if cfg.flip_pool == "val" and not cfg.perfect_knowledge and cfg.epsilon > most:
-            raise ValueError(f"--flip-pool val takes the poisons from D_v, which holds {most:.3f} times as many points as "
-                             f"D_tr: --epsilon {cfg.epsilon} asks for more; use --flip-pool train or --epsilon <= {most:.3f}")
+
+    @classmethod
+    def check_data(cls, cfg, n_train, n_val):
+        n_poison = poison_budget(n_train, cfg.epsilon)
+        if cfg.flip_pool == "val" and n_poison > n_val:
+            raise DataTooSmallError(
+                f"--flip-pool val takes the poisons from the attacker's D_v, {n_val} points: --epsilon {cfg.epsilon} of "
+                f"{n_train} training points asks for {n_poison}; use --flip-pool train or --epsilon <= {n_val / n_train:.3f}")
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison): epsilon*len(y) points of the pool, (x, y) or (x_val, y_val), with flipped labels.
@@ -143,7 +147,7 @@ class LabelFlipAttack(PoisoningAttack):
                              f"{n_poison} poisons: use select 'spread' or a smaller epsilon")
         candidates = torch.isin(pair.cpu(), torch.tensor(chosen, dtype=pair.dtype)).nonzero()[:, 0]
         idx = self.source_indices_ = candidates[initial_poison_indices(len(candidates), n_poison, self.init, self.seed)]
-        self.info_["pairs"] = [[int(p) // self.num_classes, int(p) % self.num_classes, int(counts[p])] for p in chosen]
+        self.info_["pairs"] = [[p // k, p % k, int(counts[p])] for p in chosen]
         idx = idx.to(y.device)
         return x[idx].clone(), nearest[idx]
 

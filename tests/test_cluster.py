@@ -29,9 +29,12 @@ def test_a_failed_job_stops_the_sweep_naming_its_log(tmp_path):
         cluster.run_jobs(executor, operator.truediv, [(1, 0)])
 
 
-def test_a_sweep_stopped_by_sigterm_cancels_the_jobs_in_flight(tmp_path):
+@pytest.mark.parametrize("sigint_ignored", [False, True])  # True: started in the background (`nohup ... &`)
+def test_a_sweep_stopped_by_sigterm_cancels_the_jobs_in_flight(tmp_path, sigint_ignored):
     # The long job sleeps an hour under a 2-hour executor timeout, so only the cancel can end it within the
     # 4 minutes waited for it (generous: on a loaded machine a local job's process takes seconds to start and stop).
+    # submitit cancels by SIGINT, which a job would ignore if it inherited an ignored SIGINT from the sweep.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored else signal.default_int_handler)
     executor = cluster.make_executor("local", cluster.log_folder(str(tmp_path)), timeout_min=120)
     submitted = []
     submit = executor.submit
@@ -40,10 +43,14 @@ def test_a_sweep_stopped_by_sigterm_cancels_the_jobs_in_flight(tmp_path):
     def terminate(index, result):  # the sweep's process gets SIGTERM while the long job runs
         os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(KeyboardInterrupt):
-        cluster.run_jobs(executor, time.sleep, [(0,), (3600,)], jobs=2, on_done=terminate)
-    interrupted = time.monotonic()
-    assert signal.getsignal(signal.SIGTERM) is not None  # the handler before the sweep is back
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.run_jobs(executor, time.sleep, [(0,), (3600,)], jobs=2, on_done=terminate)
+        interrupted = time.monotonic()
+        assert signal.getsignal(signal.SIGTERM) is not None  # the handler before the sweep is back
+        assert signal.getsignal(signal.SIGINT) == (signal.SIG_IGN if sigint_ignored else signal.default_int_handler)
+    finally:
+        signal.signal(signal.SIGINT, before)
     while not submitted[1].done() and time.monotonic() - interrupted < 240:
         time.sleep(0.5)
     assert submitted[1].done(), "the job in flight was not cancelled (still running 4 minutes after the SIGTERM)"

@@ -5,7 +5,9 @@ Each job's function and arguments are pickled into OUT/submitit/ with its logs; 
 flight at once. A job that fails stops the sweep with one message naming its log; the jobs finished
 before it have written their results (a bench resumed afterwards keeps them). A sweep stopped by Ctrl-C
 or SIGTERM cancels the jobs it has in flight, so that none goes on writing a run folder the next bench
-would make again beside it.
+would make again beside it. submitit cancels a local job by SIGINT, which a process started in the background
+(`nohup tgda-attack bench ... &`) ignores and passes on to the jobs it starts: the sweep therefore lets its jobs
+start with SIGINT's default action.
 """
 import contextlib
 import os
@@ -53,7 +55,7 @@ def run_jobs(executor, fn, arg_lists, *, jobs=1, poll_seconds=1.0, on_done=None)
         raise ValueError(f"jobs is the number of jobs in flight at once, at least 1; got {jobs}")
     pending = list(enumerate(arg_lists))
     running, results = [], [None] * len(arg_lists)
-    with _sigterm_interrupts():
+    with _sweep_signals():
         try:
             while pending or running:
                 while pending and len(running) < jobs:
@@ -82,9 +84,10 @@ def run_jobs(executor, fn, arg_lists, *, jobs=1, poll_seconds=1.0, on_done=None)
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts():
+def _sweep_signals():
     """While active (in the main thread), SIGTERM raises KeyboardInterrupt, as Ctrl-C does, instead of ending
-    the process at once."""
+    the process at once; and SIGINT, where it was ignored (a background launch), raises it too, so that the jobs
+    started meanwhile do not inherit an ignored SIGINT, which would make their cancel a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -93,10 +96,14 @@ def _sigterm_interrupts():
         raise KeyboardInterrupt(f"stopped by signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def log_folder(out):

@@ -73,3 +73,28 @@ def test_a_negative_bound_is_refused():
     model, x, y = _problem()
     with pytest.raises(ValueError, match="max_grad_norm >= 0"):
         train_classifier(model, x, y, epochs=1, batch_size=8, lr=0.1, seed=0, max_grad_norm=-1.0)
+
+
+def test_a_convolutional_defender_trains_in_channels_last_to_the_same_model_and_comes_back_in_the_default_layout(
+        monkeypatch):
+    """The channels-last layout of a CNN's training on a CPU changes only the convolutions' summation order: the model
+    is the one the default layout trains (in float64, to rounding), with its weights back in the default layout."""
+    from tgda_attack import training
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 3, 10, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (24,), generator=g)
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 4 * 4, 4)).double()
+    assert training._training_layout(model, x) is torch.channels_last
+    kw = dict(epochs=3, batch_size=8, lr=0.5, seed=1)
+    seen_layouts = []
+    channels_last = train_classifier(copy.deepcopy(model), x, y, after_epoch=lambda m: seen_layouts.append(
+        m[0].weight.is_contiguous(memory_format=torch.channels_last)), **kw)
+    assert seen_layouts == [True] * 3
+    assert all(p.is_contiguous() for p in channels_last.parameters())
+    monkeypatch.setattr(training, "_training_layout", lambda model, x: None)
+    default = train_classifier(copy.deepcopy(model), x, y, **kw)
+    for p, q in zip(channels_last.parameters(), default.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(channels_last[0].weight, model[0].weight)

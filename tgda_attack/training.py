@@ -17,6 +17,11 @@ on seed 0 it trains smoothly to 97.14% test accuracy at epoch 80, then one step 
 (batch loss 1e25, then nan). A stable run's gradient norms stay below 3.4, so the bound acts only on the
 first steps and the few outlier steps that start such a blow-up: 23 of the 4,200 steps on each of seeds 0
 and 1, which then reach 97.52% and 97.48% (the paper: 98.04%); a bound of 20 lets them start. 0 turns it off.
+
+Speed: on a CPU, a defender with 2-d convolutions trains in the channels-last memory layout (its weights and
+each batch; the weights go back to the default layout when training ends). oneDNN's convolutions are faster
+in it: the paper's CNN, one batch of 1,000 MNIST digits forward and backward on 2 cores, 1.16 s -> 0.84 s. The
+values computed are the same up to the summation order of the convolutions.
 """
 import math
 
@@ -43,6 +48,12 @@ def bounded_step(lr, grads, max_grad_norm):
     return lr * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
 
 
+def _training_layout(model, x):
+    """torch.channels_last for a model with 2-d convolutions trained on images on a CPU, else None."""
+    convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    return torch.channels_last if convolutional and x.dim() == 4 and x.device.type == "cpu" else None
+
+
 def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
                      loss_fn=cross_entropy_loss, after_epoch=None, max_grad_norm=0.0):
     """Mini-batch gradient descent on loss_fn(model, x_batch, y_batch) (the cross-entropy unless a robust
@@ -51,13 +62,26 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
     each epoch (in eval mode; training resumes in train mode). Returns the model."""
     if epochs < 0 or batch_size < 1 or lr <= 0 or not max_grad_norm >= 0:
         raise ValueError("epochs must be >= 0, batch_size >= 1, lr > 0 and max_grad_norm >= 0")
+    layout = _training_layout(model, x)
+    if layout is not None:
+        model.to(memory_format=layout)
+    try:
+        return _train(model, x, y, epochs, batch_size, lr, seed, verbose, desc, loss_fn, after_epoch, max_grad_norm,
+                      layout)
+    finally:
+        if layout is not None:
+            model.to(memory_format=torch.contiguous_format)
+
+
+def _train(model, x, y, epochs, batch_size, lr, seed, verbose, desc, loss_fn, after_epoch, max_grad_norm, layout):
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     bar = progress_bar(range(epochs), desc=desc, disable=not verbose, leave=False)
     for epoch in bar:
         for idx in _batches(len(y), batch_size, generator):
-            loss = loss_fn(model, x[idx], y[idx])
+            xb = x[idx] if layout is None else x[idx].contiguous(memory_format=layout)
+            loss = loss_fn(model, xb, y[idx])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 step = bounded_step(lr, grads, max_grad_norm)

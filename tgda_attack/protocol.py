@@ -44,8 +44,8 @@ from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
 from .progress import progress_bar
-from .rundir import (OtherSettingsError, RunFolderError, claim, copy_atomic, load_state, load_weights, need, read_json,
-                     read_json_object, save_atomic, settings_of, write_json)
+from .rundir import (OtherSettingsError, RunFolderError, claim, clear_evaluation, copy_atomic, load_state, load_weights,
+                     need, read_json, read_json_object, save_atomic, settings_of, write_json)
 from .training import accuracy, pretrain_attacker, train_classifier
 
 logger = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ def stage_attack(out, verbose=False):
               "threads": torch.get_num_threads()}  # a seed fixes a run's bits for one thread count
     if not data_parallel.is_main():  # under torchrun rank 0 alone writes
         return result
+    clear_evaluation(out)
     for name, model in (("attacker_attacked.pt", getattr(attack, "attacker_", None)),
                         ("defender_attacked.pt", getattr(attack, "defender_", None))):
         if model is not None:

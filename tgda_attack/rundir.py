@@ -27,6 +27,21 @@ RUN_FILES = ("config.json", "pretrain.json", "defender_pretrained.pt", "attacker
              "defender_poisoned.pt", "metrics.json", "poisons.png", "retrainings.json")
 
 
+EVALUATION_FILES = ("defender_poisoned.pt", "metrics.json", "poisons.png")  # stage 3's, of the poisons of poisons.pt
+
+
+def clear_evaluation(out):
+    """Removes what stage 3 and the defenses wrote of the poisons in `out` (metrics, models, figure, defense_*
+    folders): called before new poisons replace them, so that no result of the old poisons outlives them
+    (retrainings.json stays: it records the digest of the poisons it measured)."""
+    for name in EVALUATION_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+    for entry in os.scandir(out):
+        if entry.is_dir() and entry.name.startswith("defense_"):
+            shutil.rmtree(entry.path)
+
+
 class RunFolderError(ValueError):
     """The output folder holds a run that this one must not silently continue or overwrite."""
 

@@ -5,8 +5,9 @@
 #   OUT=DIR DEADLINE_S=SECONDS [STEPS="build tests summary profile attack suite cnn resnet18"] [AFTER_BUILD=COMMAND]
 #     bash benchmarks/gpu_check.sh
 # Steps not in the default list (name them in STEPS), on full MNIST at the paper's schedule (issues 22 and 24):
-#   paper-nn   TGDA against the paper's NN (its solver: CGNR, 16 iterations; CUDA graphs), then label flip, for
+#   paper-nn   label flip, then TGDA against the paper's NN (its solver: CGNR, 16 iterations; CUDA graphs), for
 #              seed SEED (default 0); the run folders (metrics, settings, poisons) come back under OUT/paper-nn-*;
+#              a TGDA run the time limit cut comes back whole: carry it as benchmarks/gpu-runs/ to continue it;
 #   paper-cnn  bench Table 2's label-flip rows against the paper's CNN, BENCH_SEEDS (default 3) seeds, into
 #              OUT/bench-paper-cnn.
 #   paper-nn-defenses  bench Table 10 against the paper's NN: the attacks MATRIX_ATTACKS (default: those that
@@ -128,14 +129,21 @@ if wants paper-nn; then
   if mnist_ready; then
     seed=${SEED:-0}
     cuda_graphs=(); [ "$device" = cuda ] && cuda_graphs=(--cuda-graphs)
-    rm -rf "$out/paper-nn-tgda-s$seed" "$out/paper-nn-label-flip-s$seed"
+    flip="$out/paper-nn-label-flip-s$seed" tgda="$out/paper-nn-tgda-s$seed"
+    rm -rf "$flip" "$tgda"
+    # Label flip first (two trainings: a minute on a GPU), then TGDA with the time left. A TGDA folder cut short on
+    # an earlier lease, carried as benchmarks/gpu-runs/paper-nn-tgda-sSEED (checkpoint included), is continued.
+    step paper-nn-label-flip 150 "$python" -m tgda_attack run --dataset mnist --data-root /tmp/data --defender nn \
+      --attack label-flip --device "$device" --seed "$seed" --quiet --out "$flip" "${run_args[@]}"
+    resume=()
+    if [ -d "$repo/benchmarks/gpu-runs/paper-nn-tgda-s$seed" ]; then
+      cp -r "$repo/benchmarks/gpu-runs/paper-nn-tgda-s$seed" "$tgda" && resume=(--resume)
+    fi
     step paper-nn-tgda ${PAPER_NN_LIMIT_S:-480} "$python" -m tgda_attack run --dataset mnist --data-root /tmp/data \
       --defender nn --attack tgda --solver cgnr --solver-iterations 16 --device "$device" "${cuda_graphs[@]}" \
-      --seed "$seed" --quiet --out "$out/paper-nn-tgda-s$seed" "${run_args[@]}"
-    step paper-nn-label-flip 120 "$python" -m tgda_attack run --dataset mnist --data-root /tmp/data --defender nn \
-      --attack label-flip --device "$device" --seed "$seed" --quiet --out "$out/paper-nn-label-flip-s$seed" "${run_args[@]}"
-    for run in "$out"/paper-nn-*-s"$seed"; do  # what is kept of a run folder: its results, settings and poisons
-      [ -d "$run" ] && find "$run" -type f ! -name metrics.json ! -name attack.json ! -name config.json \
+      --seed "$seed" --quiet --out "$tgda" "${resume[@]}" "${run_args[@]}"
+    for run in "$flip" "$tgda"; do  # a finished run keeps its results, settings and poisons; a cut one all of it
+      [ -f "$run/metrics.json" ] && find "$run" -type f ! -name metrics.json ! -name attack.json ! -name config.json \
         ! -name poisons.pt ! -name poisons.png -delete
     done
   else

@@ -75,26 +75,33 @@ def test_a_negative_bound_is_refused():
         train_classifier(model, x, y, epochs=1, batch_size=8, lr=0.1, seed=0, max_grad_norm=-1.0)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])  # float32: oneDNN's kernels
 def test_a_convolutional_defender_trains_in_channels_last_to_the_same_model_and_comes_back_in_the_default_layout(
-        monkeypatch):
+        monkeypatch, dtype, tol):
     """The channels-last layout of a CNN's training on a CPU changes only the convolutions' summation order: the model
-    is the one the default layout trains (in float64, to rounding), with its weights back in the default layout."""
+    is the one the default layout trains (to rounding), with its weights back in the default layout."""
     from tgda_attack import training
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(24, 3, 10, 10, generator=g, dtype=torch.float64)
+    x = torch.rand(24, 3, 10, 10, generator=g, dtype=dtype)
     y = torch.randint(0, 4, (24,), generator=g)
     torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-                                torch.nn.Linear(8 * 4 * 4, 4)).double()
-    assert training._training_layout(model, x) is torch.channels_last
+                                torch.nn.Linear(8 * 4 * 4, 4)).to(dtype)
+    assert training.training_layout(model, x.device) is torch.channels_last
     kw = dict(epochs=3, batch_size=8, lr=0.5, seed=1)
     seen_layouts = []
     channels_last = train_classifier(copy.deepcopy(model), x, y, after_epoch=lambda m: seen_layouts.append(
         m[0].weight.is_contiguous(memory_format=torch.channels_last)), **kw)
     assert seen_layouts == [True] * 3
     assert all(p.is_contiguous() for p in channels_last.parameters())
-    monkeypatch.setattr(training, "_training_layout", lambda model, x: None)
+    monkeypatch.setattr(training, "training_layout", lambda model, device: None)
     default = train_classifier(copy.deepcopy(model), x, y, **kw)
     for p, q in zip(channels_last.parameters(), default.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
     assert not torch.equal(channels_last[0].weight, model[0].weight)
+    diverging = copy.deepcopy(model)
+    x_nan = x.clone()
+    x_nan[:, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):  # the layout is restored also when training stops with an error
+        train_classifier(diverging, x_nan, y, **kw)
+    assert all(p.is_contiguous() for p in diverging.parameters())

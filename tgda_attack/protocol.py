@@ -46,7 +46,7 @@ from .models import make_attacker, make_defender
 from .progress import progress_bar
 from .rundir import (OtherSettingsError, RunFolderError, claim, clear_evaluation, copy_atomic, load_state, load_weights,
                      need, read_json, read_json_object, save_atomic, settings_of, write_json)
-from .training import accuracy, pretrain_attacker, train_classifier
+from .training import accuracy, pretrain_attacker, train_classifier, training_layout
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ def pretrain_key(cfg):
     if _needs_attacker_network(cfg):
         key.update({name: getattr(cfg, name) for name in ATTACKER_PRETRAIN_SETTINGS})
     key.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    if training_layout(make_defender(cfg.defender), cfg.device) is not None:  # trained in another layout before
+        key["layout"] = "channels_last"
     return key
 
 

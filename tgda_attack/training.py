@@ -48,10 +48,11 @@ def bounded_step(lr, grads, max_grad_norm):
     return lr * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
 
 
-def _training_layout(model, x):
-    """torch.channels_last for a model with 2-d convolutions trained on images on a CPU, else None."""
+def training_layout(model, device):
+    """The memory layout train_classifier gives `model` and its (4-d) image batches on `device`: torch.channels_last
+    for a model with 2-d convolutions on a CPU, else None (the default layout)."""
     convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    return torch.channels_last if convolutional and x.dim() == 4 and x.device.type == "cpu" else None
+    return torch.channels_last if convolutional and torch.device(device).type == "cpu" else None
 
 
 def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
@@ -62,7 +63,7 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
     each epoch (in eval mode; training resumes in train mode). Returns the model."""
     if epochs < 0 or batch_size < 1 or lr <= 0 or not max_grad_norm >= 0:
         raise ValueError("epochs must be >= 0, batch_size >= 1, lr > 0 and max_grad_norm >= 0")
-    layout = _training_layout(model, x)
+    layout = training_layout(model, x.device) if x.dim() == 4 else None
     if layout is not None:
         model.to(memory_format=layout)
     try:

@@ -27,7 +27,13 @@ RUN_FILES = ("config.json", "pretrain.json", "defender_pretrained.pt", "attacker
              "defender_poisoned.pt", "metrics.json", "poisons.png", "retrainings.json")
 
 
-EVALUATION_FILES = ("defender_poisoned.pt", "metrics.json", "poisons.png")  # stage 3's, of the poisons of poisons.pt
+# The stage (a `tgda-attack` command) that writes each file of a run folder, named in the advice for a damaged one.
+WRITTEN_BY = {"config.json": "pretrain", "pretrain.json": "pretrain", "defender_pretrained.pt": "pretrain",
+              "attacker_pretrained.pt": "pretrain", "attack_checkpoint.pt": "attack", "attack.json": "attack",
+              "poisons.pt": "attack", "defender_poisoned.pt": "evaluate", "metrics.json": "evaluate",
+              "poisons.png": "evaluate"}
+
+EVALUATION_FILES = tuple(name for name, stage in WRITTEN_BY.items() if stage == "evaluate")  # of poisons.pt's poisons
 
 
 def clear_evaluation(out):
@@ -102,11 +108,6 @@ def copy_atomic(src, dst):
 
 
 # The stage (tgda-attack command) that writes each file: named in the advice when a file cannot be read.
-WRITTEN_BY = {"config.json": "pretrain", "pretrain.json": "pretrain", "defender_pretrained.pt": "pretrain",
-              "attacker_pretrained.pt": "pretrain", "attack_checkpoint.pt": "attack", "attack.json": "attack",
-              "poisons.pt": "attack", "defender_poisoned.pt": "evaluate", "metrics.json": "evaluate"}
-
-
 def _unreadable(path, what):
     stage = WRITTEN_BY.get(os.path.basename(path))
     advice = (f"rerun `tgda-attack {stage} --out {os.path.dirname(path) or '.'}` to write it again"

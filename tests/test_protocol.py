@@ -213,6 +213,21 @@ def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert err.startswith("tgda-attack: error:") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0", "-1"], "--seeds: seed must be in 0 .. 2**32 - 1, got -1"),  # once: seed 0 ran, then a traceback
+    (["--seeds", "1", "1"], "--seeds lists a seed twice"),
+    (["--seed", "-1"], "seed must be in 0 .. 2**32 - 1"),  # torch would wrap it onto seed 2**64 - 1
+    (["--split-seed", str(2 ** 32)], "split-seed must be in"),
+])
+@pytest.mark.parametrize("command", ["run", "pretrain"])
+def test_bad_seeds_are_one_line_before_any_run(command, argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main([command, "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tgda-attack: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["run", "pretrain", "attack", "evaluate", "bench"])
 def test_every_command_prints_its_help(command, capsys):  # a "3%" in a help text once crashed --help
     with pytest.raises(SystemExit) as done:

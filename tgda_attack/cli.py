@@ -242,6 +242,20 @@ def busy_cpu_note(threads):
             "threads) avoids that. A seed fixes a run's bits for one thread count.")
 
 
+def _checked_seeds(cfg, seeds):
+    """The seeds of a run (--seeds, else the config's), each checked as the config checks its seed, before any runs."""
+    if not seeds:
+        return [cfg.seed]
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seeds lists a seed twice ({' '.join(map(str, seeds))}); each seed is one run folder")
+    for seed in seeds:
+        try:
+            dataclasses.replace(cfg, seed=seed).resolved()
+        except ValueError as exc:
+            raise UsageError(f"--seeds: {exc}") from None
+    return seeds
+
+
 def _seed_folder(out, seed, seeds):
     """The output folder of one seed: `out` itself for a single seed, out/seed_K for several."""
     return out if len(seeds) == 1 else os.path.join(out, f"seed_{seed}")
@@ -268,7 +282,7 @@ def main(argv=None):
                 data_parallel.init(cfg.device)
                 atexit.register(data_parallel.finish)
                 verbose = verbose and data_parallel.is_main()
-            seeds = args.seeds or [cfg.seed]
+            seeds = _checked_seeds(cfg, args.seeds)
             if args.command == "pretrain":
                 for seed in seeds:
                     out = _seed_folder(args.out, seed, seeds)

@@ -74,6 +74,7 @@ CHOICES = {
 }
 NON_NEGATIVE_INTS = ("pretrain_epochs", "attacker_epochs", "attack_epochs", "leader_steps", "follower_steps",
                      "solver_iterations", "threads")
+SEEDS = ("seed", "split_seed")  # torch's generators take 0 .. 2**64 - 1 and wrap negatives onto its top end
 POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_size", "retrainings")
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
 
@@ -162,6 +163,9 @@ class _ProtocolSettings:
         for name in NON_NEGATIVE_INTS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in SEEDS:
+            if not 0 <= getattr(self, name) < 2 ** 32:
+                raise ValueError(f"{name.replace('_', '-')} must be in 0 .. 2**32 - 1, got {getattr(self, name)}")
         for name in POSITIVE_INTS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

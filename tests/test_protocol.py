@@ -354,6 +354,25 @@ def test_a_folder_written_before_a_setting_existed_resumes_when_the_setting_is_a
     assert "perfect_knowledge None -> True" in capsys.readouterr().err
 
 
+def test_a_folder_written_before_the_gradient_norm_bound_is_a_run_of_plain_descent(tmp_path, capsys):
+    """A setting whose introduction changed what the code does (the bound of 5, eeb4fd5) is read, where config.json
+    lacks it, at the value of the code before it (0: plain gradient descent), not at today's default: resuming
+    such a folder under the bound would report its plain-descent metrics as a run with the bound."""
+    out = str(tmp_path)
+    flags = ["--attack", "label-flip", "--out", out, *TINY_FLAGS]
+    assert cli.main(["run", *flags, "--pretrain-max-grad-norm", "0"]) == 0
+    path = os.path.join(out, "config.json")
+    recorded = json.load(open(path))
+    del recorded["pretrain_max_grad_norm"]  # as written by a version without the setting
+    json.dump(recorded, open(path, "w"))
+    capsys.readouterr()
+    assert cli.main(["run", *flags, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain_max_grad_norm 0.0 -> 5.0" in err and "add --pretrain-max-grad-norm 0.0 to continue it" in err
+    assert cli.main(["run", *flags, "--pretrain-max-grad-norm", "0", "--resume"]) == 0
+    assert protocol._config_from(out).pretrain_max_grad_norm == 0.0  # what `evaluate --out` retrains with
+
+
 def test_a_run_is_the_settings_it_reads(tmp_path, capsys):
     """Settings a run's attack does not read (TGDA's solve and schedule, another attack's options, the thread
     count) do not stop a resume; a TGDA run written under the former default solver names the option."""

@@ -56,7 +56,17 @@ ATTACK_SETTINGS = registered_settings(ATTACKS)  # the settings the registered at
 TGDA_ONLY = ("alpha", "leader_steps", "solver", "solver_iterations", "damping", "cuda_graphs", "warm_start", "leader",
              "formulation", "attacker", "pretrain_attacker", "attacker_epochs", "attacker_batch_size")
 EXECUTION = ("threads",)
-FORMER_DEFAULTS = {"solver": "cgnr"}  # defaults changed since runs were first written (issue 21: cgnr -> minres)
+# Defaults changed since runs were first written: by setting, the value that says what a folder written before the
+# change ran. A config.json without the setting (written before it existed) is read with this value, not today's
+# default: a folder of plain gradient descent is not a run with the bound of 5.
+FORMER_DEFAULTS = {"solver": "cgnr",  # issue 21: cgnr -> minres
+                   "pretrain_max_grad_norm": 0.0}  # eeb4fd5: the gradient-norm bound of 5; plain descent before
+
+
+def as_recorded(values):
+    """The settings of a run folder's config.json, each setting it lacks that FORMER_DEFAULTS names at its former
+    default (the code that wrote the folder ran that); other missing settings stay missing (today's default)."""
+    return {**{name: value for name, value in FORMER_DEFAULTS.items() if name not in values}, **values}
 
 
 def identity_of(values):
@@ -148,6 +158,7 @@ class _ProtocolSettings:
 
     identity_of = staticmethod(identity_of)
     FORMER_DEFAULTS = FORMER_DEFAULTS
+    as_recorded = staticmethod(as_recorded)
 
     def _check_types(self):
         _check_types(self)

@@ -215,7 +215,7 @@ def _config_from(out):
     """The resolved settings recorded in out/config.json; RunFolderError if they are unreadable or invalid."""
     need(out, "config.json")
     try:
-        return Config.from_dict(settings_of(out)).resolved()
+        return Config.from_dict(Config.as_recorded(settings_of(out))).resolved()
     except (ValueError, TypeError, AttributeError) as exc:
         raise RunFolderError(f"{os.path.join(out, 'config.json')} is not a valid run configuration: {exc}") from None
 

@@ -217,9 +217,10 @@ def claim(out, cfg, *, overwrite=False, resume=False):
             if name.startswith("defense_") and os.path.isdir(os.path.join(out, name)):
                 shutil.rmtree(os.path.join(out, name))
         return False
-    recorded = cfg.identity_of({**recorded, "attack": recorded.get("attack")})
+    recorded = cfg.identity_of({**cfg.as_recorded(recorded), "attack": recorded.get("attack")})
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    # a setting added to the project after this folder was written, at its default, is the same run
+    # a setting added to the project after this folder was written, at its default, is the same run (unless its
+    # introduction changed what the code does: as_recorded reads it at its former default)
     changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k)
                      and not (k not in recorded and wanted.get(k) == defaults.get(k, object())))
     if resume and not changed:

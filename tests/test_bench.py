@@ -121,6 +121,17 @@ def test_a_run_that_diverges_is_counted_and_its_message_kept(tmp_path):
     assert "| 1 (1 diverged) |" in text and "diverged_messages" in text
 
 
+def test_a_cell_of_one_seed_shows_no_spread(tmp_path):
+    """One seed measures no spread: its cell is the value alone (not "x ± 0.00"), its std None in the JSON."""
+    out = str(tmp_path)
+    assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--attacks", "label-flip", "--defenders", "lr",
+                     "--out", out, "--quiet"]) == 0
+    row = next(r for r in json.load(open(os.path.join(out, "table_2.json"))) if r["attack"] == "label-flip")
+    assert row["seeds"] == 1 and row["accuracy_drop_std"] is None and row["accuracy_drop_mean"] is not None
+    line = next(l for l in open(os.path.join(out, "table_2.md")) if l.startswith("| label-flip | lr |"))
+    assert f"| {row['accuracy_drop_mean']:.2f} |" in line and "±" not in line.split("|")[6]
+
+
 def test_retrainings_pool_into_a_column_of_the_table(tmp_path):
     out = str(tmp_path)
     assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--attacks", "label-flip", "--defenders", "lr",

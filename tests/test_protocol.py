@@ -420,6 +420,18 @@ def test_transfer_tests_the_poisons_on_another_defender(tmp_path):
     assert poisoned["1.weight"].shape == (784, 784)  # the NN was retrained, not the LR surrogate
 
 
+def test_a_transfer_runs_summary_names_the_tested_defender(tmp_path, capsys):
+    """Over seeds the accuracies are the eval defender's: the summary and the printout name it, and the surrogate."""
+    out = str(tmp_path)
+    assert cli.main(["run", "--attack", "label-flip", "--eval-defender", "nn", "--seeds", "0", "1", "--out", out,
+                     *TINY_FLAGS]) == 0
+    printed = capsys.readouterr().out
+    assert "label-flip against nn (poisons made against lr)" in printed
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert (summary["defender"], summary["eval_defender"]) == ("lr", "nn")
+    assert "| nn (poisons made against lr) | label-flip |" in open(os.path.join(out, "summary.md")).read()
+
+
 def test_perfect_knowledge_gives_the_attacker_the_test_set(tmp_path, monkeypatch):
     seen = {}
     base = ATTACKS["label-flip"]

@@ -518,7 +518,8 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
 
 
 def _mean_std(values):
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
+    """Mean and sample standard deviation (n - 1); the deviation is None for one value (no spread measured)."""
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None) if values else (None, None)
 
 
 def _row(table, scale, cell, runs, overrides=""):
@@ -568,7 +569,8 @@ def defense_markdown(table, scale, rows):
     lines = [f"### Table {table.key}: {table.title} ({_scale_label(scale, rows)})\n",
              "Drops are in points of test accuracy from the clean accuracy without defense (the paper's), and from the "
              "accuracy the same defense gives on the clean D_tr (\"clean acc. with defense\", its own cost); a filter's removed points are counts per run "
-             "(precision: the share of removed points that are poisons; recall: the share of poisons removed).\n",
+             "(precision: the share of removed points that are poisons; recall: the share of poisons removed). Ours: mean "
+             "± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone.\n",
              "| attack | defender | defense | seeds | clean acc. (%) | drop without defense | drop with defense "
              "| clean acc. with defense (%) | drop with defense from it | poisons / clean points removed "
              "| precision / recall (%) | paper: drop without / with |",
@@ -601,7 +603,7 @@ def _diverged_footnote(rows):
 
 
 def _fmt(mean, std, digits=2):
-    return "—" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return "—" if mean is None else f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _time(seconds):
@@ -643,6 +645,7 @@ def markdown(table, scale, rows):
         head += ("\"drop over retrainings\": each seed's poisons retrained under the training seeds seed .. seed+K-1 "
                  "(`retrainings` K), each beside a clean training of its seed; mean ± std of all those drops "
                  "(their count in brackets): how much of a drop the defender's own training randomness decides.\n\n")
+    head += "Ours: mean ± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone.\n\n"
     lines = [f"| {table.row_name} | column | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) "
              + ("| drop over retrainings " if retrained else "")
              + "| attack time | L∞ perturbation | paper: clean / poisoned / drop | paper time |",
@@ -709,7 +712,7 @@ def save_epsilon_figure(rows, path):
         for attack, points in lines.items():
             drawn, color = [p for p in points if p[1] is not None], None
             if drawn:
-                line = ax.errorbar([p[0] for p in drawn], [p[1] for p in drawn], yerr=[p[2] for p in drawn],
+                line = ax.errorbar([p[0] for p in drawn], [p[1] for p in drawn], yerr=[p[2] or 0.0 for p in drawn],
                                    marker="o", capsize=3, label=attack)
                 color = line[0].get_color()
             for eps, mean, _, note in points:

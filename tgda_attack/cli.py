@@ -28,7 +28,7 @@ from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, Config, DefenseC
 from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError
 from .metrics import summarize
-from .report import defense_table, metrics_table, summary_table
+from .report import defense_table, metrics_table, summary_table, tested_defender
 from .rundir import RunFolderError
 
 
@@ -222,7 +222,7 @@ def _print_defense(metrics, out):
 
 
 def _print_run(metrics, out):
-    print(f"\n{metrics['attack']} against {metrics['defender']} on {metrics['dataset']} "
+    print(f"\n{metrics['attack']} against {tested_defender(metrics)} on {metrics['dataset']} "
           f"(epsilon {metrics['epsilon']}, {metrics['n_poison']} poisons, seed {metrics['seed']}):")
     print(metrics_table(metrics))
     print(f"results: {os.path.join(out, 'metrics.json')}; figure: {os.path.join(out, 'poisons.png')}")

@@ -28,10 +28,11 @@ def poison_statistics(x_source, x_poison):
 
 
 def summarize(runs):
-    """Mean and standard deviation over seeds of the metrics of several runs."""
+    """Mean and sample standard deviation (n - 1) over seeds of the metrics of several runs (std None for one run)."""
     keys = SUMMARY_KEYS + tuple(k for k in POISON_KEYS if all(k in r for r in runs))
-    summary = {"seeds": [r["seed"] for r in runs], **{k: runs[0][k] for k in ("dataset", "defender", "attack", "epsilon")}}
+    summary = {"seeds": [r["seed"] for r in runs], **{k: runs[0][k] for k in ("dataset", "defender", "attack", "epsilon")},
+               "eval_defender": runs[0].get("eval_defender") or runs[0]["defender"]}  # whose accuracies these are
     for k in keys:
         values = [r[k] for r in runs]
-        summary[k] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary[k] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
     return summary

@@ -57,14 +57,22 @@ def _retrainings_line(metrics):
             + " / ".join("diverged" if d is None else _pct(d) for d in r["accuracy_drop"]) + diverged + ")")
 
 
+def tested_defender(metrics):
+    """The defender whose accuracies a run's (or a summary's) metrics are, naming the surrogate the poisons were made
+    against where that is another network (transfer: --eval-defender)."""
+    tested = metrics.get("eval_defender") or metrics["defender"]
+    return tested if tested == metrics["defender"] else f"{tested} (poisons made against {metrics['defender']})"
+
+
 def summary_table(summaries):
     """Several summaries (mean and std over seeds) as a Markdown table."""
     lines = ["| dataset | defender | attack | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) | attack time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         def ms(key, scale=100.0):
-            return f"{scale * s[key]['mean']:.2f} ± {scale * s[key]['std']:.2f}"
-        lines.append(f"| {s['dataset']} | {s['defender']} | {s['attack']} | {len(s['seeds'])} | {ms('clean_accuracy')} | "
+            mean, std = scale * s[key]["mean"], s[key]["std"]
+            return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {scale * std:.2f}"
+        lines.append(f"| {s['dataset']} | {tested_defender(s)} | {s['attack']} | {len(s['seeds'])} | {ms('clean_accuracy')} | "
                      f"{ms('poisoned_accuracy')} | {ms('accuracy_drop')} | {ms('attack_seconds', 1.0)} |")
     return "\n".join(lines)
 

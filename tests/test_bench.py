@@ -158,6 +158,14 @@ def test_figure_4_marks_the_points_whose_seeds_diverged(tmp_path):
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_figure_4_names_min_max_by_its_feasible_set():
+    """Figure 4 runs min-max and i-min-max in the pixel box (Table 2's "(box)" rows, not its sanitised rows that
+    carry the paper's numbers), and says so; their folders stay the attacks' own."""
+    cells = bench.TABLES["figure-4"].cells(("lr",), ("min-max", "i-min-max", "tgda"), ())
+    named = {(c.row, c.row_folder, c.settings.get("feasible_set", "box")) for c in cells}
+    assert named == {("min-max (box)", "min-max", "box"), ("i-min-max (box)", "i-min-max", "box"), ("tgda", "tgda", "box")}
+
+
 def test_figure_4_is_drawn(tmp_path):
     out = str(tmp_path)
     assert cli.main(["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]) == 0

@@ -194,7 +194,9 @@ def _unlearnable(defenders, attacks, defenses):
 
 
 def _figure(defenders, attacks, defenses):
-    return [Cell(a, f"{d} eps={e}", {"attack": a, "defender": d, "epsilon": e})
+    """Figure 4's points; min-max and i-min-max in the pixel box (their default), so named as Table 2's box rows."""
+    return [Cell(f"{a} (box)" if a in SANITIZED_ROWS else a, f"{d} eps={e}", {"attack": a, "defender": d, "epsilon": e},
+                 folder=_slug(a))
             for d in defenders for a in attacks for e in FIGURE_EPSILONS]
 
 

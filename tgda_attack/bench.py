@@ -647,7 +647,7 @@ def markdown(table, scale, rows):
         head += ("\"drop over retrainings\": each seed's poisons retrained under the training seeds seed .. seed+K-1 "
                  "(`retrainings` K), each beside a clean training of its seed; mean ± std of all those drops "
                  "(their count in brackets): how much of a drop the defender's own training randomness decides. The seed "
-                 "blocks of neighbouring seeds overlap (seed 0's retraining under training seed 1 starts from seed 1's "
+                 "blocks of neighbouring seeds overlap (seed 0's clean training under training seed 1 is seed 1's own "
                  "clean model), so the clean side of these drops is shared between seeds: not independent samples.\n\n")
     head += "Ours: mean ± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone.\n\n"
     lines = [f"| {table.row_name} | column | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) "

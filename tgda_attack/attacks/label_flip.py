@@ -92,6 +92,10 @@ class LabelFlipAttack(PoisoningAttack):
         if cfg.flip_select == "confused-pairs" and cfg.flip_rule != "nearest":
             raise ValueError(f"--flip-select confused-pairs labels each point with its nearest wrong class: it needs "
                              f"--flip-rule nearest, got {cfg.flip_rule!r}")
+        if cfg.flip_pool == "val" and cfg.perfect_knowledge:
+            raise ValueError("--flip-pool val with --perfect-knowledge would take the poisons from D_test (the attacker's "
+                             "D_v under perfect knowledge): the defender would train on test images with wrong labels "
+                             "and be tested on them; use one of the two")
 
     @classmethod
     def check_data(cls, cfg, n_train, n_val):

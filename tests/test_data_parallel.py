@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 import hypergrad
 from test_attacks import _attack, _tiny
-from tgda_attack import cli
+from tgda_attack import cli, data_parallel
+from tgda_attack.data import poison_budget
 from tgda_attack.attacks.tgda import DEFAULT_SOLVER
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
@@ -121,12 +122,26 @@ def test_independent_partitions_are_the_attacks_of_each_partition_gathered(tmp_p
         protocol.load_weights(attacker, os.path.join(spread, "attacker_pretrained.pt"))
         attack = ATTACKS["tgda"].from_config(cfg, defender=defender, attacker=attacker)
         tr, va = torch.arange(rank, len(splits.y_train), 2), torch.arange(rank, len(splits.y_val), 2)
+        attack.epsilon = data_parallel.partition_share(84, len(splits.y_train), rank, 2) / len(tr)  # 42 of 1,400
         x_p, _ = attack.poison(splits.x_train[tr], splits.y_train[tr], x_val=splits.x_val[va], y_val=splits.y_val[va])
         parts.append((x_p, tr[attack.source_indices_]))
     poisons = torch.load(os.path.join(spread, "poisons.pt"), weights_only=True)
     torch.testing.assert_close(poisons["x_poison"], torch.cat([p[0] for p in parts]), rtol=1e-8, atol=1e-10)
     assert torch.equal(poisons["source_indices"], torch.cat([p[1] for p in parts]))
     assert os.path.exists(os.path.join(spread, "attack_checkpoint.rank1.pt"))
+
+
+@pytest.mark.parametrize("n, epsilon, world", [(42000, 0.03, 8), (35000, 0.03, 8), (2800, 0.03, 3), (2801, 0.03, 3),
+                                                (100, 0.5, 7), (10, 0.1, 4)])
+def test_the_partitions_budgets_sum_to_the_runs(n, epsilon, world):
+    """Each partition poisons its share of the run's floor(epsilon * n), in proportion to its size (each partition's
+    own floor would give fewer: 1,256 of 1,260 for full MNIST on 8, 82 of 84 for mnist-sample on 3)."""
+    total = poison_budget(n, epsilon)
+    sizes = [len(range(r, n, world)) for r in range(world)]
+    shares = [data_parallel.partition_share(total, n, r, world) for r in range(world)]
+    assert sum(shares) == total
+    assert all(abs(share - total * size / n) < 1 for share, size in zip(shares, sizes))
+    assert [poison_budget(size, share / size) for share, size in zip(shares, sizes)] == shares  # what each rank makes
 
 
 def test_label_flip_runs_as_partitions(tmp_path, capsys):

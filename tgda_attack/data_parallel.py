@@ -93,6 +93,19 @@ def barrier():
         dist.barrier()
 
 
+def partition_share(total, n, rank, world):
+    """This rank's part of `total` poisons when `n` points are dealt to `world` partitions (rank r: points r, r + world,
+    ...): in proportion to the partition's size, the remainder by largest fraction, so that the parts sum to `total`
+    (each partition's own floor(epsilon * size) would give fewer: 1,256 of 1,260 for full MNIST on 8)."""
+    sizes = [len(range(r, n, world)) for r in range(world)]
+    exact = [total * size / n for size in sizes]
+    shares = [int(e) for e in exact]
+    by_remainder = sorted(range(world), key=lambda r: (-(exact[r] - shares[r]), r))
+    for r in by_remainder[:total - sum(shares)]:
+        shares[r] += 1
+    return shares[rank]
+
+
 def gather_partitions(x_p, y_p, sources, history):
     """The poisons of every process's partition (--dp-mode partitions), in rank order: (x, y, source indices
     into the whole D_tr, {rank: history}) on every rank."""

@@ -243,6 +243,10 @@ def stage_attack(out, verbose=False):
     attack = attack_cls.from_config(cfg, defender=defender, attacker=attacker, checkpoint=checkpoint, verbose=verbose)
     if partitions:  # this process's partition: every world-th point of D_tr and D_v
         part, vpart = torch.arange(rank, len(splits.y_train), world), torch.arange(rank, len(y_val), world)
+        # the partitions' budgets sum to the run's: this rank's share, as the fraction of its partition it poisons
+        share = data_parallel.partition_share(data_mod.poison_budget(len(splits.y_train), cfg.epsilon),
+                                              len(splits.y_train), rank, world)
+        attack.epsilon = share / len(part)
         x_p, y_p = attack.poison(splits.x_train[part.to(cfg.device)], splits.y_train[part.to(cfg.device)],
                                  x_val=x_val[vpart.to(cfg.device)], y_val=y_val[vpart.to(cfg.device)])
         pool_part = vpart if attack.source_pool == "val" else part

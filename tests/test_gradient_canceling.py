@@ -314,6 +314,18 @@ def test_the_default_gradpc_target_is_within_the_budget():
     assert loose.target_info_["necessary_epsilon"] > 0.1  # a larger corruption is out of this budget's reach
 
 
+def test_a_defender_out_of_the_budgets_reach_is_said_not_attacked_silently():
+    """Untrained, the defender's own gradient needs more than a tiny budget: the bisection ends at radius 0 (the
+    target is the defender itself) and the attack says so, in a warning and in its target's record."""
+    x, y, defender = _tiny()
+    attack = GradientCancelingAttack(defender, 1e-6, steps=1, num_classes=3)
+    with pytest.warns(UserWarning, match="no GradPC target within reach of epsilon 1e-06"):
+        attack._target_parameters(defender, x, y)
+    info = attack.target_info_
+    assert info["relative_radius"] == 0 and info["defender_needs_epsilon"] > 1e-6
+    assert info["defender_needs_epsilon"] == pytest.approx(targets.necessary_epsilon(defender.eval(), x, y))
+
+
 def test_the_default_gradpc_target_of_a_network_is_within_the_budget():
     x, y, _ = _tiny()
     defender = _fit(_mlp(), x, y)

@@ -37,6 +37,20 @@ def test_projected_points_lie_in_the_box_sphere_and_slab_of_their_label():
     assert float(feasible.violation(projected, labels).max()) <= 1e-7
 
 
+def test_a_projection_cut_off_before_convergence_still_ends_in_the_box():
+    """One round of Dykstra's algorithm ends on the slab step, which here lands outside the box (a narrow slab
+    across a corner of it): the pixels are clamped to the box all the same (a poison is always a valid image)."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    feasible = FeasibleSet(t(0.0, 0.0), t(1.0, 1.0), t(0.95, 0.95)[None], t(0.5), t(0.5 ** 0.5, 0.5 ** 0.5)[None],
+                           t(0.01), kind="sanitized")
+    point, label = t(2.0, -1.0)[None], torch.tensor([0])
+    cut = feasible.project(point, label, iterations=1)
+    assert bool(((cut >= 0) & (cut <= 1)).all())
+    assert float(feasible.violation(cut, label).max()) > 1e-3  # not at the projection yet: the sphere or slab
+    full = feasible.project(point, label)
+    assert float(feasible.violation(full, label).max()) <= 1e-7
+
+
 def test_a_point_already_inside_is_left_unchanged():
     x, y = _clusters()
     feasible = FeasibleSet.sanitized(x, y, quantile=0.9, num_classes=3)

@@ -87,7 +87,8 @@ class FeasibleSet:
         """The Euclidean projection of each x_i onto the set of its label y_i (x shaped (N, ...), y (N,)), in x's
         dtype: Dykstra's algorithm until a round moves no pixel by more than `tol` and every point is within
         `tol` of each of the three sets (float64 inside; a float32 result is rounded to it), or `iterations`
-        rounds; the box alone is a clamp."""
+        rounds, after which the result is clamped to the box (valid pixels even where the rounds were cut off;
+        then it may lie slightly outside the sphere or slab); the box alone is a clamp."""
         shape, dtype = x.shape, x.dtype
         z = x.detach().flatten(1).double()
         if self.centroids is None:
@@ -105,6 +106,7 @@ class FeasibleSet:
             if round_ % 5 == 4 and float((z - start).abs().max()) <= tol \
                     and float(self._violation(z, mu, rho, v, s).max()) <= tol:
                 break  # feasible and no longer moving: at the projection
+        z = steps[0](z)  # rounds cut off before convergence end in the box all the same: always valid pixels
         return z.to(dtype).view(shape)
 
     def violation(self, x, y):

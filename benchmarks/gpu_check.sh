@@ -8,9 +8,11 @@
 #   paper-nn   label flip, then TGDA against the paper's NN (its solver: CGNR, 16 iterations; CUDA graphs), for
 #              seed SEED (default 0); the run folders (metrics, settings, poisons) come back under OUT/paper-nn-*;
 #              a TGDA run the time limit cut comes back whole: carry it as benchmarks/gpu-runs/ to continue it;
-#   paper-cnn  bench Table 2's rows of PAPER_CNN_ATTACKS (default: label-flip and gradient-canceling, which
-#              brings the GC authors' recipe against their CNN, gc-cnn, 5 hours a seed on the 2-core CPU) against
-#              the paper's CNN, BENCH_SEEDS (default 3) seeds, into OUT/bench-paper-cnn.
+#   paper-cnn  bench Table 2's rows of PAPER_CNN_ATTACKS (default: label-flip, its three rows) against the paper's
+#              CNN, BENCH_SEEDS (default 3) seeds, into OUT/bench-paper-cnn, within PAPER_CNN_LIMIT_S (300).
+#              PAPER_CNN_ATTACKS="label-flip gradient-canceling" adds Gradient Canceling's three rows (valid
+#              pixels, cancel labels, and the authors' recipe against their CNN, gc-cnn, in float64: about 5 hours
+#              a seed on the 2-core CPU); give it a longer limit.
 #   paper-nn-defenses  bench Table 10 against the paper's NN: the attacks MATRIX_ATTACKS (default: those that
 #              take minutes on a CPU) against loss, sphere, slab, influence and Sever, BENCH_SEEDS seeds, into
 #              OUT/bench-paper-nn-defenses (issue 23's matrix; about 90 retrainings, 8 hours on the 2-core CPU).
@@ -153,7 +155,7 @@ if wants paper-nn; then
 fi
 if wants paper-cnn; then
   if mnist_ready; then
-    read -r -a cnn_attacks <<< "${PAPER_CNN_ATTACKS:-label-flip gradient-canceling}"
+    read -r -a cnn_attacks <<< "${PAPER_CNN_ATTACKS:-label-flip}"
     step paper-cnn ${PAPER_CNN_LIMIT_S:-300} "$python" -m tgda_attack bench --table 2 --scale paper --data-root /tmp/data \
       --defenders cnn --seeds "${BENCH_SEEDS:-3}" --attacks "${cnn_attacks[@]}" --device "$device" --quiet \
       --out /tmp/bench-paper-cnn "${bench_args[@]}"

@@ -36,6 +36,17 @@ def test_the_long_follower_rows_take_fifty_times_the_follower_of_the_others_also
                          "min-max (box, long follower)": 200, "tgda": 4}
 
 
+def test_under_perfect_knowledge_the_rows_of_poisons_from_d_v_are_left_out():
+    """With the test set as the attacker's D_v, label flip's D_v rows would poison with test images (refused for a
+    run): a table under --set perfect_knowledge=true runs the other rows, Tables 10 and 11 too."""
+    for key in ("2", "10"):
+        runs = bench.plan(bench.TABLES[key], "paper", [0], data_root="/data", defenders=["lr"],
+                          attacks=["label-flip"], overrides={"perfect_knowledge": True})
+        assert {cell.row for cell, _, _ in runs} == {"label-flip"} and all(cfg.perfect_knowledge for _, _, cfg in runs)
+    runs = bench.plan(bench.TABLES["2"], "paper", [0], data_root="/data", defenders=["lr"], attacks=["label-flip"])
+    assert {cell.row for cell, _, _ in runs} == {"label-flip", *bench.LABEL_FLIP_ROWS}
+
+
 def test_table_2_smoke_has_a_row_for_every_attack_and_resumes(tmp_path, capsys, monkeypatch):
     out = str(tmp_path)
     assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--seeds", "1", "--out", out, "--quiet"]) == 0

@@ -1,6 +1,7 @@
 """Data-parallel TGDA (torch.distributed, gloo on this CPU): K processes each taking a share of every batch
 make the same attack as one process (float64, up to the order of the sums); `torchrun ... run` writes the
 same poisons as a one-process run; settings it cannot spread are refused with one line."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -142,6 +143,19 @@ def test_the_partitions_budgets_sum_to_the_runs(n, epsilon, world):
     assert sum(shares) == total
     assert all(abs(share - total * size / n) < 1 for share, size in zip(shares, sizes))
     assert [poison_budget(size, share / size) for share, size in zip(shares, sizes)] == shares  # what each rank makes
+
+
+def test_partitions_fewer_than_the_poisons_are_refused_before_any_work(monkeypatch):
+    """A partition without a poison would stop alone while the others wait for it at the gather."""
+    from tgda_attack import protocol
+    from tgda_attack.data import DataTooSmallError
+
+    monkeypatch.setattr(data_parallel, "world_size", lambda: 8)
+    cfg = protocol.Config(dp_mode="partitions", epsilon=0.002).resolved()
+    with pytest.raises(DataTooSmallError, match="makes 5 poisons, fewer than one a partition; use at most 5 processes"):
+        protocol._check_partition_budgets(cfg, 2800)
+    protocol._check_partition_budgets(dataclasses.replace(cfg, epsilon=0.003), 2800)  # 8 poisons: one each
+    protocol._check_partition_budgets(dataclasses.replace(cfg, dp_mode="sharded"), 2800)  # one attack, any budget
 
 
 def test_label_flip_runs_as_partitions(tmp_path, capsys):

@@ -376,7 +376,10 @@ def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, a
     check_overrides(table, overrides, defenders, attacks, defenses)
     base = base_settings(table, scale, data_root, device)
     runs = []
-    for cell in table.cells(defenders, attacks, defenses):
+    cells = table.cells(defenders, attacks, defenses)
+    if overrides.get("perfect_knowledge"):  # the rows whose poisons are D_v's points would take them from D_test
+        cells = [cell for cell in cells if cell.settings.get("flip_pool") != "val"]
+    for cell in cells:
         quick = ATTACKS[cell.settings["attack"]].quick if scale == "smoke" else {}
         where = f"table {table.key}, {' / '.join(cell.key)}"
         try:

@@ -123,6 +123,19 @@ def pretrain_key(cfg):
     return key
 
 
+def _check_partition_budgets(cfg, n_train):
+    """--dp-mode partitions: every process's partition must get a poison of the run's budget (a process without
+    one would stop alone while the others wait for it); DataTooSmallError before any training otherwise."""
+    world = data_parallel.world_size()
+    if world < 2 or cfg.dp_mode != "partitions":
+        return
+    total = data_mod.poison_budget(n_train, cfg.epsilon)
+    if total < world:
+        raise data_mod.DataTooSmallError(
+            f"--dp-mode partitions over {world} processes: --epsilon {cfg.epsilon} of {n_train} training points makes "
+            f"{total} poisons, fewer than one a partition; use at most {max(total, 1)} processes or a larger --epsilon")
+
+
 def _pretrain_files(cfg):
     """Stage 1's files, pretrain.json (the mark that it finished) first."""
     return ["pretrain.json", "defender_pretrained.pt"] + (["attacker_pretrained.pt"] if _needs_attacker_network(cfg) else [])
@@ -174,6 +187,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     done = _pretrain_files(cfg)
     splits = load_splits(cfg)
     ATTACKS[cfg.attack].check_data(cfg, len(splits.y_train), len(attacker_validation(cfg, splits)[1]))  # no folder yet
+    _check_partition_budgets(cfg, len(splits.y_train))
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
         return read_json(os.path.join(out, "pretrain.json"))
     write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "split": splits.summary()})

@@ -229,7 +229,7 @@ def claim(out, cfg, *, overwrite=False, resume=False):
         diff = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
         former = [f"--{k.replace('_', '-')} {recorded[k]}" for k in changed
                   if recorded.get(k) == cfg.FORMER_DEFAULTS.get(k) and wanted.get(k) == defaults.get(k)]
-        hint = f" (it was written under an earlier default: add {' '.join(former)} to continue it)" if former else ""
+        hint = f" (add {' '.join(former)} to continue it: that was the default once)" if former else ""
         raise OtherSettingsError(f"{out} holds a run with other settings ({diff}){hint}; --resume continues only the "
                                  "same settings: use another --out, or --overwrite to replace that run", diff)
     raise RunFolderError(f"{out} already holds a run (config.json); --resume continues it with the same settings, "

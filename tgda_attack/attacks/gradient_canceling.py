@@ -334,12 +334,13 @@ class GradientCancelingAttack(PoisoningAttack):
             mid = (low + high) / 2
             low, high = (mid, high) if needs(mid) <= self.epsilon else (low, mid)
         self.target_info_["relative_radius"] = low
-        if low == 0.0:  # even the trained defender is out of reach: GC would aim at the model it attacks
-            self.target_info_["defender_needs_epsilon"] = needs(0.0)
-            warnings.warn(f"Gradient Canceling: no GradPC target within reach of epsilon {self.epsilon}: the trained "
-                          f"defender itself needs {self.target_info_['defender_needs_epsilon']:.4g} (it is not at an "
-                          "optimum of D_tr), so the target is the defender unchanged and the attack can do little; "
-                          "choose a radius (--gc-radius) or another target (--gc-target label-flip)", stacklevel=2)
+        if low == 0.0:  # no corruption within reach: GC would aim at the model it attacks
+            own = self.target_info_["defender_needs_epsilon"] = needs(0.0)
+            why = (f"the trained defender itself needs {own:.4g} (it is not at an optimum of D_tr)" if own > self.epsilon
+                   else f"the smallest corruption tried (radius {high:.2g} of ||w||) already needs {needs(high):.4g}")
+            warnings.warn(f"Gradient Canceling: no GradPC target within reach of epsilon {self.epsilon}: {why}, so "
+                          "the target is the defender unchanged and the attack can do little; choose a radius "
+                          "(--gc-radius) or another target (--gc-target label-flip)", stacklevel=2)
         return make(low)
 
     def clean_gradient(self, model, params, x, y):

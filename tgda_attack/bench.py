@@ -32,7 +32,6 @@ import csv
 import dataclasses
 import os
 import re
-import statistics
 
 from .progress import progress_bar
 
@@ -41,6 +40,7 @@ from .attacks import ATTACKS
 from .config import Config, DefenseConfig
 from .data import check_available
 from .defenses import DEFENSES
+from .metrics import mean_std
 from .rundir import OtherSettingsError, RunFolderError, exclusive, write_json
 
 SCALES = ("smoke", "sample", "paper")
@@ -522,11 +522,6 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
     return rows
 
 
-def _mean_std(values):
-    """Mean and sample standard deviation (n - 1); the deviation is None for one value (no spread measured)."""
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None) if values else (None, None)
-
-
 def _row(table, scale, cell, runs, overrides=""):
     row, column = cell.row, cell.column
     done = [r for r in runs if "diverged" not in r]
@@ -535,11 +530,11 @@ def _row(table, scale, cell, runs, overrides=""):
            "seeds": len(runs), "diverged": len(failed), "diverged_messages": " | ".join(failed)}
     for key, scale_by in (("clean_accuracy", 100), ("poisoned_accuracy", 100), ("accuracy_drop", 100),
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
-        mean, std = _mean_std([scale_by * r[key] for r in done if key in r])
+        mean, std = mean_std([scale_by * r[key] for r in done if key in r])
         out[f"{key}_mean"], out[f"{key}_std"] = mean, std
     pooled = [100 * d for r in done for d in (r.get("retrainings") or {}).get("accuracy_drop", []) if d is not None]
     out["retrained_drops"] = len(pooled)  # every retraining of every seed (stage 3 with `retrainings` > 1)
-    out["retrained_drop_mean"], out["retrained_drop_std"] = _mean_std(pooled)
+    out["retrained_drop_mean"], out["retrained_drop_std"] = mean_std(pooled)
     if cell.defense is not None:
         return _defense_row(table, scale, cell, done, out)
     paper = table.paper.get((row, column)) if scale == "paper" or not table.cifar else None
@@ -561,7 +556,7 @@ DEFENSE_COLUMNS = (("defended_accuracy", 100), ("defended_drop", 100), ("clean_d
 def _defense_row(table, scale, cell, done, out):
     out["defense"] = cell.defense
     for key, scale_by in DEFENSE_COLUMNS:
-        mean, std = _mean_std([scale_by * r[key] for r in done if r.get(key) is not None])
+        mean, std = mean_std([scale_by * r[key] for r in done if r.get(key) is not None])
         out[f"{key}_mean"], out[f"{key}_std"] = mean, std
     paper = table.paper.get(cell.key)
     out["paper_drop"] = paper.drop if paper else None

@@ -27,12 +27,19 @@ def poison_statistics(x_source, x_poison):
             "poison_pairwise_l2": mean_pairwise(poi), "source_pairwise_l2": mean_pairwise(src)}
 
 
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1) of `values`; the deviation None for one value (no spread
+    measured), both None for none."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
 def summarize(runs):
     """Mean and sample standard deviation (n - 1) over seeds of the metrics of several runs (std None for one run)."""
     keys = SUMMARY_KEYS + tuple(k for k in POISON_KEYS if all(k in r for r in runs))
     summary = {"seeds": [r["seed"] for r in runs], **{k: runs[0][k] for k in ("dataset", "defender", "attack", "epsilon")},
                "eval_defender": runs[0].get("eval_defender") or runs[0]["defender"]}  # whose accuracies these are
     for k in keys:
-        values = [r[k] for r in runs]
-        summary[k] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+        summary[k] = dict(zip(("mean", "std"), mean_std([r[k] for r in runs])))
     return summary

@@ -107,7 +107,6 @@ def copy_atomic(src, dst):
     os.replace(tmp, dst)
 
 
-# The stage (tgda-attack command) that writes each file: named in the advice when a file cannot be read.
 def _unreadable(path, what):
     stage = WRITTEN_BY.get(os.path.basename(path))
     advice = (f"rerun `tgda-attack {stage} --out {os.path.dirname(path) or '.'}` to write it again"

@@ -41,6 +41,7 @@ from .config import Config, DefenseConfig
 from .data import check_available
 from .defenses import DEFENSES
 from .metrics import mean_std
+from .report import mean_std_text as _fmt
 from .rundir import OtherSettingsError, RunFolderError, exclusive, write_json
 
 SCALES = ("smoke", "sample", "paper")
@@ -600,10 +601,6 @@ def _diverged_footnote(rows):
             "attack blew up (loss to inf or nan) at the run's learning rate, so that run has no accuracy; a row's "
             "numbers are over its other seeds. Each diverged run's folder and message are in the column "
             "diverged_messages of the table's CSV and JSON.\n")
-
-
-def _fmt(mean, std, digits=2):
-    return "—" if mean is None else f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _time(seconds):

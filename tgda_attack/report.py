@@ -64,14 +64,19 @@ def tested_defender(metrics):
     return tested if tested == metrics["defender"] else f"{tested} (poisons made against {metrics['defender']})"
 
 
+def mean_std_text(mean, std, digits=2):
+    """"mean ± std", the mean alone where no spread was measured (std None), "—" without a mean."""
+    return "—" if mean is None else f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def summary_table(summaries):
     """Several summaries (mean and std over seeds) as a Markdown table."""
     lines = ["| dataset | defender | attack | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) | attack time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         def ms(key, scale=100.0):
-            mean, std = scale * s[key]["mean"], s[key]["std"]
-            return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {scale * std:.2f}"
+            std = s[key]["std"]
+            return mean_std_text(scale * s[key]["mean"], None if std is None else scale * std)
         lines.append(f"| {s['dataset']} | {tested_defender(s)} | {s['attack']} | {len(s['seeds'])} | {ms('clean_accuracy')} | "
                      f"{ms('poisoned_accuracy')} | {ms('accuracy_drop')} | {ms('attack_seconds', 1.0)} |")
     return "\n".join(lines)

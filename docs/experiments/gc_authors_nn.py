@@ -1,5 +1,5 @@
 """Why Gradient Canceling, run as its authors ran it (`--gc-recipe authors`), does not hurt their 784-128-10
-network here (README, "Gradient Canceling as its authors ran it"): full MNIST, the `gc-nn` defender, epsilon
+network here (docs/RESULTS.md, "Gradient Canceling as its authors ran it"): full MNIST, the `gc-nn` defender, epsilon
 0.03, float64, one thread.
 
 For a seed: the clean model (their evaluation: 100 epochs of SGD, lr 0.1, batches of 10,000); the attack as the

@@ -1,4 +1,4 @@
-"""Gradient Canceling toward a target the budget reaches exactly (README, "Gradient Canceling with valid
+"""Gradient Canceling toward a target the budget reaches exactly (docs/RESULTS.md, "Gradient Canceling with valid
 pixels"): full MNIST, LR defender, epsilon 0.03, float64, one thread.
 
 For a seed: the defender trained by the protocol (100 epochs of mini-batch gradient descent); min-max's poisons

@@ -1,5 +1,5 @@
 """The NN defender's GradPC targets under the reachability bound, and how far Gradient Canceling's poisons go
-toward one (README, "The NN defender: a target the bound admits, poisons too weak to reach it"): full MNIST,
+toward one (docs/RESULTS.md, "The NN defender: a target the bound admits, poisons too weak to reach it"): full MNIST,
 epsilon 0.03, the paper-scale NN of `tgda-attack bench --table 2 --scale paper --defenders nn`.
 
 Given a Gradient Canceling run folder of that bench (its defender_pretrained.pt, poisons.pt and attack.json):

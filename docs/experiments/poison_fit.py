@@ -5,7 +5,7 @@ the poisons with the labels the attack gave them ("poisons fit") with their mean
 
 A defender that fits nearly every poison while its test accuracy stays put has isolated the poisons (a network
 of enough capacity memorises them); one that fits few of them was not moved to their labels. Both say why a
-drop is small, in numbers (README, "Table 2 at paper scale, NN defender").
+drop is small, in numbers (docs/RESULTS.md, "Table 2 at paper scale, NN defender").
 
     python docs/experiments/poison_fit.py RUN [RUN ...]
 

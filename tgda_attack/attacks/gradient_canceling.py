@@ -39,7 +39,7 @@ Two recipes (`recipe`, --gc-recipe):
     initialisation of its own (AUTHORS_TARGET_SEED_OFFSET), not the retrained defender's. Measured on full
     MNIST, epsilon 0.03, over 15 retrainings (3 seeds x 5 training seeds): gc-lr drops 19.91 +- 9.61 (theirs
     21.1) with poison pixels from -289 to 334 in [0, 1] image units, 50-58% of them outside [0, 1]; gc-nn
-    0.15 +- 1.75 (theirs 5.3; one retraining of the 15 drops 6.44). README, "Gradient Canceling as its authors
+    0.15 +- 1.75 (theirs 5.3; one retraining of the 15 drops 6.44). docs/RESULTS.md, "Gradient Canceling as its authors
     ran it".
 """
 import copy
@@ -72,7 +72,7 @@ AUTHORS_STOP = 1.0  # they stop once the objective is below 1
 # The target's network starts from an initialisation of its own, seed AUTHORS_TARGET_SEED_OFFSET + the run's seed, not
 # the one the defender is retrained from (the run's seed): in their code the target comes from GradPC/grad_attack.py,
 # another process under seed 1, and the evaluation network is built afresh under seed 0. Sharing the initialisation
-# made our drop on gc-lr 35.25 +- 21.64 where 12 retrainings from other initialisations gave 14.13 +- 4.42 (README).
+# made our drop on gc-lr 35.25 +- 21.64 where 12 retrainings from other initialisations gave 14.13 +- 4.42 (docs/RESULTS.md).
 AUTHORS_TARGET_SEED_OFFSET = 1_000_000
 
 

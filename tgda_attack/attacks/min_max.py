@@ -120,7 +120,7 @@ class MinMaxAttack(PoisoningAttack):
     The follower's length decides the strength: with follower_steps=1000 (and the follower's gradient-norm
     bound) the box set drops full-MNIST LR by 14.71 +- 2.98 over 15 retrainings (3 seeds x 5 training seeds),
     5.7 points above the default's 20 steps at the same training seeds; with one round it drops ~1
-    (README, "Table 2 at paper scale, LR defender, over five retrainings").
+    (docs/RESULTS.md, "Table 2 at paper scale, LR defender, over five retrainings").
     """
 
     name = "min-max"

@@ -117,6 +117,8 @@ def test_table_10_smoke_is_a_matrix_of_attacks_and_every_defense_each_attack_run
     metrics = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "defense_loss", "metrics.json")))
     assert row["defended_drop_mean"] == pytest.approx(100 * metrics["defended_drop"])
     assert row["recall_mean"] == pytest.approx(100 * metrics["recall"])
+    assert "influence defense scores each point against the defender's validation set: the attacker's D_v" in open(
+        os.path.join(out, "table_10.md")).read()  # what favours it, said beside its numbers
 
 
 def test_a_run_that_diverges_is_counted_and_its_message_kept(tmp_path):

@@ -158,3 +158,44 @@ def test_defense_usage_errors_are_one_line_before_any_work(argv, message, tmp_pa
 def test_evaluate_with_a_defense_needs_the_finished_run(tmp_path, capsys):
     assert cli.main(["evaluate", "--out", str(tmp_path), "--defense", "loss"]) == 2
     assert "lacks" in capsys.readouterr().err
+
+
+def test_the_defender_can_validate_on_points_the_attacker_never_saw(tmp_path, monkeypatch):
+    """--defender-val-fraction F: D_v's last F share is the defender's own validation set, what the influence defense
+    scores against, and the attacker's D_v is the rest (label flip from D_v takes its images there); 0, the default,
+    shares D_v, the set the attacks were made to hurt."""
+    shared = protocol.load_splits(protocol.Config())
+    held = protocol.load_splits(protocol.Config(defender_val_fraction=0.25))
+    n, k = len(shared.y_val), int(0.25 * len(shared.y_val))
+    assert len(held.y_val) == n - k and len(held.defender_validation()[1]) == k
+    assert torch.equal(torch.cat([held.x_val, held.defender_validation()[0]]), shared.x_val)
+    assert torch.equal(torch.cat([held.y_val, held.defender_validation()[1]]), shared.y_val)
+    assert shared.defender_validation()[0] is shared.x_val and torch.equal(held.x_train, shared.x_train)
+
+    out = str(tmp_path / "run")
+    assert cli.main(["run", "--attack", "label-flip", "--flip-pool", "val", "--pretrain-epochs", "2",
+                     "--defender-val-fraction", "0.25", "--out", out, "--quiet"]) == 0
+    poisons = protocol.load_state(os.path.join(out, "poisons.pt"))
+    assert poisons["source_pool"] == "val" and int(poisons["source_indices"].max()) < n - k
+    assert json.load(open(os.path.join(out, "config.json")))["split"]["n_val"] == n - k
+
+    influence = DEFENSES["influence"]
+    detect, scored_against = influence.detect_poison, []
+
+    def spy(self, x, y, **kwargs):
+        scored_against.append(kwargs["y_val"])
+        return detect(self, x, y, **kwargs)
+    monkeypatch.setattr(influence, "detect_poison", spy)
+    metrics = protocol.stage_defend(out, DefenseConfig(defense="influence", **influence.quick))
+    assert len(scored_against) == 2 and all(torch.equal(v, held.defender_validation()[1]) for v in scored_against)
+    assert metrics["defender_validation"] == "held out from D_v" and metrics["n_defender_validation"] == k
+
+
+@pytest.mark.parametrize("fraction, message", [("1", "in [0, 1)"), ("-0.1", "in [0, 1)"),
+                                               ("0.00001", "leaves the defender none")])
+def test_a_defender_val_fraction_that_leaves_a_side_empty_is_one_line_before_any_work(fraction, message, tmp_path,
+                                                                                        capsys):
+    out = tmp_path / "r"
+    assert cli.main(["run", "--attack", "label-flip", "--defender-val-fraction", fraction, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not out.exists()

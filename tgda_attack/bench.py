@@ -576,6 +576,12 @@ def defense_markdown(table, scale, rows):
              "| clean acc. with defense (%) | drop with defense from it | poisons / clean points removed "
              "| precision / recall (%) | paper: drop without / with |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if any(r["defense"] == "influence" for r in rows):
+        held_out = "defender_val_fraction" in (rows[0].get("overrides") or "")
+        lines.insert(2, "The influence defense scores each point against the defender's validation set: " + (
+            "its own share of D_v, held out from the attacker (`defender_val_fraction`).\n" if held_out else
+            "the attacker's D_v, the set the attacks were made to hurt (`--set defender_val_fraction=F` holds a share "
+            "of D_v out as the defender's own).\n"))
     for r in rows:
         seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
         removed = prec = "—"

@@ -24,7 +24,7 @@ import typing
 import torch
 
 from . import bench, cluster, data_parallel, protocol
-from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, Config, DefenseConfig
+from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, PROTOCOL_HELP, Config, DefenseConfig
 from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError
 from .metrics import summarize
@@ -49,7 +49,8 @@ def _literal(text):
 def _add_config_options(parser):
     group = parser.add_argument_group("settings (defaults: tgda_attack.config.Config and DATASET_DEFAULTS)")
     hints = typing.get_type_hints(Config)
-    helps = {s.name: s.help + " " for s in ATTACK_SETTINGS}
+    helps = {**{name: text + " " for name, text in PROTOCOL_HELP.items()},
+             **{s.name: s.help + " " for s in ATTACK_SETTINGS}}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:

@@ -89,6 +89,13 @@ POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_siz
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
 
 
+PROTOCOL_HELP = {  # the command line's help of the protocol settings that need more than their name
+    "defender_val_fraction": "share of D_v held out from the attacker (taken from its end) as the defender's own "
+                             "validation set, which the influence defense scores against; 0: the influence defense "
+                             "validates on the attacker's D_v, the set the attacks were made to hurt",
+}
+
+
 @dataclasses.dataclass
 class _ProtocolSettings:
     """The protocol's own settings (Config adds the attacks'); None values are filled from DATASET_DEFAULTS."""
@@ -99,6 +106,7 @@ class _ProtocolSettings:
     defender: str = "lr"
     eval_defender: str = None  # transfer (Table 9): poisons made against `defender` tested on this one
     perfect_knowledge: bool = False  # the attacker's D_v is D_test (Koh et al. 2018's setting)
+    defender_val_fraction: float = 0.0  # share of D_v held out from the attacker as the defender's (PROTOCOL_HELP)
     dp_mode: str = "sharded"  # under torchrun: one attack over shards of every batch, or independent partitions
     attack: str = "tgda"
     attacker: str = None
@@ -185,6 +193,10 @@ class _ProtocolSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if not 0 <= self.defender_val_fraction < 1:
+            raise ValueError(f"defender-val-fraction is the share of D_v held out from the attacker as the defender's "
+                             f"own validation set, in [0, 1) (0: the defender validates on the attacker's D_v); got "
+                             f"{self.defender_val_fraction}")
         if self.pretrain_max_grad_norm < 0:
             raise ValueError(f"pretrain-max-grad-norm must be >= 0 (0: no bound, plain gradient descent), "
                              f"got {self.pretrain_max_grad_norm}")

@@ -40,7 +40,9 @@ class DataTooSmallError(ValueError):
 
 @dataclass
 class Splits:
-    """D_tr, D_v and D_test as float tensors in [-1, 1] (N, C, H, W) and int64 labels."""
+    """D_tr, D_v and D_test as float tensors in [-1, 1] (N, C, H, W) and int64 labels. D_v is the attacker's;
+    the defender's own validation set (x_defender_val, y_defender_val: what the influence defense scores against) is
+    D_v itself unless `hold_out_defender_val` gave it a share of its own (`defender_validation()`)."""
 
     name: str
     x_train: torch.Tensor
@@ -50,10 +52,34 @@ class Splits:
     x_test: torch.Tensor
     y_test: torch.Tensor
     info: dict = field(default_factory=dict)
+    x_defender_val: torch.Tensor = None  # None: the defender validates on D_v
+    y_defender_val: torch.Tensor = None
 
     @property
     def image_shape(self):
         return tuple(self.x_train.shape[1:])
+
+    def defender_validation(self):
+        """(x, y) of the defender's own validation set: its held-out share of D_v, or D_v itself."""
+        if self.x_defender_val is None:
+            return self.x_val, self.y_val
+        return self.x_defender_val, self.y_defender_val
+
+    def hold_out_defender_val(self, fraction):
+        """Splits D_v in two: the last floor(fraction * |D_v|) points become the defender's own validation set, the
+        attacker keeps the rest as its D_v (D_v is a seeded random split, so its end is as random as any part).
+        fraction 0 leaves D_v shared. Raises DataTooSmallError where a side would be empty."""
+        n = len(self.y_val)
+        held = int(math.floor(fraction * n + 1e-9))
+        if fraction and not 0 < held < n:
+            raise DataTooSmallError(f"--defender-val-fraction {fraction} of D_v's {n} points leaves "
+                                    f"{'the defender none' if held == 0 else 'the attacker none'}; use a fraction "
+                                    f"between {1 / n:.4f} and {(n - 1) / n:.4f}")
+        if held:
+            self.x_defender_val, self.y_defender_val = self.x_val[n - held:], self.y_val[n - held:]
+            self.x_val, self.y_val = self.x_val[:n - held], self.y_val[:n - held]
+            self.info["n_defender_val"] = held
+        return self
 
     def summary(self):
         return {"dataset": self.name, "n_train": len(self.y_train), "n_val": len(self.y_val),

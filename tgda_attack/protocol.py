@@ -57,7 +57,8 @@ def _torch_dtype(cfg):
 
 def load_splits(cfg):
     """The dataset's train / validation / test splits on the run's device and dtype (`cfg` a Config, its dataset
-    defaults filled in here when it is not resolved yet)."""
+    defaults filled in here when it is not resolved yet), D_v's last `defender_val_fraction` held out from the attacker
+    as the defender's own validation set."""
     cfg = cfg.resolved()
     splits = data_mod.load_dataset(cfg.dataset, cfg.data_root, cfg.download, seed=cfg.split_seed)
     dt = _torch_dtype(cfg)
@@ -65,7 +66,7 @@ def load_splits(cfg):
         setattr(splits, name, getattr(splits, name).to(cfg.device, dt))
     for name in ("y_train", "y_val", "y_test"):
         setattr(splits, name, getattr(splits, name).to(cfg.device))
-    return splits
+    return splits.hold_out_defender_val(cfg.defender_val_fraction)
 
 
 def new_defender(cfg, image_shape, name=None):
@@ -453,9 +454,11 @@ def _defended_training(cfg, dcfg, defense, tested, splits, verbose):
     if defense.kind == "training":
         return train, None
 
+    x_val, y_val = splits.defender_validation()
+
     def sanitise(x, y, model):
         return defense.detect_poison(x, y, model=model, fit=lambda xk, yk: train_defender(cfg, xk, yk, name=tested),
-                                     x_val=splits.x_val, y_val=splits.y_val)
+                                     x_val=x_val, y_val=y_val)
     return train, sanitise
 
 
@@ -492,15 +495,20 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
     train, sanitise = _defended_training(cfg, dcfg, defense, tested, splits, verbose)
     start = time.perf_counter()
-    result = {"defense": dcfg.defense, "kind": defense.kind, "defense_settings": dcfg.own_settings()}
+    result = {"defense": dcfg.defense, "kind": defense.kind, "defense_settings": dcfg.own_settings(),
+              "defender_validation": "held out from D_v" if splits.x_defender_val is not None else "the attacker's D_v",
+              "n_defender_validation": len(splits.defender_validation()[1])}
     if sanitise is None:
-        defended, clean_defended = train(x_all, y_all), train(splits.x_train, splits.y_train, "train clean (defended)")
+        defended = train(x_all, y_all)
+        defense_seconds = time.perf_counter() - start
+        clean_defended = train(splits.x_train, splits.y_train, "train clean (defended)")
     else:
         poisoned_model = new_defender(cfg, splits.image_shape, tested)
         load_weights(poisoned_model, os.path.join(out, "defender_poisoned.pt"))
         report, keep = sanitise(x_all, y_all, poisoned_model)
         keep = keep.cpu()
         defended = train(x_all[keep.to(x_all.device)], y_all[keep.to(y_all.device)])
+        defense_seconds = time.perf_counter() - start
         clean_model = None
         if not _transfers(cfg):  # the pretrained defender is the pretrain procedure on D_tr: reused
             clean_model = new_defender(cfg, splits.image_shape)
@@ -525,7 +533,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         "clean_accuracy": clean, "poisoned_accuracy": poisoned, "accuracy_drop": clean - poisoned,
         "defended_accuracy": defended_acc, "defended_drop": clean - defended_acc,
         "clean_defended_accuracy": clean_defended_acc, "attack_drop_under_defense": clean_defended_acc - defended_acc,
-        "defense_seconds": time.perf_counter() - start})
+        "defense_seconds": defense_seconds, "clean_defense_seconds": time.perf_counter() - start - defense_seconds})
     os.makedirs(folder, exist_ok=True)
     save_atomic(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))
     write_json(path, result)

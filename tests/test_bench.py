@@ -117,8 +117,18 @@ def test_table_10_smoke_is_a_matrix_of_attacks_and_every_defense_each_attack_run
     metrics = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "defense_loss", "metrics.json")))
     assert row["defended_drop_mean"] == pytest.approx(100 * metrics["defended_drop"])
     assert row["recall_mean"] == pytest.approx(100 * metrics["recall"])
-    assert "influence defense scores each point against the defender's validation set: the attacker's D_v" in open(
+    assert "defender's validation set (influence) used: the attacker's D_v (the set the attacks were made to hurt" in open(
         os.path.join(out, "table_10.md")).read()  # what favours it, said beside its numbers
+
+
+def test_a_table_whose_defender_validates_on_its_own_data_says_so(tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["bench", "--table", "11", "--scale", "smoke", "--defenses", "influence", "--set",
+                     "defender_val_fraction=0.5", "--out", out, "--quiet"]) == 0
+    text = open(os.path.join(out, "table_11.md")).read()
+    assert "(influence) used: held out from D_v." in text and "made to hurt" not in text
+    row = json.load(open(os.path.join(out, "table_11.json")))[0]
+    assert row["defender_validation"] == "held out from D_v" and row["defended_training_seconds_mean"] > 0
 
 
 def test_a_run_that_diverges_is_counted_and_its_message_kept(tmp_path):

@@ -120,6 +120,8 @@ def test_every_defense_runs_in_the_test_stage_and_reports_what_it_removed(name, 
         assert metrics["n_removed"] == int(0.03 * n_all + 1e-9) == metrics["poisons_removed"] + metrics["clean_removed"]
         assert metrics["recall"] == pytest.approx(metrics["poisons_removed"] / metrics["n_poison"])
     assert os.path.exists(os.path.join(label_flip_run, f"defense_{name}", "defender_defended.pt"))
+    # the validation set is named where the defense reads one (the influence filter), and only there
+    assert metrics.get("defender_validation") == ("the attacker's D_v" if DEFENSES[name].validates else None)
 
 
 def test_the_defended_model_is_trained_on_the_kept_points(label_flip_run):
@@ -173,29 +175,38 @@ def test_the_defender_can_validate_on_points_the_attacker_never_saw(tmp_path, mo
     assert shared.defender_validation()[0] is shared.x_val and torch.equal(held.x_train, shared.x_train)
 
     out = str(tmp_path / "run")
-    assert cli.main(["run", "--attack", "label-flip", "--flip-pool", "val", "--pretrain-epochs", "2",
-                     "--defender-val-fraction", "0.25", "--out", out, "--quiet"]) == 0
+    assert cli.main(["run", "--attack", "label-flip", "--flip-pool", "val", "--poison-init", "random",
+                     "--pretrain-epochs", "2", "--defender-val-fraction", "0.25", "--out", out, "--quiet"]) == 0
     poisons = protocol.load_state(os.path.join(out, "poisons.pt"))
-    assert poisons["source_pool"] == "val" and int(poisons["source_indices"].max()) < n - k
+    def nearest(x, pool):
+        return torch.cdist(x.flatten(1), pool.flatten(1), compute_mode="donot_use_mm_for_euclid_dist").min(1)
+    shared_images = nearest(poisons["x_poison"], shared.x_val)
+    held_images = nearest(poisons["x_poison"], held.defender_validation()[0])
+    assert (shared_images.values == 0).all() and (held_images.values > 0).all()  # D_v's images, none held out
+    assert int(shared_images.indices.max()) >= n // 2  # random over the attacker's part, not only its first points
     assert json.load(open(os.path.join(out, "config.json")))["split"]["n_val"] == n - k
 
     influence = DEFENSES["influence"]
     detect, scored_against = influence.detect_poison, []
 
     def spy(self, x, y, **kwargs):
-        scored_against.append(kwargs["y_val"])
+        scored_against.append((kwargs["x_val"], kwargs["y_val"]))
         return detect(self, x, y, **kwargs)
     monkeypatch.setattr(influence, "detect_poison", spy)
     metrics = protocol.stage_defend(out, DefenseConfig(defense="influence", **influence.quick))
-    assert len(scored_against) == 2 and all(torch.equal(v, held.defender_validation()[1]) for v in scored_against)
+    assert len(scored_against) == 2  # the poisoned set's filter and the clean baseline's
+    assert all(torch.equal(x, held.defender_validation()[0]) and torch.equal(y, held.defender_validation()[1])
+               for x, y in scored_against)
     assert metrics["defender_validation"] == "held out from D_v" and metrics["n_defender_validation"] == k
 
 
-@pytest.mark.parametrize("fraction, message", [("1", "in [0, 1)"), ("-0.1", "in [0, 1)"),
-                                               ("0.00001", "leaves the defender none")])
-def test_a_defender_val_fraction_that_leaves_a_side_empty_is_one_line_before_any_work(fraction, message, tmp_path,
-                                                                                        capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["1"], "in [0, 1)"), (["-0.1"], "in [0, 1)"), (["0.0001"], "leaves the defender none; use a fraction from 0.0009 to 0.9991"),
+    (["0.5", "--perfect-knowledge"], "drop one of the two")])
+def test_a_defender_val_fraction_that_leaves_a_side_empty_is_one_line_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "r"
-    assert cli.main(["run", "--attack", "label-flip", "--defender-val-fraction", fraction, "--out", str(out)]) == 2
+    assert cli.main(["run", "--attack", "label-flip", "--defender-val-fraction", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not out.exists()
+    if "from" in message:  # the range it suggests is accepted
+        assert protocol.load_splits(protocol.Config(defender_val_fraction=0.0009)).defender_validation()[1].numel() == 1

@@ -551,11 +551,14 @@ def _row(table, scale, cell, runs, overrides=""):
 
 DEFENSE_COLUMNS = (("defended_accuracy", 100), ("defended_drop", 100), ("clean_defended_accuracy", 100),
                    ("attack_drop_under_defense", 100), ("poisons_removed", 1), ("clean_removed", 1), ("precision", 100),
-                   ("recall", 100), ("defense_seconds", 1))
+                   ("recall", 100), ("defended_training_seconds", 1))
 
 
 def _defense_row(table, scale, cell, done, out):
     out["defense"] = cell.defense
+    out["defender_validation"] = None  # a run recorded before the setting existed validated on the attacker's D_v
+    if DEFENSES[cell.defense].validates:
+        out["defender_validation"] = "; ".join(sorted({r.get("defender_validation", "the attacker's D_v") for r in done}))
     for key, scale_by in DEFENSE_COLUMNS:
         mean, std = mean_std([scale_by * r[key] for r in done if r.get(key) is not None])
         out[f"{key}_mean"], out[f"{key}_std"] = mean, std
@@ -576,12 +579,13 @@ def defense_markdown(table, scale, rows):
              "| clean acc. with defense (%) | drop with defense from it | poisons / clean points removed "
              "| precision / recall (%) | paper: drop without / with |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    if any(r["defense"] == "influence" for r in rows):
-        held_out = "defender_val_fraction" in (rows[0].get("overrides") or "")
-        lines.insert(2, "The influence defense scores each point against the defender's validation set: " + (
-            "its own share of D_v, held out from the attacker (`defender_val_fraction`).\n" if held_out else
-            "the attacker's D_v, the set the attacks were made to hurt (`--set defender_val_fraction=F` holds a share "
-            "of D_v out as the defender's own).\n"))
+    sources = sorted({r["defender_validation"] for r in rows if r.get("defender_validation")})
+    if sources:
+        lines.insert(2, f"The defenses that score against the defender's validation set (influence) used: "
+                        f"{'; '.join(sources)}" + (" (the set the attacks were made to hurt; `--set "
+                                                    "defender_val_fraction=F` holds a share of D_v out as the "
+                                                    "defender's own)" if "the attacker's D_v" in sources else "")
+                        + ".\n")
     for r in rows:
         seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
         removed = prec = "—"

@@ -197,6 +197,9 @@ class _ProtocolSettings:
             raise ValueError(f"defender-val-fraction is the share of D_v held out from the attacker as the defender's "
                              f"own validation set, in [0, 1) (0: the defender validates on the attacker's D_v); got "
                              f"{self.defender_val_fraction}")
+        if self.defender_val_fraction and self.perfect_knowledge:
+            raise ValueError("--defender-val-fraction with --perfect-knowledge: the attacker's D_v is then D_test, so "
+                             "the defender validates on a D_v the attacker never sees already; drop one of the two")
         if self.pretrain_max_grad_norm < 0:
             raise ValueError(f"pretrain-max-grad-norm must be >= 0 (0: no bound, plain gradient descent), "
                              f"got {self.pretrain_max_grad_norm}")

@@ -72,9 +72,10 @@ class Splits:
         n = len(self.y_val)
         held = int(math.floor(fraction * n + 1e-9))
         if fraction and not 0 < held < n:
+            lowest, highest = math.ceil(1e4 / n) / 1e4, math.floor(1e4 * (n - 1) / n) / 1e4
             raise DataTooSmallError(f"--defender-val-fraction {fraction} of D_v's {n} points leaves "
                                     f"{'the defender none' if held == 0 else 'the attacker none'}; use a fraction "
-                                    f"between {1 / n:.4f} and {(n - 1) / n:.4f}")
+                                    f"from {lowest:g} to {highest:g}")
         if held:
             self.x_defender_val, self.y_defender_val = self.x_val[n - held:], self.y_val[n - held:]
             self.x_val, self.y_val = self.x_val[:n - held], self.y_val[:n - held]

@@ -307,6 +307,14 @@ def attacker_validation(cfg, splits):
     return (splits.x_test, splits.y_test) if cfg.perfect_knowledge else (splits.x_val, splits.y_val)
 
 
+def defender_validation_source(cfg, splits):
+    """What the defender's validation set is, in words: held out from D_v, or D_v, which is the attacker's too unless
+    --perfect-knowledge gave the attacker D_test."""
+    if splits.x_defender_val is not None:
+        return "held out from D_v"
+    return "D_v (the attacker's is D_test)" if cfg.perfect_knowledge else "the attacker's D_v"
+
+
 def source_points(cfg, splits, poisons):
     """(x, y) of the split the poisons' source_indices index (poisons.pt's source_pool, D_tr where a file predates
     it): D_tr, or the attacker's D_v as stage_attack gave it to the attack."""
@@ -495,9 +503,10 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
     train, sanitise = _defended_training(cfg, dcfg, defense, tested, splits, verbose)
     start = time.perf_counter()
-    result = {"defense": dcfg.defense, "kind": defense.kind, "defense_settings": dcfg.own_settings(),
-              "defender_validation": "held out from D_v" if splits.x_defender_val is not None else "the attacker's D_v",
-              "n_defender_validation": len(splits.defender_validation()[1])}
+    result = {"defense": dcfg.defense, "kind": defense.kind, "defense_settings": dcfg.own_settings()}
+    if defense.validates:
+        result.update({"defender_validation": defender_validation_source(cfg, splits),
+                       "n_defender_validation": len(splits.defender_validation()[1])})
     if sanitise is None:
         defended = train(x_all, y_all)
         defense_seconds = time.perf_counter() - start
@@ -533,7 +542,8 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         "clean_accuracy": clean, "poisoned_accuracy": poisoned, "accuracy_drop": clean - poisoned,
         "defended_accuracy": defended_acc, "defended_drop": clean - defended_acc,
         "clean_defended_accuracy": clean_defended_acc, "attack_drop_under_defense": clean_defended_acc - defended_acc,
-        "defense_seconds": defense_seconds, "clean_defense_seconds": time.perf_counter() - start - defense_seconds})
+        "defended_training_seconds": defense_seconds,  # the defense of the poisoned set: its filter and retraining
+        "clean_defense_seconds": time.perf_counter() - start - defense_seconds})  # the same on clean D_tr, and tests
     os.makedirs(folder, exist_ok=True)
     save_atomic(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))
     write_json(path, result)

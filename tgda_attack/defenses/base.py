@@ -40,6 +40,7 @@ class Defense:
     name = None
     kind = None
     settings = ()  # Setting(...) for each setting this defense reads
+    validates = False  # whether it reads the defender's validation set (x_val, y_val of detect_poison)
     quick = {}  # DefenseConfig values that make it take seconds (the tests, `bench --scale smoke`)
 
     def _check_params(self):

@@ -132,6 +132,7 @@ class InfluenceFilter(PoisonFilter):
 
     name = "influence"
     uses_model = True
+    validates = True
     settings = (
         FRACTION,
         Setting("influence_damping", float, 0.01, "non-negative",

@@ -110,7 +110,9 @@ def label_flip_run(tmp_path_factory):
 def test_every_defense_runs_in_the_test_stage_and_reports_what_it_removed(name, label_flip_run, capsys):
     quick = [f"--{k.replace('_', '-')}={v}" for k, v in DEFENSES[name].quick.items()]
     assert cli.main(["evaluate", "--out", label_flip_run, "--defense", name, *quick, "--quiet"]) == 0
-    assert f"under the {name} defense" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"under the {name} defense" in printed
+    assert ("| the attacker's D_v (1200 points) |" in printed) == DEFENSES[name].validates
     metrics = json.load(open(os.path.join(label_flip_run, f"defense_{name}", "metrics.json")))
     undefended = json.load(open(os.path.join(label_flip_run, "metrics.json")))
     assert metrics["poisoned_accuracy"] == undefended["poisoned_accuracy"]

@@ -93,4 +93,7 @@ def defense_table(metrics):
         head += " removed: poisons / clean points | precision / recall |"
         row += (f" {metrics['poisons_removed']} of {metrics['n_poison']} / {metrics['clean_removed']} "
                 f"| {share(metrics['precision'])} / {share(metrics['recall'])} |")
+    if metrics.get("defender_validation"):
+        head += " defender's validation set |"
+        row += f" {metrics['defender_validation']} ({metrics['n_defender_validation']} points) |"
     return "\n".join([head, "|" + "---|" * (head.count("|") - 1), row])

@@ -1,5 +1,6 @@
 """The defenses' interface, the data-only and loss filters on tiny data with planted answers, the
 defended test stage of the protocol (tgda-attack run/evaluate --defense) and its files."""
+import dataclasses
 import json
 import os
 
@@ -212,3 +213,74 @@ def test_a_defender_val_fraction_that_leaves_a_side_empty_is_one_line_before_any
     assert message in err and "\n" not in err and not out.exists()
     if "from" in message:  # the range it suggests is accepted
         assert protocol.load_splits(protocol.Config(defender_val_fraction=0.0009)).defender_validation()[1].numel() == 1
+
+
+def test_the_clean_side_of_a_defense_is_computed_once_for_the_attacks_of_a_shared_pretraining(tmp_path, monkeypatch):
+    """The defense applied to clean D_tr does not depend on the attack: runs that share a clean pretraining (a bench's
+    runs of one seed) compute it once, and what they reuse equals computing it in a run outside the store."""
+    shared = str(tmp_path / "shared")
+    flip = protocol.Config.from_dict({"attack": "label-flip", "pretrain_epochs": 2})
+    other_attack = dataclasses.replace(flip, flip_rule="random")
+    for cfg, name in ((flip, "a"), (other_attack, "b")):
+        protocol.run(cfg, str(tmp_path / name), shared_pretraining=shared)
+    loss = DefenseConfig(defense="loss")  # a filter that scores with the pretrained defender
+    first = protocol.stage_defend(str(tmp_path / "a"), loss)
+    assert "clean_defense_reused_from" not in first
+
+    trainings = []
+    real_train = protocol.train_defender
+    monkeypatch.setattr(protocol, "train_defender", lambda *a, **k: trainings.append(k.get("desc")) or real_train(*a, **k))
+    second = protocol.stage_defend(str(tmp_path / "b"), loss)
+    assert trainings == ["retrain defender (defended)"]  # the poisoned set's defense only
+    assert second["clean_defense_reused_from"].startswith(shared)
+    for name in ("clean_defended_accuracy", "clean_set_removed", "clean_report"):
+        assert second[name] == first[name], name
+    assert second["clean_defense_seconds_when_computed"] == first["clean_defense_seconds"]
+    assert second["attack_drop_under_defense"] == pytest.approx(second["clean_defended_accuracy"]
+                                                                - second["defended_accuracy"])
+    # another defense with the same settings (sphere and slab read only the share, as loss) is its own
+    sphere = protocol.stage_defend(str(tmp_path / "b"), DefenseConfig(defense="sphere"))
+    assert "clean_defense_reused_from" not in sphere and len(trainings) == 3
+    assert sphere["clean_report"] != second["clean_report"]
+    monkeypatch.undo()
+
+    alone = str(tmp_path / "alone")  # the independent check: the same run outside the store computes its own
+    protocol.run(other_attack, alone)
+    computed = protocol.stage_defend(alone, loss)
+    assert "clean_defense_reused_from" not in computed
+    for name in ("clean_defended_accuracy", "clean_set_removed", "clean_report"):
+        assert computed[name] == second[name], name
+
+    # other defense settings, or another validation set for the defender, are computed again
+    other = protocol.stage_defend(str(tmp_path / "b"), DefenseConfig(defense="loss", defense_fraction=0.05),
+                                  overwrite=True)
+    assert "clean_defense_reused_from" not in other and other["clean_set_removed"] > first["clean_set_removed"]
+    protocol.run(dataclasses.replace(flip, defender_val_fraction=0.5), str(tmp_path / "c"), shared_pretraining=shared)
+    assert "clean_defense_reused_from" not in protocol.stage_defend(str(tmp_path / "c"), loss)
+
+    # a damaged kept file is computed again and replaced; a store it cannot write costs the reuse, not the result
+    kept = second["clean_defense_reused_from"]
+    with open(kept, "w") as fh:
+        fh.write('{"key": {"trunc')
+    again = protocol.stage_defend(str(tmp_path / "b"), loss, overwrite=True)
+    assert "clean_defense_reused_from" not in again and again["clean_defended_accuracy"] == first["clean_defended_accuracy"]
+    assert "clean_defense_reused_from" in protocol.stage_defend(str(tmp_path / "b"), loss, overwrite=True)
+    monkeypatch.setattr(protocol.tempfile, "mkstemp", lambda **k: (_ for _ in ()).throw(PermissionError("read-only")))
+    os.remove(kept)
+    unkept = protocol.stage_defend(str(tmp_path / "b"), loss, overwrite=True)
+    assert unkept["clean_defended_accuracy"] == first["clean_defended_accuracy"] and not os.path.exists(kept)
+
+
+def test_evaluate_with_a_defense_keeps_a_finished_stage_3(label_flip_run, monkeypatch, capsys):
+    def no_retraining(*args, **kwargs):
+        raise AssertionError("the finished stage 3 was retrained")
+
+    monkeypatch.setattr(protocol, "stage_evaluate", no_retraining)
+    assert cli.main(["evaluate", "--out", label_flip_run, "--defense", "sphere", "--quiet"]) == 0
+    assert "stage 3 of these poisons is finished" in capsys.readouterr().out
+    monkeypatch.undo()
+    with open(os.path.join(label_flip_run, "metrics.json"), "w") as fh:  # a damaged stage 3 runs again
+        fh.write("{")
+    assert cli.main(["evaluate", "--out", label_flip_run, "--defense", "sphere", "--quiet"]) == 0
+    assert "stage 3 of these poisons is finished" not in capsys.readouterr().out
+    assert protocol.finished_evaluation(label_flip_run)["poisoned_accuracy"] > 0

@@ -91,7 +91,8 @@ def build_parser():
         if name == "run":
             _add_defense_options(p)
     for name, text in (("attack", "stage 2: generate the poisons from the folder's pretrained models"),
-                       ("evaluate", "stage 3: retrain on D_tr U D_p and test")):
+                       ("evaluate", "stage 3: retrain on D_tr U D_p and test (with --defense, a finished stage 3 "
+                                    "is kept and only the defense runs)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--out", required=True, help="folder holding the earlier stages' files")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -219,6 +220,8 @@ def defense_from_args(args):
 def _print_defense(metrics, out):
     print(f"\nunder the {metrics['defense']} defense:")
     print(defense_table(metrics))
+    if metrics.get("clean_defense_reused_from"):
+        print(f"the defense on clean D_tr: computed once for this clean pretraining, {metrics['clean_defense_reused_from']}")
     print(f"results: {os.path.join(out, 'defense_' + metrics['defense'], 'metrics.json')}")
 
 
@@ -315,7 +318,11 @@ def main(argv=None):
             result = protocol.stage_attack(args.out, verbose)
             print(f"{result['n_poison']} poisons in {result['attack_seconds']:.1f} s -> {os.path.join(args.out, 'poisons.pt')}")
             return 0
-        _print_run(protocol.stage_evaluate(args.out, verbose), args.out)
+        finished = protocol.finished_evaluation(args.out) if defense else None
+        if finished is not None:
+            print(f"stage 3 of these poisons is finished ({os.path.join(args.out, 'metrics.json')}): kept; "
+                  "evaluate without --defense retrains it")
+        _print_run(finished or protocol.stage_evaluate(args.out, verbose), args.out)
         if defense:
             _print_defense(protocol.stage_defend(args.out, defense, verbose, overwrite=True), args.out)
         return 0

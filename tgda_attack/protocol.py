@@ -18,8 +18,9 @@ stages 1 and 3 also train and retrain the eval_defender, whose accuracies are th
 Defenses (Section 5.6, Tables 10-11): `stage_defend` repeats stage 3 under a defense of the registry
 tgda_attack.defenses.DEFENSES, into the sub-folder defense_NAME of the run: a filter removes points
 before the retraining, a robust training procedure replaces it. It reports the accuracy with and
-without the defense, the defense's cost on clean data (the same defense applied to D_tr alone), and,
-since the poisons are known, how many poisons and clean points a filter removed.
+without the defense, the defense's cost on clean data (the same defense applied to D_tr alone: computed once
+for all the attacks of a shared clean pretraining, as a bench's runs of one seed), and, since the poisons are
+known, how many poisons and clean points a filter removed.
 
 Each stage reads the previous stage's files from one output folder (tgda_attack.rundir) and writes its
 own, so the stages can run separately (`tgda-attack pretrain|attack|evaluate`) or together (`run`).
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -197,6 +199,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
         entry = _shared_entry(shared, key)
         if _from_shared(entry, key, done, out):
             result = {**read_json(os.path.join(out, "pretrain.json")), "pretrained_in": entry}
+            result.pop("shared_as", None)  # the mark of the run that trained it, not of its copies
             write_json(os.path.join(out, "pretrain.json"), result)
             return result
     start = time.perf_counter()
@@ -210,6 +213,8 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
                               batch_size=cfg.attacker_batch_size, seed=cfg.seed, verbose=verbose)
         save_atomic(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
     result = {"clean_accuracy": clean, "pretrain_seconds": time.perf_counter() - start}
+    if shared is not None:
+        result["shared_as"] = entry  # the store this stage 1 goes to (its copies name it in "pretrained_in")
     if _transfers(cfg):
         target = train_defender(cfg, splits.x_train, splits.y_train, verbose, "pretrain eval defender", cfg.eval_defender)
         result["eval_clean_accuracy"] = accuracy(target, splits.x_test, splits.y_test)
@@ -438,6 +443,19 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
             "accuracy_drop_std": statistics.stdev(finite) if len(finite) > 1 else None}
 
 
+def finished_evaluation(out):
+    """The metrics of the finished stage 3 in `out` (metrics.json beside the retrained defender; the attack stage
+    removes both when it writes new poisons, so they are of poisons.pt's), or None where it is not finished or
+    its metrics.json is damaged (stage 3 then runs again)."""
+    if not all(os.path.exists(os.path.join(out, name)) for name in ("metrics.json", "defender_poisoned.pt")):
+        return None
+    try:
+        return read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),
+                                                                    "poisoned_accuracy": (int, float)})
+    except RunFolderError:
+        return None
+
+
 def _poison_mask(n, poisons):
     """Which points of the poisoned training set (poisoned_training_set) are poisons."""
     mask = torch.zeros(n, dtype=torch.bool)
@@ -468,6 +486,112 @@ def _defended_training(cfg, dcfg, defense, tested, splits, verbose):
         return defense.detect_poison(x, y, model=model, fit=lambda xk, yk: train_defender(cfg, xk, yk, name=tested),
                                      x_val=x_val, y_val=y_val)
     return train, sanitise
+
+
+def _package_digest():
+    """sha256 of this package's and hypergrad's source and compiled files, as imported: a clean defense computed by
+    other code (an edit, a reinstall, another build of hypergrad._C) is not reused."""
+    digest = hashlib.sha256()
+    for package in ("tgda_attack", "hypergrad"):
+        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package)
+        paths = sorted(os.path.join(folder, name) for folder, _, files in os.walk(root)
+                       for name in files if name.endswith((".py", ".so", ".pyd")))
+        for path in paths:
+            digest.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as fh:
+                digest.update(fh.read())
+    return digest.hexdigest()
+
+
+_CODE = _package_digest()  # at import: the code this process runs, whatever is installed later
+
+
+def _clean_defense_key(out, cfg, dcfg):
+    """What the clean side of stage_defend (the defense applied to D_tr alone, then tested) depends on: the clean
+    pretraining's settings and weights, the defense and its settings, the defender's validation set and the code;
+    none of the attack's settings. Runs of one bench seed agree on it for every attack."""
+    key = {name: value for name, value in pretrain_key(cfg).items() if name not in ATTACKER_PRETRAIN_SETTINGS}
+    with open(os.path.join(out, "defender_pretrained.pt"), "rb") as fh:
+        pretrained = hashlib.sha256(fh.read()).hexdigest()
+    return {**key, "defender_pretrained_sha256": pretrained, "defense": dcfg.defense,
+            "defense_settings": dcfg.own_settings(), "defender_val_fraction": cfg.defender_val_fraction, "code": _CODE}
+
+
+def _clean_defense_store(out):
+    """The folder that keeps clean defenses for the run in `out`: clean_defenses/ of the shared store its clean
+    pretraining came from or went to (tgda-attack bench), or None for a run outside one."""
+    recorded = read_json(os.path.join(out, "pretrain.json"))
+    entry = recorded.get("pretrained_in") or recorded.get("shared_as")
+    if not entry or not os.path.isfile(os.path.join(entry, "key.json")):
+        return None
+    return os.path.join(entry, "clean_defenses")
+
+
+_CLEAN_SIDE_FIELDS = {"clean_defended_accuracy": (int, float), "clean_defense_seconds": (int, float)}
+
+
+def _kept_clean_defense(path, key):
+    """The clean side kept at `path` for `key`, or None (no file, another key, a damaged file)."""
+    try:
+        kept = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict):
+        return None
+    side = kept.get("clean_side")
+    if kept.get("key") != key or not isinstance(side, dict) or not all(
+            isinstance(side.get(name), types) for name, types in _CLEAN_SIDE_FIELDS.items()):
+        return None
+    return side
+
+
+def _keep_clean_defense(path, key, side):
+    """Writes the clean side for `key` at `path` (a temporary file of its own, fsync, rename: two bench jobs of one
+    seed may write it at once). A store it cannot write costs the reuse, not the result: a warning."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"key": key, "clean_side": side}, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("the clean side of this defense was not kept for other runs (%s): %s", path, exc)
+
+
+def _clean_defense(out, cfg, dcfg, splits, train, sanitise):
+    """The clean side of stage_defend: the defense applied to clean D_tr (the pretrained defender as the filter's
+    model), the model it trains, and its test accuracy. The same for every attack of one clean pretraining, so it is
+    kept beside a shared pretraining (_clean_defense_store) and reused there when its key (_clean_defense_key)
+    agrees: "clean_defense_reused_from" then names the file (delete it to compute it again) and
+    "clean_defense_seconds" is the time of the reuse ("clean_defense_seconds_when_computed" that of the work)."""
+    start = time.perf_counter()
+    store = _clean_defense_store(out)
+    if store is not None:
+        key = _clean_defense_key(out, cfg, dcfg)
+        path = os.path.join(store, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+        kept = _kept_clean_defense(path, key)
+        if kept is not None:
+            return {**kept, "clean_defense_seconds_when_computed": kept["clean_defense_seconds"],
+                    "clean_defense_seconds": time.perf_counter() - start, "clean_defense_reused_from": path}
+    result = {}
+    if sanitise is None:
+        clean_defended = train(splits.x_train, splits.y_train, "train clean (defended)")
+    else:
+        clean_model = None
+        if not _transfers(cfg):  # the pretrained defender is the pretrain procedure on D_tr: reused
+            clean_model = new_defender(cfg, splits.image_shape)
+            load_weights(clean_model, os.path.join(out, "defender_pretrained.pt"))
+        clean_report, clean_keep = sanitise(splits.x_train, splits.y_train, clean_model)
+        clean_keep = clean_keep.cpu().to(splits.x_train.device)
+        clean_defended = train(splits.x_train[clean_keep], splits.y_train[clean_keep], "train clean (defended)")
+        result.update({"clean_set_removed": int((~clean_keep).sum()), "clean_report": clean_report})
+    result.update({"clean_defended_accuracy": accuracy(clean_defended, splits.x_test, splits.y_test),
+                   "clean_defense_seconds": time.perf_counter() - start})  # its filter, retraining and test
+    if store is not None:
+        _keep_clean_defense(path, key, result)
+    return result
 
 
 def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
@@ -509,22 +633,12 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
                        "n_defender_validation": len(splits.defender_validation()[1])})
     if sanitise is None:
         defended = train(x_all, y_all)
-        defense_seconds = time.perf_counter() - start
-        clean_defended = train(splits.x_train, splits.y_train, "train clean (defended)")
     else:
         poisoned_model = new_defender(cfg, splits.image_shape, tested)
         load_weights(poisoned_model, os.path.join(out, "defender_poisoned.pt"))
         report, keep = sanitise(x_all, y_all, poisoned_model)
         keep = keep.cpu()
         defended = train(x_all[keep.to(x_all.device)], y_all[keep.to(y_all.device)])
-        defense_seconds = time.perf_counter() - start
-        clean_model = None
-        if not _transfers(cfg):  # the pretrained defender is the pretrain procedure on D_tr: reused
-            clean_model = new_defender(cfg, splits.image_shape)
-            load_weights(clean_model, os.path.join(out, "defender_pretrained.pt"))
-        clean_report, clean_keep = sanitise(splits.x_train, splits.y_train, clean_model)
-        clean_keep = clean_keep.cpu().to(splits.x_train.device)
-        clean_defended = train(splits.x_train[clean_keep], splits.y_train[clean_keep], "train clean (defended)")
         is_poison = _poison_mask(len(y_all), poisons)
         removed = ~keep
         n_removed, poisons_removed = int(removed.sum()), int((removed & is_poison).sum())
@@ -532,18 +646,20 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
                        "clean_removed": n_removed - poisons_removed,
                        "precision": poisons_removed / n_removed if n_removed else None,
                        "recall": poisons_removed / int(is_poison.sum()) if int(is_poison.sum()) else None,
-                       "clean_set_removed": int((~clean_keep).sum()), "report": report, "clean_report": clean_report})
-    clean, poisoned = undefended["clean_accuracy"], undefended["poisoned_accuracy"]
+                       "report": report})
+    defense_seconds = time.perf_counter() - start
     defended_acc = accuracy(defended, splits.x_test, splits.y_test)
-    clean_defended_acc = accuracy(clean_defended, splits.x_test, splits.y_test)
+    clean_side = _clean_defense(out, cfg, dcfg, splits, train, sanitise)
+    result.update(clean_side)
+    clean, poisoned = undefended["clean_accuracy"], undefended["poisoned_accuracy"]
+    clean_defended_acc = clean_side["clean_defended_accuracy"]
     result.update({
         "dataset": cfg.dataset, "attack": cfg.attack, "defender": cfg.defender, "eval_defender": tested,
         "epsilon": cfg.epsilon, "seed": cfg.seed, "n_train": len(splits.y_train), "n_poison": len(y_p),
         "clean_accuracy": clean, "poisoned_accuracy": poisoned, "accuracy_drop": clean - poisoned,
         "defended_accuracy": defended_acc, "defended_drop": clean - defended_acc,
-        "clean_defended_accuracy": clean_defended_acc, "attack_drop_under_defense": clean_defended_acc - defended_acc,
-        "defended_training_seconds": defense_seconds,  # the defense of the poisoned set: its filter and retraining
-        "clean_defense_seconds": time.perf_counter() - start - defense_seconds})  # the same on clean D_tr, and tests
+        "attack_drop_under_defense": clean_defended_acc - defended_acc,
+        "defended_training_seconds": defense_seconds})  # the defense of the poisoned set: its filter and retraining
     os.makedirs(folder, exist_ok=True)
     save_atomic(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))
     write_json(path, result)

@@ -208,6 +208,8 @@ def test_figure_4_is_drawn(tmp_path):
     (["--set", "seed=3"], "--seeds"), (["--set", "attack_epochs=-1"], "attack-epochs must be >= 0"),
     (["--set", "attack_epochs=1.5"], "attack_epochs takes an integer"), (["--set", "damping=nan"], "finite"),
     (["--set", "pretrain_attacker=maybe"], "yes or no"), (["--table", "7", "--set", "follower_steps=2"], "sets follower_steps itself"),
+    (["--attacks", "min-max", "--rows", "min-max_long", "tgda"], "no row tgda among the chosen attacks' rows; choose "
+                                                                  "from min-max_sanitized, min-max, min-max_sanitized_long"),
 ])
 def test_usage_errors_are_one_line_before_any_run(argv, message, tmp_path, capsys):
     args = ["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]
@@ -324,3 +326,12 @@ def test_the_paper_cells_are_transcribed_consistently():
             if abs(clean - paper.accuracy - paper.drop) > 0.011:
                 inconsistent.add(key)
     assert inconsistent == PAPER_AS_PRINTED
+
+
+def test_rows_keep_only_the_named_rows_of_the_chosen_attacks():
+    rows = ["min-max_sanitized", "i-min-max"]
+    runs = bench.plan(bench.TABLES["2"], "smoke", [0, 1], defenders=["lr"], attacks=["min-max", "i-min-max"], rows=rows)
+    assert [(cell.row_folder, seed) for cell, seed, _ in runs] == [(r, s) for r in rows for s in (0, 1)]
+    assert {cfg.feasible_set for cell, _, cfg in runs if cell.row_folder == "min-max_sanitized"} == {"sanitized"}
+    every = bench.plan(bench.TABLES["2"], "smoke", [0], defenders=["lr"], attacks=["min-max", "i-min-max"])
+    assert len(every) == 6 and {c.row_folder for c, _, _ in every} > set(rows)  # without --rows: the long rows too

@@ -352,9 +352,10 @@ BENCH_OWNED = {"seed": "the bench runs seeds 0 .. K-1: use --seeds K",
 
 
 def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, attacks=None, defenses=None,
-         overrides=None):
+         overrides=None, rows=None):
     """[(cell, seed, resolved Config)] of a table at a scale, every setting checked before anything runs.
-    `overrides` ({setting: value}, `--set`) replace the scale's settings in every cell (a shortened schedule)."""
+    `overrides` ({setting: value}, `--set`) replace the scale's settings in every cell (a shortened schedule);
+    `rows` (row folder names, `--rows`) keeps only those rows of the chosen attacks."""
     defenders = tuple(defenders or default_defenders(table, scale))
     dataset = "CIFAR-10" if table.cifar and scale == "paper" else "MNIST"
     allowed = CIFAR_DEFENDERS if dataset == "CIFAR-10" else MNIST_DEFENDERS["paper"]
@@ -380,6 +381,13 @@ def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, a
     cells = table.cells(defenders, attacks, defenses)
     if overrides.get("perfect_knowledge"):  # the rows whose poisons are D_v's points would take them from D_test
         cells = [cell for cell in cells if cell.settings.get("flip_pool") != "val"]
+    if rows:
+        folders = list(dict.fromkeys(cell.row_folder for cell in cells))
+        unknown = [r for r in rows if r not in folders]
+        if unknown:
+            raise ValueError(f"--rows: table {table.key} has no row {', '.join(unknown)} among the chosen attacks' "
+                             f"rows; choose from {', '.join(folders)}")
+        cells = [cell for cell in cells if cell.row_folder in rows]
     for cell in cells:
         quick = ATTACKS[cell.settings["attack"]].quick if scale == "smoke" else {}
         where = f"table {table.key}, {' / '.join(cell.key)}"
@@ -486,13 +494,13 @@ def folder_job(items, scale, overwrite, shared_pretraining=None):
 
 
 def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defenders=None, attacks=None,
-              defenses=None, overrides=None, overwrite=False, verbose=True, executor=None, jobs=1):
+              defenses=None, overrides=None, rows=None, overwrite=False, verbose=True, executor=None, jobs=1):
     """Runs (or resumes) every run of a table; writes and returns the rows (one dict a cell).
 
     Runs go one after the other in this process, or, with `executor` (a submitit executor:
     tgda_attack.cluster.make_executor), one job a run folder, at most `jobs` at once."""
     runs = plan(table, scale, seeds, data_root=data_root, device=device, defenders=defenders, attacks=attacks,
-                defenses=defenses, overrides=overrides)
+                defenses=defenses, overrides=overrides, rows=rows)
     if scale == "paper":
         check_available(runs[0][2].dataset, data_root)  # before any run starts
     table_2 = _table_2_configs(table, scale, seeds, runs, data_root=data_root, device=device, overrides=overrides)

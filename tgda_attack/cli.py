@@ -107,6 +107,9 @@ def build_parser():
     p.add_argument("--defenders", nargs="+", choices=CHOICES["defender"], help="columns (default: by scale)")
     p.add_argument("--attacks", nargs="+", choices=CHOICES["attack"],
                    help="rows of tables 2 and 10 and figure-4 (default: all; min-max and i-min-max give a sanitised and a box row)")
+    p.add_argument("--rows", nargs="+", metavar="ROW",
+                   help="only these rows of the chosen attacks, by their run folder names (e.g. min-max_sanitized "
+                        "min-max: without the long-follower rows; a wrong name lists the table's)")
     p.add_argument("--defenses", nargs="+", choices=tuple(DEFENSES), help="defenses of tables 10 and 11 (default: the table's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE", dest="overrides",
@@ -135,14 +138,15 @@ def _bench(args):
     overrides = _parse_overrides(args.overrides)
     try:
         bench.plan(table, args.scale, [0], data_root=args.data_root, device=args.device, defenders=args.defenders,
-                   attacks=args.attacks, defenses=args.defenses, overrides=overrides)  # every setting checked before a job is submitted
+                   attacks=args.attacks, defenses=args.defenses, overrides=overrides,
+                   rows=args.rows)  # every setting checked before a job is submitted
         executor = None
         if args.executor:
             executor = cluster.make_executor(args.executor, cluster.log_folder(args.out), timeout_min=args.job_minutes,
                                              slurm_partition=args.slurm_partition, gpus=args.job_gpus, jobs=args.jobs)
         rows = bench.run_table(table, args.scale, list(range(args.seeds)), args.out, data_root=args.data_root,
                                device=args.device, defenders=args.defenders, attacks=args.attacks, defenses=args.defenses,
-                               overrides=overrides, overwrite=args.overwrite, verbose=not args.quiet, executor=executor, jobs=args.jobs)
+                               overrides=overrides, rows=args.rows, overwrite=args.overwrite, verbose=not args.quiet, executor=executor, jobs=args.jobs)
     except cluster.ClusterError as exc:
         if "failed" not in str(exc):
             raise UsageError(str(exc)) from None

@@ -244,6 +244,13 @@ def test_the_clean_side_of_a_defense_is_computed_once_for_the_attacks_of_a_share
     assert sphere["clean_report"] != second["clean_report"]
     monkeypatch.undo()
 
+    # TGDA's pretraining adds an attacker (another entry of the store) but trains the same defender: it shares too
+    tgda = protocol.Config.from_dict({"attack": "tgda", "pretrain_epochs": 2, "attacker_epochs": 0, "attack_epochs": 1,
+                                      "attack_batch_size": 1000, "follower_steps": 1, "solver_iterations": 2})
+    protocol.run(tgda, str(tmp_path / "t"), shared_pretraining=shared)
+    assert len([e for e in os.listdir(shared) if e != "clean_defenses"]) == 2
+    assert protocol.stage_defend(str(tmp_path / "t"), loss)["clean_defense_reused_from"] == second["clean_defense_reused_from"]
+
     alone = str(tmp_path / "alone")  # the independent check: the same run outside the store computes its own
     protocol.run(other_attack, alone)
     computed = protocol.stage_defend(alone, loss)
@@ -279,8 +286,12 @@ def test_evaluate_with_a_defense_keeps_a_finished_stage_3(label_flip_run, monkey
     assert cli.main(["evaluate", "--out", label_flip_run, "--defense", "sphere", "--quiet"]) == 0
     assert "stage 3 of these poisons is finished" in capsys.readouterr().out
     monkeypatch.undo()
-    with open(os.path.join(label_flip_run, "metrics.json"), "w") as fh:  # a damaged stage 3 runs again
-        fh.write("{")
-    assert cli.main(["evaluate", "--out", label_flip_run, "--defense", "sphere", "--quiet"]) == 0
-    assert "stage 3 of these poisons is finished" not in capsys.readouterr().out
-    assert protocol.finished_evaluation(label_flip_run)["poisoned_accuracy"] > 0
+    path = os.path.join(label_flip_run, "metrics.json")
+    recorded = json.load(open(path))
+    for damaged in ("{", json.dumps({k: v for k, v in recorded.items() if k != "attack"})):  # stage 3 runs again
+        with open(path, "w") as fh:
+            fh.write(damaged)
+        assert protocol.finished_evaluation(label_flip_run) is None
+        assert cli.main(["evaluate", "--out", label_flip_run, "--defense", "sphere", "--quiet"]) == 0
+        assert "stage 3 of these poisons is finished" not in capsys.readouterr().out
+        assert protocol.finished_evaluation(label_flip_run)["poisoned_accuracy"] == recorded["poisoned_accuracy"]

@@ -108,7 +108,7 @@ def build_parser():
     p.add_argument("--attacks", nargs="+", choices=CHOICES["attack"],
                    help="rows of tables 2 and 10 and figure-4 (default: all; min-max and i-min-max give a sanitised and a box row)")
     p.add_argument("--rows", nargs="+", metavar="ROW",
-                   help="only these rows of the chosen attacks, by their run folder names (e.g. min-max_sanitized "
+                   help="only these rows of the chosen attacks (tables 2 and 10), by their run folder names (e.g. min-max_sanitized "
                         "min-max: without the long-follower rows; a wrong name lists the table's)")
     p.add_argument("--defenses", nargs="+", choices=tuple(DEFENSES), help="defenses of tables 10 and 11 (default: the table's)")
     p.add_argument("--device", default="cpu")

@@ -26,6 +26,7 @@ Each stage reads the previous stage's files from one output folder (tgda_attack.
 own, so the stages can run separately (`tgda-attack pretrain|attack|evaluate`) or together (`run`).
 Settings and their checks live in tgda_attack.config, the reported statistics in tgda_attack.metrics.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,8 @@ import tempfile
 import time
 
 import torch
+
+import hypergrad
 
 from . import data as data_mod
 from . import data_parallel
@@ -443,6 +446,12 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
             "accuracy_drop_std": statistics.stdev(finite) if len(finite) > 1 else None}
 
 
+# What a finished stage 3's metrics.json holds that a defense and the printout read.
+FINISHED_METRICS = {"clean_accuracy": (int, float), "poisoned_accuracy": (int, float), "accuracy_drop": (int, float),
+                    "attack_seconds": (int, float), "attack": str, "dataset": str, "defender": str,
+                    "epsilon": (int, float), "n_poison": int, "seed": int}
+
+
 def finished_evaluation(out):
     """The metrics of the finished stage 3 in `out` (metrics.json beside the retrained defender; the attack stage
     removes both when it writes new poisons, so they are of poisons.pt's), or None where it is not finished or
@@ -450,8 +459,7 @@ def finished_evaluation(out):
     if not all(os.path.exists(os.path.join(out, name)) for name in ("metrics.json", "defender_poisoned.pt")):
         return None
     try:
-        return read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),
-                                                                    "poisoned_accuracy": (int, float)})
+        return read_json_object(os.path.join(out, "metrics.json"), FINISHED_METRICS)
     except RunFolderError:
         return None
 
@@ -489,42 +497,55 @@ def _defended_training(cfg, dcfg, defense, tested, splits, verbose):
 
 
 def _package_digest():
-    """sha256 of this package's and hypergrad's source and compiled files, as imported: a clean defense computed by
-    other code (an edit, a reinstall, another build of hypergrad._C) is not reused."""
+    """sha256 of the source and compiled files of this package and of the hypergrad it imported, as imported: a
+    clean defense computed by other code (an edit, a reinstall, another build of hypergrad._C) is not reused. None
+    (no reuse) where a file cannot be read."""
     digest = hashlib.sha256()
-    for package in ("tgda_attack", "hypergrad"):
-        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package)
-        paths = sorted(os.path.join(folder, name) for folder, _, files in os.walk(root)
-                       for name in files if name.endswith((".py", ".so", ".pyd")))
-        for path in paths:
-            digest.update(os.path.relpath(path, root).encode())
-            with open(path, "rb") as fh:
-                digest.update(fh.read())
+    try:
+        for root in (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(hypergrad.__file__))):
+            paths = sorted(os.path.join(folder, name) for folder, _, files in os.walk(root)
+                           for name in files if name.endswith((".py", ".so", ".pyd")))
+            for path in paths:
+                if not os.path.isfile(path):  # a dangling link (an editor's lock file)
+                    continue
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as fh:
+                    digest.update(fh.read())
+    except OSError as exc:
+        logger.warning("no clean defense will be reused: this package's files could not be read (%s)", exc)
+        return None
     return digest.hexdigest()
 
 
 _CODE = _package_digest()  # at import: the code this process runs, whatever is installed later
 
 
-def _clean_defense_key(out, cfg, dcfg):
-    """What the clean side of stage_defend (the defense applied to D_tr alone, then tested) depends on: the clean
-    pretraining's settings and weights, the defense and its settings, the defender's validation set and the code;
-    none of the attack's settings. Runs of one bench seed agree on it for every attack."""
-    key = {name: value for name, value in pretrain_key(cfg).items() if name not in ATTACKER_PRETRAIN_SETTINGS}
-    with open(os.path.join(out, "defender_pretrained.pt"), "rb") as fh:
-        pretrained = hashlib.sha256(fh.read()).hexdigest()
-    return {**key, "defender_pretrained_sha256": pretrained, "defense": dcfg.defense,
-            "defense_settings": dcfg.own_settings(), "defender_val_fraction": cfg.defender_val_fraction, "code": _CODE}
+def _clean_defense_place(out, cfg, dcfg):
+    """(path, key) of the clean side of stage_defend in the store of the bench the run in `out` belongs to, or None.
 
-
-def _clean_defense_store(out):
-    """The folder that keeps clean defenses for the run in `out`: clean_defenses/ of the shared store its clean
-    pretraining came from or went to (tgda-attack bench), or None for a run outside one."""
-    recorded = read_json(os.path.join(out, "pretrain.json"))
-    entry = recorded.get("pretrained_in") or recorded.get("shared_as")
-    if not entry or not os.path.isfile(os.path.join(entry, "key.json")):
+    The clean side (the defense applied to D_tr alone, then tested) depends on the clean pretraining's settings and
+    weights, the defense and its settings, the defender's validation set, the code and which of hypergrad's kernels
+    run; on none of the attack's settings. The store is OUT/pretrained/clean_defenses/ of the shared clean
+    pretraining the run's came from or went to (pretrain.json: "pretrained_in" / "shared_as"), so the runs of one
+    bench seed share it whatever their attack (TGDA's pretraining, which adds an attacker, included). None for a
+    run outside a bench, an unreadable pretrain.json or missing weights: the clean side is then computed."""
+    try:
+        recorded = read_json(os.path.join(out, "pretrain.json"))
+        entry = recorded.get("pretrained_in") or recorded.get("shared_as")
+        if _CODE is None or not isinstance(entry, str) or not os.path.isfile(os.path.join(entry, "key.json")):
+            return None
+        with open(os.path.join(out, "defender_pretrained.pt"), "rb") as fh:
+            pretrained = hashlib.sha256(fh.read()).hexdigest()
+    except (OSError, ValueError, AttributeError):
         return None
-    return os.path.join(entry, "clean_defenses")
+    key = {name: value for name, value in pretrain_key(cfg).items() if name not in ATTACKER_PRETRAIN_SETTINGS}
+    kernels = hypergrad.build_info()
+    key.update({"defender_pretrained_sha256": pretrained, "defense": dcfg.defense,
+                "defense_settings": dcfg.own_settings(), "defender_val_fraction": cfg.defender_val_fraction,
+                "code": _CODE, "hypergrad_kernels": {name: kernels[name] for name in (
+                    "extension_enabled", "cpu_kernels", "cuda_kernels", "cuda_kernels_off")}})
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json"
+    return os.path.join(os.path.dirname(os.path.normpath(entry)), "clean_defenses", name), key
 
 
 _CLEAN_SIDE_FIELDS = {"clean_defended_accuracy": (int, float), "clean_defense_seconds": (int, float)}
@@ -548,6 +569,7 @@ def _kept_clean_defense(path, key):
 def _keep_clean_defense(path, key, side):
     """Writes the clean side for `key` at `path` (a temporary file of its own, fsync, rename: two bench jobs of one
     seed may write it at once). A store it cannot write costs the reuse, not the result: a warning."""
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
@@ -556,25 +578,26 @@ def _keep_clean_defense(path, key, side):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+        tmp = None
+    except (OSError, TypeError, ValueError) as exc:
         logger.warning("the clean side of this defense was not kept for other runs (%s): %s", path, exc)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
-def _clean_defense(out, cfg, dcfg, splits, train, sanitise):
+def _clean_defense(out, cfg, splits, train, sanitise, place):
     """The clean side of stage_defend: the defense applied to clean D_tr (the pretrained defender as the filter's
-    model), the model it trains, and its test accuracy. The same for every attack of one clean pretraining, so it is
-    kept beside a shared pretraining (_clean_defense_store) and reused there when its key (_clean_defense_key)
-    agrees: "clean_defense_reused_from" then names the file (delete it to compute it again) and
-    "clean_defense_seconds" is the time of the reuse ("clean_defense_seconds_when_computed" that of the work)."""
+    model), the model it trains, and its test accuracy. Kept at `place` ((path, key) of _clean_defense_place, or
+    None) and reused from there when its key agrees: "clean_defense_reused_from" then names the file (delete it to
+    compute it again) and "clean_defense_seconds" is the time of the reuse ("clean_defense_seconds_when_computed"
+    that of the work)."""
     start = time.perf_counter()
-    store = _clean_defense_store(out)
-    if store is not None:
-        key = _clean_defense_key(out, cfg, dcfg)
-        path = os.path.join(store, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
-        kept = _kept_clean_defense(path, key)
-        if kept is not None:
-            return {**kept, "clean_defense_seconds_when_computed": kept["clean_defense_seconds"],
-                    "clean_defense_seconds": time.perf_counter() - start, "clean_defense_reused_from": path}
+    kept = _kept_clean_defense(*place) if place is not None else None
+    if kept is not None:
+        return {**kept, "clean_defense_seconds_when_computed": kept["clean_defense_seconds"],
+                "clean_defense_seconds": time.perf_counter() - start, "clean_defense_reused_from": place[0]}
     result = {}
     if sanitise is None:
         clean_defended = train(splits.x_train, splits.y_train, "train clean (defended)")
@@ -589,8 +612,8 @@ def _clean_defense(out, cfg, dcfg, splits, train, sanitise):
         result.update({"clean_set_removed": int((~clean_keep).sum()), "clean_report": clean_report})
     result.update({"clean_defended_accuracy": accuracy(clean_defended, splits.x_test, splits.y_test),
                    "clean_defense_seconds": time.perf_counter() - start})  # its filter, retraining and test
-    if store is not None:
-        _keep_clean_defense(path, key, result)
+    if place is not None:
+        _keep_clean_defense(*place, result)
     return result
 
 
@@ -626,6 +649,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
     train, sanitise = _defended_training(cfg, dcfg, defense, tested, splits, verbose)
+    place = _clean_defense_place(out, cfg, dcfg)  # before any work: a damaged file is a clean side computed
     start = time.perf_counter()
     result = {"defense": dcfg.defense, "kind": defense.kind, "defense_settings": dcfg.own_settings()}
     if defense.validates:
@@ -649,7 +673,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
                        "report": report})
     defense_seconds = time.perf_counter() - start
     defended_acc = accuracy(defended, splits.x_test, splits.y_test)
-    clean_side = _clean_defense(out, cfg, dcfg, splits, train, sanitise)
+    clean_side = _clean_defense(out, cfg, splits, train, sanitise, place)
     result.update(clean_side)
     clean, poisoned = undefended["clean_accuracy"], undefended["poisoned_accuracy"]
     clean_defended_acc = clean_side["clean_defended_accuracy"]

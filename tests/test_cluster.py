@@ -64,3 +64,14 @@ def test_cluster_usage_errors_are_one_line(argv, message, tmp_path, capsys):
     assert cli.main(["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not (tmp_path / "b").exists()
+
+
+def test_jobs_import_this_package_not_a_folder_of_that_name_in_the_working_directory(tmp_path, monkeypatch):
+    decoy = tmp_path / "checkout"  # a bench started in a source checkout of other code, by the installed command
+    (decoy / "tgda_attack").mkdir(parents=True)
+    (decoy / "tgda_attack" / "__init__.py").write_text("raise ImportError('the working directory copy was imported')\n")
+    monkeypatch.chdir(decoy)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "elsewhere"))
+    executor = cluster.make_executor("local", cluster.log_folder(str(tmp_path / "out")), timeout_min=5)
+    assert cluster.run_jobs(executor, cluster.log_folder, [("x",)]) == [os.path.join("x", "submitit", "%j")]
+    assert os.environ["PYTHONPATH"] == str(tmp_path / "elsewhere") and "PYTHONSAFEPATH" not in os.environ

@@ -7,7 +7,8 @@ before it have written their results (a bench resumed afterwards keeps them). A 
 or SIGTERM cancels the jobs it has in flight, so that none goes on writing a run folder the next bench
 would make again beside it. submitit cancels a local job by SIGINT, which a process started in the background
 (`nohup tgda-attack bench ... &`) ignores and passes on to the jobs it starts: the sweep therefore lets its jobs
-start with SIGINT's default action.
+start with SIGINT's default action. The jobs import the tgda_attack this process runs, not a folder of that name
+in the working directory (_jobs_import_this_package).
 """
 import contextlib
 import os
@@ -48,6 +49,27 @@ def make_executor(kind, folder, *, timeout_min=600, slurm_partition=None, gpus=0
     return executor
 
 
+@contextlib.contextmanager
+def _jobs_import_this_package():
+    """The environment of the jobs submitted within: they import the tgda_attack (and hypergrad) this process
+    runs, not a folder of that name in the working directory. A job starts as `python -m submitit...`, which puts
+    the working directory first on sys.path; a bench started from a source checkout by the installed command
+    would otherwise run the checkout's code in its jobs, as it is when each job starts (PYTHONSAFEPATH, Python
+    3.11+, drops that entry; PYTHONPATH puts this package's folder first)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = {name: os.environ.get(name) for name in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    os.environ["PYTHONSAFEPATH"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join([root] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_jobs(executor, fn, arg_lists, *, jobs=1, poll_seconds=1.0, on_done=None):
     """[fn(*args) for args in arg_lists], each a job of `executor`, at most `jobs` at once; results in order.
     on_done(index, result) is called as each job finishes."""
@@ -55,7 +77,7 @@ def run_jobs(executor, fn, arg_lists, *, jobs=1, poll_seconds=1.0, on_done=None)
         raise ValueError(f"jobs is the number of jobs in flight at once, at least 1; got {jobs}")
     pending = list(enumerate(arg_lists))
     running, results = [], [None] * len(arg_lists)
-    with _sweep_signals():
+    with _sweep_signals(), _jobs_import_this_package():
         try:
             while pending or running:
                 while pending and len(running) < jobs:

@@ -148,7 +148,7 @@ def _pretrain_files(cfg):
 
 
 def _shared_entry(shared, key):
-    """The folder of `shared` for the stage 1 of `key`."""
+    """The path in `shared` named by a digest of `key` (a stage 1's folder, or a clean defense's file)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(shared, digest)
 
@@ -544,8 +544,7 @@ def _clean_defense_place(out, cfg, dcfg):
                 "defense_settings": dcfg.own_settings(), "defender_val_fraction": cfg.defender_val_fraction,
                 "code": _CODE, "hypergrad_kernels": {name: kernels[name] for name in (
                     "extension_enabled", "cpu_kernels", "cuda_kernels", "cuda_kernels_off")}})
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json"
-    return os.path.join(os.path.dirname(os.path.normpath(entry)), "clean_defenses", name), key
+    return _shared_entry(os.path.join(os.path.dirname(os.path.normpath(entry)), "clean_defenses"), key) + ".json", key
 
 
 _CLEAN_SIDE_FIELDS = {"clean_defended_accuracy": (int, float), "clean_defense_seconds": (int, float)}

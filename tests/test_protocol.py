@@ -494,3 +494,70 @@ def test_an_unfinished_shared_entry_is_trained_again_not_copied(tmp_path):
     with open(os.path.join(entry, "key.json"), "w") as fh:
         fh.write("{trunc")
     assert "pretrained_in" not in protocol.stage_pretrain(cfg, str(tmp_path / "c"), shared=shared)
+
+
+class _Stopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stopped", ["pretrain", "retrain", "retraining_1_poisoned", "defended", "clean_defended"])
+def test_a_run_stopped_mid_training_continues_that_training_to_the_results_of_one_never_stopped(
+        tmp_path, monkeypatch, stopped):
+    """Every training of a run keeps its progress (protocol.training_checkpoint): stopped after epoch 2 of 4, the
+    run continued with --resume (and the defense rerun) resumes that training at epoch 2 and ends at the models and
+    numbers of a run never stopped; no kept training is left in the folders after."""
+    from tgda_attack.config import DefenseConfig
+    from tgda_attack.training import TrainingCheckpoint
+    cfg = protocol.Config.from_dict({**TINY, "pretrain_epochs": 4, "attack": "label-flip", "seed": 0, "retrainings": 2})
+    dcfg = DefenseConfig(defense="loss").checked()
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    protocol.run(cfg, whole)
+    protocol.stage_defend(whole, dcfg)
+    made = {}
+
+    def kept_every_epoch(folder, name):  # made[name]: the first of the name (the one its training used)
+        kept = TrainingCheckpoint(os.path.join(folder, f"training_checkpoint.{name}.pt"), every_s=0)
+        made.setdefault(name, kept)
+        return kept
+    monkeypatch.setattr(protocol, "training_checkpoint", kept_every_epoch)
+    save = TrainingCheckpoint._save
+
+    def save_then_stop(self, key, epoch, *args):
+        save(self, key, epoch, *args)
+        if self.path.endswith(f".{stopped}.pt") and epoch == 2:
+            raise _Stopped
+    monkeypatch.setattr(TrainingCheckpoint, "_save", save_then_stop)
+    with pytest.raises(_Stopped):
+        protocol.run(cfg, cut)
+        protocol.stage_defend(cut, dcfg)
+    monkeypatch.setattr(TrainingCheckpoint, "_save", save)
+    made.clear()
+    protocol.run(cfg, cut, resume=True)
+    protocol.stage_defend(cut, dcfg, resume=True)
+    assert made[stopped].resumed_at_epoch == 2
+    # the others start afresh, or (a training finished before the stop whose result was not yet written) are read back
+    assert all(each.resumed_at_epoch in (0, 4) for name, each in made.items() if name != stopped)
+    if stopped == "retraining_1_poisoned":
+        assert made["retraining_1_clean"].resumed_at_epoch == 4
+    for name in ("defender_pretrained.pt", "defender_poisoned.pt", "defense_loss/defender_defended.pt"):
+        a, b = (torch.load(os.path.join(d, name), weights_only=True) for d in (whole, cut))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    metrics = [protocol.read_json(os.path.join(d, "metrics.json")) for d in (whole, cut)]
+    assert metrics[0]["retrainings"] == metrics[1]["retrainings"]
+    assert metrics[0]["poisoned_accuracy"] == metrics[1]["poisoned_accuracy"]
+    defended = [protocol.read_json(os.path.join(d, "defense_loss", "metrics.json")) for d in (whole, cut)]
+    assert [d["clean_defended_accuracy"] for d in defended][0] == defended[1]["clean_defended_accuracy"]
+    assert defended[0]["defended_accuracy"] == defended[1]["defended_accuracy"]
+    assert not [name for _, _, files in os.walk(cut) for name in files if name.startswith("training_checkpoint.")]
+
+
+def test_overwrite_and_new_poisons_remove_kept_trainings(tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["run", "--attack", "label-flip", "--out", out, *TINY_FLAGS]) == 0
+    for name in ("training_checkpoint.retrain.pt", "training_checkpoint.retrain.pt.tmp"):
+        open(os.path.join(out, name), "wb").close()
+    protocol.clear_evaluation(out)  # what the attack stage does before it writes new poisons
+    assert not [n for n in os.listdir(out) if n.startswith("training_checkpoint.")]
+    open(os.path.join(out, "training_checkpoint.pretrain.pt"), "wb").close()
+    assert cli.main(["run", "--attack", "label-flip", "--out", out, "--overwrite", *TINY_FLAGS]) == 0
+    assert not [n for n in os.listdir(out) if n.startswith("training_checkpoint.")]

@@ -105,3 +105,101 @@ def test_a_convolutional_defender_trains_in_channels_last_to_the_same_model_and_
     with pytest.raises(FloatingPointError):  # the layout is restored also when training stops with an error
         train_classifier(diverging, x_nan, y, **kw)
     assert all(p.is_contiguous() for p in diverging.parameters())
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stopped_after(epochs_done):
+    """An after_epoch hook that stops the training once `epochs_done` epochs have run (a kill between epochs)."""
+    seen = []
+
+    def hook(model):
+        seen.append(1)
+        if len(seen) == epochs_done:
+            raise _Stop
+    return hook
+
+
+def _dropout_cnn(dtype=torch.float64):
+    torch.manual_seed(4)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 6 * 6, 3)).to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "dropout-cnn"])
+def test_a_training_stopped_and_called_again_ends_at_the_weights_of_one_never_stopped(tmp_path, kind):
+    """The kept state (weights, the shuffle's and torch's random streams: dropout draws from the latter; a CNN
+    trains channels-last) makes the continued training the uninterrupted one, bit for bit."""
+    from tgda_attack.training import TrainingCheckpoint
+    if kind == "linear":
+        model, x, y = _problem()
+    else:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(30, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+        model = _dropout_cnn()
+    kw = dict(epochs=5, batch_size=8, lr=0.5, seed=3, max_grad_norm=5.0)
+    torch.manual_seed(9)
+    whole = train_classifier(copy.deepcopy(model), x, y, **kw)
+    kept = TrainingCheckpoint(str(tmp_path / "ckpt.pt"), every_s=0)
+    torch.manual_seed(9)
+    with pytest.raises(_Stop):
+        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(2), **kw)
+    assert torch.load(kept.path, weights_only=True)["epoch"] == 2
+    torch.manual_seed(123)  # another process: the global random state is the kept one, not this
+    continued = train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, **kw)
+    assert kept.resumed_at_epoch == 2 and kept.seconds_before > 0
+    for name, value in whole.state_dict().items():
+        assert torch.equal(continued.state_dict()[name], value), name
+    # kept at its end too: called once more it does no epoch and gives the same model, until discarded
+    again = train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, **kw)
+    assert kept.resumed_at_epoch == 5 and torch.equal(again.state_dict()["0.weight" if kind != "linear" else "weight"],
+                                                      whole.state_dict()["0.weight" if kind != "linear" else "weight"])
+    kept.discard()
+    assert not (tmp_path / "ckpt.pt").exists()
+    kept.discard()  # nothing left to remove: no error
+
+
+@pytest.mark.parametrize("change", ["lr", "data", "initial weights", "damaged file", "not a tensor file"])
+def test_a_kept_training_of_another_training_or_a_damaged_file_is_set_aside_and_the_training_starts_afresh(
+        tmp_path, caplog, change):
+    from tgda_attack.training import TrainingCheckpoint
+    model, x, y = _problem()
+    kw = dict(epochs=4, batch_size=8, lr=0.5, seed=3)
+    kept = TrainingCheckpoint(str(tmp_path / "ckpt.pt"), every_s=0)
+    with pytest.raises(_Stop):
+        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(2), **kw)
+    if change == "lr":
+        kw["lr"] = 0.25
+    elif change == "data":
+        x = x.clone()
+        x[0, 0] += 1e-9
+    elif change == "initial weights":
+        with torch.no_grad():
+            model.bias.add_(1e-9)
+    elif change == "damaged file":
+        with open(kept.path, "r+b") as fh:
+            fh.truncate(100)
+    else:
+        with open(kept.path, "wb") as fh:
+            fh.write(b"not a checkpoint")
+    fresh = train_classifier(copy.deepcopy(model), x, y, **kw)
+    continued = train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, **kw)
+    assert kept.resumed_at_epoch == 0 and "training from scratch" in caplog.text
+    for p, q in zip(fresh.parameters(), continued.parameters()):
+        assert torch.equal(p, q)
+    assert torch.load(kept.path, weights_only=True)["epoch"] == 4  # replaced by this training's
+
+
+def test_a_training_keeps_its_progress_only_every_so_many_seconds(tmp_path, monkeypatch):
+    """every_s: saved at the end of an epoch once that long has passed since the last (and at the end)."""
+    from tgda_attack import training
+    saved = []
+    monkeypatch.setattr(training.TrainingCheckpoint, "_save", lambda self, key, epoch, *a: saved.append(epoch))
+    model, x, y = _problem()
+    train_classifier(model, x, y, epochs=6, batch_size=8, lr=0.5, seed=3,
+                     checkpoint=training.TrainingCheckpoint(str(tmp_path / "c.pt"), every_s=3600))
+    assert saved == [6]
+    with pytest.raises(ValueError, match="every_s"):
+        training.TrainingCheckpoint(str(tmp_path / "c.pt"), every_s=-1)

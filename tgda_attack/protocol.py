@@ -49,9 +49,9 @@ from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
 from .progress import progress_bar
-from .rundir import (OtherSettingsError, RunFolderError, claim, clear_evaluation, copy_atomic, load_state, load_weights,
+from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, claim, clear_evaluation, copy_atomic, load_state, load_weights,
                      need, read_json, read_json_object, save_atomic, settings_of, write_json)
-from .training import accuracy, pretrain_attacker, train_classifier, training_layout
+from .training import TrainingCheckpoint, accuracy, pretrain_attacker, train_classifier, training_layout
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,21 @@ def new_attacker(cfg, image_shape):
     return make_attacker(cfg.attacker, image_shape).to(cfg.device, _torch_dtype(cfg))
 
 
-def train_defender(cfg, x, y, verbose=False, desc="train defender", name=None):
+def train_defender(cfg, x, y, verbose=False, desc="train defender", name=None, checkpoint=None):
     """The pretrain procedure: a fresh defender (or architecture `name`) trained on (x, y). Retraining calls it
-    again. `cfg` may be a Config whose dataset defaults are not filled in yet."""
+    again. `cfg` may be a Config whose dataset defaults are not filled in yet. `checkpoint`: a TrainingCheckpoint
+    (training_checkpoint) that keeps the training's progress and continues a kept one."""
     cfg = cfg.resolved()
     model = new_defender(cfg, tuple(x.shape[1:]), name)
     return train_classifier(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
                             lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc,
-                            max_grad_norm=cfg.pretrain_max_grad_norm)
+                            max_grad_norm=cfg.pretrain_max_grad_norm, checkpoint=checkpoint)
+
+
+def training_checkpoint(folder, name):
+    """The TrainingCheckpoint of the training `name` of a run (or defense) folder: a killed run, rerun with
+    --resume, continues each training from its last kept epoch (rundir.TRAINING_CHECKPOINT names the files)."""
+    return TrainingCheckpoint(os.path.join(folder, f"{TRAINING_CHECKPOINT}{name}.pt"))
 
 
 def _transfers(cfg):
@@ -206,7 +213,8 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
             write_json(os.path.join(out, "pretrain.json"), result)
             return result
     start = time.perf_counter()
-    defender = train_defender(cfg, splits.x_train, splits.y_train, verbose, desc="pretrain defender")
+    kept = training_checkpoint(out, "pretrain")
+    defender = train_defender(cfg, splits.x_train, splits.y_train, verbose, desc="pretrain defender", checkpoint=kept)
     clean = accuracy(defender, splits.x_test, splits.y_test)
     save_atomic(defender.state_dict(), os.path.join(out, "defender_pretrained.pt"))
     if needs_attacker:
@@ -215,13 +223,19 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
             pretrain_attacker(attacker, splits.x_train, splits.y_train, epochs=cfg.attacker_epochs,
                               batch_size=cfg.attacker_batch_size, seed=cfg.seed, verbose=verbose)
         save_atomic(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
-    result = {"clean_accuracy": clean, "pretrain_seconds": time.perf_counter() - start}
+    result = {"clean_accuracy": clean, "pretrain_seconds": kept.seconds_before + time.perf_counter() - start}
+    if kept.resumed_at_epoch:
+        result["pretrain_resumed_at_epoch"] = kept.resumed_at_epoch
     if shared is not None:
         result["shared_as"] = entry  # the store this stage 1 goes to (its copies name it in "pretrained_in")
+    kept_eval = training_checkpoint(out, "pretrain_eval")
     if _transfers(cfg):
-        target = train_defender(cfg, splits.x_train, splits.y_train, verbose, "pretrain eval defender", cfg.eval_defender)
+        target = train_defender(cfg, splits.x_train, splits.y_train, verbose, "pretrain eval defender", cfg.eval_defender,
+                                checkpoint=kept_eval)
         result["eval_clean_accuracy"] = accuracy(target, splits.x_test, splits.y_test)
     write_json(os.path.join(out, "pretrain.json"), result)
+    kept.discard()
+    kept_eval.discard()
     if shared is not None:
         _to_shared(entry, key, done, out)
     return result
@@ -372,8 +386,9 @@ def stage_evaluate(out, verbose=False):
     x_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg))
     y_p = poisons["y_poison"].to(cfg.device)
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
+    kept = training_checkpoint(out, "retrain")
     retrained = train_defender(cfg, *poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p),
-                               verbose, desc="retrain defender", name=tested)
+                               verbose, desc="retrain defender", name=tested, checkpoint=kept)
     save_atomic(retrained.state_dict(), os.path.join(out, "defender_poisoned.pt"))
     poisoned = accuracy(retrained, splits.x_test, splits.y_test)
     clean = pre["eval_clean_accuracy"] if _transfers(cfg) else pre["clean_accuracy"]
@@ -392,6 +407,7 @@ def stage_evaluate(out, verbose=False):
     metrics["source_pool"] = poisons.get("source_pool", "train")
     metrics.update(poison_statistics(source.cpu(), poisons["x_poison"]))
     write_json(os.path.join(out, "metrics.json"), metrics)
+    kept.discard()
     from .report import save_poison_figure
     save_poison_figure(source.cpu(), poisons["x_poison"], y_pool[poisons["source_indices"].to(y_pool.device)].cpu(),
                        poisons["y_poison"], os.path.join(out, "poisons.png"))
@@ -422,9 +438,9 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
     done[str(cfg.seed)] = [clean, poisoned]
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
 
-    def tested_accuracy(other, x, y, desc):
+    def tested_accuracy(other, x, y, desc, kept):
         try:
-            model = train_defender(other, x, y, desc=desc, name=tested)
+            model = train_defender(other, x, y, desc=desc, name=tested, checkpoint=kept)
         except FloatingPointError:
             return None
         return accuracy(model, splits.x_test, splits.y_test)
@@ -434,9 +450,12 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
         if not (isinstance(pair, list) and len(pair) == 2
                 and all(a is None or isinstance(a, (int, float)) for a in pair)):
             other = dataclasses.replace(cfg, seed=seed)
-            done[str(seed)] = [tested_accuracy(other, splits.x_train, splits.y_train, f"train clean, seed {seed}"),
-                               tested_accuracy(other, x_all, y_all, f"retrain defender, seed {seed}")]
+            kept = [training_checkpoint(out, f"retraining_{seed}_{side}") for side in ("clean", "poisoned")]
+            done[str(seed)] = [tested_accuracy(other, splits.x_train, splits.y_train, f"train clean, seed {seed}", kept[0]),
+                               tested_accuracy(other, x_all, y_all, f"retrain defender, seed {seed}", kept[1])]
             write_json(path, {"poisons_sha256": digest, "pairs": done})
+            for each in kept:
+                each.discard()
     pairs = [done[str(seed)] for seed in seeds]
     drops = [None if c is None or p is None else c - p for c, p in pairs]
     finite = [d for d in drops if d is not None]
@@ -475,15 +494,16 @@ def _poison_mask(n, poisons):
 
 
 def _defended_training(cfg, dcfg, defense, tested, splits, verbose):
-    """(train, filter): train(x, y) -> model, the retraining procedure under the defense (the pretrain
-    procedure, or the defense's robust training), and filter(x, y, model) -> (report, is_clean) or None."""
-    def train(x, y, desc="retrain defender (defended)"):
+    """(train, filter): train(x, y, desc, checkpoint) -> model, the retraining procedure under the defense (the
+    pretrain procedure, continued from `checkpoint` where one is kept; or the defense's robust training, whose
+    random state is not kept: it starts afresh), and filter(x, y, model) -> (report, is_clean) or None."""
+    def train(x, y, desc="retrain defender (defended)", checkpoint=None):
         if defense.kind == "training":
             model = new_defender(cfg, tuple(x.shape[1:]), tested)
             return defense.train(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
                                  lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc,
                                  max_grad_norm=cfg.pretrain_max_grad_norm)
-        return train_defender(cfg, x, y, verbose, desc=desc, name=tested)
+        return train_defender(cfg, x, y, verbose, desc=desc, name=tested, checkpoint=checkpoint)
 
     if defense.kind == "training":
         return train, None
@@ -586,7 +606,7 @@ def _keep_clean_defense(path, key, side):
                 os.remove(tmp)
 
 
-def _clean_defense(out, cfg, splits, train, sanitise, place):
+def _clean_defense(out, cfg, dcfg, splits, train, sanitise, place):
     """The clean side of stage_defend: the defense applied to clean D_tr (the pretrained defender as the filter's
     model), the model it trains, and its test accuracy. Kept at `place` ((path, key) of _clean_defense_place, or
     None) and reused from there when its key agrees: "clean_defense_reused_from" then names the file (delete it to
@@ -607,7 +627,8 @@ def _clean_defense(out, cfg, splits, train, sanitise, place):
             load_weights(clean_model, os.path.join(out, "defender_pretrained.pt"))
         clean_report, clean_keep = sanitise(splits.x_train, splits.y_train, clean_model)
         clean_keep = clean_keep.cpu().to(splits.x_train.device)
-        clean_defended = train(splits.x_train[clean_keep], splits.y_train[clean_keep], "train clean (defended)")
+        clean_defended = train(splits.x_train[clean_keep], splits.y_train[clean_keep], "train clean (defended)",
+                               training_checkpoint(os.path.join(out, f"defense_{dcfg.defense}"), "clean_defended"))
         result.update({"clean_set_removed": int((~clean_keep).sum()), "clean_report": clean_report})
     result.update({"clean_defended_accuracy": accuracy(clean_defended, splits.x_test, splits.y_test),
                    "clean_defense_seconds": time.perf_counter() - start})  # its filter, retraining and test
@@ -661,7 +682,8 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         load_weights(poisoned_model, os.path.join(out, "defender_poisoned.pt"))
         report, keep = sanitise(x_all, y_all, poisoned_model)
         keep = keep.cpu()
-        defended = train(x_all[keep.to(x_all.device)], y_all[keep.to(y_all.device)])
+        defended = train(x_all[keep.to(x_all.device)], y_all[keep.to(y_all.device)],
+                         checkpoint=training_checkpoint(folder, "defended"))
         is_poison = _poison_mask(len(y_all), poisons)
         removed = ~keep
         n_removed, poisons_removed = int(removed.sum()), int((removed & is_poison).sum())
@@ -672,7 +694,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
                        "report": report})
     defense_seconds = time.perf_counter() - start
     defended_acc = accuracy(defended, splits.x_test, splits.y_test)
-    clean_side = _clean_defense(out, cfg, splits, train, sanitise, place)
+    clean_side = _clean_defense(out, cfg, dcfg, splits, train, sanitise, place)
     result.update(clean_side)
     clean, poisoned = undefended["clean_accuracy"], undefended["poisoned_accuracy"]
     clean_defended_acc = clean_side["clean_defended_accuracy"]
@@ -686,6 +708,8 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     os.makedirs(folder, exist_ok=True)
     save_atomic(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))
     write_json(path, result)
+    for name in ("defended", "clean_defended"):
+        training_checkpoint(folder, name).discard()
     return result
 
 

@@ -27,6 +27,15 @@ RUN_FILES = ("config.json", "pretrain.json", "defender_pretrained.pt", "attacker
              "defender_poisoned.pt", "metrics.json", "poisons.png", "retrainings.json")
 
 
+# The files in which trainings keep their progress (training.TrainingCheckpoint): TRAINING_CHECKPOINT + a name + ".pt"
+# in a run folder (stage 1, stage 3, the retrainings) or a defense_NAME folder.
+TRAINING_CHECKPOINT = "training_checkpoint."
+
+
+def _training_checkpoints(out):
+    return [name for name in os.listdir(out) if name.startswith(TRAINING_CHECKPOINT)]
+
+
 # The stage (a `tgda-attack` command) that writes each file of a run folder, named in the advice for a damaged one.
 WRITTEN_BY = {"config.json": "pretrain", "pretrain.json": "pretrain", "defender_pretrained.pt": "pretrain",
               "attacker_pretrained.pt": "pretrain", "attack_checkpoint.pt": "attack", "attack.json": "attack",
@@ -40,7 +49,7 @@ def clear_evaluation(out):
     """Removes what stage 3 and the defenses wrote of the poisons in `out` (metrics, models, figure, defense_*
     folders): called before new poisons replace them, so that no result of the old poisons outlives them
     (retrainings.json stays: it records the digest of the poisons it measured)."""
-    for name in EVALUATION_FILES:
+    for name in (*EVALUATION_FILES, *_training_checkpoints(out)):  # a kept retraining is of the old poisons
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name))
     for entry in os.scandir(out):
@@ -208,7 +217,7 @@ def claim(out, cfg, *, overwrite=False, resume=False):
     wanted = cfg.identity()  # the settings the run reads (tgda_attack.config.identity_of)
     if overwrite:
         ranks = [n for n in os.listdir(out) if n.startswith("attack_checkpoint.rank")]  # --dp-mode partitions
-        for name in (*RUN_FILES, *ranks):
+        for name in (*RUN_FILES, *ranks, *_training_checkpoints(out)):
             path = os.path.join(out, name)
             if os.path.exists(path):
                 os.remove(path)

@@ -22,13 +22,26 @@ Speed: on a CPU, a defender with 2-d convolutions trains in the channels-last me
 each batch; the weights go back to the default layout when training ends). oneDNN's convolutions are faster
 in it: the paper's CNN, one batch of 1,000 MNIST digits forward and backward on 2 cores, 1.16 s -> 0.84 s. The
 values computed are the same up to the summation order of the convolutions.
+
+Resuming: a training given a TrainingCheckpoint keeps its progress in a file (the weights, the shuffle's and
+torch's random states after the last finished epoch, every `every_s` seconds and at its end); called again
+with the same arguments it continues from there and ends at the same weights, bit for bit, as one that was
+never stopped. The paper's CNN trains for an hour on a 2-core CPU; a kill in its 90th epoch costs one minute.
 """
 import contextlib
+import hashlib
+import json
+import logging
 import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
 from .progress import progress_bar
+from .rundir import RunFolderError, load_state, save_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def _batches(n, batch_size, generator):
@@ -70,19 +83,98 @@ def _memory_layout(model, layout):
         model.to(memory_format=torch.contiguous_format)
 
 
+def _tensor_digest(t):
+    """sha256 of a tensor's values (its bytes in the default layout, on the CPU)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+class TrainingCheckpoint:
+    """Where train_classifier keeps the progress of one training (the file `path`), so that a training stopped
+    before its end continues from its last kept epoch when train_classifier is called again with the same
+    model at the same initialisation, data and settings. A file of another training (other data, settings,
+    initial weights, threads or torch), or one that cannot be read, is set aside: the training starts afresh
+    (a warning says why) and replaces it. Kept every `every_s` seconds at the end of an epoch, and at the end
+    of the training, so that a kill between the training's end and the caller's use of the model costs
+    nothing: the caller calls discard() once it has written what it made of the model.
+
+    After a training: `resumed_at_epoch` (0: it started afresh) and `seconds_before` (the training's time in
+    the calls before this one). The state of a loss_fn or after_epoch callback is not kept: use it with the
+    plain cross-entropy (or a loss without random state)."""
+
+    def __init__(self, path, every_s=60.0):
+        if not every_s >= 0:
+            raise ValueError(f"every_s must be >= 0 seconds, got {every_s}")
+        self.path, self.every_s = path, every_s
+        self.resumed_at_epoch, self.seconds_before = 0, 0.0
+
+    def discard(self):
+        """Removes the file (the caller has written what it made of the trained model)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+    def _load(self, key):
+        if not os.path.exists(self.path):
+            return None
+        try:
+            state = load_state(self.path, {"key": str, "epoch": int, "model": dict, "shuffle": torch.Tensor,
+                                           "torch_rng": torch.Tensor, "seconds": float})
+        except RunFolderError as exc:
+            logger.warning("training from scratch: %s", exc)
+            return None
+        if state["key"] != key:
+            logger.warning("training from scratch: %s was kept by another training (other data, settings, initial "
+                           "weights, threads or torch)", self.path)
+            return None
+        return state
+
+    def _save(self, key, epoch, model, generator, seconds):
+        state = {"key": key, "epoch": epoch, "model": model.state_dict(), "shuffle": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "seconds": float(seconds)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        save_atomic(state, self.path)
+
+
+def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm):
+    """What a kept training must agree on to be continued (a JSON string)."""
+    return json.dumps({
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "max_grad_norm": float(max_grad_norm),
+        "x": [_tensor_digest(x), list(x.shape), str(x.dtype)], "y": _tensor_digest(y),
+        "initial_weights": hashlib.sha256("".join(f"{name}:{_tensor_digest(t)}" for name, t in
+                                                  model.state_dict().items()).encode()).hexdigest(),
+        "model": type(model).__name__, "device": str(x.device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__}, sort_keys=True)
+
+
 def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
-                     loss_fn=cross_entropy_loss, after_epoch=None, max_grad_norm=0.0):
+                     loss_fn=cross_entropy_loss, after_epoch=None, max_grad_norm=0.0, checkpoint=None):
     """Mini-batch gradient descent on loss_fn(model, x_batch, y_batch) (the cross-entropy unless a robust
     training procedure gives its own): w -= lr * grad, the gradient scaled down to an L2 norm of
     `max_grad_norm` where it is longer (0: never). `after_epoch(model)`, where given, is called after
-    each epoch (in eval mode; training resumes in train mode). Returns the model."""
+    each epoch (in eval mode; training resumes in train mode). `checkpoint`, a TrainingCheckpoint, keeps the
+    training's progress and continues a kept one (module docstring). Returns the model."""
     if epochs < 0 or batch_size < 1 or lr <= 0 or not max_grad_norm >= 0:
         raise ValueError("epochs must be >= 0, batch_size >= 1, lr > 0 and max_grad_norm >= 0")
     layout = training_layout(model, x.device) if x.dim() == 4 else None
     generator = torch.Generator().manual_seed(seed)
+    first_epoch, seconds_before, start = 0, 0.0, time.perf_counter()
+    if checkpoint is not None:
+        key = _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm)
+        kept = checkpoint._load(key)
+        if kept is not None:
+            model.load_state_dict(kept["model"])
+            generator.set_state(kept["shuffle"])
+            torch.set_rng_state(kept["torch_rng"])
+            if "cuda_rng" in kept and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(kept["cuda_rng"])
+            first_epoch, seconds_before = kept["epoch"], kept["seconds"]
+        checkpoint.resumed_at_epoch, checkpoint.seconds_before = first_epoch, seconds_before
+        last_kept = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    bar = progress_bar(range(epochs), desc=desc, disable=not verbose, leave=False)
+    bar = progress_bar(range(first_epoch, epochs), desc=desc, disable=not verbose, leave=False,
+                       initial=first_epoch, total=epochs)
     with _memory_layout(model, layout):
         for epoch in bar:
             for idx in _batches(len(y), batch_size, generator):
@@ -101,6 +193,9 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
                     "outcome, but no accuracy can be measured); use a smaller learning rate (--pretrain-lr) or a "
                     "gradient-norm bound (--pretrain-max-grad-norm)")
             bar.set_postfix(loss=f"{last:.4f}")
+            if checkpoint is not None and (epoch + 1 == epochs or time.perf_counter() - last_kept >= checkpoint.every_s):
+                checkpoint._save(key, epoch + 1, model, generator, seconds_before + time.perf_counter() - start)
+                last_kept = time.perf_counter()
             if after_epoch is not None:
                 model.eval()
                 after_epoch(model)

@@ -51,14 +51,16 @@ def test_an_attack_killed_mid_epoch_resumes_to_the_poisons_of_an_uninterrupted_r
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert cli.main(["run", *ATTACK, "--out", whole]) == 0
     assert cli.main(["pretrain", *ATTACK, "--out", killed]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "tgda_attack", "attack", "--out", killed, "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the tgda_attack the tests import
+    # SIGKILL right after the first epoch's checkpoint: sent by the attack process itself, so that the instant does not
+    # depend on how fast a busy machine lets a watching process see the file (the tgda_attack the tests import)
+    kill_after_first_save = (
+        "import os, signal, sys; from tgda_attack import cli; from tgda_attack.attacks import tgda; save = tgda.TGDAAttack._save\n"
+        "def save_then_die(self, *a, **k):\n    save(self, *a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "tgda.TGDAAttack._save = save_then_die; sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", kill_after_first_save, "attack", "--out", killed, "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = os.path.join(killed, "attack_checkpoint.pt")
-    deadline = time.time() + 300
-    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # in epoch 2, right after the first epoch's checkpoint
-    proc.wait()
+    proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, "the attack finished before it could be killed"
     assert not os.path.exists(os.path.join(killed, "poisons.pt"))
     assert torch.load(checkpoint, weights_only=True)["epoch"] < 4

@@ -551,13 +551,23 @@ def test_a_run_stopped_mid_training_continues_that_training_to_the_results_of_on
     assert not [name for _, _, files in os.walk(cut) for name in files if name.startswith("training_checkpoint.")]
 
 
-def test_overwrite_and_new_poisons_remove_kept_trainings(tmp_path):
+def test_overwrite_new_poisons_and_finished_stages_remove_kept_trainings(tmp_path):
+    from tgda_attack import rundir
     out = str(tmp_path)
     assert cli.main(["run", "--attack", "label-flip", "--out", out, *TINY_FLAGS]) == 0
-    for name in ("training_checkpoint.retrain.pt", "training_checkpoint.retrain.pt.tmp"):
-        open(os.path.join(out, name), "wb").close()
+
+    def leave(*names):
+        for name in names:
+            open(os.path.join(out, f"training_checkpoint.{name}"), "wb").close()
+
+    def left():
+        return sorted(n for n in os.listdir(out) if n.startswith("training_checkpoint."))
+    leave("retrain.pt", "retrain.pt.tmp")
     protocol.clear_evaluation(out)  # what the attack stage does before it writes new poisons
-    assert not [n for n in os.listdir(out) if n.startswith("training_checkpoint.")]
-    open(os.path.join(out, "training_checkpoint.pretrain.pt"), "wb").close()
-    assert cli.main(["run", "--attack", "label-flip", "--out", out, "--overwrite", *TINY_FLAGS]) == 0
-    assert not [n for n in os.listdir(out) if n.startswith("training_checkpoint.")]
+    assert left() == []
+    leave("pretrain.pt", "retraining_3_clean.pt")  # a kill after the stages wrote their results, before clean-up
+    assert cli.main(["run", "--attack", "label-flip", "--out", out, "--resume", *TINY_FLAGS]) == 0
+    assert left() == []
+    leave("pretrain.pt", "pretrain.pt.tmp")
+    cfg = protocol.Config.from_dict({**TINY, "attack": "label-flip"}).resolved()
+    assert rundir.claim(out, cfg, overwrite=True) is False and left() == []

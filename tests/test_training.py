@@ -112,7 +112,8 @@ class _Stop(Exception):
 
 
 def _stopped_after(epochs_done):
-    """An after_epoch hook that stops the training once `epochs_done` epochs have run (a kill between epochs)."""
+    """An after_epoch hook that stops the training in its call after epoch `epochs_done` (a kill before that epoch
+    is kept: the checkpoint holds epoch `epochs_done` - 1)."""
     seen = []
 
     def hook(model):
@@ -128,13 +129,20 @@ def _dropout_cnn(dtype=torch.float64):
                                torch.nn.Linear(4 * 6 * 6, 3)).to(dtype)
 
 
-@pytest.mark.parametrize("kind", ["linear", "dropout-cnn"])
+def _batchnorm_net():
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
+                               torch.nn.Linear(6, 3)).double()  # its batch counter is a 0-dim buffer
+
+
+@pytest.mark.parametrize("kind", ["linear", "dropout-cnn", "batchnorm"])
 def test_a_training_stopped_and_called_again_ends_at_the_weights_of_one_never_stopped(tmp_path, kind):
     """The kept state (weights, the shuffle's and torch's random streams: dropout draws from the latter; a CNN
     trains channels-last) makes the continued training the uninterrupted one, bit for bit."""
     from tgda_attack.training import TrainingCheckpoint
-    if kind == "linear":
+    if kind != "dropout-cnn":
         model, x, y = _problem()
+        model = model if kind == "linear" else _batchnorm_net()
     else:
         g = torch.Generator().manual_seed(0)
         x, y = torch.rand(30, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
@@ -145,7 +153,7 @@ def test_a_training_stopped_and_called_again_ends_at_the_weights_of_one_never_st
     kept = TrainingCheckpoint(str(tmp_path / "ckpt.pt"), every_s=0)
     torch.manual_seed(9)
     with pytest.raises(_Stop):
-        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(2), **kw)
+        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(3), **kw)
     assert torch.load(kept.path, weights_only=True)["epoch"] == 2
     torch.manual_seed(123)  # another process: the global random state is the kept one, not this
     continued = train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, **kw)
@@ -154,14 +162,15 @@ def test_a_training_stopped_and_called_again_ends_at_the_weights_of_one_never_st
         assert torch.equal(continued.state_dict()[name], value), name
     # kept at its end too: called once more it does no epoch and gives the same model, until discarded
     again = train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, **kw)
-    assert kept.resumed_at_epoch == 5 and torch.equal(again.state_dict()["0.weight" if kind != "linear" else "weight"],
-                                                      whole.state_dict()["0.weight" if kind != "linear" else "weight"])
+    assert kept.resumed_at_epoch == 5
+    assert all(torch.equal(again.state_dict()[name], value) for name, value in whole.state_dict().items())
     kept.discard()
     assert not (tmp_path / "ckpt.pt").exists()
     kept.discard()  # nothing left to remove: no error
 
 
-@pytest.mark.parametrize("change", ["lr", "data", "initial weights", "damaged file", "not a tensor file"])
+@pytest.mark.parametrize("change", ["lr", "data", "initial weights", "architecture", "loss", "damaged file",
+                                    "not a tensor file"])
 def test_a_kept_training_of_another_training_or_a_damaged_file_is_set_aside_and_the_training_starts_afresh(
         tmp_path, caplog, change):
     from tgda_attack.training import TrainingCheckpoint
@@ -169,7 +178,7 @@ def test_a_kept_training_of_another_training_or_a_damaged_file_is_set_aside_and_
     kw = dict(epochs=4, batch_size=8, lr=0.5, seed=3)
     kept = TrainingCheckpoint(str(tmp_path / "ckpt.pt"), every_s=0)
     with pytest.raises(_Stop):
-        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(2), **kw)
+        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(3), **kw)
     if change == "lr":
         kw["lr"] = 0.25
     elif change == "data":
@@ -178,6 +187,10 @@ def test_a_kept_training_of_another_training_or_a_damaged_file_is_set_aside_and_
     elif change == "initial weights":
         with torch.no_grad():
             model.bias.add_(1e-9)
+    elif change == "architecture":  # the same weights in another network (a final softmax)
+        model = torch.nn.Sequential(model, torch.nn.LogSoftmax(dim=1))
+    elif change == "loss":
+        kw["loss_fn"] = lambda m, xb, yb: F.cross_entropy(m(xb), yb, label_smoothing=0.1)
     elif change == "damaged file":
         with open(kept.path, "r+b") as fh:
             fh.truncate(100)
@@ -190,6 +203,18 @@ def test_a_kept_training_of_another_training_or_a_damaged_file_is_set_aside_and_
     for p, q in zip(fresh.parameters(), continued.parameters()):
         assert torch.equal(p, q)
     assert torch.load(kept.path, weights_only=True)["epoch"] == 4  # replaced by this training's
+
+
+def test_a_training_whose_progress_cannot_be_written_goes_on_to_the_same_model(tmp_path, caplog):
+    from tgda_attack.training import TrainingCheckpoint
+    model, x, y = _problem()
+    kw = dict(epochs=3, batch_size=8, lr=0.5, seed=3)
+    (tmp_path / "file").write_text("not a folder")
+    kept = TrainingCheckpoint(str(tmp_path / "file" / "ckpt.pt"), every_s=0)
+    trained = train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, **kw)
+    assert "without keeping its progress" in caplog.text and caplog.text.count("could not be written") == 1
+    for p, q in zip(trained.parameters(), train_classifier(copy.deepcopy(model), x, y, **kw).parameters()):
+        assert torch.equal(p, q)
 
 
 def test_a_training_keeps_its_progress_only_every_so_many_seconds(tmp_path, monkeypatch):

@@ -49,8 +49,9 @@ from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
 from .progress import progress_bar
-from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, claim, clear_evaluation, copy_atomic, load_state, load_weights,
-                     need, read_json, read_json_object, save_atomic, settings_of, write_json)
+from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, claim, clear_evaluation, copy_atomic, load_state,
+                     load_weights, need, read_json, read_json_object, remove_training_checkpoints, save_atomic,
+                     settings_of, write_json)
 from .training import TrainingCheckpoint, accuracy, pretrain_attacker, train_classifier, training_layout
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     ATTACKS[cfg.attack].check_data(cfg, len(splits.y_train), len(attacker_validation(cfg, splits)[1]))  # no folder yet
     _check_partition_budgets(cfg, len(splits.y_train))
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
+        remove_training_checkpoints(out, "pretrain")
         return read_json(os.path.join(out, "pretrain.json"))
     write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "split": splits.summary()})
     if shared is not None:
@@ -211,6 +213,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
             result = {**read_json(os.path.join(out, "pretrain.json")), "pretrained_in": entry}
             result.pop("shared_as", None)  # the mark of the run that trained it, not of its copies
             write_json(os.path.join(out, "pretrain.json"), result)
+            remove_training_checkpoints(out, "pretrain")  # a training of its own, killed before another run stored it
             return result
     start = time.perf_counter()
     kept = training_checkpoint(out, "pretrain")
@@ -234,8 +237,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
                                 checkpoint=kept_eval)
         result["eval_clean_accuracy"] = accuracy(target, splits.x_test, splits.y_test)
     write_json(os.path.join(out, "pretrain.json"), result)
-    kept.discard()
-    kept_eval.discard()
+    remove_training_checkpoints(out, "pretrain")
     if shared is not None:
         _to_shared(entry, key, done, out)
     return result
@@ -393,6 +395,7 @@ def stage_evaluate(out, verbose=False):
     poisoned = accuracy(retrained, splits.x_test, splits.y_test)
     clean = pre["eval_clean_accuracy"] if _transfers(cfg) else pre["clean_accuracy"]
     metrics = {
+        **({"retrain_resumed_at_epoch": kept.resumed_at_epoch} if kept.resumed_at_epoch else {}),
         "dataset": cfg.dataset, "defender": cfg.defender, "eval_defender": tested, "attack": cfg.attack,
         "epsilon": cfg.epsilon, "perfect_knowledge": cfg.perfect_knowledge,
         "seed": cfg.seed, "n_train": len(splits.y_train), "n_val": len(splits.y_val), "n_test": len(splits.y_test),
@@ -407,7 +410,7 @@ def stage_evaluate(out, verbose=False):
     metrics["source_pool"] = poisons.get("source_pool", "train")
     metrics.update(poison_statistics(source.cpu(), poisons["x_poison"]))
     write_json(os.path.join(out, "metrics.json"), metrics)
-    kept.discard()
+    remove_training_checkpoints(out, "retrain")  # the retraining's and the retrainings' (written: retrainings.json)
     from .report import save_poison_figure
     save_poison_figure(source.cpu(), poisons["x_poison"], y_pool[poisons["source_indices"].to(y_pool.device)].cpu(),
                        poisons["y_poison"], os.path.join(out, "poisons.png"))
@@ -654,6 +657,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         except ValueError:
             recorded = {}
         if recorded.get("defense_settings") == dcfg.own_settings() and resume:
+            remove_training_checkpoints(folder)
             return recorded
         if not overwrite:
             raise OtherSettingsError(f"{folder} holds results of defense settings {recorded.get('defense_settings')}; "
@@ -708,8 +712,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     os.makedirs(folder, exist_ok=True)
     save_atomic(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))
     write_json(path, result)
-    for name in ("defended", "clean_defended"):
-        training_checkpoint(folder, name).discard()
+    remove_training_checkpoints(folder)
     return result
 
 
@@ -726,5 +729,6 @@ def run(cfg, out, verbose=False, *, overwrite=False, resume=False, shared_pretra
     data_parallel.barrier()
     if finished("metrics.json"):  # kept, with the poisons it measured: a poisons.pt damaged since is an error
         load_state(os.path.join(out, "poisons.pt"), POISON_FILE)
+        remove_training_checkpoints(out, "retrain")
         return read_json(os.path.join(out, "metrics.json"))
     return data_parallel.on_main(stage_evaluate, out, verbose)

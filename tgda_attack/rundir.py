@@ -32,8 +32,17 @@ RUN_FILES = ("config.json", "pretrain.json", "defender_pretrained.pt", "attacker
 TRAINING_CHECKPOINT = "training_checkpoint."
 
 
-def _training_checkpoints(out):
-    return [name for name in os.listdir(out) if name.startswith(TRAINING_CHECKPOINT)]
+def _training_checkpoints(out, prefix=""):
+    return [name for name in os.listdir(out) if name.startswith(TRAINING_CHECKPOINT + prefix)]
+
+
+def remove_training_checkpoints(folder, prefix=""):
+    """Removes the trainings kept in `folder` whose names start with `prefix` (with their temporary files): called
+    where the stage they belong to is finished, also when a kill came between its result and its own clean-up."""
+    if os.path.isdir(folder):
+        for name in _training_checkpoints(folder, prefix):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
 
 
 # The stage (a `tgda-attack` command) that writes each file of a run folder, named in the advice for a damaged one.

@@ -84,33 +84,40 @@ def _memory_layout(model, layout):
 
 
 def _tensor_digest(t):
-    """sha256 of a tensor's values (its bytes in the default layout, on the CPU)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+    """sha256 of a tensor's values, shape and dtype (its bytes in the default layout, on the CPU; 0-dim tensors,
+    such as BatchNorm's batch counters, included)."""
+    digest = hashlib.sha256(f"{list(t.shape)}:{t.dtype}:".encode())
+    digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class TrainingCheckpoint:
     """Where train_classifier keeps the progress of one training (the file `path`), so that a training stopped
     before its end continues from its last kept epoch when train_classifier is called again with the same
     model at the same initialisation, data and settings. A file of another training (other data, settings,
-    initial weights, threads or torch), or one that cannot be read, is set aside: the training starts afresh
-    (a warning says why) and replaces it. Kept every `every_s` seconds at the end of an epoch, and at the end
-    of the training, so that a kill between the training's end and the caller's use of the model costs
-    nothing: the caller calls discard() once it has written what it made of the model.
+    architecture or initial weights, loss, memory layout, threads or torch), or one that cannot be read, is set
+    aside: the training starts afresh (a warning says why) and replaces it. Kept every `every_s` seconds at the
+    end of an epoch (after `after_epoch`), and at the end of the training, so that a kill between the training's
+    end and the caller's use of the model costs nothing: the caller calls discard() once it has written what it
+    made of the model. A file that cannot be written costs the resumption, not the training (a warning).
 
     After a training: `resumed_at_epoch` (0: it started afresh) and `seconds_before` (the training's time in
-    the calls before this one). The state of a loss_fn or after_epoch callback is not kept: use it with the
-    plain cross-entropy (or a loss without random state)."""
+    the calls before this one). What a loss_fn or after_epoch keeps of its own (a random stream of its own) is
+    not kept: a training whose loss draws random numbers from anything but torch's global generator does not
+    resume to the same weights."""
 
     def __init__(self, path, every_s=60.0):
         if not every_s >= 0:
             raise ValueError(f"every_s must be >= 0 seconds, got {every_s}")
-        self.path, self.every_s = path, every_s
+        self.path, self.every_s, self._unwritable = path, every_s, False
         self.resumed_at_epoch, self.seconds_before = 0, 0.0
 
     def discard(self):
-        """Removes the file (the caller has written what it made of the trained model)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path)
+        """Removes the file, and a temporary one a kill during a save left (the caller has written what it made of
+        the trained model)."""
+        for path in (self.path, self.path + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
     def _load(self, key):
         if not os.path.exists(self.path):
@@ -118,32 +125,42 @@ class TrainingCheckpoint:
         try:
             state = load_state(self.path, {"key": str, "epoch": int, "model": dict, "shuffle": torch.Tensor,
                                            "torch_rng": torch.Tensor, "seconds": float})
-        except RunFolderError as exc:
+        except (RunFolderError, OSError) as exc:
             logger.warning("training from scratch: %s", exc)
             return None
         if state["key"] != key:
-            logger.warning("training from scratch: %s was kept by another training (other data, settings, initial "
-                           "weights, threads or torch)", self.path)
+            logger.warning("training from scratch: %s was kept by another training (other data, settings, "
+                           "architecture, initial weights, loss, threads or torch)", self.path)
             return None
         return state
 
-    def _save(self, key, epoch, model, generator, seconds):
+    def _save(self, key, epoch, model, generator, seconds, device):
+        if self._unwritable:
+            return
         state = {"key": key, "epoch": epoch, "model": model.state_dict(), "shuffle": generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "seconds": float(seconds)}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        save_atomic(state, self.path)
+        if device.type == "cuda":  # dropout on the GPU draws from that device's generator
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            save_atomic(state, self.path)
+        except OSError as exc:
+            logger.warning("the training goes on without keeping its progress (a kill now loses it): %s could not "
+                           "be written: %s", self.path, exc)
+            self._unwritable = True
+            with contextlib.suppress(OSError):
+                os.remove(self.path + ".tmp")
 
 
-def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm):
+def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout):
     """What a kept training must agree on to be continued (a JSON string)."""
     return json.dumps({
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "max_grad_norm": float(max_grad_norm),
-        "x": [_tensor_digest(x), list(x.shape), str(x.dtype)], "y": _tensor_digest(y),
-        "initial_weights": hashlib.sha256("".join(f"{name}:{_tensor_digest(t)}" for name, t in
+        "x": _tensor_digest(x), "y": _tensor_digest(y),
+        "initial_weights": hashlib.sha256("".join(f"{name}:{_tensor_digest(t)};" for name, t in
                                                   model.state_dict().items()).encode()).hexdigest(),
-        "model": type(model).__name__, "device": str(x.device), "threads": torch.get_num_threads(),
+        "model": repr(model), "loss": f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', loss_fn)}",
+        "layout": str(layout), "device": str(x.device), "threads": torch.get_num_threads(),
         "torch": torch.__version__}, sort_keys=True)
 
 
@@ -160,14 +177,14 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
     generator = torch.Generator().manual_seed(seed)
     first_epoch, seconds_before, start = 0, 0.0, time.perf_counter()
     if checkpoint is not None:
-        key = _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm)
+        key = _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout)
         kept = checkpoint._load(key)
         if kept is not None:
             model.load_state_dict(kept["model"])
             generator.set_state(kept["shuffle"])
             torch.set_rng_state(kept["torch_rng"])
-            if "cuda_rng" in kept and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(kept["cuda_rng"])
+            if "cuda_rng" in kept and x.device.type == "cuda":
+                torch.cuda.set_rng_state(kept["cuda_rng"], x.device)
             first_epoch, seconds_before = kept["epoch"], kept["seconds"]
         checkpoint.resumed_at_epoch, checkpoint.seconds_before = first_epoch, seconds_before
         last_kept = time.perf_counter()
@@ -193,13 +210,14 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
                     "outcome, but no accuracy can be measured); use a smaller learning rate (--pretrain-lr) or a "
                     "gradient-norm bound (--pretrain-max-grad-norm)")
             bar.set_postfix(loss=f"{last:.4f}")
-            if checkpoint is not None and (epoch + 1 == epochs or time.perf_counter() - last_kept >= checkpoint.every_s):
-                checkpoint._save(key, epoch + 1, model, generator, seconds_before + time.perf_counter() - start)
-                last_kept = time.perf_counter()
             if after_epoch is not None:
                 model.eval()
                 after_epoch(model)
                 model.train()
+            if checkpoint is not None and (epoch + 1 == epochs or time.perf_counter() - last_kept >= checkpoint.every_s):
+                checkpoint._save(key, epoch + 1, model, generator, seconds_before + time.perf_counter() - start,
+                                 x.device)
+                last_kept = time.perf_counter()
     model.eval()
     return model
 

@@ -81,7 +81,13 @@ SMALL = ["--attack", "tgda", "--pretrain-epochs", "2", "--attacker-epochs", "1",
 
 def test_torchrun_writes_the_poisons_of_a_one_process_run(tmp_path):
     single = str(tmp_path / "single")
-    assert cli.main(["run", *SMALL, "--out", single]) == 0
+    # One thread, as each torchrun process has: a seed fixes a run's bits for one thread count (on an AVX-512 CPU
+    # the one-process run with 1 and with 2 threads differs by 2e-8, the spread run and the 1-thread run by 4e-16).
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["run", *SMALL, "--threads", "1", "--out", single]) == 0
+    finally:
+        torch.set_num_threads(threads)
     spread = str(tmp_path / "spread")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the tgda_attack the tests import
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -249,6 +249,27 @@ def test_improved_min_max_makes_its_own_target_by_a_label_flip():
     assert not torch.equal(attack.target_["1.weight"], defender.state_dict()["1.weight"])
 
 
+def test_the_label_flip_target_trains_with_the_defenders_gradient_norm_bound():
+    """The target is trained as the defender is, its gradient-norm bound included (without it the paper's NN
+    diverged making the target of one seed in three): each of its steps moves the weights by at most lr * bound."""
+    x, y, defender = _tiny()
+    start = torch.cat([p.detach().flatten() for p in defender.parameters()])
+
+    def moved(bound):
+        attack = ImprovedMinMaxAttack(defender, 0.1, target_epsilon=0.5, target_epochs=3, target_batch_size=10,
+                                      target_lr=5.0, rounds=1, steps=0, follower_steps=0, num_classes=K,
+                                      max_grad_norm=bound)
+        attack.poison(x, y)
+        return (torch.cat([attack.target_[k].flatten() for k in ("1.weight", "1.bias")]) - start).norm().item()
+
+    steps = 3 * (40 + 20) // 10  # 3 epochs of D_tr U 20 flipped points in batches of 10
+    assert 0 < moved(0.01) <= steps * 5.0 * 0.01 * (1 + 1e-9) < moved(0.0)
+    cfg = protocol.Config.from_dict({"attack": "i-min-max", "pretrain_max_grad_norm": 2.5}).resolved()
+    assert ImprovedMinMaxAttack.from_config(cfg, defender=defender).max_grad_norm == 2.5
+    cfg = protocol.Config.from_dict({"attack": "gradient-canceling", "pretrain_max_grad_norm": 2.5}).resolved()
+    assert ATTACKS["gradient-canceling"].from_config(cfg, defender=defender).target_max_grad_norm == 2.5
+
+
 def test_registered_configured_and_checked():
     assert ATTACKS["min-max"] is MinMaxAttack and ATTACKS["i-min-max"] is ImprovedMinMaxAttack
     cfg = protocol.Config.from_dict({"attack": "i-min-max", "mm_rounds": 7, "imm_tau_quantile": 0.5}).resolved()

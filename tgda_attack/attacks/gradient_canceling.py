@@ -98,6 +98,8 @@ class GradientCancelingAttack(PoisoningAttack):
             and dropped it 4.6 (label flip: 4.3). (default: 0.1)
         target_epochs: epochs of gradient descent from the trained defender on D_tr U the flip. (default: 10)
         target_lr: its step size. (default: 0.1)
+        target_max_grad_norm: its gradient-norm bound, each step's gradient scaled down to it where longer (0:
+            none; from_config passes the defender training's pretrain_max_grad_norm). (default: 0.0)
         steps: Adam steps on the poisons' pixels. (default: 500)
         lr: Adam's step size. (default: 0.01)
         batch_size: points per batch when D_tr's gradient and the target are computed. (default: 1000)
@@ -130,12 +132,13 @@ class GradientCancelingAttack(PoisoningAttack):
     def __init__(self, defender, epsilon=0.03, *, target=None, target_kind="gradpc", radius=0.0, labels="true",
                  target_epsilon=0.1, target_epochs=10, target_lr=0.1, steps=500, lr=0.01, batch_size=1000,
                  num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0, verbose=False, recipe="valid",
-                 feasible_set="box", feasible_quantile=0.9):
+                 feasible_set="box", feasible_quantile=0.9, target_max_grad_norm=0.0):
         super().__init__(epsilon, init=init, seed=seed)
         self.defender, self.target, self.recipe = defender, target, recipe
         self.feasible_set, self.feasible_quantile, self.feasible_ = feasible_set, feasible_quantile, None
         self.target_kind, self.radius, self.labels = target_kind, radius, labels
         self.target_epsilon, self.target_epochs, self.target_lr = target_epsilon, target_epochs, target_lr
+        self.target_max_grad_norm = target_max_grad_norm
         self.steps, self.lr, self.batch_size, self.num_classes = steps, lr, batch_size, num_classes
         self.pixel_range, self.verbose = pixel_range, verbose
         self._check_params()
@@ -161,6 +164,8 @@ class GradientCancelingAttack(PoisoningAttack):
         self._check_counts("batch_size", minimum=1)
         if self.lr <= 0 or self.target_lr <= 0:
             raise ValueError("the step sizes lr and target_lr must be positive")
+        if not self.target_max_grad_norm >= 0:
+            raise ValueError(f"target_max_grad_norm must be >= 0 (0: no bound), got {self.target_max_grad_norm!r}")
 
     @classmethod
     def check_config(cls, cfg):
@@ -180,7 +185,8 @@ class GradientCancelingAttack(PoisoningAttack):
                    target_epsilon=cfg.target_epsilon, target_epochs=cfg.target_epochs,
                    target_lr=cfg.pretrain_lr, steps=cfg.gc_steps, lr=cfg.gc_lr, batch_size=cfg.pretrain_batch_size,
                    init=cfg.poison_init, seed=cfg.seed, verbose=verbose, recipe=cfg.gc_recipe,
-                   feasible_set=cfg.feasible_set, feasible_quantile=cfg.feasible_quantile)
+                   feasible_set=cfg.feasible_set, feasible_quantile=cfg.feasible_quantile,
+                   target_max_grad_norm=cfg.pretrain_max_grad_norm)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison) minimising (GC) at the target parameters. D_v is not used."""
@@ -302,7 +308,8 @@ class GradientCancelingAttack(PoisoningAttack):
             target = self._gradpc(model, x, y)
         else:
             target = label_flip_target(model, x, y, epsilon=self.target_epsilon, epochs=self.target_epochs,
-                                       lr=self.target_lr, batch_size=self.batch_size, num_classes=self.num_classes,
+                                       lr=self.target_lr, batch_size=self.batch_size,
+                                       max_grad_norm=self.target_max_grad_norm, num_classes=self.num_classes,
                                        seed=self.seed, verbose=self.verbose)
         probe = copy.deepcopy(model).eval()  # dropout off: the bound of the model as it is evaluated
         probe.load_state_dict(target)

@@ -401,7 +401,8 @@ class ImprovedMinMaxAttack(MinMaxAttack):
         else:
             self.target_ = label_flip_target(model, x, y, epsilon=self.target_epsilon, epochs=self.target_epochs,
                                              lr=self.target_lr, batch_size=self.target_batch_size,
-                                             num_classes=self.num_classes, seed=self.seed, verbose=self.verbose)
+                                             max_grad_norm=self.max_grad_norm, num_classes=self.num_classes,
+                                             seed=self.seed, verbose=self.verbose)
         target = copy.deepcopy(model)
         target.load_state_dict(self.target_)
         target.eval()

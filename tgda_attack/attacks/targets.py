@@ -3,9 +3,9 @@ TMLR 2022, Appendix A.3, eq. 29-35), a model the attacker wants the defender to 
 budget of poisons can reach one.
 
 * `label_flip_target`: a large-budget label flip: the trained defender trained further, with the
-  pretrain procedure's gradient descent (its gradient-norm bound included), on D_tr U a label flip (y -> K - 1 - y) of target_epsilon *
-  |D_tr| randomly chosen points. Used by the improved min-max attack (its w_tar of eq. 35) and as an
-  option of Gradient Canceling.
+  pretrain procedure's gradient descent (its gradient-norm bound included), on D_tr U a label flip
+  (y -> K - 1 - y) of target_epsilon * |D_tr| randomly chosen points. Used by the improved min-max
+  attack (its w_tar of eq. 35) and as an option of Gradient Canceling.
 * `gradpc_target`: gradient-based parameter corruption (GradPC; Lu, Kamath & Yu, ICML 2023, the target
   generator of Gradient Canceling): one pass of gradient ascent on the training loss over D_tr in
   mini-batches, each step the batch gradient scaled to unit L2 norm, the accumulated corruption
@@ -54,8 +54,7 @@ def label_flip_target(defender, x, y, *, epsilon, epochs, lr, batch_size, max_gr
     x_f, y_f = LabelFlipAttack(epsilon, init="random", num_classes=num_classes, seed=seed + 1).poison(x, y)
     x_t, y_t = torch.cat([x, x_f]), torch.cat([y, y_f])
     target = train_classifier(copy.deepcopy(defender), x_t, y_t, epochs=epochs, batch_size=batch_size, lr=lr,
-                              seed=seed, verbose=verbose, desc="target parameters",
-                              max_grad_norm=max_grad_norm)
+                              max_grad_norm=max_grad_norm, seed=seed, verbose=verbose, desc="target parameters")
     return {k: v.detach().clone() for k, v in target.state_dict().items()}
 
 

@@ -335,3 +335,30 @@ def test_rows_keep_only_the_named_rows_of_the_chosen_attacks():
     assert {cfg.feasible_set for cell, _, cfg in runs if cell.row_folder == "min-max_sanitized"} == {"sanitized"}
     every = bench.plan(bench.TABLES["2"], "smoke", [0], defenders=["lr"], attacks=["min-max", "i-min-max"])
     assert len(every) == 6 and {c.row_folder for c, _, _ in every} > set(rows)  # without --rows: the long rows too
+
+
+def test_the_drop_between_the_medians_of_the_last_epochs_is_a_column_and_a_spike_is_counted(tmp_path):
+    """Each run records its trainings' test accuracy over their last epochs; the table shows the drop between their
+    medians and counts the runs whose reported accuracy is a swing of the last epoch (a spike)."""
+    out = str(tmp_path)
+    argv = ["bench", "--table", "2", "--scale", "smoke", "--attacks", "label-flip", "--defenders", "lr", "--seeds", "2",
+            "--out", out, "--quiet"]
+    assert cli.main(argv) == 0
+    paths = [os.path.join(out, "table_2", "label-flip", "lr", f"seed_{s}", "metrics.json") for s in (0, 1)]
+    runs = [json.load(open(p)) for p in paths]
+    row = next(r for r in json.load(open(os.path.join(out, "table_2.json"))) if r["attack"] == "label-flip")
+    assert row["accuracy_drop_median_last_epochs_mean"] == pytest.approx(
+        sum(100 * r["accuracy_drop_median_last_epochs"] for r in runs) / 2)
+    assert row["last_epoch_spikes"] == 0 and "| drop, medians of the last epochs |" in open(
+        os.path.join(out, "table_2.md")).read()
+    # seed 1's retraining as if its last epoch had read 20 points below where the training settled
+    tail = runs[1]["poisoned_accuracy_last_epochs"]
+    tail["accuracy"][-1] -= 0.2
+    tail["spike"] = True
+    with open(paths[1], "w") as fh:
+        json.dump(runs[1], fh)
+    assert cli.main(argv) == 0  # finished runs are read back, the table rebuilt
+    row = next(r for r in json.load(open(os.path.join(out, "table_2.json"))) if r["attack"] == "label-flip")
+    assert row["last_epoch_spikes"] == 1
+    text = open(os.path.join(out, "table_2.md")).read()
+    assert "(1 spiked) |" in text and '"spiked"' in text

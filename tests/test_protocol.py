@@ -33,6 +33,12 @@ def test_run_writes_the_output_folder(tiny_run):
         assert key in metrics
     assert metrics["n_train"] == 2800 and metrics["n_poison"] == 84
     assert metrics["accuracy_drop"] == pytest.approx(metrics["clean_accuracy"] - metrics["poisoned_accuracy"])
+    # the trainings' test accuracy after their last epochs: the last is the reported one (one epoch here)
+    clean, poisoned = metrics["clean_accuracy_last_epochs"], metrics["poisoned_accuracy_last_epochs"]
+    assert clean == {"epochs": [1], "accuracy": [metrics["clean_accuracy"]], "median": metrics["clean_accuracy"],
+                     "spike": False}
+    assert poisoned["accuracy"] == [metrics["poisoned_accuracy"]] and poisoned["spike"] is False
+    assert metrics["accuracy_drop_median_last_epochs"] == pytest.approx(metrics["accuracy_drop"])
     poisons = torch.load(os.path.join(tiny_run, "poisons.pt"), weights_only=True)
     assert poisons["x_poison"].shape == (84, 1, 28, 28) and poisons["x_poison"].abs().max() <= 1
 
@@ -85,11 +91,27 @@ def test_retrainings_retrain_the_same_poisons_under_other_training_seeds_and_res
         assert r["accuracy_drop"][k] == pytest.approx(clean - poisoned)
     assert len(set(r["poisoned_accuracy"])) > 1  # the seeds do train differently
     assert r["accuracy_drop_mean"] == pytest.approx(sum(r["accuracy_drop"]) / 3)
-    assert "Drop over 3 retrainings (training seeds 4-6" in capsys.readouterr().out
+    # each pair's trainings recorded their last epochs (one here): the drop between the medians is the drop
+    assert r["accuracy_drop_median_last_epochs"] == pytest.approx(r["accuracy_drop"])
+    assert r["accuracy_drop_median_last_epochs"][0] == metrics["accuracy_drop_median_last_epochs"]
+    assert r["spiked_seeds"] == [] and r["accuracy_drop_median_last_epochs_mean"] == pytest.approx(r["accuracy_drop_mean"])
+    printed = capsys.readouterr().out
+    assert "Drop over 3 retrainings (training seeds 4-6" in printed and "between the medians of the last epochs" in printed
+    # pairs kept before the medians were recorded are read back without them
+    kept = json.load(open(os.path.join(out, "retrainings.json")))
+    del kept["last_epochs"]
+    with open(os.path.join(out, "retrainings.json"), "w") as fh:
+        json.dump(kept, fh)
+    again = protocol.stage_evaluate(out)["retrainings"]
+    assert again["accuracy_drop"] == r["accuracy_drop"]
+    assert again["accuracy_drop_median_last_epochs"] == [r["accuracy_drop_median_last_epochs"][0], None, None]
     # stage 3 again: the finished pairs are read back from retrainings.json; only the run's own retraining is redone
     calls = []
     original = protocol.train_defender
     monkeypatch.setattr(protocol, "train_defender", lambda *a, **k: calls.append(k.get("desc")) or original(*a, **k))
+    os.remove(os.path.join(out, "retrainings.json"))
+    protocol.stage_evaluate(out)  # the pairs with their medians again
+    calls.clear()
     assert protocol.stage_evaluate(out)["retrainings"] == r
     assert calls == ["retrain defender"]
     # other poisons (the digest of poisons.pt differs): every pair is trained again
@@ -508,6 +530,7 @@ def test_a_run_stopped_mid_training_continues_that_training_to_the_results_of_on
     numbers of a run never stopped; no kept training is left in the folders after."""
     from tgda_attack.config import DefenseConfig
     from tgda_attack.training import TrainingCheckpoint
+    monkeypatch.setattr(protocol, "LAST_EPOCHS_FRACTION", 1.0)  # every epoch of these 4 recorded, the stop's included
     cfg = protocol.Config.from_dict({**TINY, "pretrain_epochs": 4, "attack": "label-flip", "seed": 0, "retrainings": 2})
     dcfg = DefenseConfig(defense="loss").checked()
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
@@ -548,6 +571,12 @@ def test_a_run_stopped_mid_training_continues_that_training_to_the_results_of_on
     defended = [protocol.read_json(os.path.join(d, "defense_loss", "metrics.json")) for d in (whole, cut)]
     assert [d["clean_defended_accuracy"] for d in defended][0] == defended[1]["clean_defended_accuracy"]
     assert defended[0]["defended_accuracy"] == defended[1]["defended_accuracy"]
+    # each training's record of its last epochs is whole: the epochs before the stop came back from its checkpoint
+    for key in ("clean_accuracy_last_epochs", "poisoned_accuracy_last_epochs"):
+        assert metrics[0][key]["epochs"] == [1, 2, 3, 4] and metrics[0][key] == metrics[1][key], key
+        assert metrics[0][key]["accuracy"][-1] == metrics[0][key.replace("_last_epochs", "")]
+    for key in ("defended_accuracy_last_epochs", "clean_defended_accuracy_last_epochs"):
+        assert defended[0][key]["epochs"] == [1, 2, 3, 4] and defended[0][key] == defended[1][key], key
     assert not [name for _, _, files in os.walk(cut) for name in files if name.startswith("training_checkpoint.")]
 
 

@@ -228,3 +228,67 @@ def test_a_training_keeps_its_progress_only_every_so_many_seconds(tmp_path, monk
     assert saved == [6]
     with pytest.raises(ValueError, match="every_s"):
         training.TrainingCheckpoint(str(tmp_path / "c.pt"), every_s=-1)
+
+
+def _weight_sum(model):
+    assert not model.training
+    return model.weight.sum().item()
+
+
+def test_last_epochs_records_the_measure_of_the_models_of_the_last_epochs_and_does_not_change_training():
+    from tgda_attack.training import LastEpochs
+    model, x, y = _problem()
+    kw = dict(batch_size=8, lr=0.5, seed=3)
+    record = LastEpochs(_weight_sum, 3)
+    recorded = train_classifier(copy.deepcopy(model), x, y, epochs=5, last_epochs=record, **kw)
+    assert sorted(record.values) == [3, 4, 5]
+    for k in (3, 4, 5):
+        assert record.values[k] == train_classifier(copy.deepcopy(model), x, y, epochs=k, **kw).weight.sum().item()
+    for p, q in zip(recorded.parameters(), train_classifier(copy.deepcopy(model), x, y, epochs=5, **kw).parameters()):
+        assert torch.equal(p, q)
+    short = LastEpochs(_weight_sum, 10)  # more than the training has: every epoch
+    train_classifier(copy.deepcopy(model), x, y, epochs=2, last_epochs=short, **kw)
+    assert sorted(short.values) == [1, 2]
+    for count in (0, -1, 2.5, None):
+        with pytest.raises(ValueError, match="count"):
+            LastEpochs(_weight_sum, count)
+
+
+@pytest.mark.parametrize("stopped_after", [2, 4])  # before the recorded epochs, and inside them
+def test_a_resumed_training_keeps_the_record_of_its_last_epochs_whole(tmp_path, stopped_after):
+    """The record is kept with the training's progress: the epochs recorded before the stop come back from the
+    checkpoint (the measure is not called again for them) and the record equals that of a training never stopped."""
+    from tgda_attack.training import LastEpochs, TrainingCheckpoint
+    model, x, y = _problem()
+    kw = dict(epochs=5, batch_size=8, lr=0.5, seed=3)
+    whole = LastEpochs(_weight_sum, 3)
+    train_classifier(copy.deepcopy(model), x, y, last_epochs=whole, **kw)
+    kept = TrainingCheckpoint(str(tmp_path / "ckpt.pt"), every_s=0)
+    with pytest.raises(_Stop):
+        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(stopped_after),
+                         last_epochs=LastEpochs(_weight_sum, 3), **kw)
+    measured = []
+    continued = LastEpochs(lambda m: measured.append(1) or _weight_sum(m), 3)
+    train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, last_epochs=continued, **kw)
+    assert kept.resumed_at_epoch == stopped_after - 1
+    assert continued.values == whole.values
+    assert len(measured) == min(3, 5 - (stopped_after - 1))
+    # a kept training of another record length is another training: set aside, started afresh
+    other = LastEpochs(_weight_sum, 2)
+    train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, last_epochs=other, **kw)
+    assert kept.resumed_at_epoch == 0 and other.values == {e: whole.values[e] for e in (4, 5)}
+
+
+def test_a_last_epoch_off_the_median_of_the_last_epochs_is_reported_as_a_spike(caplog):
+    from tgda_attack.protocol import last_epochs_entry
+    from tgda_attack.training import LastEpochs
+    record = LastEpochs(_weight_sum, 5)
+    record.values = {96: 0.9706, 97: 0.9720, 98: 0.9698, 99: 0.9731, 100: 0.7771}  # the NN's sphere-filter case
+    entry = last_epochs_entry(record, 0.7771, "the retraining")
+    assert entry == {"epochs": [96, 97, 98, 99, 100], "accuracy": [0.9706, 0.9720, 0.9698, 0.9731, 0.7771],
+                     "median": 0.9706, "spike": True}
+    assert "the retraining" in caplog.text and "77.71%" in caplog.text and "19.35 points" in caplog.text
+    caplog.clear()
+    record.values[100] = 0.9650  # 0.56 points off: within the training's settled swing
+    assert last_epochs_entry(record, 0.9650, "the retraining")["spike"] is False and not caplog.text
+    assert last_epochs_entry(None, 0.9, "x") is None

@@ -541,6 +541,8 @@ def _row(table, scale, cell, runs, overrides=""):
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
         mean, std = mean_std([scale_by * r[key] for r in done if key in r])
         out[f"{key}_mean"], out[f"{key}_std"] = mean, std
+    _last_epochs_columns(out, done, "accuracy_drop_median_last_epochs",
+                         ("clean_accuracy_last_epochs", "poisoned_accuracy_last_epochs"))
     pooled = [100 * d for r in done for d in (r.get("retrainings") or {}).get("accuracy_drop", []) if d is not None]
     out["retrained_drops"] = len(pooled)  # every retraining of every seed (stage 3 with `retrainings` > 1)
     out["retrained_drop_mean"], out["retrained_drop_std"] = mean_std(pooled)
@@ -562,8 +564,19 @@ DEFENSE_COLUMNS = (("defended_accuracy", 100), ("defended_drop", 100), ("clean_d
                    ("recall", 100), ("defended_training_seconds", 1))
 
 
+def _last_epochs_columns(out, done, drop, entries):
+    """A row's drop between the medians of its trainings' last epochs (protocol.LAST_EPOCHS; over the runs that
+    recorded them) and how many of its runs end a training on a spike (the last epoch off that median by more than
+    protocol.SPIKE)."""
+    mean, std = mean_std([100 * r[drop] for r in done if isinstance(r.get(drop), (int, float))])
+    out[f"{drop}_mean"], out[f"{drop}_std"] = mean, std
+    out["last_epoch_spikes"] = sum(any((r.get(name) or {}).get("spike") for name in entries) for r in done)
+
+
 def _defense_row(table, scale, cell, done, out):
     out["defense"] = cell.defense
+    _last_epochs_columns(out, done, "attack_drop_under_defense_median_last_epochs",
+                         ("clean_defended_accuracy_last_epochs", "defended_accuracy_last_epochs"))
     out["defender_validation"] = None  # a run recorded before the setting existed validated on the attacker's D_v
     if DEFENSES[cell.defense].validates:
         out["defender_validation"] = "; ".join(sorted({r.get("defender_validation", "the attacker's D_v") for r in done}))
@@ -584,9 +597,11 @@ def defense_markdown(table, scale, rows):
              "(precision: the share of removed points that are poisons; recall: the share of poisons removed). Ours: mean "
              "± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone.\n",
              "| attack | defender | defense | seeds | clean acc. (%) | drop without defense | drop with defense "
-             "| clean acc. with defense (%) | drop with defense from it | poisons / clean points removed "
-             "| precision / recall (%) | paper: drop without / with |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| clean acc. with defense (%) | drop with defense from it "
+             + ("| the same, medians of the last epochs " if _has_medians(rows, "attack_drop_under_defense") else "")
+             + "| poisons / clean points removed | precision / recall (%) | paper: drop without / with |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|" if _has_medians(rows, "attack_drop_under_defense") else "")]
     sources = sorted({r["defender_validation"] for r in rows if r.get("defender_validation")})
     if sources:
         lines.insert(2, f"The defenses that score against the defender's validation set (influence) used: "
@@ -607,8 +622,34 @@ def defense_markdown(table, scale, rows):
                      f"| {_fmt(r['defended_drop_mean'], r['defended_drop_std'])} "
                      f"| {_fmt(r['clean_defended_accuracy_mean'], r['clean_defended_accuracy_std'])} "
                      f"| {_fmt(r['attack_drop_under_defense_mean'], r['attack_drop_under_defense_std'])} "
-                     f"| {removed} | {prec} | {paper} |")
-    return "\n".join(lines) + "\n" + _diverged_footnote(rows)
+                     + _median_cell(rows, r, "attack_drop_under_defense")
+                     + f"| {removed} | {prec} | {paper} |")
+    return "\n".join(lines) + "\n" + _diverged_footnote(rows) + _spike_footnote(rows)
+
+
+def _has_medians(rows, drop):
+    """Whether any row holds a drop between the medians of the last epochs (runs recorded before they existed hold
+    none: the column is left out)."""
+    return any(r.get(f"{drop}_median_last_epochs_mean") is not None for r in rows)
+
+
+def _median_cell(rows, r, drop):
+    """The cell of the drop between the medians of the last epochs, its spikes counted ("" without the column)."""
+    if not _has_medians(rows, drop):
+        return ""
+    spikes = f" ({r['last_epoch_spikes']} spiked)" if r.get("last_epoch_spikes") else ""
+    return f"| {_fmt(r[f'{drop}_median_last_epochs_mean'], r[f'{drop}_median_last_epochs_std'])}{spikes} "
+
+
+def _spike_footnote(rows):
+    """The sentence under a table that shows the drops between the medians of the trainings' last epochs."""
+    if not any(_has_medians(rows, drop) for drop in ("accuracy_drop", "attack_drop_under_defense")):
+        return ""
+    return (f"\n\"medians of the last epochs\": each training (clean and poisoned, with or without the defense) is also "
+            f"tested after each epoch of its last tenth (at most {protocol.LAST_EPOCHS}), and the drop is taken between "
+            "the medians of those accuracies; \"spiked\": runs one of whose trainings reads, after its last epoch, more than "
+            f"{100 * protocol.SPIKE:g} point from its median (a swing of the training, not the poisons' settled effect: "
+            "read the median column for them).\n")
 
 
 def _diverged_footnote(rows):
@@ -663,10 +704,12 @@ def markdown(table, scale, rows):
                  "blocks of neighbouring seeds overlap (seed 0's clean training under training seed 1 is seed 1's own "
                  "clean model), so the clean side of these drops is shared between seeds: not independent samples.\n\n")
     head += "Ours: mean ± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone.\n\n"
+    medians = _has_medians(rows, "accuracy_drop")
     lines = [f"| {table.row_name} | column | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) "
+             + ("| drop, medians of the last epochs " if medians else "")
              + ("| drop over retrainings " if retrained else "")
              + "| attack time | L∞ perturbation | paper: clean / poisoned / drop | paper time |",
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if retrained else "")]
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if medians else "") + ("---|" if retrained else "")]
     for r in rows:
         paper = "—"
         if r["paper_drop"] is not None:
@@ -678,11 +721,12 @@ def markdown(table, scale, rows):
         lines.append(f"| {r[table.row_name]} | {r['column']} | {seeds} | {_fmt(r['clean_accuracy_mean'], r['clean_accuracy_std'])} "
                      f"| {_fmt(r['poisoned_accuracy_mean'], r['poisoned_accuracy_std'])} "
                      f"| {_fmt(r['accuracy_drop_mean'], r['accuracy_drop_std'])} "
+                     + _median_cell(rows, r, "accuracy_drop")
                      + (f"| {_fmt(r['retrained_drop_mean'], r['retrained_drop_std'])} ({r['retrained_drops']}) "
                         if retrained else "")
                      + f"| {_time(r['attack_seconds_mean'])} "
                      f"| {_fmt(r['mean_perturbation_linf_mean'], r['mean_perturbation_linf_std'], 3)} | {paper} | {hours} |")
-    return head + "\n".join(lines) + "\n" + _diverged_footnote(rows)
+    return head + "\n".join(lines) + "\n" + _diverged_footnote(rows) + _spike_footnote(rows)
 
 
 def write_outputs(table, scale, rows, out):

@@ -52,9 +52,19 @@ from .progress import progress_bar
 from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, claim, clear_evaluation, copy_atomic, load_state,
                      load_weights, need, read_json, read_json_object, remove_training_checkpoints, save_atomic,
                      settings_of, write_json)
-from .training import TrainingCheckpoint, accuracy, pretrain_attacker, train_classifier, training_layout
+from .training import LastEpochs, TrainingCheckpoint, accuracy, pretrain_attacker, train_classifier, training_layout
 
 logger = logging.getLogger(__name__)
+
+# Every training whose test accuracy the protocol reports is also tested after each epoch of its last tenth
+# (LAST_EPOCHS_FRACTION), at most LAST_EPOCHS epochs: the last 10 of the paper's 100 ("..._last_epochs" in
+# pretrain.json and metrics.json: the epochs, the accuracies, their median). A tenth, so that a short training's
+# record holds where it settled rather than its climb. Where the last epoch lies more than SPIKE (a share: 0.01 is
+# one point) from that median, the reported accuracy is a swing of the training, not where it settled: the entry
+# says "spike": true, a warning says so, and the drop between the medians ("..._median_last_epochs") is the figure
+# to read beside the reported one.
+LAST_EPOCHS, LAST_EPOCHS_FRACTION = 10, 0.1
+SPIKE = 0.01
 
 
 def _torch_dtype(cfg):
@@ -90,15 +100,53 @@ def new_attacker(cfg, image_shape):
     return make_attacker(cfg.attacker, image_shape).to(cfg.device, _torch_dtype(cfg))
 
 
-def train_defender(cfg, x, y, verbose=False, desc="train defender", name=None, checkpoint=None):
+def train_defender(cfg, x, y, verbose=False, desc="train defender", name=None, checkpoint=None, last_epochs=None):
     """The pretrain procedure: a fresh defender (or architecture `name`) trained on (x, y). Retraining calls it
     again. `cfg` may be a Config whose dataset defaults are not filled in yet. `checkpoint`: a TrainingCheckpoint
-    (training_checkpoint) that keeps the training's progress and continues a kept one."""
+    (training_checkpoint) that keeps the training's progress and continues a kept one; `last_epochs`: a LastEpochs
+    (accuracy_record) that records the last epochs' test accuracy."""
     cfg = cfg.resolved()
     model = new_defender(cfg, tuple(x.shape[1:]), name)
     return train_classifier(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
                             lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc,
-                            max_grad_norm=cfg.pretrain_max_grad_norm, checkpoint=checkpoint)
+                            max_grad_norm=cfg.pretrain_max_grad_norm, checkpoint=checkpoint, last_epochs=last_epochs)
+
+
+def accuracy_record(cfg, splits):
+    """The LastEpochs of a training of the pretrain procedure: its test accuracy after each epoch of its last tenth, at
+    most LAST_EPOCHS (None for a training of no epochs)."""
+    epochs = cfg.resolved().pretrain_epochs
+    if epochs < 1:
+        return None
+    count = min(LAST_EPOCHS, max(1, int(epochs * LAST_EPOCHS_FRACTION + 1e-9)))
+    return LastEpochs(lambda model: accuracy(model, splits.x_test, splits.y_test), count)
+
+
+def last_epochs_entry(record, final, what):
+    """The "..._last_epochs" entry of a finished training's LastEpochs `record` ({"epochs", "accuracy", "median",
+    "spike"}; None without a record); `final` is the accuracy reported for it. A spike is logged as a warning
+    naming `what` was trained."""
+    if record is None or not record.values:
+        return None
+    epochs = sorted(record.values)
+    values = [record.values[e] for e in epochs]
+    median = statistics.median(values)
+    spike = abs(final - median) > SPIKE
+    if spike:
+        logger.warning("%s: its test accuracy after its last epoch, %.2f%%, lies %.2f points from the median of its "
+                       "last %d epochs (%.2f%%; range %.2f-%.2f%%): the reported accuracy is a swing of the training, "
+                       "not where it settled (the \"median_last_epochs\" figures beside it are)", what, 100 * final,
+                       100 * abs(final - median), len(values), 100 * median, 100 * min(values), 100 * max(values))
+    return {"epochs": epochs, "accuracy": values, "median": median, "spike": spike}
+
+
+def _recorded_entry(entry):
+    """A "..._last_epochs" entry read back from a JSON file, or None where it is missing or malformed (a run recorded
+    before the entry existed)."""
+    if (isinstance(entry, dict) and isinstance(entry.get("median"), (int, float))
+            and isinstance(entry.get("accuracy"), list) and isinstance(entry.get("spike"), bool)):
+        return entry
+    return None
 
 
 def training_checkpoint(folder, name):
@@ -216,8 +264,9 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
             remove_training_checkpoints(out, "pretrain")  # a training of its own, killed before another run stored it
             return result
     start = time.perf_counter()
-    kept = training_checkpoint(out, "pretrain")
-    defender = train_defender(cfg, splits.x_train, splits.y_train, verbose, desc="pretrain defender", checkpoint=kept)
+    kept, record = training_checkpoint(out, "pretrain"), accuracy_record(cfg, splits)
+    defender = train_defender(cfg, splits.x_train, splits.y_train, verbose, desc="pretrain defender", checkpoint=kept,
+                              last_epochs=record)
     clean = accuracy(defender, splits.x_test, splits.y_test)
     save_atomic(defender.state_dict(), os.path.join(out, "defender_pretrained.pt"))
     if needs_attacker:
@@ -226,16 +275,20 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
             pretrain_attacker(attacker, splits.x_train, splits.y_train, epochs=cfg.attacker_epochs,
                               batch_size=cfg.attacker_batch_size, seed=cfg.seed, verbose=verbose)
         save_atomic(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
-    result = {"clean_accuracy": clean, "pretrain_seconds": kept.seconds_before + time.perf_counter() - start}
+    result = {"clean_accuracy": clean, "pretrain_seconds": kept.seconds_before + time.perf_counter() - start,
+              "clean_accuracy_last_epochs": last_epochs_entry(record, clean, "the clean pretraining")}
     if kept.resumed_at_epoch:
         result["pretrain_resumed_at_epoch"] = kept.resumed_at_epoch
     if shared is not None:
         result["shared_as"] = entry  # the store this stage 1 goes to (its copies name it in "pretrained_in")
     kept_eval = training_checkpoint(out, "pretrain_eval")
     if _transfers(cfg):
+        record = accuracy_record(cfg, splits)
         target = train_defender(cfg, splits.x_train, splits.y_train, verbose, "pretrain eval defender", cfg.eval_defender,
-                                checkpoint=kept_eval)
+                                checkpoint=kept_eval, last_epochs=record)
         result["eval_clean_accuracy"] = accuracy(target, splits.x_test, splits.y_test)
+        result["eval_clean_accuracy_last_epochs"] = last_epochs_entry(record, result["eval_clean_accuracy"],
+                                                                      "the clean pretraining of the eval defender")
     write_json(os.path.join(out, "pretrain.json"), result)
     remove_training_checkpoints(out, "pretrain")
     if shared is not None:
@@ -388,12 +441,15 @@ def stage_evaluate(out, verbose=False):
     x_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg))
     y_p = poisons["y_poison"].to(cfg.device)
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
-    kept = training_checkpoint(out, "retrain")
+    kept, record = training_checkpoint(out, "retrain"), accuracy_record(cfg, splits)
     retrained = train_defender(cfg, *poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p),
-                               verbose, desc="retrain defender", name=tested, checkpoint=kept)
+                               verbose, desc="retrain defender", name=tested, checkpoint=kept, last_epochs=record)
     save_atomic(retrained.state_dict(), os.path.join(out, "defender_poisoned.pt"))
     poisoned = accuracy(retrained, splits.x_test, splits.y_test)
     clean = pre["eval_clean_accuracy"] if _transfers(cfg) else pre["clean_accuracy"]
+    clean_tail = _recorded_entry(pre.get("eval_clean_accuracy_last_epochs" if _transfers(cfg)
+                                         else "clean_accuracy_last_epochs"))
+    poisoned_tail = last_epochs_entry(record, poisoned, "the retraining on the poisoned set")
     metrics = {
         **({"retrain_resumed_at_epoch": kept.resumed_at_epoch} if kept.resumed_at_epoch else {}),
         "dataset": cfg.dataset, "defender": cfg.defender, "eval_defender": tested, "attack": cfg.attack,
@@ -402,9 +458,13 @@ def stage_evaluate(out, verbose=False):
         "n_poison": len(y_p), "replaces_sources": bool(poisons.get("replaces_sources", False)), "clean_accuracy": clean, "poisoned_accuracy": poisoned,
         "accuracy_drop": clean - poisoned, "attack_seconds": att["attack_seconds"],
         "pretrain_seconds": pre["pretrain_seconds"],
+        "clean_accuracy_last_epochs": clean_tail, "poisoned_accuracy_last_epochs": poisoned_tail,
+        "accuracy_drop_median_last_epochs": (clean_tail["median"] - poisoned_tail["median"]
+                                             if clean_tail and poisoned_tail else None),
     }
     if cfg.retrainings > 1:
-        metrics["retrainings"] = _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, verbose)
+        metrics["retrainings"] = _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, (clean, clean_tail),
+                                              (poisoned, poisoned_tail), verbose)
     x_pool, y_pool = source_points(cfg, splits, poisons)
     source = x_pool[poisons["source_indices"].to(x_pool.device)]
     metrics["source_pool"] = poisons.get("source_pool", "train")
@@ -424,12 +484,14 @@ def _file_digest(path):
 
 def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, verbose):
     """Stage 3 under the training seeds seed .. seed+K-1 (K = cfg.retrainings): for each, the tested defender
-    trained on D_tr and on D_tr U D_p (the first pair is the run's own, `clean` and `poisoned`); a training that
-    diverges is recorded as None (and its seed in "diverged_seeds"), not the end of the stage. Every finished
-    pair is kept in retrainings.json with the digest of the poisons it was trained on, so that a rerun continues
-    and poisons written since are retrained afresh. Returns the per-seed accuracies, drops and their mean / std."""
+    trained on D_tr and on D_tr U D_p (the first pair is the run's own: `clean` and `poisoned`, each (accuracy,
+    last-epochs entry)); a training that diverges is recorded as None (and its seed in "diverged_seeds"), not the
+    end of the stage. Every finished pair is kept in retrainings.json with the digest of the poisons it was trained
+    on, so that a rerun continues and poisons written since are retrained afresh. Returns the per-seed accuracies,
+    drops and their mean / std, and the drops between the medians of each pair's last epochs ("spiked_seeds": those
+    one of whose trainings ended on a spike; None for a pair recorded before the medians were)."""
     path, digest = os.path.join(out, "retrainings.json"), _file_digest(os.path.join(out, "poisons.pt"))
-    done = {}
+    done, tails = {}, {}
     if os.path.exists(path):
         try:
             kept = read_json(path)
@@ -437,16 +499,21 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
             kept = {}
         if isinstance(kept, dict) and kept.get("poisons_sha256") == digest and isinstance(kept.get("pairs"), dict):
             done = kept["pairs"]
+            tails = kept.get("last_epochs") if isinstance(kept.get("last_epochs"), dict) else {}
     seeds = [cfg.seed + k for k in range(cfg.retrainings)]
-    done[str(cfg.seed)] = [clean, poisoned]
+    done[str(cfg.seed)] = [clean[0], poisoned[0]]
+    tails[str(cfg.seed)] = [clean[1], poisoned[1]]
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
 
     def tested_accuracy(other, x, y, desc, kept):
+        """(accuracy, last-epochs entry) of a training, (None, None) for one that diverged."""
+        record = accuracy_record(other, splits)
         try:
-            model = train_defender(other, x, y, desc=desc, name=tested, checkpoint=kept)
+            model = train_defender(other, x, y, desc=desc, name=tested, checkpoint=kept, last_epochs=record)
         except FloatingPointError:
-            return None
-        return accuracy(model, splits.x_test, splits.y_test)
+            return None, None
+        acc = accuracy(model, splits.x_test, splits.y_test)
+        return acc, last_epochs_entry(record, acc, desc)
 
     for seed in progress_bar(seeds, desc="retrainings", disable=not verbose, leave=False):
         pair = done.get(str(seed))
@@ -454,18 +521,28 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
                 and all(a is None or isinstance(a, (int, float)) for a in pair)):
             other = dataclasses.replace(cfg, seed=seed)
             kept = [training_checkpoint(out, f"retraining_{seed}_{side}") for side in ("clean", "poisoned")]
-            done[str(seed)] = [tested_accuracy(other, splits.x_train, splits.y_train, f"train clean, seed {seed}", kept[0]),
-                               tested_accuracy(other, x_all, y_all, f"retrain defender, seed {seed}", kept[1])]
-            write_json(path, {"poisons_sha256": digest, "pairs": done})
+            pair = [tested_accuracy(other, splits.x_train, splits.y_train, f"train clean, seed {seed}", kept[0]),
+                    tested_accuracy(other, x_all, y_all, f"retrain defender, seed {seed}", kept[1])]
+            done[str(seed)], tails[str(seed)] = [acc for acc, _ in pair], [entry for _, entry in pair]
+            write_json(path, {"poisons_sha256": digest, "pairs": done, "last_epochs": tails})
             for each in kept:
                 each.discard()
     pairs = [done[str(seed)] for seed in seeds]
     drops = [None if c is None or p is None else c - p for c, p in pairs]
     finite = [d for d in drops if d is not None]
+    seed_tails = [[_recorded_entry(entry) for entry in tails[str(seed)]]
+                  if isinstance(tails.get(str(seed)), list) and len(tails[str(seed)]) == 2 else [None, None]
+                  for seed in seeds]
+    median_drops = [c["median"] - p["median"] if c and p else None for c, p in seed_tails]
+    finite_medians = [d for d in median_drops if d is not None]
     return {"seeds": seeds, "clean_accuracy": [c for c, _ in pairs], "poisoned_accuracy": [p for _, p in pairs],
             "accuracy_drop": drops, "diverged_seeds": [s for s, d in zip(seeds, drops) if d is None],
             "accuracy_drop_mean": statistics.fmean(finite) if finite else None,
-            "accuracy_drop_std": statistics.stdev(finite) if len(finite) > 1 else None}
+            "accuracy_drop_std": statistics.stdev(finite) if len(finite) > 1 else None,
+            "accuracy_drop_median_last_epochs": median_drops,
+            "accuracy_drop_median_last_epochs_mean": statistics.fmean(finite_medians) if finite_medians else None,
+            "accuracy_drop_median_last_epochs_std": statistics.stdev(finite_medians) if len(finite_medians) > 1 else None,
+            "spiked_seeds": [s for s, pair in zip(seeds, seed_tails) if any(e and e["spike"] for e in pair)]}
 
 
 # What a finished stage 3's metrics.json holds that a defense and the printout read.
@@ -497,16 +574,17 @@ def _poison_mask(n, poisons):
 
 
 def _defended_training(cfg, dcfg, defense, tested, splits, verbose):
-    """(train, filter): train(x, y, desc, checkpoint) -> model, the retraining procedure under the defense (the
-    pretrain procedure, continued from `checkpoint` where one is kept; or the defense's robust training, whose
-    random state is not kept: it starts afresh), and filter(x, y, model) -> (report, is_clean) or None."""
-    def train(x, y, desc="retrain defender (defended)", checkpoint=None):
+    """(train, filter): train(x, y, desc, checkpoint, last_epochs) -> model, the retraining procedure under the
+    defense (the pretrain procedure, continued from `checkpoint` where one is kept; or the defense's robust training,
+    whose random state is not kept: it starts afresh; `last_epochs` records the last epochs' test accuracy), and
+    filter(x, y, model) -> (report, is_clean) or None."""
+    def train(x, y, desc="retrain defender (defended)", checkpoint=None, last_epochs=None):
         if defense.kind == "training":
             model = new_defender(cfg, tuple(x.shape[1:]), tested)
             return defense.train(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
                                  lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc,
-                                 max_grad_norm=cfg.pretrain_max_grad_norm)
-        return train_defender(cfg, x, y, verbose, desc=desc, name=tested, checkpoint=checkpoint)
+                                 max_grad_norm=cfg.pretrain_max_grad_norm, last_epochs=last_epochs)
+        return train_defender(cfg, x, y, verbose, desc=desc, name=tested, checkpoint=checkpoint, last_epochs=last_epochs)
 
     if defense.kind == "training":
         return train, None
@@ -620,9 +698,9 @@ def _clean_defense(out, cfg, dcfg, splits, train, sanitise, place):
     if kept is not None:
         return {**kept, "clean_defense_seconds_when_computed": kept["clean_defense_seconds"],
                 "clean_defense_seconds": time.perf_counter() - start, "clean_defense_reused_from": place[0]}
-    result = {}
+    result, record = {}, accuracy_record(cfg, splits)
     if sanitise is None:
-        clean_defended = train(splits.x_train, splits.y_train, "train clean (defended)")
+        clean_defended = train(splits.x_train, splits.y_train, "train clean (defended)", last_epochs=record)
     else:
         clean_model = None
         if not _transfers(cfg):  # the pretrained defender is the pretrain procedure on D_tr: reused
@@ -631,9 +709,13 @@ def _clean_defense(out, cfg, dcfg, splits, train, sanitise, place):
         clean_report, clean_keep = sanitise(splits.x_train, splits.y_train, clean_model)
         clean_keep = clean_keep.cpu().to(splits.x_train.device)
         clean_defended = train(splits.x_train[clean_keep], splits.y_train[clean_keep], "train clean (defended)",
-                               training_checkpoint(os.path.join(out, f"defense_{dcfg.defense}"), "clean_defended"))
+                               training_checkpoint(os.path.join(out, f"defense_{dcfg.defense}"), "clean_defended"),
+                               record)
         result.update({"clean_set_removed": int((~clean_keep).sum()), "clean_report": clean_report})
-    result.update({"clean_defended_accuracy": accuracy(clean_defended, splits.x_test, splits.y_test),
+    clean_defended_acc = accuracy(clean_defended, splits.x_test, splits.y_test)
+    result.update({"clean_defended_accuracy": clean_defended_acc,
+                   "clean_defended_accuracy_last_epochs": last_epochs_entry(
+                       record, clean_defended_acc, f"the training on clean D_tr under the {dcfg.defense} defense"),
                    "clean_defense_seconds": time.perf_counter() - start})  # its filter, retraining and test
     if place is not None:
         _keep_clean_defense(*place, result)
@@ -679,15 +761,16 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     if defense.validates:
         result.update({"defender_validation": defender_validation_source(cfg, splits),
                        "n_defender_validation": len(splits.defender_validation()[1])})
+    record = accuracy_record(cfg, splits)
     if sanitise is None:
-        defended = train(x_all, y_all)
+        defended = train(x_all, y_all, last_epochs=record)
     else:
         poisoned_model = new_defender(cfg, splits.image_shape, tested)
         load_weights(poisoned_model, os.path.join(out, "defender_poisoned.pt"))
         report, keep = sanitise(x_all, y_all, poisoned_model)
         keep = keep.cpu()
         defended = train(x_all[keep.to(x_all.device)], y_all[keep.to(y_all.device)],
-                         checkpoint=training_checkpoint(folder, "defended"))
+                         checkpoint=training_checkpoint(folder, "defended"), last_epochs=record)
         is_poison = _poison_mask(len(y_all), poisons)
         removed = ~keep
         n_removed, poisons_removed = int(removed.sum()), int((removed & is_poison).sum())
@@ -698,16 +781,22 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
                        "report": report})
     defense_seconds = time.perf_counter() - start
     defended_acc = accuracy(defended, splits.x_test, splits.y_test)
+    defended_tail = last_epochs_entry(record, defended_acc, f"the retraining on the poisoned set under the "
+                                                            f"{dcfg.defense} defense")
     clean_side = _clean_defense(out, cfg, dcfg, splits, train, sanitise, place)
     result.update(clean_side)
     clean, poisoned = undefended["clean_accuracy"], undefended["poisoned_accuracy"]
     clean_defended_acc = clean_side["clean_defended_accuracy"]
+    clean_tail = _recorded_entry(clean_side.get("clean_defended_accuracy_last_epochs"))
     result.update({
         "dataset": cfg.dataset, "attack": cfg.attack, "defender": cfg.defender, "eval_defender": tested,
         "epsilon": cfg.epsilon, "seed": cfg.seed, "n_train": len(splits.y_train), "n_poison": len(y_p),
         "clean_accuracy": clean, "poisoned_accuracy": poisoned, "accuracy_drop": clean - poisoned,
         "defended_accuracy": defended_acc, "defended_drop": clean - defended_acc,
         "attack_drop_under_defense": clean_defended_acc - defended_acc,
+        "defended_accuracy_last_epochs": defended_tail,
+        "attack_drop_under_defense_median_last_epochs": (clean_tail["median"] - defended_tail["median"]
+                                                         if clean_tail and defended_tail else None),
         "defended_training_seconds": defense_seconds})  # the defense of the poisoned set: its filter and retraining
     os.makedirs(folder, exist_ok=True)
     save_atomic(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))

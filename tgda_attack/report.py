@@ -41,7 +41,27 @@ def metrics_table(metrics):
         "|---|---|---|---|" + ("---|---|" if spread else ""),
         f"| {_pct(metrics['clean_accuracy'])} | {_pct(metrics['poisoned_accuracy'])} | "
         f"{_pct(metrics['accuracy_drop'])} | {metrics['attack_seconds']:.1f} |" + (f" {spread}" if spread else ""),
-    ]) + _retrainings_line(metrics)
+    ]) + _last_epochs_line(metrics) + _retrainings_line(metrics)
+
+
+def _last_epochs_line(metrics, clean=("clean", "clean_accuracy_last_epochs"),
+                      poisoned=("poisoned", "poisoned_accuracy_last_epochs"), drop="accuracy_drop_median_last_epochs"):
+    """The test accuracies over the last epochs (protocol.LAST_EPOCHS) of a run's clean and poisoned trainings (each a
+    (name, metrics key)) and the drop between their medians, or "" for a run recorded without them."""
+    (clean_name, clean), (poisoned_name, poisoned) = ((n, metrics.get(k)) for n, k in (clean, poisoned))
+    if not poisoned:
+        return ""
+    def span(entry):
+        return f"median {_pct(entry['median'])} (range {_pct(min(entry['accuracy']))}-{_pct(max(entry['accuracy']))})"
+    line = f"\n\nTest accuracy (%) over the last {len(poisoned['accuracy'])} epochs: {poisoned_name} {span(poisoned)}"
+    if clean:
+        line += f", {clean_name} {span(clean)}; drop between the medians {_pct(metrics[drop])} points"
+    spiked = [name for name, entry in ((clean_name, clean), (poisoned_name, poisoned)) if entry and entry["spike"]]
+    if spiked:
+        line += (f". The {' and the '.join(spiked)} " + ("accuracies above are swings of their trainings'" if len(spiked) > 1
+                                                       else "accuracy above is a swing of its training's")
+                 + " last epoch, not where the training settled: read the median" + ("s' drop" if clean else ""))
+    return line + "."
 
 
 def _retrainings_line(metrics):
@@ -52,9 +72,15 @@ def _retrainings_line(metrics):
     def pct(v):
         return "—" if v is None else _pct(v)
     diverged = f"; {len(r['diverged_seeds'])} diverged" if r.get("diverged_seeds") else ""
+    medians = ""
+    if r.get("accuracy_drop_median_last_epochs_mean") is not None:
+        spiked = f"; seeds {', '.join(map(str, r['spiked_seeds']))} spiked" if r.get("spiked_seeds") else ""
+        medians = (f"; between the medians of the last epochs {pct(r['accuracy_drop_median_last_epochs_mean'])} ± "
+                   f"{pct(r['accuracy_drop_median_last_epochs_std'])} (per seed "
+                   + " / ".join(pct(d) for d in r["accuracy_drop_median_last_epochs"]) + spiked + ")")
     return (f"\n\nDrop over {len(r['seeds'])} retrainings (training seeds {r['seeds'][0]}-{r['seeds'][-1]}, the poisons "
             f"fixed): {pct(r['accuracy_drop_mean'])} ± {pct(r['accuracy_drop_std'])} points (per seed "
-            + " / ".join("diverged" if d is None else _pct(d) for d in r["accuracy_drop"]) + diverged + ")")
+            + " / ".join("diverged" if d is None else _pct(d) for d in r["accuracy_drop"]) + diverged + ")" + medians)
 
 
 def tested_defender(metrics):
@@ -96,4 +122,6 @@ def defense_table(metrics):
     if metrics.get("defender_validation"):
         head += " defender's validation set |"
         row += f" {metrics['defender_validation']} ({metrics['n_defender_validation']} points) |"
-    return "\n".join([head, "|" + "---|" * (head.count("|") - 1), row])
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1), row]) + _last_epochs_line(
+        metrics, ("clean with defense", "clean_defended_accuracy_last_epochs"),
+        ("defended", "defended_accuracy_last_epochs"), "attack_drop_under_defense_median_last_epochs")

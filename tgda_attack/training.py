@@ -91,13 +91,31 @@ def _tensor_digest(t):
     return digest.hexdigest()
 
 
+class LastEpochs:
+    """What `measure(model)` gives after each of a training's last `count` epochs (the test accuracy, in the
+    protocol): `values` maps an epoch (1-based) to its value. A model's accuracy after its last epoch is one
+    snapshot of a training that can swing from epoch to epoch (a network trained by SGD on poisons it has not fitted
+    can read 77% at one epoch and 97% at the next); this record shows whether the last epoch was such a swing.
+    A TrainingCheckpoint keeps it with the training's progress, so a resumed training's record is whole."""
+
+    def __init__(self, measure, count):
+        if not (isinstance(count, int) and count >= 1):
+            raise ValueError(f"count must be a whole number of epochs >= 1, got {count!r}")
+        self.measure, self.count, self.values = measure, count, {}
+
+    def after(self, epoch, epochs, model):
+        """Records epoch `epoch` (1-based) of `epochs` if it is one of the last `count` (model in eval mode)."""
+        if epoch > epochs - self.count:
+            self.values[epoch] = float(self.measure(model))
+
+
 class TrainingCheckpoint:
     """Where train_classifier keeps the progress of one training (the file `path`), so that a training stopped
     before its end continues from its last kept epoch when train_classifier is called again with the same
     model at the same initialisation, data and settings. A file of another training (other data, settings,
     architecture or initial weights, loss, memory layout, threads or torch), or one that cannot be read, is set
     aside: the training starts afresh (a warning says why) and replaces it. Kept every `every_s` seconds at the
-    end of an epoch (after `after_epoch`), and at the end of the training, so that a kill between the training's
+    end of an epoch (after `after_epoch`; with a LastEpochs record, which it keeps too), and at the end of the training, so that a kill between the training's
     end and the caller's use of the model costs nothing: the caller calls discard() once it has written what it
     made of the model. A file that cannot be written costs the resumption, not the training (a warning).
 
@@ -124,7 +142,7 @@ class TrainingCheckpoint:
             return None
         try:
             state = load_state(self.path, {"key": str, "epoch": int, "model": dict, "shuffle": torch.Tensor,
-                                           "torch_rng": torch.Tensor, "seconds": float})
+                                           "torch_rng": torch.Tensor, "seconds": float, "last_epochs": dict})
         except (RunFolderError, OSError) as exc:
             logger.warning("training from scratch: %s", exc)
             return None
@@ -134,11 +152,12 @@ class TrainingCheckpoint:
             return None
         return state
 
-    def _save(self, key, epoch, model, generator, seconds, device):
+    def _save(self, key, epoch, model, generator, seconds, device, last_epochs=None):
         if self._unwritable:
             return
         state = {"key": key, "epoch": epoch, "model": model.state_dict(), "shuffle": generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "seconds": float(seconds)}
+                 "torch_rng": torch.get_rng_state(), "seconds": float(seconds),
+                 "last_epochs": {} if last_epochs is None else dict(last_epochs.values)}
         if device.type == "cuda":  # dropout on the GPU draws from that device's generator
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         try:
@@ -152,9 +171,10 @@ class TrainingCheckpoint:
                 os.remove(self.path + ".tmp")
 
 
-def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout):
+def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout, last_epochs):
     """What a kept training must agree on to be continued (a JSON string)."""
     return json.dumps({
+        "last_epochs": None if last_epochs is None else last_epochs.count,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "max_grad_norm": float(max_grad_norm),
         "x": _tensor_digest(x), "y": _tensor_digest(y),
         "initial_weights": hashlib.sha256("".join(f"{name}:{_tensor_digest(t)};" for name, t in
@@ -165,19 +185,21 @@ def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss
 
 
 def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
-                     loss_fn=cross_entropy_loss, after_epoch=None, max_grad_norm=0.0, checkpoint=None):
+                     loss_fn=cross_entropy_loss, after_epoch=None, max_grad_norm=0.0, checkpoint=None,
+                     last_epochs=None):
     """Mini-batch gradient descent on loss_fn(model, x_batch, y_batch) (the cross-entropy unless a robust
     training procedure gives its own): w -= lr * grad, the gradient scaled down to an L2 norm of
     `max_grad_norm` where it is longer (0: never). `after_epoch(model)`, where given, is called after
-    each epoch (in eval mode; training resumes in train mode). `checkpoint`, a TrainingCheckpoint, keeps the
-    training's progress and continues a kept one (module docstring). Returns the model."""
+    each epoch (in eval mode; training resumes in train mode); `last_epochs`, a LastEpochs, records its measure after
+    each of the last epochs (before after_epoch). `checkpoint`, a TrainingCheckpoint, keeps the training's progress
+    (and the record) and continues a kept one. Returns the model."""
     if epochs < 0 or batch_size < 1 or lr <= 0 or not max_grad_norm >= 0:
         raise ValueError("epochs must be >= 0, batch_size >= 1, lr > 0 and max_grad_norm >= 0")
     layout = training_layout(model, x.device) if x.dim() == 4 else None
     generator = torch.Generator().manual_seed(seed)
     first_epoch, seconds_before, start = 0, 0.0, time.perf_counter()
     if checkpoint is not None:
-        key = _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout)
+        key = _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout, last_epochs)
         kept = checkpoint._load(key)
         if kept is not None:
             model.load_state_dict(kept["model"])
@@ -186,6 +208,8 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
             if "cuda_rng" in kept and x.device.type == "cuda":
                 torch.cuda.set_rng_state(kept["cuda_rng"], x.device)
             first_epoch, seconds_before = kept["epoch"], kept["seconds"]
+            if last_epochs is not None:
+                last_epochs.values = {int(e): float(v) for e, v in kept["last_epochs"].items()}
         checkpoint.resumed_at_epoch, checkpoint.seconds_before = first_epoch, seconds_before
         last_kept = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -210,13 +234,16 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
                     "outcome, but no accuracy can be measured); use a smaller learning rate (--pretrain-lr) or a "
                     "gradient-norm bound (--pretrain-max-grad-norm)")
             bar.set_postfix(loss=f"{last:.4f}")
-            if after_epoch is not None:
+            if after_epoch is not None or last_epochs is not None:
                 model.eval()
-                after_epoch(model)
+                if last_epochs is not None:
+                    last_epochs.after(epoch + 1, epochs, model)
+                if after_epoch is not None:
+                    after_epoch(model)
                 model.train()
             if checkpoint is not None and (epoch + 1 == epochs or time.perf_counter() - last_kept >= checkpoint.every_s):
                 checkpoint._save(key, epoch + 1, model, generator, seconds_before + time.perf_counter() - start,
-                                 x.device)
+                                 x.device, last_epochs)
                 last_kept = time.perf_counter()
     model.eval()
     return model

@@ -82,7 +82,9 @@ class RobustTraining(Defense):
     kind = "training"
 
     def train(self, model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="robust training",
-              max_grad_norm=0.0):
+              max_grad_norm=0.0, last_epochs=None):
+        """The model trained on (x, y) by this procedure (train_classifier's arguments; `last_epochs`, a
+        training.LastEpochs, records the last epochs' test accuracy)."""
         raise NotImplementedError
 
 

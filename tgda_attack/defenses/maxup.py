@@ -100,6 +100,7 @@ class MaxUpTraining(RobustTraining):
         return loss
 
     def train(self, model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="maxup training",
-              max_grad_norm=0.0):
+              max_grad_norm=0.0, last_epochs=None):
         return train_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, verbose=verbose,
-                                desc=desc, max_grad_norm=max_grad_norm, loss_fn=self.loss_fn(noise_generator(seed, x.device)))
+                                desc=desc, max_grad_norm=max_grad_norm, loss_fn=self.loss_fn(noise_generator(seed, x.device)),
+                                last_epochs=last_epochs)

@@ -166,8 +166,11 @@ def test_label_flip_and_seeds_summary(tmp_path, capsys):
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
     assert summary["seeds"] == [0, 1] and set(summary["accuracy_drop"]) == {"mean", "std"}
-    assert os.path.exists(os.path.join(out, "seed_1", "metrics.json"))
-    assert "mean ± std" in capsys.readouterr().out
+    runs = [json.load(open(os.path.join(out, f"seed_{s}", "metrics.json"))) for s in (0, 1)]
+    assert summary["accuracy_drop_median_last_epochs"]["mean"] == pytest.approx(
+        sum(r["accuracy_drop_median_last_epochs"] for r in runs) / 2)
+    printed = capsys.readouterr().out
+    assert "mean ± std" in printed and "drop, medians of the last epochs" in printed
 
 
 def test_a_label_flip_from_d_v_is_read_back_against_d_v(tmp_path):

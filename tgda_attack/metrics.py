@@ -6,6 +6,7 @@ import statistics
 import torch
 
 SUMMARY_KEYS = ("clean_accuracy", "poisoned_accuracy", "accuracy_drop", "attack_seconds")
+MEDIAN_DROP = "accuracy_drop_median_last_epochs"  # protocol: between the medians of the trainings' last epochs
 POISON_KEYS = ("mean_perturbation_l2", "mean_perturbation_linf", "max_perturbation_linf", "poison_pairwise_l2",
                "source_pairwise_l2")
 
@@ -36,8 +37,10 @@ def mean_std(values):
 
 
 def summarize(runs):
-    """Mean and sample standard deviation (n - 1) over seeds of the metrics of several runs (std None for one run)."""
-    keys = SUMMARY_KEYS + tuple(k for k in POISON_KEYS if all(k in r for r in runs))
+    """Mean and sample standard deviation (n - 1) over seeds of the metrics of several runs (std None for one run); the
+    drop between the medians of the last epochs where every run recorded it."""
+    keys = SUMMARY_KEYS + tuple(k for k in POISON_KEYS + (MEDIAN_DROP,) if all(isinstance(r.get(k), (int, float))
+                                                                              for r in runs))
     summary = {"seeds": [r["seed"] for r in runs], **{k: runs[0][k] for k in ("dataset", "defender", "attack", "epsilon")},
                "eval_defender": runs[0].get("eval_defender") or runs[0]["defender"]}  # whose accuracies these are
     for k in keys:

@@ -4,6 +4,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .metrics import MEDIAN_DROP  # noqa: E402
+
 
 def save_poison_figure(x_clean, x_poison, y_clean, y_poison, path, k=8):
     """Top row: clean starting points; bottom row: their poisons; the k with the largest change."""
@@ -97,14 +99,19 @@ def mean_std_text(mean, std, digits=2):
 
 def summary_table(summaries):
     """Several summaries (mean and std over seeds) as a Markdown table."""
-    lines = ["| dataset | defender | attack | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) | attack time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    medians = any(MEDIAN_DROP in s for s in summaries)
+    lines = ["| dataset | defender | attack | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) | "
+             + ("drop, medians of the last epochs | " if medians else "") + "attack time (s) |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if medians else "")]
     for s in summaries:
         def ms(key, scale=100.0):
+            if key not in s:
+                return "—"
             std = s[key]["std"]
             return mean_std_text(scale * s[key]["mean"], None if std is None else scale * std)
         lines.append(f"| {s['dataset']} | {tested_defender(s)} | {s['attack']} | {len(s['seeds'])} | {ms('clean_accuracy')} | "
-                     f"{ms('poisoned_accuracy')} | {ms('accuracy_drop')} | {ms('attack_seconds', 1.0)} |")
+                     f"{ms('poisoned_accuracy')} | {ms('accuracy_drop')} | " + (f"{ms(MEDIAN_DROP)} | " if medians else "")
+                     + f"{ms('attack_seconds', 1.0)} |")
     return "\n".join(lines)
 
 

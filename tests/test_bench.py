@@ -117,6 +117,16 @@ def test_table_10_smoke_is_a_matrix_of_attacks_and_every_defense_each_attack_run
     metrics = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "defense_loss", "metrics.json")))
     assert row["defended_drop_mean"] == pytest.approx(100 * metrics["defended_drop"])
     assert row["recall_mean"] == pytest.approx(100 * metrics["recall"])
+    # the defense's trainings recorded their last epochs: the drop under the defense between their medians
+    assert metrics["attack_drop_under_defense_median_last_epochs"] == pytest.approx(
+        metrics["clean_defended_accuracy_last_epochs"]["median"] - metrics["defended_accuracy_last_epochs"]["median"])
+    assert row["attack_drop_under_defense_median_last_epochs_mean"] == pytest.approx(
+        100 * metrics["attack_drop_under_defense_median_last_epochs"])
+    undefended = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "metrics.json")))
+    assert metrics["accuracy_drop_median_last_epochs"] == undefended["accuracy_drop_median_last_epochs"]
+    assert "| the same, medians of the last epochs |" in open(os.path.join(out, "table_10.md")).read()
+    maxup = json.load(open(os.path.join(out, "table_2", "label-flip", "lr", "seed_0", "defense_maxup", "metrics.json")))
+    assert maxup["defended_accuracy_last_epochs"]["accuracy"][-1] == maxup["defended_accuracy"]  # a robust training too
     assert "defender's validation set (influence) used: the attacker's D_v (the set the attacks were made to hurt" in open(
         os.path.join(out, "table_10.md")).read()  # what favours it, said beside its numbers
 
@@ -349,8 +359,8 @@ def test_the_drop_between_the_medians_of_the_last_epochs_is_a_column_and_a_spike
     row = next(r for r in json.load(open(os.path.join(out, "table_2.json"))) if r["attack"] == "label-flip")
     assert row["accuracy_drop_median_last_epochs_mean"] == pytest.approx(
         sum(100 * r["accuracy_drop_median_last_epochs"] for r in runs) / 2)
-    assert row["last_epoch_spikes"] == 0 and "| drop, medians of the last epochs |" in open(
-        os.path.join(out, "table_2.md")).read()
+    assert row["accuracy_drop_last_epoch_spikes"] == 0 and row["accuracy_drop_median_last_epochs_runs"] == 2
+    assert "| drop, medians of the last epochs |" in open(os.path.join(out, "table_2.md")).read()
     # seed 1's retraining as if its last epoch had read 20 points below where the training settled
     tail = runs[1]["poisoned_accuracy_last_epochs"]
     tail["accuracy"][-1] -= 0.2
@@ -359,6 +369,14 @@ def test_the_drop_between_the_medians_of_the_last_epochs_is_a_column_and_a_spike
         json.dump(runs[1], fh)
     assert cli.main(argv) == 0  # finished runs are read back, the table rebuilt
     row = next(r for r in json.load(open(os.path.join(out, "table_2.json"))) if r["attack"] == "label-flip")
-    assert row["last_epoch_spikes"] == 1
+    assert row["accuracy_drop_last_epoch_spikes"] == 1
     text = open(os.path.join(out, "table_2.md")).read()
     assert "(1 spiked) |" in text and '"spiked"' in text
+    # a run made before the record existed: the median is over the other run, and says so
+    del runs[1]["accuracy_drop_median_last_epochs"]
+    with open(paths[1], "w") as fh:
+        json.dump(runs[1], fh)
+    assert cli.main(argv) == 0
+    row = next(r for r in json.load(open(os.path.join(out, "table_2.json"))) if r["attack"] == "label-flip")
+    assert row["accuracy_drop_median_last_epochs_mean"] == pytest.approx(100 * runs[0]["accuracy_drop_median_last_epochs"])
+    assert "(1 of 2 runs) (1 spiked) |" in open(os.path.join(out, "table_2.md")).read()

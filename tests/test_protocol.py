@@ -437,6 +437,9 @@ def test_transfer_tests_the_poisons_on_another_defender(tmp_path):
     pretrain = json.load(open(os.path.join(out, "pretrain.json")))
     assert metrics["defender"] == "lr" and metrics["eval_defender"] == "nn"
     assert metrics["clean_accuracy"] == pretrain["eval_clean_accuracy"] != pretrain["clean_accuracy"]
+    # the tested network's clean record, not the surrogate's, is the clean side of the median drop
+    assert metrics["clean_accuracy_last_epochs"] == pretrain["eval_clean_accuracy_last_epochs"]
+    assert metrics["clean_accuracy_last_epochs"]["accuracy"] == [pretrain["eval_clean_accuracy"]]
     cfg = protocol.Config.from_dict({**TINY, "attack": "label-flip", "eval_defender": "nn"}).resolved()
     splits = protocol.load_splits(cfg)
     clean_nn = protocol.train_defender(cfg, splits.x_train, splits.y_train, name="nn")  # independent retrace
@@ -603,3 +606,38 @@ def test_overwrite_new_poisons_and_finished_stages_remove_kept_trainings(tmp_pat
     leave("pretrain.pt", "pretrain.pt.tmp")
     cfg = protocol.Config.from_dict({**TINY, "attack": "label-flip"}).resolved()
     assert rundir.claim(out, cfg, overwrite=True) is False and left() == []
+
+
+@pytest.mark.parametrize("epochs, recorded", [(0, None), (3, 1), (15, 1), (20, 2), (30, 3), (100, 10), (250, 10)])
+def test_a_training_records_the_last_tenth_of_its_epochs_at_most_ten(epochs, recorded):
+    cfg = protocol.Config.from_dict({**TINY, "pretrain_epochs": epochs})
+    record = protocol.accuracy_record(cfg, None)
+    assert (record and record.count) == recorded
+
+
+def test_the_median_drop_is_taken_over_the_last_epochs_and_a_pretraining_without_a_record_is_said(tmp_path, caplog):
+    """30 epochs: the last 3 of each training are tested (each the accuracy of that many epochs of the same
+    training), the drop between their medians reported; a pretrain.json written before the record holds none, and
+    the evaluate stage says so instead of reporting a median drop."""
+    out = str(tmp_path / "run")
+    cfg = protocol.Config.from_dict({**TINY, "pretrain_epochs": 30, "attack": "label-flip", "seed": 0})
+    metrics = protocol.run(cfg, out)
+    splits = protocol.load_splits(cfg)
+    clean = metrics["clean_accuracy_last_epochs"]
+    assert clean["epochs"] == [28, 29, 30] and clean["accuracy"][-1] == metrics["clean_accuracy"]
+    short = protocol.train_defender(dataclasses.replace(cfg, pretrain_epochs=28), splits.x_train, splits.y_train)
+    assert clean["accuracy"][0] == protocol.accuracy(short, splits.x_test, splits.y_test)  # epoch 28 of the same training
+    poisoned = metrics["poisoned_accuracy_last_epochs"]
+    assert poisoned["accuracy"][-1] == metrics["poisoned_accuracy"]
+    for entry in (clean, poisoned):
+        assert entry["median"] == sorted(entry["accuracy"])[1]
+        assert entry["spike"] == (abs(entry["accuracy"][-1] - entry["median"]) > protocol.SPIKE)
+    assert metrics["accuracy_drop_median_last_epochs"] == pytest.approx(clean["median"] - poisoned["median"])
+    pre = protocol.read_json(os.path.join(out, "pretrain.json"))
+    del pre["clean_accuracy_last_epochs"]
+    protocol.write_json(os.path.join(out, "pretrain.json"), pre)
+    again = protocol.stage_evaluate(out)
+    assert again["poisoned_accuracy_last_epochs"] == poisoned and again["accuracy_drop_median_last_epochs"] is None
+    assert "holds no record of the clean pretraining's last epochs" in caplog.text
+    from tgda_attack.report import metrics_table
+    assert "poisoned median" in metrics_table(again) and "between the medians" not in metrics_table(again)

@@ -273,10 +273,37 @@ def test_a_resumed_training_keeps_the_record_of_its_last_epochs_whole(tmp_path, 
     assert kept.resumed_at_epoch == stopped_after - 1
     assert continued.values == whole.values
     assert len(measured) == min(3, 5 - (stopped_after - 1))
-    # a kept training of another record length is another training: set aside, started afresh
-    other = LastEpochs(_weight_sum, 2)
-    train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, last_epochs=other, **kw)
-    assert kept.resumed_at_epoch == 0 and other.values == {e: whole.values[e] for e in (4, 5)}
+    # kept at its end: read back whole; a longer record than the one kept lacks the epochs it did not keep (a warning)
+    again = LastEpochs(_weight_sum, 3)
+    train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, last_epochs=again, **kw)
+    assert kept.resumed_at_epoch == 5 and again.values == whole.values
+    longer = LastEpochs(_weight_sum, 4)
+    train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, last_epochs=longer, **kw)
+    assert kept.resumed_at_epoch == 5 and longer.values == whole.values
+
+
+@pytest.mark.parametrize("stopped_after", [2, 5])
+def test_a_checkpoint_kept_without_a_record_resumes_and_says_which_epochs_the_record_lacks(tmp_path, caplog,
+                                                                                           stopped_after):
+    """A checkpoint of an older version (no record in it) is continued, not set aside: stopped before the recorded
+    epochs nothing is lost; stopped inside them, the record lacks the epochs before the stop, and says so."""
+    from tgda_attack.training import LastEpochs, TrainingCheckpoint
+    model, x, y = _problem()
+    kw = dict(epochs=5, batch_size=8, lr=0.5, seed=3)
+    whole = LastEpochs(_weight_sum, 3)
+    train_classifier(copy.deepcopy(model), x, y, last_epochs=whole, **kw)
+    kept = TrainingCheckpoint(str(tmp_path / "ckpt.pt"), every_s=0)
+    with pytest.raises(_Stop):
+        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(stopped_after), **kw)
+    state = torch.load(kept.path, weights_only=True)
+    del state["last_epochs"]
+    torch.save(state, kept.path)
+    continued = LastEpochs(_weight_sum, 3)
+    train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, last_epochs=continued, **kw)
+    assert kept.resumed_at_epoch == stopped_after - 1
+    lost = [e for e in (3, 4, 5) if e < stopped_after]
+    assert continued.values == {e: v for e, v in whole.values.items() if e not in lost}
+    assert ("kept without the test accuracy of epochs 3, 4" in caplog.text) == bool(lost)
 
 
 def test_a_last_epoch_off_the_median_of_the_last_epochs_is_reported_as_a_spike(caplog):

@@ -541,8 +541,7 @@ def _row(table, scale, cell, runs, overrides=""):
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
         mean, std = mean_std([scale_by * r[key] for r in done if key in r])
         out[f"{key}_mean"], out[f"{key}_std"] = mean, std
-    _last_epochs_columns(out, done, "accuracy_drop_median_last_epochs",
-                         ("clean_accuracy_last_epochs", "poisoned_accuracy_last_epochs"))
+    _last_epochs_columns(out, done, "accuracy_drop", ("clean_accuracy_last_epochs", "poisoned_accuracy_last_epochs"))
     pooled = [100 * d for r in done for d in (r.get("retrainings") or {}).get("accuracy_drop", []) if d is not None]
     out["retrained_drops"] = len(pooled)  # every retraining of every seed (stage 3 with `retrainings` > 1)
     out["retrained_drop_mean"], out["retrained_drop_std"] = mean_std(pooled)
@@ -565,17 +564,20 @@ DEFENSE_COLUMNS = (("defended_accuracy", 100), ("defended_drop", 100), ("clean_d
 
 
 def _last_epochs_columns(out, done, drop, entries):
-    """A row's drop between the medians of its trainings' last epochs (protocol.LAST_EPOCHS; over the runs that
-    recorded them) and how many of its runs end a training on a spike (the last epoch off that median by more than
-    protocol.SPIKE)."""
-    mean, std = mean_std([100 * r[drop] for r in done if isinstance(r.get(drop), (int, float))])
-    out[f"{drop}_mean"], out[f"{drop}_std"] = mean, std
-    out["last_epoch_spikes"] = sum(any((r.get(name) or {}).get("spike") for name in entries) for r in done)
+    """A row's `drop` between the medians of its trainings' last epochs (protocol.LAST_EPOCHS; over the runs that
+    recorded them, counted in DROP_median_last_epochs_runs) and how many of its runs end one of the trainings
+    `entries` on a spike (the last epoch off that median by more than protocol.SPIKE): DROP_last_epoch_spikes."""
+    key = f"{drop}_median_last_epochs"
+    recorded = [100 * r[key] for r in done if isinstance(r.get(key), (int, float))]
+    out[f"{key}_mean"], out[f"{key}_std"] = mean_std(recorded)
+    out[f"{key}_runs"] = len(recorded)
+    out[f"{drop}_last_epoch_spikes"] = sum(any(isinstance(r.get(name), dict) and r[name].get("spike") is True
+                                               for name in entries) for r in done)
 
 
 def _defense_row(table, scale, cell, done, out):
     out["defense"] = cell.defense
-    _last_epochs_columns(out, done, "attack_drop_under_defense_median_last_epochs",
+    _last_epochs_columns(out, done, "attack_drop_under_defense",
                          ("clean_defended_accuracy_last_epochs", "defended_accuracy_last_epochs"))
     out["defender_validation"] = None  # a run recorded before the setting existed validated on the attacker's D_v
     if DEFENSES[cell.defense].validates:
@@ -621,8 +623,9 @@ def defense_markdown(table, scale, rows):
                      f"| {_fmt(r['accuracy_drop_mean'], r['accuracy_drop_std'])} "
                      f"| {_fmt(r['defended_drop_mean'], r['defended_drop_std'])} "
                      f"| {_fmt(r['clean_defended_accuracy_mean'], r['clean_defended_accuracy_std'])} "
-                     f"| {_fmt(r['attack_drop_under_defense_mean'], r['attack_drop_under_defense_std'])} "
-                     + _median_cell(rows, r, "attack_drop_under_defense")
+                     f"| {_fmt(r['attack_drop_under_defense_mean'], r['attack_drop_under_defense_std'])}"
+                     + ("" if _has_medians(rows, "attack_drop_under_defense") else _spikes(r, "attack_drop_under_defense"))
+                     + " " + _median_cell(rows, r, "attack_drop_under_defense")
                      + f"| {removed} | {prec} | {paper} |")
     return "\n".join(lines) + "\n" + _diverged_footnote(rows) + _spike_footnote(rows)
 
@@ -634,22 +637,33 @@ def _has_medians(rows, drop):
 
 
 def _median_cell(rows, r, drop):
-    """The cell of the drop between the medians of the last epochs, its spikes counted ("" without the column)."""
+    """The cell of the drop between the medians of the last epochs, the runs it is over where not all of the row's, and
+    the row's spiked runs counted ("" without the column)."""
     if not _has_medians(rows, drop):
         return ""
-    spikes = f" ({r['last_epoch_spikes']} spiked)" if r.get("last_epoch_spikes") else ""
-    return f"| {_fmt(r[f'{drop}_median_last_epochs_mean'], r[f'{drop}_median_last_epochs_std'])}{spikes} "
+    runs, finished = r[f"{drop}_median_last_epochs_runs"], r["seeds"] - r["diverged"]
+    over = f" ({runs} of {finished} runs)" if runs < finished else ""
+    return f"| {_fmt(r[f'{drop}_median_last_epochs_mean'], r[f'{drop}_median_last_epochs_std'])}{over}{_spikes(r, drop)} "
+
+
+def _spikes(r, drop):
+    """" (N spiked)" for a row N of whose runs end a training on a spike ("" for none)."""
+    n = r.get(f"{drop}_last_epoch_spikes")
+    return f" ({n} spiked)" if n else ""
 
 
 def _spike_footnote(rows):
-    """The sentence under a table that shows the drops between the medians of the trainings' last epochs."""
-    if not any(_has_medians(rows, drop) for drop in ("accuracy_drop", "attack_drop_under_defense")):
+    """The sentence under a table that shows the drops between the medians of the trainings' last epochs, or counts
+    spiked runs."""
+    drops = ("accuracy_drop", "attack_drop_under_defense")
+    if not any(_has_medians(rows, drop) or any(r.get(f"{drop}_last_epoch_spikes") for r in rows) for drop in drops):
         return ""
     return (f"\n\"medians of the last epochs\": each training (clean and poisoned, with or without the defense) is also "
             f"tested after each epoch of its last tenth (at most {protocol.LAST_EPOCHS}), and the drop is taken between "
-            "the medians of those accuracies; \"spiked\": runs one of whose trainings reads, after its last epoch, more than "
-            f"{100 * protocol.SPIKE:g} point from its median (a swing of the training, not the poisons' settled effect: "
-            "read the median column for them).\n")
+            "the medians of those accuracies (\"k of n runs\": over the runs that recorded them; runs made before the "
+            "record existed hold none); \"spiked\": runs one of whose trainings reads, after its last epoch, more than "
+            f"{100 * protocol.SPIKE:g} point from the median of its last epochs (one epoch's reading, not where the "
+            "training stood over its last epochs: read the median column for them).\n")
 
 
 def _diverged_footnote(rows):
@@ -720,8 +734,8 @@ def markdown(table, scale, rows):
         seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
         lines.append(f"| {r[table.row_name]} | {r['column']} | {seeds} | {_fmt(r['clean_accuracy_mean'], r['clean_accuracy_std'])} "
                      f"| {_fmt(r['poisoned_accuracy_mean'], r['poisoned_accuracy_std'])} "
-                     f"| {_fmt(r['accuracy_drop_mean'], r['accuracy_drop_std'])} "
-                     + _median_cell(rows, r, "accuracy_drop")
+                     f"| {_fmt(r['accuracy_drop_mean'], r['accuracy_drop_std'])}"
+                     + ("" if medians else _spikes(r, "accuracy_drop")) + " " + _median_cell(rows, r, "accuracy_drop")
                      + (f"| {_fmt(r['retrained_drop_mean'], r['retrained_drop_std'])} ({r['retrained_drops']}) "
                         if retrained else "")
                      + f"| {_time(r['attack_seconds_mean'])} "

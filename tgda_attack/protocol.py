@@ -60,9 +60,9 @@ logger = logging.getLogger(__name__)
 # (LAST_EPOCHS_FRACTION), at most LAST_EPOCHS epochs: the last 10 of the paper's 100 ("..._last_epochs" in
 # pretrain.json and metrics.json: the epochs, the accuracies, their median). A tenth, so that a short training's
 # record holds where it settled rather than its climb. Where the last epoch lies more than SPIKE (a share: 0.01 is
-# one point) from that median, the reported accuracy is a swing of the training, not where it settled: the entry
-# says "spike": true, a warning says so, and the drop between the medians ("..._median_last_epochs") is the figure
-# to read beside the reported one.
+# one point) from the median of a record of at least 3 epochs, the reported accuracy is one epoch's reading, not
+# where the training stood over its last epochs: the entry says "spike": true, a warning says so, and the drop
+# between the medians ("..._median_last_epochs") is the figure to read beside the reported one.
 LAST_EPOCHS, LAST_EPOCHS_FRACTION = 10, 0.1
 SPIKE = 0.01
 
@@ -124,19 +124,20 @@ def accuracy_record(cfg, splits):
 
 def last_epochs_entry(record, final, what):
     """The "..._last_epochs" entry of a finished training's LastEpochs `record` ({"epochs", "accuracy", "median",
-    "spike"}; None without a record); `final` is the accuracy reported for it. A spike is logged as a warning
-    naming `what` was trained."""
+    "spike"}; None without a record); `final` is the accuracy reported for it. A spike (SPIKE; a record of 3 epochs
+    or more) is logged as a warning naming `what` was trained."""
     if record is None or not record.values:
         return None
     epochs = sorted(record.values)
     values = [record.values[e] for e in epochs]
     median = statistics.median(values)
-    spike = abs(final - median) > SPIKE
+    spike = len(values) >= 3 and abs(final - median) > SPIKE
     if spike:
-        logger.warning("%s: its test accuracy after its last epoch, %.2f%%, lies %.2f points from the median of its "
-                       "last %d epochs (%.2f%%; range %.2f-%.2f%%): the reported accuracy is a swing of the training, "
-                       "not where it settled (the \"median_last_epochs\" figures beside it are)", what, 100 * final,
-                       100 * abs(final - median), len(values), 100 * median, 100 * min(values), 100 * max(values))
+        logger.warning("%s: its test accuracy after its last epoch, %.2f%%, lies %.2f points %s the median of its "
+                       "last %d epochs (%.2f%%; range %.2f-%.2f%%): the reported accuracy is one epoch's reading, not "
+                       "where the training stood over its last epochs (the \"median_last_epochs\" figures beside it "
+                       "are)", what, 100 * final, 100 * abs(final - median), "below" if final < median else "above",
+                       len(values), 100 * median, 100 * min(values), 100 * max(values))
     return {"epochs": epochs, "accuracy": values, "median": median, "spike": spike}
 
 
@@ -450,6 +451,12 @@ def stage_evaluate(out, verbose=False):
     clean_tail = _recorded_entry(pre.get("eval_clean_accuracy_last_epochs" if _transfers(cfg)
                                          else "clean_accuracy_last_epochs"))
     poisoned_tail = last_epochs_entry(record, poisoned, "the retraining on the poisoned set")
+    if poisoned_tail and not clean_tail:
+        logger.warning("%s holds no record of the clean pretraining's last epochs (written by an older version, or "
+                       "copied from a bench's shared pretraining%s that was): metrics.json has no drop between the "
+                       "medians of the last epochs; pretrain again (a new folder, or delete that one) to have it",
+                       os.path.join(out, "pretrain.json"),
+                       f" in {pre['pretrained_in']}" if isinstance(pre.get("pretrained_in"), str) else "")
     metrics = {
         **({"retrain_resumed_at_epoch": kept.resumed_at_epoch} if kept.resumed_at_epoch else {}),
         "dataset": cfg.dataset, "defender": cfg.defender, "eval_defender": tested, "attack": cfg.attack,
@@ -794,6 +801,8 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         "clean_accuracy": clean, "poisoned_accuracy": poisoned, "accuracy_drop": clean - poisoned,
         "defended_accuracy": defended_acc, "defended_drop": clean - defended_acc,
         "attack_drop_under_defense": clean_defended_acc - defended_acc,
+        **{name: undefended.get(name) for name in ("clean_accuracy_last_epochs", "poisoned_accuracy_last_epochs",
+                                                   "accuracy_drop_median_last_epochs")},
         "defended_accuracy_last_epochs": defended_tail,
         "attack_drop_under_defense_median_last_epochs": (clean_tail["median"] - defended_tail["median"]
                                                          if clean_tail and defended_tail else None),

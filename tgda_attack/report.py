@@ -60,9 +60,10 @@ def _last_epochs_line(metrics, clean=("clean", "clean_accuracy_last_epochs"),
         line += f", {clean_name} {span(clean)}; drop between the medians {_pct(metrics[drop])} points"
     spiked = [name for name, entry in ((clean_name, clean), (poisoned_name, poisoned)) if entry and entry["spike"]]
     if spiked:
-        line += (f". The {' and the '.join(spiked)} " + ("accuracies above are swings of their trainings'" if len(spiked) > 1
-                                                       else "accuracy above is a swing of its training's")
-                 + " last epoch, not where the training settled: read the median" + ("s' drop" if clean else ""))
+        line += (f". The {' and the '.join(spiked)} " + ("accuracies above are readings of their trainings'" if len(spiked) > 1
+                                                       else "accuracy above is a reading of its training's")
+                 + " last epoch, off the median of its last epochs by more than a point: read the median"
+                 + ("s' drop" if clean else ""))
     return line + "."
 
 

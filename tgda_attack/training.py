@@ -96,7 +96,9 @@ class LastEpochs:
     protocol): `values` maps an epoch (1-based) to its value. A model's accuracy after its last epoch is one
     snapshot of a training that can swing from epoch to epoch (a network trained by SGD on poisons it has not fitted
     can read 77% at one epoch and 97% at the next); this record shows whether the last epoch was such a swing.
-    A TrainingCheckpoint keeps it with the training's progress, so a resumed training's record is whole."""
+    A TrainingCheckpoint keeps it with the training's progress, so a resumed training's record is whole (a
+    checkpoint kept without a record, by an older version, resumes too: the epochs it would have recorded are
+    then missing from `values`, and a warning says so)."""
 
     def __init__(self, measure, count):
         if not (isinstance(count, int) and count >= 1):
@@ -142,7 +144,7 @@ class TrainingCheckpoint:
             return None
         try:
             state = load_state(self.path, {"key": str, "epoch": int, "model": dict, "shuffle": torch.Tensor,
-                                           "torch_rng": torch.Tensor, "seconds": float, "last_epochs": dict})
+                                           "torch_rng": torch.Tensor, "seconds": float})
         except (RunFolderError, OSError) as exc:
             logger.warning("training from scratch: %s", exc)
             return None
@@ -171,10 +173,9 @@ class TrainingCheckpoint:
                 os.remove(self.path + ".tmp")
 
 
-def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout, last_epochs):
+def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout):
     """What a kept training must agree on to be continued (a JSON string)."""
     return json.dumps({
-        "last_epochs": None if last_epochs is None else last_epochs.count,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "max_grad_norm": float(max_grad_norm),
         "x": _tensor_digest(x), "y": _tensor_digest(y),
         "initial_weights": hashlib.sha256("".join(f"{name}:{_tensor_digest(t)};" for name, t in
@@ -182,6 +183,18 @@ def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss
         "model": repr(model), "loss": f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', loss_fn)}",
         "layout": str(layout), "device": str(x.device), "threads": torch.get_num_threads(),
         "torch": torch.__version__}, sort_keys=True)
+
+
+def _restore_record(last_epochs, kept, kept_epoch, epochs, path):
+    """Sets a LastEpochs' values to those a checkpoint kept (of the epochs up to `kept_epoch` in its window); warns
+    of the window's epochs before `kept_epoch` it lacks (a checkpoint of an older version, or of a shorter record)."""
+    kept = kept if isinstance(kept, dict) else {}
+    window = range(max(epochs - last_epochs.count, 0) + 1, kept_epoch + 1)
+    last_epochs.values = {e: float(kept[e]) for e in window if isinstance(kept.get(e), (int, float))}
+    missing = [e for e in window if e not in last_epochs.values]
+    if missing:
+        logger.warning("%s was kept without the test accuracy of epochs %s: the record of the last epochs of this "
+                       "resumed training lacks them", path, ", ".join(map(str, missing)))
 
 
 def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False, desc="train defender",
@@ -199,7 +212,7 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
     generator = torch.Generator().manual_seed(seed)
     first_epoch, seconds_before, start = 0, 0.0, time.perf_counter()
     if checkpoint is not None:
-        key = _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout, last_epochs)
+        key = _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss_fn, layout)
         kept = checkpoint._load(key)
         if kept is not None:
             model.load_state_dict(kept["model"])
@@ -209,7 +222,7 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
                 torch.cuda.set_rng_state(kept["cuda_rng"], x.device)
             first_epoch, seconds_before = kept["epoch"], kept["seconds"]
             if last_epochs is not None:
-                last_epochs.values = {int(e): float(v) for e, v in kept["last_epochs"].items()}
+                _restore_record(last_epochs, kept.get("last_epochs"), kept["epoch"], epochs, checkpoint.path)
         checkpoint.resumed_at_epoch, checkpoint.seconds_before = first_epoch, seconds_before
         last_kept = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -15,7 +15,11 @@ A defense is one of two kinds:
   retrained on the points kept;
 - a robust training procedure (RobustTraining) replaces the retraining itself:
 
-      model = defense.train(model, x, y, epochs=, batch_size=, lr=, seed=, verbose=False)
+      model = defense.train(model, x, y, epochs=, batch_size=, lr=, seed=, verbose=False, desc=,
+                            max_grad_norm=, last_epochs=)
+
+  (`last_epochs`, a training.LastEpochs, records the test accuracy after the last epochs: pass it on to
+  train_classifier);
 
 Adding a defense: one module under tgda_attack/defenses/ with a subclass of PoisonFilter or
 RobustTraining, and its class in the tuple of tgda_attack/defenses/__init__.py. The settings it reads

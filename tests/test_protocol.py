@@ -36,7 +36,7 @@ def test_run_writes_the_output_folder(tiny_run):
     # the trainings' test accuracy after their last epochs: the last is the reported one (one epoch here)
     clean, poisoned = metrics["clean_accuracy_last_epochs"], metrics["poisoned_accuracy_last_epochs"]
     assert clean == {"epochs": [1], "accuracy": [metrics["clean_accuracy"]], "median": metrics["clean_accuracy"],
-                     "spike": False}
+                     "mean": metrics["clean_accuracy"], "spike": False}
     assert poisoned["accuracy"] == [metrics["poisoned_accuracy"]] and poisoned["spike"] is False
     assert metrics["accuracy_drop_median_last_epochs"] == pytest.approx(metrics["accuracy_drop"])
     poisons = torch.load(os.path.join(tiny_run, "poisons.pt"), weights_only=True)
@@ -633,6 +633,7 @@ def test_the_median_drop_is_taken_over_the_last_epochs_and_a_pretraining_without
         assert entry["median"] == sorted(entry["accuracy"])[1]
         assert entry["spike"] == (abs(entry["accuracy"][-1] - entry["median"]) > protocol.SPIKE)
     assert metrics["accuracy_drop_median_last_epochs"] == pytest.approx(clean["median"] - poisoned["median"])
+    assert metrics["accuracy_drop_mean_last_epochs"] == pytest.approx(sum(clean["accuracy"]) / 3 - sum(poisoned["accuracy"]) / 3)
     pre = protocol.read_json(os.path.join(out, "pretrain.json"))
     del pre["clean_accuracy_last_epochs"]
     protocol.write_json(os.path.join(out, "pretrain.json"), pre)

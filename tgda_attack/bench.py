@@ -567,10 +567,11 @@ def _last_epochs_columns(out, done, drop, entries):
     """A row's `drop` between the medians of its trainings' last epochs (protocol.LAST_EPOCHS; over the runs that
     recorded them, counted in DROP_median_last_epochs_runs) and how many of its runs end one of the trainings
     `entries` on a spike (the last epoch off that median by more than protocol.SPIKE): DROP_last_epoch_spikes."""
-    key = f"{drop}_median_last_epochs"
-    recorded = [100 * r[key] for r in done if isinstance(r.get(key), (int, float))]
-    out[f"{key}_mean"], out[f"{key}_std"] = mean_std(recorded)
-    out[f"{key}_runs"] = len(recorded)
+    for statistic in ("median", "mean"):  # the mean: in the CSV and JSON only
+        key = f"{drop}_{statistic}_last_epochs"
+        recorded = [100 * r[key] for r in done if isinstance(r.get(key), (int, float))]
+        out[f"{key}_mean"], out[f"{key}_std"] = mean_std(recorded)
+        out[f"{key}_runs"] = len(recorded)
     out[f"{drop}_last_epoch_spikes"] = sum(any(isinstance(r.get(name), dict) and r[name].get("spike") is True
                                                for name in entries) for r in done)
 

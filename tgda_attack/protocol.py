@@ -62,7 +62,9 @@ logger = logging.getLogger(__name__)
 # record holds where it settled rather than its climb. Where the last epoch lies more than SPIKE (a share: 0.01 is
 # one point) from the median of a record of at least 3 epochs, the reported accuracy is one epoch's reading, not
 # where the training stood over its last epochs: the entry says "spike": true, a warning says so, and the drop
-# between the medians ("..._median_last_epochs") is the figure to read beside the reported one.
+# between the medians ("..._median_last_epochs") is the figure to read beside the reported one. The drop between the
+# means ("..._mean_last_epochs") is what a defender that stops at any one of those epochs loses on average: a
+# training the poisons keep from settling (it dips to 92% every few epochs) loses more than its median says.
 LAST_EPOCHS, LAST_EPOCHS_FRACTION = 10, 0.1
 SPIKE = 0.01
 
@@ -123,7 +125,7 @@ def accuracy_record(cfg, splits):
 
 
 def last_epochs_entry(record, final, what):
-    """The "..._last_epochs" entry of a finished training's LastEpochs `record` ({"epochs", "accuracy", "median",
+    """The "..._last_epochs" entry of a finished training's LastEpochs `record` ({"epochs", "accuracy", "median", "mean",
     "spike"}; None without a record); `final` is the accuracy reported for it. A spike (SPIKE; a record of 3 epochs
     or more) is logged as a warning naming `what` was trained."""
     if record is None or not record.values:
@@ -138,7 +140,15 @@ def last_epochs_entry(record, final, what):
                        "where the training stood over its last epochs (the \"median_last_epochs\" figures beside it "
                        "are)", what, 100 * final, 100 * abs(final - median), "below" if final < median else "above",
                        len(values), 100 * median, 100 * min(values), 100 * max(values))
-    return {"epochs": epochs, "accuracy": values, "median": median, "spike": spike}
+    return {"epochs": epochs, "accuracy": values, "median": median, "mean": statistics.fmean(values), "spike": spike}
+
+
+def _drop_between(clean, poisoned, statistic):
+    """The drop between two "..._last_epochs" entries' `statistic` ("median" or "mean"), None where one is missing."""
+    if not (clean and poisoned and isinstance(clean.get(statistic), (int, float))
+            and isinstance(poisoned.get(statistic), (int, float))):
+        return None
+    return clean[statistic] - poisoned[statistic]
 
 
 def _recorded_entry(entry):
@@ -466,8 +476,8 @@ def stage_evaluate(out, verbose=False):
         "accuracy_drop": clean - poisoned, "attack_seconds": att["attack_seconds"],
         "pretrain_seconds": pre["pretrain_seconds"],
         "clean_accuracy_last_epochs": clean_tail, "poisoned_accuracy_last_epochs": poisoned_tail,
-        "accuracy_drop_median_last_epochs": (clean_tail["median"] - poisoned_tail["median"]
-                                             if clean_tail and poisoned_tail else None),
+        "accuracy_drop_median_last_epochs": _drop_between(clean_tail, poisoned_tail, "median"),
+        "accuracy_drop_mean_last_epochs": _drop_between(clean_tail, poisoned_tail, "mean"),
     }
     if cfg.retrainings > 1:
         metrics["retrainings"] = _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, (clean, clean_tail),
@@ -802,10 +812,11 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         "defended_accuracy": defended_acc, "defended_drop": clean - defended_acc,
         "attack_drop_under_defense": clean_defended_acc - defended_acc,
         **{name: undefended.get(name) for name in ("clean_accuracy_last_epochs", "poisoned_accuracy_last_epochs",
-                                                   "accuracy_drop_median_last_epochs")},
+                                                   "accuracy_drop_median_last_epochs",
+                                                   "accuracy_drop_mean_last_epochs")},
         "defended_accuracy_last_epochs": defended_tail,
-        "attack_drop_under_defense_median_last_epochs": (clean_tail["median"] - defended_tail["median"]
-                                                         if clean_tail and defended_tail else None),
+        "attack_drop_under_defense_median_last_epochs": _drop_between(clean_tail, defended_tail, "median"),
+        "attack_drop_under_defense_mean_last_epochs": _drop_between(clean_tail, defended_tail, "mean"),
         "defended_training_seconds": defense_seconds})  # the defense of the poisoned set: its filter and retraining
     os.makedirs(folder, exist_ok=True)
     save_atomic(defended.state_dict(), os.path.join(folder, "defender_defended.pt"))

@@ -47,7 +47,7 @@ def metrics_table(metrics):
 
 
 def _last_epochs_line(metrics, clean=("clean", "clean_accuracy_last_epochs"),
-                      poisoned=("poisoned", "poisoned_accuracy_last_epochs"), drop="accuracy_drop_median_last_epochs"):
+                      poisoned=("poisoned", "poisoned_accuracy_last_epochs"), drop="accuracy_drop"):
     """The test accuracies over the last epochs (protocol.LAST_EPOCHS) of a run's clean and poisoned trainings (each a
     (name, metrics key)) and the drop between their medians, or "" for a run recorded without them."""
     (clean_name, clean), (poisoned_name, poisoned) = ((n, metrics.get(k)) for n, k in (clean, poisoned))
@@ -57,7 +57,9 @@ def _last_epochs_line(metrics, clean=("clean", "clean_accuracy_last_epochs"),
         return f"median {_pct(entry['median'])} (range {_pct(min(entry['accuracy']))}-{_pct(max(entry['accuracy']))})"
     line = f"\n\nTest accuracy (%) over the last {len(poisoned['accuracy'])} epochs: {poisoned_name} {span(poisoned)}"
     if clean:
-        line += f", {clean_name} {span(clean)}; drop between the medians {_pct(metrics[drop])} points"
+        line += f", {clean_name} {span(clean)}; drop between the medians {_pct(metrics[f'{drop}_median_last_epochs'])} points"
+        if isinstance(metrics.get(f"{drop}_mean_last_epochs"), (int, float)):
+            line += f", between the means {_pct(metrics[f'{drop}_mean_last_epochs'])}"
     spiked = [name for name, entry in ((clean_name, clean), (poisoned_name, poisoned)) if entry and entry["spike"]]
     if spiked:
         line += (f". The {' and the '.join(spiked)} " + ("accuracies above are readings of their trainings'" if len(spiked) > 1
@@ -132,4 +134,4 @@ def defense_table(metrics):
         row += f" {metrics['defender_validation']} ({metrics['n_defender_validation']} points) |"
     return "\n".join([head, "|" + "---|" * (head.count("|") - 1), row]) + _last_epochs_line(
         metrics, ("clean with defense", "clean_defended_accuracy_last_epochs"),
-        ("defended", "defended_accuracy_last_epochs"), "attack_drop_under_defense_median_last_epochs")
+        ("defended", "defended_accuracy_last_epochs"), "attack_drop_under_defense")

@@ -254,10 +254,9 @@ def test_last_epochs_records_the_measure_of_the_models_of_the_last_epochs_and_do
             LastEpochs(_weight_sum, count)
 
 
-@pytest.mark.parametrize("stopped_after", [2, 4])  # before the recorded epochs, and inside them
-def test_a_resumed_training_keeps_the_record_of_its_last_epochs_whole(tmp_path, stopped_after):
-    """The record is kept with the training's progress: the epochs recorded before the stop come back from the
-    checkpoint (the measure is not called again for them) and the record equals that of a training never stopped."""
+def _stopped_with_a_record(tmp_path, stopped_after, record):
+    """A 5-epoch training recorded whole (its last 3 epochs), and the same training with a checkpoint kept every
+    epoch, stopped in epoch `stopped_after` recording into `record`: (model, x, y, kw, the whole record, checkpoint)."""
     from tgda_attack.training import LastEpochs, TrainingCheckpoint
     model, x, y = _problem()
     kw = dict(epochs=5, batch_size=8, lr=0.5, seed=3)
@@ -266,7 +265,16 @@ def test_a_resumed_training_keeps_the_record_of_its_last_epochs_whole(tmp_path, 
     kept = TrainingCheckpoint(str(tmp_path / "ckpt.pt"), every_s=0)
     with pytest.raises(_Stop):
         train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(stopped_after),
-                         last_epochs=LastEpochs(_weight_sum, 3), **kw)
+                         last_epochs=record, **kw)
+    return model, x, y, kw, whole, kept
+
+
+@pytest.mark.parametrize("stopped_after", [2, 4])  # before the recorded epochs, and inside them
+def test_a_resumed_training_keeps_the_record_of_its_last_epochs_whole(tmp_path, caplog, stopped_after):
+    """The record is kept with the training's progress: the epochs recorded before the stop come back from the
+    checkpoint (the measure is not called again for them) and the record equals that of a training never stopped."""
+    from tgda_attack.training import LastEpochs
+    model, x, y, kw, whole, kept = _stopped_with_a_record(tmp_path, stopped_after, LastEpochs(_weight_sum, 3))
     measured = []
     continued = LastEpochs(lambda m: measured.append(1) or _weight_sum(m), 3)
     train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, last_epochs=continued, **kw)
@@ -280,6 +288,7 @@ def test_a_resumed_training_keeps_the_record_of_its_last_epochs_whole(tmp_path, 
     longer = LastEpochs(_weight_sum, 4)
     train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, last_epochs=longer, **kw)
     assert kept.resumed_at_epoch == 5 and longer.values == whole.values
+    assert "kept without the test accuracy of epochs 2:" in caplog.text
 
 
 @pytest.mark.parametrize("stopped_after", [2, 5])
@@ -287,14 +296,8 @@ def test_a_checkpoint_kept_without_a_record_resumes_and_says_which_epochs_the_re
                                                                                            stopped_after):
     """A checkpoint of an older version (no record in it) is continued, not set aside: stopped before the recorded
     epochs nothing is lost; stopped inside them, the record lacks the epochs before the stop, and says so."""
-    from tgda_attack.training import LastEpochs, TrainingCheckpoint
-    model, x, y = _problem()
-    kw = dict(epochs=5, batch_size=8, lr=0.5, seed=3)
-    whole = LastEpochs(_weight_sum, 3)
-    train_classifier(copy.deepcopy(model), x, y, last_epochs=whole, **kw)
-    kept = TrainingCheckpoint(str(tmp_path / "ckpt.pt"), every_s=0)
-    with pytest.raises(_Stop):
-        train_classifier(copy.deepcopy(model), x, y, checkpoint=kept, after_epoch=_stopped_after(stopped_after), **kw)
+    from tgda_attack.training import LastEpochs
+    model, x, y, kw, whole, kept = _stopped_with_a_record(tmp_path, stopped_after, None)
     state = torch.load(kept.path, weights_only=True)
     del state["last_epochs"]
     torch.save(state, kept.path)

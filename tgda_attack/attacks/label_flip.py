@@ -18,9 +18,10 @@ and are chosen from it in one of two ways:
     every poison pushes one of few class boundaries, each one way (4 -> 9 and 9 -> 4 together undo each other:
     on the paper's NN, seed 0, 0.21 points where 4 -> 9 with 7 -> 9 gives 1.14).
 Against the paper's NN on full MNIST, D_v's points with "nearest" labels are the strongest valid-image attack of this
-library (1.71 +- 0.31 points against the paper's label flip's 0.57 +- 0.39; docs/RESULTS.md, "Label flip from D_v"): the
-retrained network fits few of them, and those it does not fit keep its training from settling. Confused pairs make
-that oscillation larger and the drop at one epoch more a matter of luck (0.63 +- 0.45 on the same NN).
+library (1.71 +- 0.31 points at epoch 100 against the paper's label flip's 0.57 +- 0.39; docs/RESULTS.md, "Label flip
+from D_v"): the retrained network fits few of them, and those it does not fit keep its training from settling, so
+about half of that is the last epoch's swing (1.07 +- 0.15 between the medians of the last 10 epochs). Confused pairs
+make that oscillation larger and the drop at one epoch more a matter of luck (0.63 +- 0.45 on the same NN).
 """
 import torch
 

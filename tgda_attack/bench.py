@@ -594,6 +594,7 @@ def _defense_row(table, scale, cell, done, out):
 
 def defense_markdown(table, scale, rows):
     """A defense table as Markdown: one line an (attack, defender, defense), ours beside the paper's."""
+    medians = _has_medians(rows, "attack_drop_under_defense")
     lines = [f"### Table {table.key}: {table.title} ({_scale_label(scale, rows)})\n",
              "Drops are in points of test accuracy from the clean accuracy without defense (the paper's), and from the "
              "accuracy the same defense gives on the clean D_tr (\"clean acc. with defense\", its own cost); a filter's removed points are counts per run "
@@ -601,10 +602,9 @@ def defense_markdown(table, scale, rows):
              "± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone.\n",
              "| attack | defender | defense | seeds | clean acc. (%) | drop without defense | drop with defense "
              "| clean acc. with defense (%) | drop with defense from it "
-             + ("| the same, medians of the last epochs " if _has_medians(rows, "attack_drop_under_defense") else "")
+             + ("| the same, medians of the last epochs " if medians else "")
              + "| poisons / clean points removed | precision / recall (%) | paper: drop without / with |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"
-             + ("---|" if _has_medians(rows, "attack_drop_under_defense") else "")]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if medians else "")]
     sources = sorted({r["defender_validation"] for r in rows if r.get("defender_validation")})
     if sources:
         lines.insert(2, f"The defenses that score against the defender's validation set (influence) used: "
@@ -625,8 +625,7 @@ def defense_markdown(table, scale, rows):
                      f"| {_fmt(r['defended_drop_mean'], r['defended_drop_std'])} "
                      f"| {_fmt(r['clean_defended_accuracy_mean'], r['clean_defended_accuracy_std'])} "
                      f"| {_fmt(r['attack_drop_under_defense_mean'], r['attack_drop_under_defense_std'])}"
-                     + ("" if _has_medians(rows, "attack_drop_under_defense") else _spikes(r, "attack_drop_under_defense"))
-                     + " " + _median_cell(rows, r, "attack_drop_under_defense")
+                     + _last_epochs_cells(r, "attack_drop_under_defense", medians)
                      + f"| {removed} | {prec} | {paper} |")
     return "\n".join(lines) + "\n" + _diverged_footnote(rows) + _spike_footnote(rows)
 
@@ -637,20 +636,16 @@ def _has_medians(rows, drop):
     return any(r.get(f"{drop}_median_last_epochs_mean") is not None for r in rows)
 
 
-def _median_cell(rows, r, drop):
-    """The cell of the drop between the medians of the last epochs, the runs it is over where not all of the row's, and
-    the row's spiked runs counted ("" without the column)."""
-    if not _has_medians(rows, drop):
-        return ""
+def _last_epochs_cells(r, drop, medians):
+    """What follows the cell of `drop`: with the column of the medians of the last epochs (`medians`), that cell (the
+    runs it is over where not all of the row's, its spiked runs counted); without it, the count of spiked runs."""
+    n = r.get(f"{drop}_last_epoch_spikes")
+    spikes = f" ({n} spiked)" if n else ""
+    if not medians:
+        return f"{spikes} "
     runs, finished = r[f"{drop}_median_last_epochs_runs"], r["seeds"] - r["diverged"]
     over = f" ({runs} of {finished} runs)" if runs < finished else ""
-    return f"| {_fmt(r[f'{drop}_median_last_epochs_mean'], r[f'{drop}_median_last_epochs_std'])}{over}{_spikes(r, drop)} "
-
-
-def _spikes(r, drop):
-    """" (N spiked)" for a row N of whose runs end a training on a spike ("" for none)."""
-    n = r.get(f"{drop}_last_epoch_spikes")
-    return f" ({n} spiked)" if n else ""
+    return f" | {_fmt(r[f'{drop}_median_last_epochs_mean'], r[f'{drop}_median_last_epochs_std'])}{over}{spikes} "
 
 
 def _spike_footnote(rows):
@@ -736,7 +731,7 @@ def markdown(table, scale, rows):
         lines.append(f"| {r[table.row_name]} | {r['column']} | {seeds} | {_fmt(r['clean_accuracy_mean'], r['clean_accuracy_std'])} "
                      f"| {_fmt(r['poisoned_accuracy_mean'], r['poisoned_accuracy_std'])} "
                      f"| {_fmt(r['accuracy_drop_mean'], r['accuracy_drop_std'])}"
-                     + ("" if medians else _spikes(r, "accuracy_drop")) + " " + _median_cell(rows, r, "accuracy_drop")
+                     + _last_epochs_cells(r, "accuracy_drop", medians)
                      + (f"| {_fmt(r['retrained_drop_mean'], r['retrained_drop_std'])} ({r['retrained_drops']}) "
                         if retrained else "")
                      + f"| {_time(r['attack_seconds_mean'])} "

@@ -143,6 +143,12 @@ def last_epochs_entry(record, final, what):
     return {"epochs": epochs, "accuracy": values, "median": median, "mean": statistics.fmean(values), "spike": spike}
 
 
+def _tested(model, record, splits, what):
+    """(test accuracy, "..._last_epochs" entry) of a model a recorded training (accuracy_record) made."""
+    acc = accuracy(model, splits.x_test, splits.y_test)
+    return acc, last_epochs_entry(record, acc, what)
+
+
 def _drop_between(clean, poisoned, statistic):
     """The drop between two "..._last_epochs" entries' `statistic` ("median" or "mean"), None where one is missing."""
     if not (clean and poisoned and isinstance(clean.get(statistic), (int, float))
@@ -278,7 +284,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     kept, record = training_checkpoint(out, "pretrain"), accuracy_record(cfg, splits)
     defender = train_defender(cfg, splits.x_train, splits.y_train, verbose, desc="pretrain defender", checkpoint=kept,
                               last_epochs=record)
-    clean = accuracy(defender, splits.x_test, splits.y_test)
+    clean, clean_tail = _tested(defender, record, splits, "the clean pretraining")
     save_atomic(defender.state_dict(), os.path.join(out, "defender_pretrained.pt"))
     if needs_attacker:
         attacker = new_attacker(cfg, splits.image_shape)
@@ -287,7 +293,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
                               batch_size=cfg.attacker_batch_size, seed=cfg.seed, verbose=verbose)
         save_atomic(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
     result = {"clean_accuracy": clean, "pretrain_seconds": kept.seconds_before + time.perf_counter() - start,
-              "clean_accuracy_last_epochs": last_epochs_entry(record, clean, "the clean pretraining")}
+              "clean_accuracy_last_epochs": clean_tail}
     if kept.resumed_at_epoch:
         result["pretrain_resumed_at_epoch"] = kept.resumed_at_epoch
     if shared is not None:
@@ -297,9 +303,8 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
         record = accuracy_record(cfg, splits)
         target = train_defender(cfg, splits.x_train, splits.y_train, verbose, "pretrain eval defender", cfg.eval_defender,
                                 checkpoint=kept_eval, last_epochs=record)
-        result["eval_clean_accuracy"] = accuracy(target, splits.x_test, splits.y_test)
-        result["eval_clean_accuracy_last_epochs"] = last_epochs_entry(record, result["eval_clean_accuracy"],
-                                                                      "the clean pretraining of the eval defender")
+        result["eval_clean_accuracy"], result["eval_clean_accuracy_last_epochs"] = _tested(
+            target, record, splits, "the clean pretraining of the eval defender")
     write_json(os.path.join(out, "pretrain.json"), result)
     remove_training_checkpoints(out, "pretrain")
     if shared is not None:
@@ -456,11 +461,10 @@ def stage_evaluate(out, verbose=False):
     retrained = train_defender(cfg, *poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p),
                                verbose, desc="retrain defender", name=tested, checkpoint=kept, last_epochs=record)
     save_atomic(retrained.state_dict(), os.path.join(out, "defender_poisoned.pt"))
-    poisoned = accuracy(retrained, splits.x_test, splits.y_test)
+    poisoned, poisoned_tail = _tested(retrained, record, splits, "the retraining on the poisoned set")
     clean = pre["eval_clean_accuracy"] if _transfers(cfg) else pre["clean_accuracy"]
     clean_tail = _recorded_entry(pre.get("eval_clean_accuracy_last_epochs" if _transfers(cfg)
                                          else "clean_accuracy_last_epochs"))
-    poisoned_tail = last_epochs_entry(record, poisoned, "the retraining on the poisoned set")
     if poisoned_tail and not clean_tail:
         logger.warning("%s holds no record of the clean pretraining's last epochs (written by an older version, or "
                        "copied from a bench's shared pretraining%s that was): metrics.json has no drop between the "
@@ -529,8 +533,7 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
             model = train_defender(other, x, y, desc=desc, name=tested, checkpoint=kept, last_epochs=record)
         except FloatingPointError:
             return None, None
-        acc = accuracy(model, splits.x_test, splits.y_test)
-        return acc, last_epochs_entry(record, acc, desc)
+        return _tested(model, record, splits, desc)
 
     for seed in progress_bar(seeds, desc="retrainings", disable=not verbose, leave=False):
         pair = done.get(str(seed))
@@ -550,7 +553,7 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
     seed_tails = [[_recorded_entry(entry) for entry in tails[str(seed)]]
                   if isinstance(tails.get(str(seed)), list) and len(tails[str(seed)]) == 2 else [None, None]
                   for seed in seeds]
-    median_drops = [c["median"] - p["median"] if c and p else None for c, p in seed_tails]
+    median_drops = [_drop_between(c, p, "median") for c, p in seed_tails]
     finite_medians = [d for d in median_drops if d is not None]
     return {"seeds": seeds, "clean_accuracy": [c for c, _ in pairs], "poisoned_accuracy": [p for _, p in pairs],
             "accuracy_drop": drops, "diverged_seeds": [s for s, d in zip(seeds, drops) if d is None],
@@ -729,10 +732,9 @@ def _clean_defense(out, cfg, dcfg, splits, train, sanitise, place):
                                training_checkpoint(os.path.join(out, f"defense_{dcfg.defense}"), "clean_defended"),
                                record)
         result.update({"clean_set_removed": int((~clean_keep).sum()), "clean_report": clean_report})
-    clean_defended_acc = accuracy(clean_defended, splits.x_test, splits.y_test)
-    result.update({"clean_defended_accuracy": clean_defended_acc,
-                   "clean_defended_accuracy_last_epochs": last_epochs_entry(
-                       record, clean_defended_acc, f"the training on clean D_tr under the {dcfg.defense} defense"),
+    clean_defended_acc, clean_tail = _tested(clean_defended, record, splits,
+                                             f"the training on clean D_tr under the {dcfg.defense} defense")
+    result.update({"clean_defended_accuracy": clean_defended_acc, "clean_defended_accuracy_last_epochs": clean_tail,
                    "clean_defense_seconds": time.perf_counter() - start})  # its filter, retraining and test
     if place is not None:
         _keep_clean_defense(*place, result)
@@ -797,9 +799,8 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
                        "recall": poisons_removed / int(is_poison.sum()) if int(is_poison.sum()) else None,
                        "report": report})
     defense_seconds = time.perf_counter() - start
-    defended_acc = accuracy(defended, splits.x_test, splits.y_test)
-    defended_tail = last_epochs_entry(record, defended_acc, f"the retraining on the poisoned set under the "
-                                                            f"{dcfg.defense} defense")
+    defended_acc, defended_tail = _tested(defended, record, splits,
+                                          f"the retraining on the poisoned set under the {dcfg.defense} defense")
     clean_side = _clean_defense(out, cfg, dcfg, splits, train, sanitise, place)
     result.update(clean_side)
     clean, poisoned = undefended["clean_accuracy"], undefended["poisoned_accuracy"]

@@ -1,0 +1,141 @@
+"""Exploration: can real-digit poisons that outnumber the clean points of one region move a neural network more than
+label flip spread over D_v? (docs/RESULTS.md, "Label flip from D_v"; issue 22, NN >= 3 points with valid images.)
+
+A network that interpolates D_tr labels a test digit like the training points around it. Label flip's 1,260 poisons
+spread over D_v are 3% of every neighbourhood and win none; this script concentrates them where they can win: the
+digits of one class `a` that the trained defender finds closest to a class `b`, each taken from the attacker's D_v
+with `copies` variants (the image and copies - 1 shifts or small rotations of it, pixels kept in [0, 1]), all
+labelled `b`, so that near the a/b boundary the poisons outnumber the clean a's. Each poison set is retrained under
+training seeds 0 .. R-1 by the protocol's training, and the drop is read at the last epoch and between the medians of
+the last epochs (protocol.accuracy_record). Prints one JSON line a (poison set, training seed).
+
+    python docs/experiments/nn_regional_flip.py --data-root DIR [--defender gc-nn] [--retrainings 2]
+"""
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from tgda_attack import protocol
+from tgda_attack.config import Config
+from tgda_attack.data import poison_budget
+from tgda_attack.training import accuracy
+
+
+def variants(x, copies, generator):
+    """`copies` images per image of x (N, 1, 28, 28): the image itself, then small random affine moves (shift up to
+    2 pixels, rotation up to 12 degrees, scale 0.9-1.1) resampled bilinearly and clamped to [0, 1]."""
+    out = [x]
+    for _ in range(copies - 1):
+        n = len(x)
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(12)
+        scale = 0.9 + 0.2 * torch.rand(n, generator=generator)
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 / 14)  # affine_grid units: 14 pixels = 1
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        out.append(F.grid_sample(x, grid, align_corners=False).clamp(0, 1))
+    return torch.cat(out)
+
+
+def regional(model, x_val, y_val, budget, copies, pairs, generator):
+    """The poisons of `pairs` ((a, b), ...): for each pair, the budget's share of D_v's a's that the model finds
+    closest to b (largest log p_b - log p_a), in `copies` variants each, labelled b."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(x_val), 1)
+    xs, ys = [], []
+    per_pair = budget // len(pairs)
+    for a, b in pairs:
+        idx = (y_val == a).nonzero().squeeze(1)
+        closeness = logp[idx, b] - logp[idx, a]
+        take = idx[closeness.argsort(descending=True)[:math.ceil(per_pair / copies)]]
+        xv = variants(x_val[take], copies, generator)[:per_pair]
+        xs.append(xv)
+        ys.append(torch.full((len(xv),), b, dtype=y_val.dtype))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def nearest_spread(model, x_val, y_val, budget, generator):
+    """Label flip from D_v with the nearest labels, random points (the library's --flip-pool val --flip-rule nearest
+    --poison-init random)."""
+    take = torch.randperm(len(y_val), generator=generator)[:budget]
+    with torch.no_grad():
+        logits = model(x_val[take])
+    logits[torch.arange(budget), y_val[take]] = -float("inf")
+    return x_val[take], logits.argmax(1)
+
+
+def conflicting(model, x_val, y_val, budget, generator):
+    """Half the budget's random D_v images, each twice: labelled with the two wrong classes the model finds most
+    probable, so that no network fits both copies."""
+    take = torch.randperm(len(y_val), generator=generator)[:budget // 2]
+    with torch.no_grad():
+        logits = model(x_val[take])
+    logits[torch.arange(len(take)), y_val[take]] = -float("inf")
+    top2 = logits.topk(2, 1).indices
+    return torch.cat([x_val[take], x_val[take]]), torch.cat([top2[:, 0], top2[:, 1]])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--defender", default="gc-nn")
+    parser.add_argument("--retrainings", type=int, default=2)
+    parser.add_argument("--sets", nargs="+", default=["spread", "pair1x1", "pair1x3", "pair2x3", "pair1x6"])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    cfg = Config.from_dict({"dataset": "mnist", "data_root": args.data_root, "defender": args.defender,
+                            "seed": 0}).resolved()
+    splits = protocol.load_splits(cfg)
+    x_tr, y_tr = splits.x_train, splits.y_train
+    budget = poison_budget(len(y_tr), cfg.epsilon)
+    clean = {}
+    for t in range(args.retrainings):
+        tcfg = dataclasses.replace(cfg, seed=t)
+        record = protocol.accuracy_record(tcfg, splits)
+        model = protocol.train_defender(tcfg, x_tr, y_tr, last_epochs=record)
+        clean[t] = (accuracy(model, splits.x_test, splits.y_test), statistics.median(record.values.values()), model)
+        print(json.dumps({"set": "clean", "seed": t, "last": clean[t][0], "median": clean[t][1]}), flush=True)
+    defender = clean[0][2]
+    with torch.no_grad():
+        val_pred = defender(splits.x_val).argmax(1)
+    confusion = torch.zeros(10, 10, dtype=torch.long)
+    logits = defender(splits.x_val).detach()
+    logits[torch.arange(len(logits)), splits.y_val] = -float("inf")
+    for a, b in zip(splits.y_val.tolist(), logits.argmax(1).tolist()):
+        confusion[a, b] += 1
+    order = sorted(((confusion[a, b].item(), a, b) for a in range(10) for b in range(10) if a != b), reverse=True)
+    pairs = []
+    for _, a, b in order:
+        if (b, a) not in pairs and all(p[0] != a for p in pairs):
+            pairs.append((a, b))
+    print(json.dumps({"pairs": pairs[:4], "val_acc": (val_pred == splits.y_val).float().mean().item()}), flush=True)
+    for name in args.sets:
+        g = torch.Generator().manual_seed(0)
+        if name == "spread":
+            x_p, y_p = nearest_spread(defender, splits.x_val, splits.y_val, budget, g)
+        elif name == "conflict":
+            x_p, y_p = conflicting(defender, splits.x_val, splits.y_val, budget, g)
+        else:
+            npairs, copies = (int(v) for v in name[len("pair"):].split("x"))
+            x_p, y_p = regional(defender, splits.x_val, splits.y_val, budget, copies, pairs[:npairs], g)
+        x_p = x_p.to(x_tr.dtype)
+        for t in range(args.retrainings):
+            tcfg = dataclasses.replace(cfg, seed=t)
+            record = protocol.accuracy_record(tcfg, splits)
+            model = protocol.train_defender(tcfg, torch.cat([x_tr, x_p]), torch.cat([y_tr, y_p]), last_epochs=record)
+            last = accuracy(model, splits.x_test, splits.y_test)
+            median = statistics.median(record.values.values())
+            with torch.no_grad():
+                fit = (model(x_p).argmax(1) == y_p).float().mean().item()
+            print(json.dumps({"set": name, "seed": t, "drop_last": 100 * (clean[t][0] - last),
+                              "drop_median": 100 * (clean[t][1] - median), "poisons_fit": fit,
+                              "last10": [round(100 * v, 2) for v in record.values.values()]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

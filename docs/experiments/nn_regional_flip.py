@@ -102,9 +102,9 @@ def main():
         print(json.dumps({"set": "clean", "seed": t, "last": clean[t][0], "median": clean[t][1]}), flush=True)
     defender = clean[0][2]
     with torch.no_grad():
-        val_pred = defender(splits.x_val).argmax(1)
+        logits = defender(splits.x_val)
+    val_pred = logits.argmax(1)
     confusion = torch.zeros(10, 10, dtype=torch.long)
-    logits = defender(splits.x_val).detach()
     logits[torch.arange(len(logits)), splits.y_val] = -float("inf")
     for a, b in zip(splits.y_val.tolist(), logits.argmax(1).tolist()):
         confusion[a, b] += 1

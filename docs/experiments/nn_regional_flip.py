@@ -4,7 +4,7 @@ label flip spread over D_v? (docs/RESULTS.md, "Label flip from D_v"; issue 22, N
 A network that interpolates D_tr labels a test digit like the training points around it. Label flip's 1,260 poisons
 spread over D_v are 3% of every neighbourhood and win none; this script concentrates them where they can win: the
 digits of one class `a` that the trained defender finds closest to a class `b`, each taken from the attacker's D_v
-with `copies` variants (the image and copies - 1 shifts or small rotations of it, pixels kept in [0, 1]), all
+with `copies` variants (the image and copies - 1 shifts or small rotations of it, pixels kept in the valid range), all
 labelled `b`, so that near the a/b boundary the poisons outnumber the clean a's. Each poison set is retrained under
 training seeds 0 .. R-1 by the protocol's training, and the drop is read at the last epoch and between the medians of
 the last epochs (protocol.accuracy_record). Prints one JSON line a (poison set, training seed).
@@ -28,7 +28,8 @@ from tgda_attack.training import accuracy
 
 def variants(x, copies, generator):
     """`copies` images per image of x (N, 1, 28, 28): the image itself, then small random affine moves (shift up to
-    2 pixels, rotation up to 12 degrees, scale 0.9-1.1) resampled bilinearly and clamped to [0, 1]."""
+    2 pixels, rotation up to 12 degrees, scale 0.9-1.1) resampled bilinearly, background filled in, pixels kept in
+    the data's range [-1, 1]."""
     out = [x]
     for _ in range(copies - 1):
         n = len(x)
@@ -38,7 +39,9 @@ def variants(x, copies, generator):
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        out.append(F.grid_sample(x, grid, align_corners=False).clamp(0, 1))
+        # images are in [-1, 1] with background -1 (data._scale_uint8): resample x + 1 so that what comes in from
+        # outside the frame is background, not the grey of 0
+        out.append((F.grid_sample(x + 1, grid, align_corners=False) - 1).clamp(-1, 1))
     return torch.cat(out)
 
 

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import statistics
 
 import torch
@@ -45,6 +46,15 @@ def variants(x, copies, generator):
     return torch.cat(out)
 
 
+def wrong_class_logits(model, x, y):
+    """The model's logits of x with each point's true class y masked out (-inf): their argmax is the nearest wrong
+    class."""
+    with torch.no_grad():
+        logits = model(x)
+    logits[torch.arange(len(y)), y] = -float("inf")
+    return logits
+
+
 def regional(model, x_val, y_val, budget, copies, pairs, generator):
     """The poisons of `pairs` ((a, b), ...): for each pair, the budget's share of D_v's a's that the model finds
     closest to b (largest log p_b - log p_a), in `copies` variants each, labelled b."""
@@ -66,21 +76,27 @@ def nearest_spread(model, x_val, y_val, budget, generator):
     """Label flip from D_v with the nearest labels, random points (the library's --flip-pool val --flip-rule nearest
     --poison-init random)."""
     take = torch.randperm(len(y_val), generator=generator)[:budget]
-    with torch.no_grad():
-        logits = model(x_val[take])
-    logits[torch.arange(budget), y_val[take]] = -float("inf")
-    return x_val[take], logits.argmax(1)
+    return x_val[take], wrong_class_logits(model, x_val[take], y_val[take]).argmax(1)
 
 
 def conflicting(model, x_val, y_val, budget, generator):
     """Half the budget's random D_v images, each twice: labelled with the two wrong classes the model finds most
     probable, so that no network fits both copies."""
     take = torch.randperm(len(y_val), generator=generator)[:budget // 2]
-    with torch.no_grad():
-        logits = model(x_val[take])
-    logits[torch.arange(len(take)), y_val[take]] = -float("inf")
-    top2 = logits.topk(2, 1).indices
+    top2 = wrong_class_logits(model, x_val[take], y_val[take]).topk(2, 1).indices
     return torch.cat([x_val[take], x_val[take]]), torch.cat([top2[:, 0], top2[:, 1]])
+
+
+def recorded_training(cfg, seed, splits, x, y):
+    """(model, test accuracy after the last epoch, median of the last epochs' test accuracies) of the protocol's
+    training on (x, y) under training seed `seed`."""
+    tcfg = dataclasses.replace(cfg, seed=seed)
+    record = protocol.accuracy_record(tcfg, splits)
+    model = protocol.train_defender(tcfg, x, y, last_epochs=record)
+    return model, accuracy(model, splits.x_test, splits.y_test), statistics.median(record.values.values()), record
+
+
+SET_NAME = re.compile(r"spread|conflict|pair([1-9])x([1-9][0-9]*)")
 
 
 def main():
@@ -90,33 +106,35 @@ def main():
     parser.add_argument("--retrainings", type=int, default=2)
     parser.add_argument("--sets", nargs="+", default=["spread", "pair1x1", "pair1x3", "pair2x3", "pair1x6"])
     args = parser.parse_args()
+    bad = [name for name in args.sets if not SET_NAME.fullmatch(name)]
+    if bad:
+        parser.error(f"unknown set(s) {', '.join(bad)}: spread, conflict or pairNxK (N pairs, K variants, e.g. pair1x3)")
+    if args.retrainings < 1:
+        parser.error(f"--retrainings must be at least 1, got {args.retrainings}")
     torch.set_num_threads(2)
-    cfg = Config.from_dict({"dataset": "mnist", "data_root": args.data_root, "defender": args.defender,
-                            "seed": 0}).resolved()
-    splits = protocol.load_splits(cfg)
+    try:
+        cfg = Config.from_dict({"dataset": "mnist", "data_root": args.data_root, "defender": args.defender,
+                                "seed": 0}).resolved()
+        splits = protocol.load_splits(cfg)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
     x_tr, y_tr = splits.x_train, splits.y_train
     budget = poison_budget(len(y_tr), cfg.epsilon)
     clean = {}
     for t in range(args.retrainings):
-        tcfg = dataclasses.replace(cfg, seed=t)
-        record = protocol.accuracy_record(tcfg, splits)
-        model = protocol.train_defender(tcfg, x_tr, y_tr, last_epochs=record)
-        clean[t] = (accuracy(model, splits.x_test, splits.y_test), statistics.median(record.values.values()), model)
-        print(json.dumps({"set": "clean", "seed": t, "last": clean[t][0], "median": clean[t][1]}), flush=True)
+        model, last, median, _ = recorded_training(cfg, t, splits, x_tr, y_tr)
+        clean[t] = (last, median, model)
+        print(json.dumps({"set": "clean", "seed": t, "last": last, "median": median}), flush=True)
     defender = clean[0][2]
-    with torch.no_grad():
-        logits = defender(splits.x_val)
-    val_pred = logits.argmax(1)
     confusion = torch.zeros(10, 10, dtype=torch.long)
-    logits[torch.arange(len(logits)), splits.y_val] = -float("inf")
-    for a, b in zip(splits.y_val.tolist(), logits.argmax(1).tolist()):
+    for a, b in zip(splits.y_val.tolist(), wrong_class_logits(defender, splits.x_val, splits.y_val).argmax(1).tolist()):
         confusion[a, b] += 1
     order = sorted(((confusion[a, b].item(), a, b) for a in range(10) for b in range(10) if a != b), reverse=True)
     pairs = []
     for _, a, b in order:
         if (b, a) not in pairs and all(p[0] != a for p in pairs):
             pairs.append((a, b))
-    print(json.dumps({"pairs": pairs[:4], "val_acc": (val_pred == splits.y_val).float().mean().item()}), flush=True)
+    print(json.dumps({"pairs": pairs[:4], "val_acc": accuracy(defender, splits.x_val, splits.y_val)}), flush=True)
     for name in args.sets:
         g = torch.Generator().manual_seed(0)
         if name == "spread":
@@ -124,15 +142,11 @@ def main():
         elif name == "conflict":
             x_p, y_p = conflicting(defender, splits.x_val, splits.y_val, budget, g)
         else:
-            npairs, copies = (int(v) for v in name[len("pair"):].split("x"))
+            npairs, copies = (int(v) for v in SET_NAME.fullmatch(name).groups())
             x_p, y_p = regional(defender, splits.x_val, splits.y_val, budget, copies, pairs[:npairs], g)
         x_p = x_p.to(x_tr.dtype)
         for t in range(args.retrainings):
-            tcfg = dataclasses.replace(cfg, seed=t)
-            record = protocol.accuracy_record(tcfg, splits)
-            model = protocol.train_defender(tcfg, torch.cat([x_tr, x_p]), torch.cat([y_tr, y_p]), last_epochs=record)
-            last = accuracy(model, splits.x_test, splits.y_test)
-            median = statistics.median(record.values.values())
+            model, last, median, record = recorded_training(cfg, t, splits, torch.cat([x_tr, x_p]), torch.cat([y_tr, y_p]))
             with torch.no_grad():
                 fit = (model(x_p).argmax(1) == y_p).float().mean().item()
             print(json.dumps({"set": name, "seed": t, "drop_last": 100 * (clean[t][0] - last),

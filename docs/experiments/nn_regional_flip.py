@@ -102,6 +102,7 @@ SET_NAME = re.compile(r"spread|conflict|pair([1-9])x([1-9][0-9]*)")
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True)
+    parser.add_argument("--download", action="store_true", help="fetch MNIST into --data-root where it is missing")
     parser.add_argument("--defender", default="gc-nn")
     parser.add_argument("--retrainings", type=int, default=2)
     parser.add_argument("--sets", nargs="+", default=["spread", "pair1x1", "pair1x3", "pair2x3", "pair1x6"])
@@ -114,7 +115,7 @@ def main():
     torch.set_num_threads(2)
     try:
         cfg = Config.from_dict({"dataset": "mnist", "data_root": args.data_root, "defender": args.defender,
-                                "seed": 0}).resolved()
+                                "download": args.download, "seed": 0}).resolved()
         splits = protocol.load_splits(cfg)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))

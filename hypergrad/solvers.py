@@ -18,13 +18,17 @@ Methods:
   * "cgnr": CG on the normal equations A^T A x = A^T b (two products per iteration), safe for
     indefinite A; the reported residual is that of the original system.
   * "minres": MINRES (Paige & Saunders 1975) for symmetric, possibly indefinite A.
-  * "neumann": truncated Neumann series x = eta sum_j (I - eta A)^j b, for SPD A with
-    eta < 2 / lambda_max (eta estimated by power iteration unless given).
+  * "neumann": truncated Neumann series x = x0 + eta sum_j (I - eta A)^j r0, for SPD A with
+    eta < 2 / lambda_max (eta estimated by power iteration from r0 unless given).
+
+After the iterations every method computes the true residual b - (A + damping I) x (one more product) and
+judges convergence by it: the residual a recurrence carries drifts from the true one in floating point (in
+float32 on an ill-conditioned A, a recurrence can read 1e-4 where the true relative residual is above 1).
 
 Preconditioning: a positive diagonal M ~ A + damping I (hypergrad.preconditioners.jacobi estimates one
 from Hutchinson products) is applied to any method by symmetric scaling, S = M^-1/2:
 S (A + damping I) S y = S b, x = S y; the tolerances then apply to the scaled residual S r, and
-info.residual_norm reports the true residual of the original system (one more product).
+info.residual_norm reports the true residual r of the original system.
 
 A Solver holds every setting of a solve (method, maxiter, rtol, atol, damping, preconditioner and the
 options of one method) as one value, passed whole to hypergrad.total_grad and SolveGraphCache.
@@ -45,9 +49,9 @@ class SolveInfo:
     Attributes:
         method: the method used.
         iterations: iterations each system took (int64).
-        residual_norm: ||b - (A + damping I) x|| per system (for minres and neumann, the
-            recurrence's value, equal to it in exact arithmetic).
-        converged: whether each system met max(rtol ||b||, atol).
+        residual_norm: the true ||b - (A + damping I) x|| per system, computed from x.
+        converged: whether each system's true residual met max(rtol ||b||, atol) (with a preconditioner:
+            the scaled residual, ||S r|| <= max(rtol ||S b||, atol)).
         negative_curvature: whether CG met a direction with p.Ap <= 0 (always False otherwise).
         num_matvecs: the number of calls to matvec (one call serves every row of a batch).
         x: the solution, ready to warm-start the next solve (x0).
@@ -128,6 +132,14 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
     if preconditioner is not None:
         return _scaled_solve(matvec, b, preconditioner, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
                              damping=damping, check_every=check_every, neumann_scale=neumann_scale)
+    x, info, _ = _iterate(matvec, b, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol, damping=damping,
+                          check_every=check_every, neumann_scale=neumann_scale)
+    return x, info
+
+
+def _iterate(matvec, b, *, method, x0, maxiter, rtol, atol, damping, check_every, neumann_scale):
+    """(x, info, r): the method's iterations, then the true residual r = b - (A + damping I) x, by which
+    info.residual_norm and info.converged are set."""
     b = b.contiguous()
     A = _Counted(matvec, damping)
     x = torch.zeros_like(b) if x0 is None else x0.detach().to(b.dtype).clone().contiguous()
@@ -135,10 +147,12 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
     bnorm = _ops.row_dot(b, b).sqrt()
     tol2 = torch.clamp(bnorm * rtol, min=atol) ** 2
     run = {"cg": _cg, "cgnr": _cgnr, "minres": _minres, "neumann": _neumann}[method]
-    iterations, rr, negative = run(A, b, x, r, tol2, maxiter, check_every, neumann_scale)
+    iterations, _, negative = run(A, b, x, r, tol2, maxiter, check_every, neumann_scale)
+    r = b - A(x)
+    rr = _ops.row_dot(r, r)
     info = SolveInfo(method=method, iterations=iterations, residual_norm=rr.sqrt(), converged=rr <= tol2,
                      negative_curvature=negative, num_matvecs=A.calls, x=x)
-    return x, info
+    return x, info, r
 
 
 def _scaled_solve(matvec, b, diagonal, *, method, x0, maxiter, rtol, atol, damping, check_every, neumann_scale):
@@ -152,11 +166,12 @@ def _scaled_solve(matvec, b, diagonal, *, method, x0, maxiter, rtol, atol, dampi
     scale = diagonal.to(b.dtype).rsqrt()
     counted = _Counted(matvec, damping)
     y0 = None if x0 is None else x0.detach().to(b.dtype) / scale
-    y, info = solve(lambda v: scale * counted(scale * v), scale * b, method=method, x0=y0, maxiter=maxiter, rtol=rtol,
-                    atol=atol, check_every=check_every, neumann_scale=neumann_scale)
+    y, info, scaled_residual = _iterate(lambda v: scale * counted(scale * v), scale * b, method=method, x0=y0,
+                                        maxiter=maxiter, rtol=rtol, atol=atol, damping=0.0, check_every=check_every,
+                                        neumann_scale=neumann_scale)
     x = scale * y
-    residual = _ops.row_dot(r := b - counted(x), r).sqrt()
-    info.residual_norm, info.num_matvecs, info.x = residual, counted.calls, x
+    r = scaled_residual / scale  # S b - S (A + damping I) S y = S r
+    info.residual_norm, info.num_matvecs, info.x = _ops.row_dot(r, r).sqrt(), counted.calls, x
     return x, info
 
 
@@ -315,7 +330,7 @@ def _neumann(A, b, x, r, tol2, maxiter, check_every, scale):
     rows = b.shape[:-1]
     iterations = torch.zeros(rows, dtype=torch.int64, device=b.device)
     if scale is None:
-        eta = _power_iteration_scale(A, b)
+        eta = _power_iteration_scale(A, r)
     else:
         eta = torch.full(rows, float(scale), dtype=torch.float64, device=b.device)
     term = r.clone()  # the residual of the current x
@@ -333,12 +348,13 @@ def _neumann(A, b, x, r, tol2, maxiter, check_every, scale):
     return iterations, rs, torch.zeros(rows, dtype=torch.bool, device=b.device)
 
 
-def _power_iteration_scale(A, b, steps=20):
-    """eta = 1 / lambda_max(A) per row, lambda_max estimated by power iteration from b."""
-    v = b / _col(_ops.row_dot(b, b).sqrt().clamp(min=torch.finfo(torch.float64).tiny), b)
-    lam = torch.zeros(b.shape[:-1], dtype=torch.float64, device=b.device)
+def _power_iteration_scale(A, r, steps=20):
+    """eta = 1 / lambda_max(A) per row, lambda_max estimated by power iteration from the starting residual r,
+    the vector the series expands (a row with r = 0 gets eta = 0: it has nothing to do)."""
+    v = r / _col(_ops.row_dot(r, r).sqrt().clamp(min=torch.finfo(torch.float64).tiny), r)
+    lam = torch.zeros(r.shape[:-1], dtype=torch.float64, device=r.device)
     for _ in range(steps):
         Av = A(v)
         lam = _ops.row_dot(v, Av).abs()
-        v = Av / _col(_ops.row_dot(Av, Av).sqrt().clamp(min=torch.finfo(torch.float64).tiny), b)
-    return 1.0 / lam.clamp(min=torch.finfo(torch.float64).tiny)
+        v = Av / _col(_ops.row_dot(Av, Av).sqrt().clamp(min=torch.finfo(torch.float64).tiny), r)
+    return torch.where(lam > 0, 1.0 / lam.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(lam))

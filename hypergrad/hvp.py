@@ -52,7 +52,7 @@ class HessianOperator:
 
     Build it with `HessianOperator.reverse(loss, params)` (or `.from_gradient(grads, params)` when
     the gradient graph exists already) or `HessianOperator.forward(loss_fn, params)`. Calling the
-    operator (or `.matvec`) on v returns H v of the same shape and dtype as v.
+    operator (or `.matvec`) on v returns H v of the same shape as v; v must have the parameters' dtype.
     """
 
     def __init__(self, params, product):
@@ -120,7 +120,10 @@ class HessianOperator:
         if v.dim() not in (1, 2) or v.shape[-1] != self.n:
             raise ValueError(f"v must have shape [{self.n}] or [B, {self.n}] (n = number of parameter "
                              f"entries), got {list(v.shape)}")
-        return self._product(v.to(self.dtype))
+        if v.dtype != self.dtype:  # a cast would compute a float64 v's product in float32 without a word
+            raise ValueError(f"v is {v.dtype} but the parameters are {self.dtype}: pass v in {self.dtype}, or make the "
+                             f"parameters {v.dtype} for a product in that precision")
+        return self._product(v)
 
     __call__ = matvec
 

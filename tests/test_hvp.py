@@ -93,3 +93,8 @@ def test_bad_arguments():
         hypergrad.hvp(w ** 2, w, torch.ones(3))
     with pytest.raises(TypeError, match="function of the parameters"):
         hypergrad.hvp((w ** 2).sum(), w, torch.ones(3), mode="forward")
+    # a float64 direction for float32 parameters is refused, not computed in float32 behind the caller's back
+    with pytest.raises(ValueError, match="torch.float64 but the parameters are torch.float32"):
+        hypergrad.hessian_operator((w ** 2).sum(), w)(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="torch.float64 but the parameters are torch.float32"):
+        hypergrad.solve(hypergrad.hessian_operator((w ** 2).sum(), w), torch.ones(3, dtype=torch.float64), damping=1e-3)

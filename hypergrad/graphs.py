@@ -49,7 +49,8 @@ class SolveGraphCache:
         """Drops every recording and the device memory its buffers and graph hold."""
         self._recordings.clear()
 
-    def solve(self, operator, b, *, method="cg", maxiter=16, rtol=1e-5, atol=0.0, damping=0.0, x0=None, solver=None):
+    def solve(self, operator, b, *, method="cg", maxiter=16, rtol=1e-5, atol=0.0, damping=0.0, neumann_scale=None,
+              x0=None, solver=None):
         """(x, info) of (A + damping I) x = b after exactly maxiter iterations (hypergrad.solve's
         arguments, or a hypergrad.Solver holding them; A a StructuredHessian), replaying the recording of
         this layout, or recording it first. A recorded solve takes no preconditioner."""
@@ -57,6 +58,7 @@ class SolveGraphCache:
             if solver.preconditioner is not None:
                 raise ValueError("a recorded solve takes no preconditioner: solve without graphs to precondition")
             method, maxiter, rtol, atol, damping = solver.method, solver.maxiter, solver.rtol, solver.atol, solver.damping
+            neumann_scale = solver.options.get("neumann_scale")
         if not isinstance(operator, StructuredHessian):
             raise ValueError("a recorded solve needs a hypergrad.mlp_hvp.StructuredHessian (the structured product of "
                              "a ClassifierLoss of a linear-activation chain); an autograd-graph product cannot be "
@@ -69,11 +71,11 @@ class SolveGraphCache:
             raise ValueError(f"b must be [{operator.n}] or [B, {operator.n}] of the operator's dtype {operator.dtype} "
                              f"on {operator.device}, got {list(b.shape)} {b.dtype} on {b.device}")
         key = (operator.layout(), tuple(b.shape), method, maxiter, float(rtol), float(atol), float(damping),
-               x0 is None)
+               None if neumann_scale is None else float(neumann_scale), x0 is None)
         recording = self._recordings.get(key)
         if recording is None:
             recording = _Recording(operator, b, x0, self.warmup, method=method, maxiter=maxiter, rtol=rtol,
-                                   atol=atol, damping=damping)
+                                   atol=atol, damping=damping, neumann_scale=neumann_scale)
             self._recordings[key] = recording
         return recording.run(operator, b, x0)
 

@@ -60,6 +60,15 @@ def test_batched_right_hand_sides_and_warm_starts(device):
     assert len(graphs) == 1
 
 
+def test_a_solver_s_neumann_scale_is_recorded_with_it():
+    graphs = hypergrad.SolveGraphCache()
+    _, op, b = _problem(9)
+    for scale in (0.01, 0.02):  # each scale its own recording, each equal to the eager solve with that scale
+        x, _ = graphs.solve(op, b, solver=hypergrad.Solver("neumann", maxiter=5, options={"neumann_scale": scale}))
+        assert _rel(x, hypergrad.solve(op, b, method="neumann", maxiter=5, neumann_scale=scale)[0]) < 1e-12
+    assert len(graphs) == 2
+
+
 def test_a_new_layout_or_setting_records_again_and_inputs_are_left_alone():
     graphs = hypergrad.SolveGraphCache()
     model, op, b = _problem(6)

@@ -18,6 +18,8 @@ Flow of one call (shared/DESIGN.md, "one TGDA leader step"):
   4. the mixed term grad_theta <g_w, v> is one more backward pass through g_w;
   5. D_theta l = grad_theta l - mixed.
 """
+import warnings
+
 import torch
 
 from .hvp import HessianOperator, as_tuple, flatten, unflatten
@@ -68,8 +70,9 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
             returns the global D_theta l. Not with graphs. (default: None)
         check_finite: raise FloatingPointError, naming the first non-finite term (leader loss, the
             right-hand side grad_w l, the solve, the result), instead of returning NaN or inf; costs
-            one host synchronisation a call (a loop that checks its own losses can turn it off).
-            (default: True)
+            one host synchronisation a call (a loop that checks its own losses can turn it off); with
+            method "cg", also warns (RuntimeWarning) when CG met non-positive curvature, which cuts its
+            solve short. (default: True)
 
     Returns:
         A tuple of tensors shaped like leader_params holding D_theta l (no sign flipped: an
@@ -136,6 +139,11 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     out = tuple(d if m is None else d - m for d, m in zip(dl_theta, mixed))
     if check_finite:
         _check_finite(None if sharded is not None else l, b, v, info.residual_norm, out)  # l: this rank's alone
+        if info.method == "cg" and bool(info.negative_curvature.any()):
+            warnings.warn("total_grad: CG met non-positive curvature in H_ww + damping I (w is not at a minimum of the "
+                          "follower loss, or the damping is too small), so its solve stopped early and the implicit "
+                          "term is incomplete; use method='minres' or 'cgnr' for an indefinite Hessian, or more damping",
+                          RuntimeWarning, stacklevel=2)
     return (out, info) if return_info else out
 
 

@@ -151,3 +151,17 @@ def test_a_non_finite_term_is_named_instead_of_returned():
         hypergrad.total_grad(leader, broken, theta, w, method="cg", maxiter=5)
     (unchecked,) = hypergrad.total_grad(lambda: leader() * float("nan"), follower, theta, w, check_finite=False)
     assert torch.isnan(unchecked).all()
+
+
+def test_cg_warns_when_negative_curvature_cuts_its_solve_short():
+    X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem(seed=5)
+    concave = lambda: -follower()  # noqa: E731  (w at a maximum: H_ww negative definite)
+    with pytest.warns(RuntimeWarning, match="non-positive curvature"):
+        (got,), info = hypergrad.total_grad(leader, concave, theta, w, method="cg", return_info=True)
+    assert bool(info.negative_curvature) and not bool(info.converged)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MINRES solves the indefinite system: no warning, the exact answer
+        (exact,) = hypergrad.total_grad(leader, concave, theta, w, method="minres", rtol=1e-13)
+    expected = _ridge_closed_form(X, y, Xv, yv, yp, theta, w)  # f -> -f flips H and the mixed term: D is the same
+    assert ((exact - expected).norm() / expected.norm()).item() < 1e-9

@@ -69,6 +69,14 @@ def test_plain_descent_diverges_on_a_sharp_problem_and_the_bound_keeps_it_finite
     assert torch.isfinite(F.cross_entropy(bounded(x), y))
 
 
+def test_a_last_step_that_leaves_weights_not_finite_is_refused_too():
+    # one step of one epoch: no loss after it is ever computed, so the weights themselves are checked
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(5, 2), torch.randn(200, 5), torch.randint(0, 2, (200,))
+    with pytest.raises(FloatingPointError, match="weights not finite after the last step"):
+        train_classifier(model, x, y, epochs=1, batch_size=200, lr=1e40, seed=0)
+
+
 def test_a_negative_bound_is_refused():
     model, x, y = _problem()
     with pytest.raises(ValueError, match="max_grad_norm >= 0"):

@@ -241,11 +241,7 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
                         p.sub_(step * g)
             last = loss.item()  # one host synchronisation per epoch
             if not math.isfinite(last):
-                raise FloatingPointError(
-                    f"{desc}: gradient descent diverged (loss {last}) in epoch {epoch + 1} of {epochs} with lr {lr}: "
-                    "the training data make the loss too sharp for this step size (poisons can do this: an attack "
-                    "outcome, but no accuracy can be measured); use a smaller learning rate (--pretrain-lr) or a "
-                    "gradient-norm bound (--pretrain-max-grad-norm)")
+                raise _diverged(desc, f"loss {last}", epoch, epochs, lr)
             bar.set_postfix(loss=f"{last:.4f}")
             if after_epoch is not None or last_epochs is not None:
                 model.eval()
@@ -258,8 +254,20 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
                 checkpoint._save(key, epoch + 1, model, generator, seconds_before + time.perf_counter() - start,
                                  x.device, last_epochs)
                 last_kept = time.perf_counter()
+    # the losses checked above come before each epoch's last step: that step's weights are checked here
+    if epochs > first_epoch and not all(bool(torch.isfinite(p).all()) for p in params):
+        raise _diverged(desc, "weights not finite after the last step", epochs - 1, epochs, lr)
     model.eval()
     return model
+
+
+def _diverged(desc, what, epoch, epochs, lr):
+    """The FloatingPointError of a training whose gradient descent diverged in epoch `epoch` (0-based)."""
+    return FloatingPointError(
+        f"{desc}: gradient descent diverged ({what}) in epoch {epoch + 1} of {epochs} with lr {lr}: the training "
+        "data make the loss too sharp for this step size (poisons can do this: an attack outcome, but no accuracy "
+        "can be measured); use a smaller learning rate (--pretrain-lr) or a gradient-norm bound "
+        "(--pretrain-max-grad-norm)")
 
 
 @torch.no_grad()

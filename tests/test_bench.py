@@ -165,6 +165,17 @@ def test_a_cell_of_one_seed_shows_no_spread(tmp_path):
     assert f"| {row['accuracy_drop_mean']:.2f} |" in line and "±" not in line.split("|")[6]
 
 
+def test_a_budget_other_than_the_paper_s_shows_no_paper_figures_beside_ours(tmp_path, capsys):
+    out = str(tmp_path)
+    flags = ["bench", "--table", "2", "--scale", "smoke", "--attacks", "label-flip", "--defenders", "lr", "--quiet"]
+    assert cli.main([*flags, "--out", os.path.join(out, "paper")]) == 0
+    assert cli.main([*flags, "--out", os.path.join(out, "other"), "--set", "epsilon=0.1"]) == 0
+    beside, alone = (next(r for r in json.load(open(os.path.join(out, name, "table_2.json"))) if r["attack"] == "label-flip")
+                     for name in ("paper", "other"))
+    assert beside["paper_drop"] is not None and alone["paper_drop"] is None  # the paper's 3% is not this 10%
+    assert "epsilon other than the paper's" in open(os.path.join(out, "other", "table_2.md")).read()
+
+
 def test_retrainings_pool_into_a_column_of_the_table(tmp_path):
     out = str(tmp_path)
     assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--attacks", "label-flip", "--defenders", "lr",

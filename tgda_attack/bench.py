@@ -526,16 +526,23 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
         for (cell, _, _), metrics in zip(items, metrics_list):
             results.setdefault(cell.key, []).append(metrics)
     cells = {cell.key: cell for cell, _, _ in runs}
-    rows = [_row(table, scale, cells[key], runs_, overrides_text(overrides)) for key, runs_ in results.items()]
+    outside = [k for k in OUTSIDE_THE_PAPER if k in (overrides or {})]
+    rows = [_row(table, scale, cells[key], runs_, overrides_text(overrides), outside) for key, runs_ in results.items()]
     write_outputs(table, scale, rows, out)
     return rows
 
 
-def _row(table, scale, cell, runs, overrides=""):
+# `--set` settings that make another experiment than the paper's table (another budget, another tested model, another
+# attacker's knowledge): its figures are then not shown beside ours.
+OUTSIDE_THE_PAPER = ("epsilon", "eval_defender", "perfect_knowledge")
+
+
+def _row(table, scale, cell, runs, overrides="", outside=()):
     row, column = cell.row, cell.column
     done = [r for r in runs if "diverged" not in r]
     failed = [r["diverged"] for r in runs if "diverged" in r]
-    out = {"table": table.key, "scale": scale, "overrides": overrides, table.row_name: row, "column": column,
+    out = {"table": table.key, "scale": scale, "overrides": overrides, "outside_the_paper": ", ".join(outside),
+           table.row_name: row, "column": column,
            "seeds": len(runs), "diverged": len(failed), "diverged_messages": " | ".join(failed)}
     for key, scale_by in (("clean_accuracy", 100), ("poisoned_accuracy", 100), ("accuracy_drop", 100),
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
@@ -547,7 +554,7 @@ def _row(table, scale, cell, runs, overrides=""):
     out["retrained_drop_mean"], out["retrained_drop_std"] = mean_std(pooled)
     if cell.defense is not None:
         return _defense_row(table, scale, cell, done, out)
-    paper = table.paper.get((row, column)) if scale == "paper" or not table.cifar else None
+    paper = table.paper.get((row, column)) if not outside and (scale == "paper" or not table.cifar) else None
     out["paper_accuracy"] = paper.accuracy if paper else None
     out["paper_drop"] = paper.drop if paper else None
     out["paper_hours"] = paper.hours if paper else None
@@ -680,7 +687,9 @@ def _time(seconds):
 
 def _scale_label(scale, rows):
     overrides = rows[0].get("overrides") if rows else ""
-    return f"{scale} scale" + (f", with {overrides}" if overrides else "")
+    outside = rows[0].get("outside_the_paper") if rows else ""
+    return (f"{scale} scale" + (f", with {overrides}" if overrides else "")
+            + (f"; {outside} other than the paper's: its figures are not shown beside ours" if outside else ""))
 
 
 def markdown(table, scale, rows):
@@ -713,7 +722,9 @@ def markdown(table, scale, rows):
                  "(their count in brackets): how much of a drop the defender's own training randomness decides. The seed "
                  "blocks of neighbouring seeds overlap (seed 0's clean training under training seed 1 is seed 1's own "
                  "clean model), so the clean side of these drops is shared between seeds: not independent samples.\n\n")
-    head += "Ours: mean ± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone.\n\n"
+    head += ("Ours: mean ± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone. "
+             "L∞ perturbation: the largest change of one pixel from a poison's source image, a mean over poisons, in "
+             "the data's pixel units (pixels in [-1, 1]: 2 spans the whole range).\n\n")
     medians = _has_medians(rows, "accuracy_drop")
     lines = [f"| {table.row_name} | column | seeds | clean acc. (%) | poisoned acc. (%) | drop (points) "
              + ("| drop, medians of the last epochs " if medians else "")

@@ -44,7 +44,8 @@ def test_mnist_sample_is_the_embedded_default():
     assert s.summary()["split_seed"] == 0
 
 
-def test_mnist_from_local_idx_files(tmp_path):
+@pytest.mark.parametrize("gzipped", [False, True], ids=["idx", "idx.gz"])
+def test_mnist_from_local_idx_files(tmp_path, gzipped):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -54,6 +55,11 @@ def test_mnist_from_local_idx_files(tmp_path):
     write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(20) % 10)
     write_idx(str(raw / "t10k-images-idx3-ubyte"), rng.integers(0, 256, (10, 28, 28)))
     write_idx(str(raw / "t10k-labels-idx1-ubyte"), np.arange(10))
+    if gzipped:  # the files as they are distributed: read as well (unpacked beside them)
+        for name in data.MNIST_FILES:
+            with open(raw / name, "rb") as src, gzip.open(raw / (name + ".gz"), "wb") as dst:
+                dst.write(src.read())
+            os.remove(raw / name)
     s = data.load_dataset("mnist", data_root=str(tmp_path))
     assert (len(s.y_train), len(s.y_val), len(s.y_test)) == (14, 6, 10)
     all_x = torch.cat([s.x_train, s.x_val])
@@ -82,6 +88,14 @@ def test_cifar10_from_local_batches(tmp_path):
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+def test_a_cifar_batch_of_another_shape_is_a_clear_error(tmp_path):
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as fh:
+        pickle.dump([1, 2, 3], fh)
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch: it holds a list"):
+        data.read_cifar_batch(str(path))
 
 
 def test_cifar_batch_that_would_run_code_is_refused(tmp_path):

@@ -5,7 +5,8 @@
 * "mnist": the full MNIST through torchvision.datasets.MNIST from a local folder (IDX files).
 * "cifar10": the full CIFAR-10 from a local folder (the python pickled batches). The batches are
   read with a restricted unpickler that builds only plain containers and numpy arrays, so a
-  file cannot execute code; torchvision is used only to download when asked.
+  file cannot execute code; torchvision is used only to download when asked (it checks the downloaded
+  archive's MD5 before it reads it).
 * any tensors, or a torch Dataset, through `from_tensors` / `from_dataset`.
 
 The training data are split into D_tr / D_v = 70% / 30%; pixels are scaled to [-1, 1] (MNIST:
@@ -207,6 +208,27 @@ def check_available(name, root):
                                     "pass --download to fetch them, or --data-root to point elsewhere")
 
 
+def _unpack_gzipped(folder, names):
+    """Writes each file of `names` that `folder` holds only as NAME.gz beside it (unpacked whole to a temporary
+    file, then renamed: an interrupted unpacking leaves no partial file)."""
+    import gzip
+    import shutil
+
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.exists(path) or not os.path.exists(path + ".gz"):
+            continue
+        try:
+            with gzip.open(path + ".gz", "rb") as src, open(path + ".tmp", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(path + ".tmp", path)
+        except (OSError, EOFError) as exc:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise DataNotFoundError(f"could not unpack {path}.gz ({exc}): unpack it yourself (gunzip -k), or fetch "
+                                    "the files again") from exc
+
+
 def load_mnist(root, download=False, seed=0, val_fraction=VAL_FRACTION):
     """Full MNIST from root/MNIST/raw (IDX files, read by torchvision.datasets.MNIST)."""
     import torchvision
@@ -214,6 +236,7 @@ def load_mnist(root, download=False, seed=0, val_fraction=VAL_FRACTION):
     raw = os.path.join(root, "MNIST", "raw")
     if not download:
         check_available("mnist", root)
+        _unpack_gzipped(raw, MNIST_FILES)  # torchvision reads the IDX files themselves, not their .gz
     train = torchvision.datasets.MNIST(root, train=True, download=download)
     test = torchvision.datasets.MNIST(root, train=False, download=download)
     splits = from_tensors("mnist", _scale_uint8(train.data.unsqueeze(1)), train.targets,
@@ -239,6 +262,9 @@ def read_cifar_batch(path):
     """(uint8 images (N, 3, 32, 32), int64 labels) from one pickled CIFAR-10 batch, safely."""
     with open(path, "rb") as fh:
         batch = _ArrayOnlyUnpickler(io.BytesIO(fh.read()), encoding="latin1").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}, not a dict of 'data' "
+                         "and 'labels'")
     data = batch.get("data", batch.get(b"data"))
     labels = batch.get("labels", batch.get(b"labels"))
     if data is None or labels is None:

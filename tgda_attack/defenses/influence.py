@@ -11,7 +11,8 @@ by epsilon * I(z) to first order, where (eq. 2, with Koh & Liang's damping lambd
 
 The points of largest I(z) are the most harmful: the filter removes the floor(fraction * N) of them.
 
-Computation, so that it scales to all of MNIST (61,800 points; the NN defender has 1.24M parameters):
+Computation, so that it scales to full MNIST's poisoned training set (43,260 points; the NN defender has 1.24M
+parameters):
   1. one linear system s = (H + lambda I)^{-1} g_val, solved by hypergrad.solve from Hessian-vector
      products of L; H v = sum_b grad^2 [(1/N) sum_{i in b} l_i] v is accumulated over batches of
      `batch_size` points (each batch's graph is freed before the next), so memory stays bounded;

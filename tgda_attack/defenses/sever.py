@@ -15,9 +15,9 @@ and the points of largest tau are removed. Points whose gradients are shifted to
 direction (a coordinated attack, which is what moves w) dominate the top singular direction of the
 centred gradients, so they score highest.
 
-Scale: all of MNIST (61,800 points) with the NN defender (1.24M parameters) gives a G of 77 billion
-entries, so G is never materialised. v comes from power iteration on G_c^T G_c, each step two passes over
-the data in batches of `batch_size`:
+Scale: full MNIST's poisoned training set (D_tr 42,000 + 1,260 poisons = 43,260 points) with the NN defender
+(1.24M parameters) gives a G of 54 billion entries, so G is never materialised. v comes from power iteration
+on G_c^T G_c, each step two passes over the data in batches of `batch_size`:
   * G u (u in R^d), the directional derivatives of the per-example losses along u: one forward-mode
     torch.func.jvp of the vector of per-example losses (torch.func.functional_call over the parameters);
   * G^T r (r in R^n), the gradient of sum_i r_i l_i: one reverse pass;

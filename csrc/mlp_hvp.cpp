@@ -95,11 +95,11 @@ void check_mlp_args(at::TensorList weights, at::TensorList inputs, at::TensorLis
 }
 
 // out (+)= a @ b for every direction: out is [B, M, K]; a is [M, J] (shared) or [B, M, J]; b is [J, K]
-// (shared) or [B, J, K]. One direction, or a shared right operand, folds into a single mm; only
-// a shared left operand with several directions needs a (broadcast) bmm.
+// (shared) or [B, J, K]. One direction, or a shared right operand, folds into a single mm (when out
+// and a are contiguous, so that their directions stack into rows); the rest is a (broadcast) bmm.
 void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t batch = out.size(0);
-  if (batch == 1 || (a.dim() == 3 && b.dim() == 2 && a.is_contiguous())) {
+  if (batch == 1 || (a.dim() == 3 && b.dim() == 2 && a.is_contiguous() && out.is_contiguous())) {
     at::Tensor o = batch == 1 ? out.select(0, 0) : out.view({-1, out.size(2)});
     at::Tensor lhs = a.dim() == 3 ? (batch == 1 ? a.select(0, 0) : a.reshape({-1, a.size(2)})) : a;
     at::Tensor rhs = b.dim() == 3 ? b.select(0, 0) : b;

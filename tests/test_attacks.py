@@ -187,10 +187,12 @@ def test_label_flip_rules():
         LabelFlipAttack(rule="up")
 
 
-def test_without_a_validation_set_30_percent_is_held_out():
+def test_without_a_validation_set_30_percent_serves_as_d_v_and_the_budget_is_of_all_points():
     x, y, xv, yv, defender, attacker = _tiny(seed=5, n=100)
-    x_p, y_p = _attack(defender, attacker).poison(x, y)
-    assert len(y_p) == 7  # floor(0.1 * 70): the attack ran on the 70% that remain as D_tr
+    attack = _attack(defender, attacker)
+    x_p, y_p = attack.poison(x, y)
+    assert len(y_p) == 10  # floor(0.1 * 100): the poisons are the caller's budget (it was 7, of a 70% subset)
+    assert torch.equal(y_p, y[attack.source_indices_])  # the sources index the caller's x
 
 
 def test_direct_pixel_attacker_keeps_the_invariants_and_follows_each_poisons_gradient():

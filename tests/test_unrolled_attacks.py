@@ -143,6 +143,18 @@ def test_back_gradient_budget_labels_and_pixel_range():
         BackGradientAttack(model, 0.01).poison(x, y, x_val=xv, y_val=yv)
 
 
+@pytest.mark.parametrize("name", ["back-gradient", "metapoison"])
+def test_without_d_v_the_budget_and_the_sources_are_those_of_the_whole_training_set(name):
+    x, y, _, _, model = _tiny()
+    attack = (BackGradientAttack(model, 0.1, unroll_steps=0, epochs=0, num_classes=CLASSES, init="random", seed=3)
+              if name == "back-gradient" else MetaPoisonAttack(model, 0.1, models=1, unroll_steps=0, steps=1,
+                                                                 train_epochs=1, init="random", seed=3))
+    x_p, y_p = attack.poison(x, y)  # a seeded 30% of (x, y) serves as D_v; the poisons are still 10% of all 40
+    idx = attack.source_indices_
+    assert len(y_p) == 4 and torch.equal(x_p, x[idx])  # no step moves them (K = 0): they are x's own points
+    assert torch.equal(y_p, 2 - y[idx] if name == "back-gradient" else y[idx])
+
+
 def test_metapoison_gradient_matches_finite_differences_and_k0_is_zero():
     x, y, xv, yv, model = _tiny()
     attack = MetaPoisonAttack(model, 0.1, unroll_steps=2, train_lr=0.7)

@@ -129,8 +129,8 @@ class BackGradientAttack(PoisoningAttack):
                    seed=cfg.seed, verbose=verbose, feasible_set=cfg.feasible_set, feasible_quantile=cfg.feasible_quantile)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
-        """(x_poison, y_poison) by UGDA on D_tr = (x, y) against D_v = (x_val, y_val); without D_v, 30% of
-        (x, y) is held out as D_v (a seeded split) and the attack runs on the rest."""
+        """(x_poison, y_poison) by UGDA on D_tr = (x, y) against D_v = (x_val, y_val); without D_v, a seeded
+        30% of (x, y) serves as D_v (base._defender_and_data)."""
         model, x, y, x_val, y_val = self._defender_and_data(x, y, x_val, y_val)
         ref = next(model.parameters())
         self._craft_sources(len(y))

@@ -113,10 +113,10 @@ class PoisoningAttack:
         return self.source_indices_
 
     def _defender_and_data(self, x, y, x_val, y_val):
-        """(a copy of the defender, x, y, x_val, y_val on its device and dtype); without D_v, 30% of (x, y)
-        is held out as D_v (a seeded split) and the attack runs on the rest."""
+        """(a copy of the defender, x, y, x_val, y_val on its device and dtype); without D_v, a seeded 30% of
+        (x, y) serves as D_v, and the poisons are still epsilon * len(y) points of x (source_indices_ index x)."""
         if x_val is None or y_val is None:
-            x, y, x_val, y_val = split_train_val(x, y, seed=self.seed)
+            _, _, x_val, y_val = split_train_val(x, y, seed=self.seed)
         if len(x) != len(y) or len(x_val) != len(y_val):
             raise ValueError("images and labels must have the same length")
         model = copy.deepcopy(self.defender)

@@ -120,8 +120,8 @@ class MetaPoisonAttack(PoisoningAttack):
                    init=cfg.poison_init, seed=cfg.seed, verbose=verbose)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
-        """(x_poison, y_poison): D_p^0 + delta with D_p^0's labels. D_v = (x_val, y_val); without it 30% of
-        (x, y) is held out as D_v (a seeded split) and the attack runs on the rest."""
+        """(x_poison, y_poison): D_p^0 + delta with D_p^0's labels. D_v = (x_val, y_val); without it a seeded
+        30% of (x, y) serves as D_v (base._defender_and_data)."""
         net, x, y, x_val, y_val = self._defender_and_data(x, y, x_val, y_val)
         ref = next(net.parameters())
         idx = self._craft_sources(len(y)).to(ref.device)

@@ -228,8 +228,8 @@ class TGDAAttack(PoisoningAttack):
     def poison(self, x, y, *, x_val=None, y_val=None):
         """Runs Algorithm 1 on D_tr = (x, y) and returns the poisons (x_poison, y_poison).
 
-        D_v = (x_val, y_val) is the attacker's validation set; without it 30% of (x, y) is held
-        out as D_v (a seeded split) and the attack runs on the rest. After the call the trained
+        D_v = (x_val, y_val) is the attacker's validation set; without it a seeded 30% of (x, y)
+        serves as D_v (base._defender_and_data). After the call the trained
         attacker is `attacker_`, the defender at the end of the game `defender_`,
         `source_indices_` the indices into D_tr of the clean points D_p^0, and `history` the
         mean losses, the wall-clock seconds and the number of batches of every epoch. With attacker=None, `attacker_` is None.

@@ -128,6 +128,30 @@ def test_labels_budget_pixel_range_and_modes():
     assert len(everything.poison(x, y)[1]) == 20  # epsilon 1: the whole training set
 
 
+def test_the_crafting_model_starts_and_shuffles_apart_from_the_retrained_defender(monkeypatch):
+    # the defender is retrained from the run's seed (protocol.new_defender): the attacker's model must share
+    # neither its initialisation nor its batch order, which the attacker does not know
+    from tgda_attack.attacks import emn
+
+    seeds = {}
+
+    def recording_fresh(model, seed):
+        seeds["init"] = seed
+        return fresh_model(model, seed)
+
+    class RecordingBatches(emn._Batches):
+        def __init__(self, n, batch_size, seed):
+            seeds["batches"] = seed
+            super().__init__(n, batch_size, seed)
+
+    monkeypatch.setattr(emn, "fresh_model", recording_fresh)
+    monkeypatch.setattr(emn, "_Batches", RecordingBatches)
+    x, y, defender = _tiny()
+    ErrorMinimizingNoiseAttack(defender, 0.25, eps=0.1, pgd_steps=1, max_rounds=1, seed=4).poison(x, y)
+    assert seeds == {"init": emn.SURROGATE_SEED_OFFSET + 4, "batches": emn.SURROGATE_SEED_OFFSET + 4}
+    assert not torch.equal(next(fresh_model(defender, 4).parameters()), next(fresh_model(defender, seeds["init"]).parameters()))
+
+
 def test_protocol_replaces_exactly_the_source_rows_in_unlearnable_mode():
     x, y, defender = _tiny()
     for mode in ("unlearnable", "add"):

@@ -8,7 +8,10 @@ min-min problem (eq. 43)
     min_w  min_{delta}  L(D_tr with x_i -> x_i + delta_i for i in D_p^0,  w)
 
 by alternating, round after round, on a model of the defender's architecture freshly initialised
-under the seed (every module's reset_parameters, not the trained defender's weights):
+(every module's reset_parameters, not the trained defender's weights) under a seed of its own,
+SURROGATE_SEED_OFFSET + the run's seed, which also orders its batches: the defender is retrained from the
+initialisation and batch order of the run's seed, which the attacker does not know (a surrogate that shared
+them, as this one did up to 2026-12-07, trained like the victim step for step in the unlearnable mode):
   (a) `train_steps` steps of the protocol's mini-batch gradient descent (lr, batch_size; seeded
       shuffle, one pass after another) on D_tr with the current noise on its source points;
   (b) projected gradient DESCENT on every delta_i, the model fixed and in eval mode:
@@ -49,6 +52,7 @@ from ..progress import progress_bar
 from .base import PoisoningAttack, Setting, fresh_model
 
 MODES = ("add", "unlearnable")
+SURROGATE_SEED_OFFSET = 2_000_000  # the crafting model's seed: SURROGATE_SEED_OFFSET + the run's seed (docstring)
 
 
 class ErrorMinimizingNoiseAttack(PoisoningAttack):
@@ -139,7 +143,7 @@ class ErrorMinimizingNoiseAttack(PoisoningAttack):
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison): the source points plus their error-minimising noise, labels unchanged.
         D_v is not used."""
-        model = fresh_model(self.defender, self.seed)
+        model = fresh_model(self.defender, SURROGATE_SEED_OFFSET + self.seed)
         ref = next(model.parameters())
         x, y = x.to(ref.device, ref.dtype), y.to(ref.device)
         idx = self._craft_sources(len(y)).to(ref.device)
@@ -151,7 +155,7 @@ class ErrorMinimizingNoiseAttack(PoisoningAttack):
         else:
             delta = torch.zeros_like(x0)
         x_cur = x.clone()  # D_tr with the current noise on its source points: what the model trains on
-        batches = _Batches(len(y), self.batch_size, self.seed)
+        batches = _Batches(len(y), self.batch_size, SURROGATE_SEED_OFFSET + self.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         self.history, self.stopped_by_accuracy_ = [], False
         bar = progress_bar(range(1, self.max_rounds + 1), desc="EMN rounds", disable=not self.verbose)

@@ -311,6 +311,7 @@ def test_diverging_training_is_an_error():
     (["--attack", "label-flip", "--flip-pool", "test"], "invalid choice"),
     (["--attack", "label-flip", "--flip-pool", "val", "--epsilon", "0.5"], "--epsilon <= 0.429"),
     (["--attack", "label-flip", "--flip-pool", "val", "--perfect-knowledge"], "would take the poisons from D_test"),
+    (["--epsilon", "0.0001"], "makes no poison"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -324,7 +325,7 @@ def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     ('{"epsilon": "lots"}', "epsilon must be a number"), ('{"attack": "fgsm"}', "unknown attack"),
     ('{"pretrain_epochs": 1.5}', "pretrain_epochs must be int"), ('{"cuda_graphs": "yes"}', "cuda_graphs must be bool"),
     ('{"flip_rule": "sideways"}', "unknown flip-rule"), ('{"gc_lr": -1}', "gc-lr must be a number > 0"),
-    ('{"gc_steps": "many"}', "gc_steps must be int"),
+    ('{"gc_steps": "many"}', "gc_steps must be int"), ('[1, 2]', "must hold an object of settings"),
 ])
 def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
     path = tmp_path / "c.json"
@@ -332,6 +333,18 @@ def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "run"), "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_a_config_folder_or_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    assert cli.main(["run", "--out", str(tmp_path / "run"), "--config", str(tmp_path)]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "run"):  # --out a file, or a folder inside one
+        assert cli.main(["run", "--out", str(out), *TINY_FLAGS]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tgda-attack: error:") and "\n" not in err
+    assert afile.read_text() == "x"
 
 
 def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed_unless_its_poisons_were_damaged(

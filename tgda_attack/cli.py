@@ -185,13 +185,17 @@ def _parse_overrides(items):
 
 
 def _read_config_file(path):
-    if not os.path.exists(path):
-        raise UsageError(f"config file {path} does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
     with open(path, "rb") as fh:
         try:
-            return tomllib.load(fh) if path.endswith(".toml") else json.load(fh)
+            values = tomllib.load(fh) if path.endswith(".toml") else json.load(fh)
         except (ValueError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {exc}")
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold an object of settings ({{\"epsilon\": 0.03, ...}}), "
+                         f"not a {type(values).__name__}")
+    return values
 
 
 def config_from_args(args):
@@ -330,7 +334,9 @@ def main(argv=None):
         if defense:
             _print_defense(protocol.stage_defend(args.out, defense, verbose, overwrite=True), args.out)
         return 0
-    except (UsageError, RunFolderError, DataNotFoundError, DataTooSmallError, FileNotFoundError) as exc:
+    # FileExistsError ... PermissionError: an --out that is a file, lies in a file or cannot be written
+    except (UsageError, RunFolderError, DataNotFoundError, DataTooSmallError, FileNotFoundError,
+            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         if debug:
             raise
         print(f"tgda-attack: error: {exc}", file=sys.stderr)

@@ -203,12 +203,16 @@ def pretrain_key(cfg):
 
 
 def _check_partition_budgets(cfg, n_train):
-    """--dp-mode partitions: every process's partition must get a poison of the run's budget (a process without
-    one would stop alone while the others wait for it); DataTooSmallError before any training otherwise."""
+    """The run's budget must make at least one poison, and under --dp-mode partitions one a partition (a process
+    without one would stop alone while the others wait for it); DataTooSmallError before any training otherwise."""
+    total = data_mod.poison_budget(n_train, cfg.epsilon)
+    if total < 1:
+        raise data_mod.DataTooSmallError(
+            f"--epsilon {cfg.epsilon} of {n_train} training points makes no poison: use an epsilon of at least "
+            f"{1 / n_train:.2g}")
     world = data_parallel.world_size()
     if world < 2 or cfg.dp_mode != "partitions":
         return
-    total = data_mod.poison_budget(n_train, cfg.epsilon)
     if total < world:
         raise data_mod.DataTooSmallError(
             f"--dp-mode partitions over {world} processes: --epsilon {cfg.epsilon} of {n_train} training points makes "

@@ -159,9 +159,9 @@ def test_partitions_fewer_than_the_poisons_are_refused_before_any_work(monkeypat
     monkeypatch.setattr(data_parallel, "world_size", lambda: 8)
     cfg = protocol.Config(dp_mode="partitions", epsilon=0.002).resolved()
     with pytest.raises(DataTooSmallError, match="makes 5 poisons, fewer than one a partition; use at most 5 processes"):
-        protocol._check_partition_budgets(cfg, 2800)
-    protocol._check_partition_budgets(dataclasses.replace(cfg, epsilon=0.003), 2800)  # 8 poisons: one each
-    protocol._check_partition_budgets(dataclasses.replace(cfg, dp_mode="sharded"), 2800)  # one attack, any budget
+        protocol._check_poison_budget(cfg, 2800)
+    protocol._check_poison_budget(dataclasses.replace(cfg, epsilon=0.003), 2800)  # 8 poisons: one each
+    protocol._check_poison_budget(dataclasses.replace(cfg, dp_mode="sharded"), 2800)  # one attack, any budget
 
 
 def test_label_flip_runs_as_partitions(tmp_path, capsys):

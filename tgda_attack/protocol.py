@@ -202,7 +202,7 @@ def pretrain_key(cfg):
     return key
 
 
-def _check_partition_budgets(cfg, n_train):
+def _check_poison_budget(cfg, n_train):
     """The run's budget must make at least one poison, and under --dp-mode partitions one a partition (a process
     without one would stop alone while the others wait for it); DataTooSmallError before any training otherwise."""
     total = data_mod.poison_budget(n_train, cfg.epsilon)
@@ -270,7 +270,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     done = _pretrain_files(cfg)
     splits = load_splits(cfg)
     ATTACKS[cfg.attack].check_data(cfg, len(splits.y_train), len(attacker_validation(cfg, splits)[1]))  # no folder yet
-    _check_partition_budgets(cfg, len(splits.y_train))
+    _check_poison_budget(cfg, len(splits.y_train))
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
         remove_training_checkpoints(out, "pretrain")
         return read_json(os.path.join(out, "pretrain.json"))

@@ -152,6 +152,9 @@ def test_defense_results_of_other_settings_are_not_silently_reused(label_flip_ru
 @pytest.mark.parametrize("argv, message", [
     (["--defense", "fgsm"], "invalid choice"), (["--defense-fraction", "0.1"], "add --defense"),
     (["--defense", "loss", "--defense-fraction", "2"], "defense-fraction"),
+    # ranges the Setting lets through and the defense itself refuses: before the run, not after its stage 3
+    (["--defense", "loss", "--defense-fraction", "1"], "--defense-fraction 1.0): fraction is the share"),
+    (["--defense", "maxup", "--maxup-noise", "inf"], "finite number"),
 ])
 def test_defense_usage_errors_are_one_line_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "r"

@@ -269,6 +269,11 @@ class _DefenseName:
             problem = setting.problem(getattr(self, setting.name))
             if problem:
                 raise ValueError(problem)
+        try:  # the defense's own checks (ranges its constructor refuses), before any run: not after stage 3
+            DEFENSES[self.defense].from_config(self)
+        except (TypeError, ValueError) as exc:
+            given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.own_settings().items())
+            raise ValueError(f"defense {self.defense} refuses its settings ({given}): {exc}") from None
         return self
 
     def own_settings(self):

@@ -222,7 +222,8 @@ def test_figure_4_is_drawn(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--scale", "paper"], "--data-root"), (["--seeds", "0"], "--seeds"), (["--table", "14"], "invalid choice"),
+    (["--scale", "paper"], "--data-root"), (["--seeds", "0"], "--seeds"), (["--seeds", "5000000000"], "2**32 - 1"),
+    (["--table", "14"], "invalid choice"),
     (["--attacks", "fgsm"], "invalid choice"), (["--device", "tpu"], "device"),
     (["--defenders", "cifar-cnn"], "another dataset"), (["--defenses", "loss"], "defense tables"),
     (["--set", "attack_epochs"], "SETTING=VALUE"), (["--set", "epochs=2"], "no such setting"),

@@ -266,6 +266,7 @@ def test_a_busy_machine_gets_a_note_and_threads_set_the_run(tmp_path, monkeypatc
     assert "--threads 1" in cli.busy_cpu_note(2) and cli.busy_cpu_note(1) is None
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert cli.busy_cpu_note(cores) is None
+    assert f"{cores + 1} threads on {cores} cores" in cli.busy_cpu_note(cores + 1)  # an idle machine, too many threads
     before = torch.get_num_threads()
     try:
         assert cli.main(["run", *TINY_FLAGS, "--attack", "label-flip", "--threads", "1", "--out", str(tmp_path)]) == 0
@@ -299,7 +300,8 @@ def test_diverging_training_is_an_error():
     (["--game-solver", "fr", "--leader", "defender"], "game-solver fr needs --leader attacker"),
     (["--game-solver", "fr", "--warm-start", "cold"], "warm-start partial"),
     (["--gc-steps", "-1"], "gc-steps must be an integer >= 0"), (["--target-epsilon", "0"], "target-epsilon must be a fraction"),
-    (["--threads", "-1"], "threads must be >= 0"), (["--gc-recipe", "mine"], "invalid choice"),
+    (["--threads", "-1"], "threads must be >= 0"), (["--threads", "100000"], "at most 1024"),
+    (["--gc-recipe", "mine"], "invalid choice"),
     (["--pretrain-max-grad-norm", "-1"], "pretrain-max-grad-norm must be >= 0"),
     (["--attack", "gradient-canceling", "--gc-recipe", "authors", "--gc-labels", "reverse"], "gc-recipe authors"),
     (["--dataset", "cifar10", "--defender", "gc-cnn"], "is an MNIST model"),

@@ -137,7 +137,7 @@ def _bench(args):
         raise UsageError("--jobs and --slurm-partition set how jobs run on a cluster: add --executor local|slurm")
     overrides = _parse_overrides(args.overrides)
     try:
-        bench.plan(table, args.scale, [0], data_root=args.data_root, device=args.device, defenders=args.defenders,
+        bench.plan(table, args.scale, sorted({0, args.seeds - 1}), data_root=args.data_root, device=args.device, defenders=args.defenders,
                    attacks=args.attacks, defenses=args.defenses, overrides=overrides,
                    rows=args.rows)  # every setting checked before a job is submitted
         executor = None
@@ -247,6 +247,10 @@ def busy_cpu_note(threads):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = threads or torch.get_num_threads()
+    if threads > cores:  # a folder made on a bigger machine still resumes here: a note, not an error
+        return (f"tgda-attack: note: this run uses {threads} threads on {cores} cores, so they wait on each other and "
+                f"can make it many times slower; --threads {cores} (or fewer) avoids that. A seed fixes a run's bits "
+                "for one thread count.")
     if threads < 2 or load + threads <= cores + 0.5:
         return None
     return (f"tgda-attack: note: the CPUs are busy (load {load:.1f} on {cores} cores) and this run uses {threads} "

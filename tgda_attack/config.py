@@ -87,6 +87,7 @@ NON_NEGATIVE_INTS = ("pretrain_epochs", "attacker_epochs", "attack_epochs", "lea
 SEEDS = ("seed", "split_seed")  # torch's generators take 0 .. 2**64 - 1 and wrap negatives onto its top end
 POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_size", "retrainings")
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
+MAX_THREADS = 1024  # torch.set_num_threads: 10,000 hung and 100,000 crashed (segfault) on a 2-core machine
 
 
 PROTOCOL_HELP = {  # the command line's help of the protocol settings that need more than their name
@@ -191,6 +192,9 @@ class _ProtocolSettings:
         for name in POSITIVE_FLOATS:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise ValueError(f"threads {self.threads}: at most {MAX_THREADS} (OpenMP hangs or crashes on many thousands "
+                             "of threads); 0 lets torch choose, the cores of this machine")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
         if not 0 <= self.defender_val_fraction < 1:

@@ -94,15 +94,55 @@ def test_a_cifar_batch_of_another_shape_is_a_clear_error(tmp_path):
     path = tmp_path / "data_batch_1"
     with open(path, "wb") as fh:
         pickle.dump([1, 2, 3], fh)
-    with pytest.raises(ValueError, match="not a CIFAR-10 batch: it holds a list"):
+    with pytest.raises(data.DataUnreadableError, match="not a CIFAR-10 batch: it holds a list"):
         data.read_cifar_batch(str(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a pickle at all", "not a pickle"),  # each read: its own error, named
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]})[:40], "truncated"),
+    (pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}), "not 2 images of 3 x 32 x 32"),
+])
+def test_a_damaged_cifar_batch_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(content)
+    with pytest.raises(data.DataUnreadableError, match=message) as err:
+        data.read_cifar_batch(str(path))
+    assert str(path) in str(err.value)
+
+
+def _write_mnist(raw, n_train=20, n_test=10):
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    write_idx(str(raw / "train-images-idx3-ubyte"), rng.integers(0, 256, (n_train, 28, 28)))
+    write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(n_train) % 10)
+    write_idx(str(raw / "t10k-images-idx3-ubyte"), rng.integers(0, 256, (n_test, 28, 28)))
+    write_idx(str(raw / "t10k-labels-idx1-ubyte"), np.arange(n_test) % 10)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("garbage", "not an MNIST IDX file of images"), ("truncated", "bytes where its header promises"),
+    ("labels", "20 x 28 x 28 images and train-labels-idx1-ubyte 19 labels"),
+])
+def test_damaged_mnist_files_are_named_before_torchvision_reads_them(tmp_path, damage, message):
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist(raw)
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "garbage":
+        images.write_bytes(b"<html>not found</html>")
+    elif damage == "truncated":
+        images.write_bytes(images.read_bytes()[:1000])
+    else:
+        write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(19) % 10)
+    with pytest.raises(data.DataUnreadableError, match=message):
+        data.load_dataset("mnist", data_root=str(tmp_path))
 
 
 def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "data_batch_1"
     with open(path, "wb") as fh:
         pickle.dump({"data": _Exploit(), "labels": [0]}, fh)
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(data.DataUnreadableError, match="refusing .* nothing in it ran"):
         data.read_cifar_batch(str(path))
 
 

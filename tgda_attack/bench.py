@@ -38,7 +38,7 @@ from .progress import progress_bar
 from . import cluster, protocol
 from .attacks import ATTACKS
 from .config import Config, DefenseConfig
-from .data import check_available
+from .data import check_readable
 from .defenses import DEFENSES
 from .metrics import mean_std
 from .report import mean_std_text as _fmt
@@ -502,7 +502,7 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
     runs = plan(table, scale, seeds, data_root=data_root, device=device, defenders=defenders, attacks=attacks,
                 defenses=defenses, overrides=overrides, rows=rows)
     if scale == "paper":
-        check_available(runs[0][2].dataset, data_root)  # before any run starts
+        check_readable(runs[0][2].dataset, data_root)  # before any run starts or folder is made
     table_2 = _table_2_configs(table, scale, seeds, runs, data_root=data_root, device=device, overrides=overrides)
     groups = {}  # run folder -> [(cell, cfg, folder)], in plan order
     for cell, seed, cfg in runs:

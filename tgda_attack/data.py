@@ -35,6 +35,10 @@ class DataNotFoundError(FileNotFoundError):
     """A dataset's files are missing from the folder it was looked for in."""
 
 
+class DataUnreadableError(ValueError):
+    """A dataset's file is there but is not what it should be (garbage, truncated, another format)."""
+
+
 class DataTooSmallError(ValueError):
     """The loaded data cannot serve a run's settings (a poison budget larger than the pool it is taken from)."""
 
@@ -200,12 +204,27 @@ def check_available(name, root):
         if not all(os.path.exists(os.path.join(raw, f)) or os.path.exists(os.path.join(raw, f + ".gz"))
                    for f in MNIST_FILES):
             raise DataNotFoundError(f"MNIST not found in {raw}: expected the files {', '.join(MNIST_FILES)} "
-                                    "(optionally .gz); pass --download to fetch them, or --data-root to point elsewhere")
+                                    "(optionally .gz); fetch them with `tgda-attack run|pretrain --download`, or point --data-root "
+                                    "elsewhere")
     elif name == "cifar10":
         folder = os.path.join(root, "cifar-10-batches-py")
         if not all(os.path.exists(os.path.join(folder, f)) for f in CIFAR_FILES):
             raise DataNotFoundError(f"CIFAR-10 not found in {folder}: expected the files {', '.join(CIFAR_FILES)}; "
-                                    "pass --download to fetch them, or --data-root to point elsewhere")
+                                    "fetch them with `tgda-attack run|pretrain --download`, or point --data-root "
+                                    "elsewhere")
+
+
+def check_readable(name, root):
+    """check_available, then DataNotFoundError / DataUnreadableError unless each file can be read as the dataset's
+    (MNIST: the IDX headers and sizes; CIFAR-10: each batch unpickled safely): what a bench checks before any run."""
+    check_available(name, root)
+    if name == "mnist":
+        raw = os.path.join(root, "MNIST", "raw")
+        _unpack_gzipped(raw, MNIST_FILES)
+        _check_mnist_files(raw)
+    elif name == "cifar10":
+        for f in CIFAR_FILES:
+            read_cifar_batch(os.path.join(root, "cifar-10-batches-py", f))
 
 
 def _unpack_gzipped(folder, names):
@@ -229,6 +248,37 @@ def _unpack_gzipped(folder, names):
                                     "the files again") from exc
 
 
+IDX_UINT8 = {3: 2051, 1: 2049}  # the IDX magic number of uint8 data by its number of dimensions (images, labels)
+
+
+def _idx_shape(path, ndim):
+    """The shape of the uint8 IDX file `path` of `ndim` dimensions; DataUnreadableError where its header is not
+    that of such a file or its size is not the one the header gives (truncated, garbage)."""
+    header = 4 + 4 * ndim
+    with open(path, "rb") as fh:
+        head = fh.read(header)
+    what = "images" if ndim == 3 else "labels"
+    if len(head) < header or int.from_bytes(head[:4], "big") != IDX_UINT8[ndim]:
+        raise DataUnreadableError(f"{path} is not an MNIST IDX file of {what} (its first bytes are not that header); "
+                                  "fetch the MNIST files again")
+    shape = tuple(int.from_bytes(head[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    size, expected = os.path.getsize(path), header + math.prod(shape)
+    if size != expected:
+        raise DataUnreadableError(f"{path} holds {size} bytes where its header promises {expected} "
+                                  f"({' x '.join(map(str, shape))} {what}): truncated or damaged; fetch the MNIST files again")
+    return shape
+
+
+def _check_mnist_files(raw):
+    """DataUnreadableError unless each pair of IDX files holds as many labels as 28 x 28 images."""
+    for images, labels in (MNIST_FILES[:2], MNIST_FILES[2:]):
+        shape = _idx_shape(os.path.join(raw, images), 3)
+        n_labels = _idx_shape(os.path.join(raw, labels), 1)[0]
+        if shape[1:] != (28, 28) or shape[0] != n_labels:
+            raise DataUnreadableError(f"{raw}: {images} holds {' x '.join(map(str, shape))} images and {labels} "
+                                      f"{n_labels} labels; MNIST is as many 28 x 28 images as labels")
+
+
 def load_mnist(root, download=False, seed=0, val_fraction=VAL_FRACTION):
     """Full MNIST from root/MNIST/raw (IDX files, read by torchvision.datasets.MNIST)."""
     import torchvision
@@ -237,6 +287,7 @@ def load_mnist(root, download=False, seed=0, val_fraction=VAL_FRACTION):
     if not download:
         check_available("mnist", root)
         _unpack_gzipped(raw, MNIST_FILES)  # torchvision reads the IDX files themselves, not their .gz
+        _check_mnist_files(raw)  # torchvision asserts on a damaged file (a traceback without the file's name)
     train = torchvision.datasets.MNIST(root, train=True, download=download)
     test = torchvision.datasets.MNIST(root, train=False, download=download)
     splits = from_tensors("mnist", _scale_uint8(train.data.unsqueeze(1)), train.targets,
@@ -259,17 +310,36 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path):
-    """(uint8 images (N, 3, 32, 32), int64 labels) from one pickled CIFAR-10 batch, safely."""
+    """(uint8 images (N, 3, 32, 32), int64 labels) from one pickled CIFAR-10 batch, safely; DataUnreadableError
+    where the file is not one (garbage, truncated, other contents, or objects that could run code: never built)."""
     with open(path, "rb") as fh:
-        batch = _ArrayOnlyUnpickler(io.BytesIO(fh.read()), encoding="latin1").load()
+        raw = fh.read()
+    try:
+        batch = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        if "refusing" in str(exc):
+            raise DataUnreadableError(f"{path}: {exc} (it was not built, so nothing in it ran); fetch the CIFAR-10 "
+                                      "batches again") from None
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch (damaged, truncated or not a pickle: {exc}); "
+                                  "fetch the batches again") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch (truncated or damaged: {type(exc).__name__}); "
+                                  "fetch the batches again") from None
     if not isinstance(batch, dict):
-        raise ValueError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}, not a dict of 'data' "
-                         "and 'labels'")
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}, not a dict of "
+                                  "'data' and 'labels'")
     data = batch.get("data", batch.get(b"data"))
     labels = batch.get("labels", batch.get(b"labels"))
     if data is None or labels is None:
-        raise ValueError(f"{path} is not a CIFAR-10 batch: it has no 'data' and 'labels'")
-    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: it has no 'data' and 'labels'")
+    try:
+        images, labels = np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64).reshape(-1)
+        if images.size != len(labels) * 3 * 32 * 32:
+            raise ValueError
+    except (ValueError, TypeError):
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' is not {len(labels)} images of "
+                                  "3 x 32 x 32 uint8 pixels, one a label") from None
+    return images.reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar10(root, download=False, seed=0, val_fraction=VAL_FRACTION):

@@ -149,6 +149,18 @@ def test_defense_results_of_other_settings_are_not_silently_reused(label_flip_ru
     assert again["defense_settings"] == {"defense_fraction": 0.03}
 
 
+def test_stage_3_run_again_removes_the_defense_results_of_its_former_retraining(label_flip_run, tmp_path):
+    """The filters score points with stage 3's retrained defender: a new one (evaluate by hand, another thread
+    count) outdates every defense_* folder, which would otherwise stand beside metrics of another model."""
+    import shutil
+    folder = str(tmp_path / "copy")
+    shutil.copytree(label_flip_run, folder)
+    protocol.stage_defend(folder, DefenseConfig(defense="loss"), overwrite=True)
+    assert os.path.exists(os.path.join(folder, "defense_loss", "metrics.json"))
+    assert cli.main(["evaluate", "--out", folder, "--quiet"]) == 0
+    assert not any(name.startswith("defense_") for name in os.listdir(folder))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--defense", "fgsm"], "invalid choice"), (["--defense-fraction", "0.1"], "add --defense"),
     (["--defense", "loss", "--defense-fraction", "2"], "defense-fraction"),

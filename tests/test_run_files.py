@@ -1,6 +1,7 @@
 """A run folder's files read back safely: truncated, garbage, tampered or foreign files stop a stage with one
 line naming the file and the command that rewrites it, before any work and without leaving results
 behind; a malicious pickle never runs."""
+import json
 import os
 import pickle
 import shutil
@@ -77,6 +78,90 @@ def test_evaluate_refuses_a_damaged_file_before_retraining(finished_run, tmp_pat
     assert not os.path.exists(os.path.join(folder, "defender_poisoned.pt"))
 
 
+RUN = ["run", "--attack", "label-flip", "--pretrain-epochs", "1", "--quiet"]  # finished_run's
+
+
+def _copy(finished_run, tmp_path):
+    folder = str(tmp_path / "copy")
+    shutil.copytree(finished_run, folder)
+    return folder
+
+
+@pytest.mark.parametrize("name, content", [
+    ("metrics.json", "{}"), ("metrics.json", "[1]"), ("pretrain.json", "{}"), ("pretrain.json", "null"),
+])
+def test_resume_over_a_damaged_result_runs_its_stage_again(finished_run, tmp_path, capsys, name, content):
+    """A result file that is JSON but not a result (a hand edit, another program) is not returned as one: --resume
+    runs its stage again (the same seed gives the same numbers), instead of a KeyError at the first number read."""
+    folder = _copy(finished_run, tmp_path)
+    with open(os.path.join(folder, name), "w") as fh:
+        fh.write(content)
+    assert cli.main([*RUN, "--out", folder, "--resume"]) == 0
+    for result, numbers in (("metrics.json", ("clean_accuracy", "poisoned_accuracy")), ("pretrain.json", ("clean_accuracy",))):
+        with open(os.path.join(finished_run, result)) as fh:
+            before = json.load(fh)
+        with open(os.path.join(folder, result)) as fh:
+            again = json.load(fh)
+        assert [again[k] for k in numbers] == [before[k] for k in numbers]
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "folder"])
+def test_a_config_json_that_holds_no_settings_is_one_line_and_overwrite_replaces_it(finished_run, tmp_path, capsys,
+                                                                                    content):
+    folder = _copy(finished_run, tmp_path)
+    path = os.path.join(folder, "config.json")
+    os.remove(path)
+    if content == "folder":
+        os.mkdir(path)
+    else:
+        with open(path, "w") as fh:
+            fh.write(content)
+    for argv in ([*RUN, "--out", folder, "--resume"], ["evaluate", "--out", folder, "--quiet"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "config.json" in err and "\n" not in err
+        if content != "folder":
+            assert "does not hold a JSON object" in err
+    assert cli.main([*RUN, "--out", folder, "--overwrite"]) == 0  # reads nothing it replaces
+    assert "clean_accuracy" in json.load(open(os.path.join(folder, "metrics.json")))
+
+
+def test_run_files_without_a_config_json_are_not_taken_for_a_new_folder(tmp_path, capsys):
+    """A stale attack checkpoint (no config.json says what made it) would be resumed by an attack of other settings."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    torch.save({"epoch": 3}, folder / "attack_checkpoint.pt")
+    assert cli.main([*RUN, "--out", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "attack_checkpoint.pt" in err and "no config.json" in err and "--overwrite" in err and "\n" not in err
+    assert sorted(os.listdir(folder)) == ["attack_checkpoint.pt"]
+    assert cli.main([*RUN, "--out", str(folder), "--overwrite"]) == 0
+    assert not (folder / "attack_checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate", "defend"])
+def test_a_folder_that_cannot_be_written_stops_a_stage_before_its_work(finished_run, tmp_path, capsys, monkeypatch,
+                                                                       command):
+    """The stages write only at their end: a read-only folder (simulated: CI runs as root, which writes anyway) is
+    named before the attack or the retraining, not after it."""
+    import builtins
+
+    from tgda_attack import rundir
+    folder = _copy(finished_run, tmp_path)
+    before = {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(path).startswith(folder) and any(c in mode for c in "wax+"):
+            raise PermissionError(13, "Permission denied", path)
+        return builtins.open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(rundir, "open", read_only, raising=False)
+    argv = {"attack": ["attack"], "evaluate": ["evaluate"], "defend": ["evaluate", "--defense", "loss"]}[command]
+    assert cli.main([*argv, "--out", folder, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{folder} cannot be written (Permission denied)" in err and "\n" not in err
+    assert {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)} == before
+
+
 @pytest.mark.parametrize("how", ["garbage", "pickle"])
 def test_the_attack_stage_refuses_damaged_pretrained_weights(finished_run, tmp_path, capsys, how):
     folder = str(tmp_path / "copy")
@@ -133,6 +218,8 @@ def test_a_malicious_file_is_refused_at_every_place_a_run_reads_one(tmp_path, ca
             assert cli.main(argv + ["--quiet"]) == 2
             err = capsys.readouterr().err.strip()
             assert name in err and "nothing in it ran" in err and "\n" not in err
+            if name == "attack_checkpoint.pt":  # not "rerun the attack", which would read it again
+                assert "remove it" in err
         assert not (tmp_path / "ran").exists()
 
 

@@ -49,9 +49,9 @@ from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
 from .progress import progress_bar
-from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, claim, clear_evaluation, copy_atomic, load_state,
-                     load_weights, need, read_json, read_json_object, remove_training_checkpoints, save_atomic,
-                     settings_of, write_json)
+from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, check_writable, claim, clear_defenses,
+                     clear_evaluation, copy_atomic, load_state, load_weights, need, read_json, read_json_object,
+                     remove_training_checkpoints, save_atomic, settings_of, write_json)
 from .training import LastEpochs, TrainingCheckpoint, accuracy, pretrain_attacker, train_classifier, training_layout
 
 logger = logging.getLogger(__name__)
@@ -257,6 +257,18 @@ def _to_shared(entry, key, files, out):
     os.replace(tmp, os.path.join(entry, "key.json"))
 
 
+PRETRAIN_RESULT = {"clean_accuracy": (int, float), "pretrain_seconds": (int, float)}  # what later stages read
+
+
+def _kept_pretraining(out):
+    """pretrain.json of a finished stage 1, or None where it is damaged (stage 1 then runs again: the same seed trains
+    the same models, so what the later stages made of them stays valid)."""
+    try:
+        return read_json_object(os.path.join(out, "pretrain.json"), PRETRAIN_RESULT)
+    except RunFolderError:
+        return None
+
+
 def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, shared=None):
     """Stage 1: writes config.json, the pretrained models and pretrain.json (clean accuracy).
 
@@ -272,14 +284,17 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     ATTACKS[cfg.attack].check_data(cfg, len(splits.y_train), len(attacker_validation(cfg, splits)[1]))  # no folder yet
     _check_poison_budget(cfg, len(splits.y_train))
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
-        remove_training_checkpoints(out, "pretrain")
-        return read_json(os.path.join(out, "pretrain.json"))
+        kept = _kept_pretraining(out)
+        if kept is not None:
+            remove_training_checkpoints(out, "pretrain")
+            return kept
     write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "split": splits.summary()})
     if shared is not None:
         key = pretrain_key(cfg)
         entry = _shared_entry(shared, key)
-        if _from_shared(entry, key, done, out):
-            result = {**read_json(os.path.join(out, "pretrain.json")), "pretrained_in": entry}
+        copied = _kept_pretraining(out) if _from_shared(entry, key, done, out) else None
+        if copied is not None:  # (a damaged copy is trained again here)
+            result = {**copied, "pretrained_in": entry}
             result.pop("shared_as", None)  # the mark of the run that trained it, not of its copies
             write_json(os.path.join(out, "pretrain.json"), result)
             remove_training_checkpoints(out, "pretrain")  # a training of its own, killed before another run stored it
@@ -336,6 +351,7 @@ def stage_attack(out, verbose=False):
     """Stage 2: reads the pretrained models, runs the attack of the folder's settings, writes poisons.pt,
     attack.json (seconds, per-epoch history) and, for attacks that train them, the attacked models."""
     need(out, "config.json", "defender_pretrained.pt")
+    check_writable(out)
     cfg = _config_from(out)
     use_threads(cfg)
     attack_cls = ATTACKS[cfg.attack]
@@ -452,9 +468,10 @@ def _read_poisons(out, cfg, splits):
 def stage_evaluate(out, verbose=False):
     """Stage 3: retrains the defender from scratch on D_tr U D_p; writes metrics.json and the PNG."""
     need(out, "config.json", "pretrain.json", "attack.json", "poisons.pt")
+    check_writable(out)
     cfg = _config_from(out)
     use_threads(cfg)
-    pre = read_json_object(os.path.join(out, "pretrain.json"), {"clean_accuracy": (int, float), "pretrain_seconds": (int, float)})
+    pre = read_json_object(os.path.join(out, "pretrain.json"), PRETRAIN_RESULT)
     att = read_json_object(os.path.join(out, "attack.json"), {"attack_seconds": (int, float)})  # before any work
     splits = load_splits(cfg)
     poisons = _read_poisons(out, cfg, splits)
@@ -464,6 +481,7 @@ def stage_evaluate(out, verbose=False):
     kept, record = training_checkpoint(out, "retrain"), accuracy_record(cfg, splits)
     retrained = train_defender(cfg, *poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p),
                                verbose, desc="retrain defender", name=tested, checkpoint=kept, last_epochs=record)
+    clear_defenses(out)  # computed with the defender_poisoned.pt this replaces
     save_atomic(retrained.state_dict(), os.path.join(out, "defender_poisoned.pt"))
     poisoned, poisoned_tail = _tested(retrained, record, splits, "the retraining on the poisoned set")
     clean = pre["eval_clean_accuracy"] if _transfers(cfg) else pre["clean_accuracy"]
@@ -752,6 +770,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     defense settings stops with RunFolderError unless `overwrite`; with `resume`, results of the same
     settings are returned as they are."""
     need(out, "config.json", "pretrain.json", "attack.json", "poisons.pt", "metrics.json", "defender_poisoned.pt")
+    check_writable(out)
     dcfg = dcfg.checked()
     defense = DEFENSES[dcfg.defense].from_config(dcfg)  # its own checks, before any work
     folder = os.path.join(out, f"defense_{dcfg.defense}")
@@ -841,8 +860,9 @@ def run(cfg, out, verbose=False, *, overwrite=False, resume=False, shared_pretra
     if not finished("attack.json", "poisons.pt"):
         stage_attack(out, verbose and data_parallel.is_main())
     data_parallel.barrier()
-    if finished("metrics.json"):  # kept, with the poisons it measured: a poisons.pt damaged since is an error
+    kept = finished_evaluation(out) if resume else None  # a damaged metrics.json: stage 3 runs again
+    if kept is not None:  # kept, with the poisons it measured: a poisons.pt damaged since is an error
         load_state(os.path.join(out, "poisons.pt"), POISON_FILE)
         remove_training_checkpoints(out, "retrain")
-        return read_json(os.path.join(out, "metrics.json"))
+        return kept
     return data_parallel.on_main(stage_evaluate, out, verbose)

@@ -61,6 +61,12 @@ def clear_evaluation(out):
     for name in (*EVALUATION_FILES, *_training_checkpoints(out)):  # a kept retraining is of the old poisons
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name))
+    clear_defenses(out)
+
+
+def clear_defenses(out):
+    """Removes the defense_* folders of `out`: their filters scored points with the retrained defender
+    (defender_poisoned.pt), so a new one (stage 3 run again) outdates them."""
     for entry in os.scandir(out):
         if entry.is_dir() and entry.name.startswith("defense_"):
             shutil.rmtree(entry.path)
@@ -126,9 +132,16 @@ def copy_atomic(src, dst):
 
 
 def _unreadable(path, what):
-    stage = WRITTEN_BY.get(os.path.basename(path))
-    advice = (f"rerun `tgda-attack {stage} --out {os.path.dirname(path) or '.'}` to write it again"
-              + (" (or `tgda-attack run ... --overwrite`)" if stage == "pretrain" else "")) if stage else "remove it"
+    name = os.path.basename(path)
+    if name.startswith("attack_checkpoint"):  # rerunning the attack would read it again: it holds progress only
+        return RunFolderError(f"{path} {what}; remove it and rerun `tgda-attack attack --out {os.path.dirname(path) or '.'}`"
+                              " (the attack then starts afresh: the file holds only its progress)")
+    stage, folder = WRITTEN_BY.get(name), os.path.dirname(path) or "."
+    if stage == "pretrain":  # without --overwrite, stage 1 would read the folder's files (this one) again
+        advice = (f"rerun `tgda-attack pretrain --out {folder} --overwrite` with the run's settings (or `tgda-attack "
+                  "run ... --overwrite`) to make the run again from stage 1")
+    else:
+        advice = f"rerun `tgda-attack {stage} --out {folder}` to write it again" if stage else "remove it"
     return RunFolderError(f"{path} {what}; {advice}")
 
 
@@ -151,6 +164,19 @@ def read_json_object(path, required):
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise _unreadable(path, f"lacks {key!r} or holds a wrong value for it")
     return values
+
+
+def check_writable(folder):
+    """RunFolderError unless a file can be created in `folder` (a stage that only writes at its end checks first:
+    a read-only folder would otherwise cost the whole stage)."""
+    probe = os.path.join(folder, f".write-probe.{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise RunFolderError(f"{folder} cannot be written ({exc.strerror or exc}): this stage writes its results "
+                             "there; make it writable, or copy the folder elsewhere and run on the copy") from None
 
 
 def need(out, *names):
@@ -206,9 +232,16 @@ def settings_of(out):
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return None
-    values = read_json(path)
+    values = read_json_object(path, {})
     values.pop("split", None)
     return values
+
+
+def _run_files(out):
+    """The files of a run (and its defense folders) in `out`: what --overwrite removes."""
+    names = [n for n in os.listdir(out) if n in RUN_FILES or n.startswith("attack_checkpoint.rank")  # --dp-mode partitions
+             or n.startswith(TRAINING_CHECKPOINT) or (n.startswith("defense_") and os.path.isdir(os.path.join(out, n)))]
+    return sorted(names, key=lambda n: n != "config.json")  # config.json first: a kill midway leaves no run to resume
 
 
 def claim(out, cfg, *, overwrite=False, resume=False):
@@ -220,20 +253,20 @@ def claim(out, cfg, *, overwrite=False, resume=False):
     if overwrite and resume:
         raise RunFolderError("--overwrite and --resume exclude each other: start afresh or continue, not both")
     os.makedirs(out, exist_ok=True)
+    if overwrite:  # whatever the files hold, a config.json damaged or not: read nothing, remove them
+        for name in _run_files(out):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        return False
     recorded = settings_of(out)
     if recorded is None:
+        stale = _run_files(out)
+        if stale:  # a stale attack checkpoint would otherwise be resumed by an attack of other settings
+            raise RunFolderError(f"{out} holds files of a run ({', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''}) "
+                                 "but no config.json, so not which settings made them; --overwrite removes them, or "
+                                 "choose another --out")
         return False
     wanted = cfg.identity()  # the settings the run reads (tgda_attack.config.identity_of)
-    if overwrite:
-        ranks = [n for n in os.listdir(out) if n.startswith("attack_checkpoint.rank")]  # --dp-mode partitions
-        for name in (*RUN_FILES, *ranks, *_training_checkpoints(out)):
-            path = os.path.join(out, name)
-            if os.path.exists(path):
-                os.remove(path)
-        for name in os.listdir(out):  # the old poisons' defense results (stage_defend's defense_NAME folders)
-            if name.startswith("defense_") and os.path.isdir(os.path.join(out, name)):
-                shutil.rmtree(os.path.join(out, name))
-        return False
     recorded = cfg.identity_of({**cfg.as_recorded(recorded), "attack": recorded.get("attack")})
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     # a setting added to the project after this folder was written, at its default, is the same run (unless its

@@ -222,7 +222,8 @@ def test_figure_4_is_drawn(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--scale", "paper"], "--data-root"), (["--seeds", "0"], "--seeds"), (["--seeds", "5000000000"], "2**32 - 1"),
+    (["--scale", "paper"], "--data-root"), (["--data-root", "/data"], "--data-root is read at --scale paper only"),
+    (["--seeds", "0"], "--seeds"), (["--seeds", "5000000000"], "2**32 - 1"),
     (["--table", "14"], "invalid choice"),
     (["--attacks", "fgsm"], "invalid choice"), (["--device", "tpu"], "device"),
     (["--defenders", "cifar-cnn"], "another dataset"), (["--defenses", "loss"], "defense tables"),
@@ -277,6 +278,13 @@ def test_missing_full_data_stops_the_paper_scale_before_any_run(tmp_path, capsys
     out = tmp_path / "b"
     assert cli.main(["bench", "--table", "5", "--scale", "paper", "--data-root", str(tmp_path), "--out", str(out)]) == 2
     assert "MNIST not found" in capsys.readouterr().err and not out.exists()
+    raw = tmp_path / "MNIST" / "raw"  # files that are there but are not MNIST (a failed download's HTML page)
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_text("<html>not found</html>")
+    assert cli.main(["bench", "--table", "5", "--scale", "paper", "--data-root", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train-images-idx3-ubyte is not an MNIST IDX file" in err and "\n" not in err and not out.exists()
 
 
 def test_set_changes_every_run_and_the_tables_say_so(tmp_path, capsys):

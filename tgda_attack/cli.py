@@ -26,7 +26,7 @@ import torch
 from . import bench, cluster, data_parallel, protocol
 from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, PROTOCOL_HELP, Config, DefenseConfig
 from .defenses import DEFENSES
-from .data import DataNotFoundError, DataTooSmallError
+from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize
 from .report import defense_table, metrics_table, summary_table, tested_defender
 from .rundir import RunFolderError
@@ -130,6 +130,9 @@ def build_parser():
 def _bench(args):
     if args.seeds < 1:
         raise UsageError(f"--seeds is the number of seeds, at least 1; got {args.seeds}")
+    if args.data_root and args.scale != "paper":
+        raise UsageError(f"--data-root is read at --scale paper only; --scale {args.scale} runs on the embedded MNIST "
+                         "sample: drop --data-root, or add --scale paper")
     table = bench.TABLES[args.table]
     if args.jobs < 1 or args.job_minutes < 1 or args.job_gpus < 0:
         raise UsageError("--jobs and --job-minutes must be at least 1, --job-gpus at least 0")
@@ -258,10 +261,12 @@ def busy_cpu_note(threads):
             "threads) avoids that. A seed fixes a run's bits for one thread count.")
 
 
-def _checked_seeds(cfg, seeds):
+def _checked_seeds(cfg, seeds, seed_flag=None):
     """The seeds of a run (--seeds, else the config's), each checked as the config checks its seed, before any runs."""
     if not seeds:
         return [cfg.seed]
+    if seed_flag is not None:
+        raise UsageError(f"--seed {seed_flag} and --seeds {' '.join(map(str, seeds))} both choose the seeds; keep one")
     if len(set(seeds)) < len(seeds):
         raise UsageError(f"--seeds lists a seed twice ({' '.join(map(str, seeds))}); each seed is one run folder")
     for seed in seeds:
@@ -298,7 +303,7 @@ def main(argv=None):
                 data_parallel.init(cfg.device)
                 atexit.register(data_parallel.finish)
                 verbose = verbose and data_parallel.is_main()
-            seeds = _checked_seeds(cfg, args.seeds)
+            seeds = _checked_seeds(cfg, args.seeds, args.seed)
             if args.command == "pretrain":
                 for seed in seeds:
                     out = _seed_folder(args.out, seed, seeds)
@@ -339,8 +344,8 @@ def main(argv=None):
             _print_defense(protocol.stage_defend(args.out, defense, verbose, overwrite=True), args.out)
         return 0
     # FileExistsError ... PermissionError: an --out that is a file, lies in a file or cannot be written
-    except (UsageError, RunFolderError, DataNotFoundError, DataTooSmallError, FileNotFoundError,
-            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+    except (UsageError, RunFolderError, DataNotFoundError, DataUnreadableError, DataTooSmallError,
+            FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         if debug:
             raise
         print(f"tgda-attack: error: {exc}", file=sys.stderr)

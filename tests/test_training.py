@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgda_attack.training import train_classifier
+from tgda_attack.training import TrainingCheckpoint, train_classifier
 
 
 def _problem():
@@ -73,8 +73,43 @@ def test_a_last_step_that_leaves_weights_not_finite_is_refused_too():
     # one step of one epoch: no loss after it is ever computed, so the weights themselves are checked
     torch.manual_seed(0)
     model, x, y = torch.nn.Linear(5, 2), torch.randn(200, 5), torch.randint(0, 2, (200,))
-    with pytest.raises(FloatingPointError, match="weights not finite after the last step"):
+    with pytest.raises(FloatingPointError, match="weights not finite after the epoch's last step"):
         train_classifier(model, x, y, epochs=1, batch_size=200, lr=1e40, seed=0)
+
+
+def test_a_diverged_last_step_keeps_no_checkpoint_a_rerun_would_score(tmp_path):
+    """The last step of the last epoch gives a finite loss and a NaN gradient: the training raises, and no kept file
+    holds its NaN weights (a rerun resumed at the end would have skipped every check and scored them: argmax of NaN
+    is class 0, an "accuracy" of the class-0 share). A file kept so by an older version is refused at its end too."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), (torch.randn(40) > 0).long()
+    steps = {"n": 0}
+
+    def nan_gradient_at_step_4(model, xb, yb):
+        steps["n"] += 1
+        loss = F.cross_entropy(model(xb), yb)
+        w = next(model.parameters())
+        return loss + 0 * torch.sqrt(w - w).sum() if steps["n"] == 4 else loss  # finite value, NaN gradient
+
+    def fresh():
+        torch.manual_seed(1)
+        return torch.nn.Linear(5, 2)
+    kw = dict(epochs=2, batch_size=20, lr=0.1, seed=0)
+    path = str(tmp_path / "kept.pt")
+    with pytest.raises(FloatingPointError, match="in epoch 2 of 2"):  # kept after every epoch (every_s=0)
+        train_classifier(fresh(), x, y, loss_fn=nan_gradient_at_step_4, checkpoint=TrainingCheckpoint(path, 0), **kw)
+    steps["n"] = -100  # the same loss, without the NaN: the rerun resumes epoch 1's file to an undiverged model
+    kept = TrainingCheckpoint(path, 0)
+    again = train_classifier(fresh(), x, y, loss_fn=nan_gradient_at_step_4, checkpoint=kept, **kw)
+    plain = train_classifier(fresh(), x, y, loss_fn=nan_gradient_at_step_4, **kw)
+    assert kept.resumed_at_epoch == 1  # not 2: the diverged epoch was not kept
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), plain.state_dict().values()))
+    state = torch.load(path, weights_only=True)  # now kept at the end: made NaN, as an older version kept a divergence
+    assert state["epoch"] == 2
+    state["model"] = {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}
+    torch.save(state, path)
+    with pytest.raises(FloatingPointError, match="weights not finite after the last step"):
+        train_classifier(fresh(), x, y, loss_fn=nan_gradient_at_step_4, checkpoint=TrainingCheckpoint(path), **kw)
 
 
 def test_a_negative_bound_is_refused():

@@ -242,6 +242,8 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
             last = loss.item()  # one host synchronisation per epoch
             if not math.isfinite(last):
                 raise _diverged(desc, f"loss {last}", epoch, epochs, lr)
+            if not _finite(params):  # the loss comes before the epoch's last step: its weights, before any are kept
+                raise _diverged(desc, "weights not finite after the epoch's last step", epoch, epochs, lr)
             bar.set_postfix(loss=f"{last:.4f}")
             if after_epoch is not None or last_epochs is not None:
                 model.eval()
@@ -254,11 +256,14 @@ def train_classifier(model, x, y, *, epochs, batch_size, lr, seed, verbose=False
                 checkpoint._save(key, epoch + 1, model, generator, seconds_before + time.perf_counter() - start,
                                  x.device, last_epochs)
                 last_kept = time.perf_counter()
-    # the losses checked above come before each epoch's last step: that step's weights are checked here
-    if epochs > first_epoch and not all(bool(torch.isfinite(p).all()) for p in params):
+    if not _finite(params):  # a kept training resumed at its end (kept by an older version, which saved such weights)
         raise _diverged(desc, "weights not finite after the last step", epochs - 1, epochs, lr)
     model.eval()
     return model
+
+
+def _finite(params):
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def _diverged(desc, what, epoch, epochs, lr):

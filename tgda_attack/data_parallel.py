@@ -9,6 +9,7 @@ steps as one process with the whole batch (up to the order of floating-point sum
 (pretraining, retraining) run on rank 0 while the others wait; rank 0 alone writes files. With
 --dp-mode partitions each process instead runs the attack alone on its partition (DP_MODES).
 """
+import datetime
 import os
 
 import torch
@@ -49,6 +50,9 @@ def problem(cfg):
     return None
 
 
+STAGE_TIMEOUT = datetime.timedelta(days=2)  # how long a rank waits in a collective (init's comment says why)
+
+
 def init(device):
     """Joins the torchrun process group (gloo for a CPU device, nccl for cuda, one GPU a process by
     LOCAL_RANK); does nothing outside torchrun or when already joined."""
@@ -57,7 +61,10 @@ def init(device):
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # the other ranks wait in on_main while rank 0 pretrains and retrains (the paper's CNN: an hour and more on a
+    # CPU), longer than the default timeout of a collective (30 minutes for gloo, 10 for NCCL); a rank that fails
+    # says so to the others (on_main), and torchrun stops the others of a killed one, so a long wait is no hang
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=STAGE_TIMEOUT)
 
 
 def on_main(fn, *args, **kwargs):

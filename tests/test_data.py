@@ -102,6 +102,8 @@ def test_a_cifar_batch_of_another_shape_is_a_clear_error(tmp_path):
     (b"not a pickle at all", "not a pickle"),  # each read: its own error, named
     (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]})[:40], "truncated"),
     (pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}), "not 2 images of 3 x 32 x 32"),
+    (pickle.dumps({"data": [[256] * 3072], "labels": [0]}), "not uint8 pixels"),
+    (pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": np.array("x")}), "'labels' not integers"),
 ])
 def test_a_damaged_cifar_batch_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "data_batch_1"
@@ -109,6 +111,24 @@ def test_a_damaged_cifar_batch_is_a_clear_error(tmp_path, content, message):
     with pytest.raises(data.DataUnreadableError, match=message) as err:
         data.read_cifar_batch(str(path))
     assert str(path) in str(err.value)
+
+
+def test_a_cifar_batch_with_any_bytes_changed_is_read_or_named_never_a_traceback(tmp_path):
+    """Random damage (bytes changed, the file cut) in a batch's pickle: DataUnreadableError or the batch, nothing
+    else (these 300 raised UnpicklingError, UnicodeDecodeError, ValueError, AttributeError, TypeError and
+    OverflowError from the unpickler)."""
+    good = pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}, protocol=4)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data_batch_1"
+    for trial in range(300):
+        damaged = bytearray(good)
+        for at in rng.integers(0, 200, 1 + trial % 3):  # in the pickle's structure: its first and last bytes
+            damaged[at if at < 150 else len(good) - (at - 150) - 1] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(damaged[:len(good) - int(rng.integers(0, 2)) * int(rng.integers(1, len(good)))]))
+        try:
+            data.read_cifar_batch(str(path))
+        except data.DataUnreadableError:
+            pass
 
 
 def _write_mnist(raw, n_train=20, n_test=10):

@@ -87,22 +87,40 @@ def _copy(finished_run, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("name, content", [
-    ("metrics.json", "{}"), ("metrics.json", "[1]"), ("pretrain.json", "{}"), ("pretrain.json", "null"),
-])
-def test_resume_over_a_damaged_result_runs_its_stage_again(finished_run, tmp_path, capsys, name, content):
-    """A result file that is JSON but not a result (a hand edit, another program) is not returned as one: --resume
-    runs its stage again (the same seed gives the same numbers), instead of a KeyError at the first number read."""
+@pytest.mark.parametrize("content", ["{}", "[1]"])
+def test_resume_over_a_metrics_json_that_is_no_result_runs_stage_3_again(finished_run, tmp_path, content):
+    """A metrics.json that is JSON but not a result (a hand edit, another program) is not returned as one: --resume
+    retrains stage 3 (the same seed, the same numbers), instead of a KeyError at the first number read."""
     folder = _copy(finished_run, tmp_path)
-    with open(os.path.join(folder, name), "w") as fh:
+    with open(os.path.join(folder, "metrics.json"), "w") as fh:
         fh.write(content)
     assert cli.main([*RUN, "--out", folder, "--resume"]) == 0
-    for result, numbers in (("metrics.json", ("clean_accuracy", "poisoned_accuracy")), ("pretrain.json", ("clean_accuracy",))):
-        with open(os.path.join(finished_run, result)) as fh:
-            before = json.load(fh)
-        with open(os.path.join(folder, result)) as fh:
-            again = json.load(fh)
-        assert [again[k] for k in numbers] == [before[k] for k in numbers]
+    before, again = (json.load(open(os.path.join(f, "metrics.json"))) for f in (finished_run, folder))
+    assert (again["clean_accuracy"], again["poisoned_accuracy"]) == (before["clean_accuracy"], before["poisoned_accuracy"])
+
+
+@pytest.mark.parametrize("content, message", [("{}", "lacks 'clean_accuracy'"), ("null", "does not hold a JSON object")])
+def test_resume_over_a_pretrain_json_that_is_no_result_stops_with_overwrite_advice(finished_run, tmp_path, capsys,
+                                                                                  content, message):
+    """Not stage 1 trained again under the folder's poisons (on another machine or a GPU it trains another model)."""
+    folder = _copy(finished_run, tmp_path)
+    with open(os.path.join(folder, "pretrain.json"), "w") as fh:
+        fh.write(content)
+    assert cli.main([*RUN, "--out", folder, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and f"tgda-attack pretrain --out {folder} --overwrite" in err and "\n" not in err
+    assert cli.main([*RUN, "--out", folder, "--overwrite"]) == 0  # the advice works
+    assert json.load(open(os.path.join(folder, "pretrain.json")))["clean_accuracy"] == \
+        json.load(open(os.path.join(finished_run, "pretrain.json")))["clean_accuracy"]
+
+
+def test_resume_with_other_threads_sets_the_later_stages_threads(finished_run, tmp_path):
+    """threads is not part of a run's identity: --resume --threads N continues the run, and the stages after a kept
+    stage 1 (which read config.json) run with N."""
+    folder = _copy(finished_run, tmp_path)
+    os.remove(os.path.join(folder, "metrics.json"))
+    assert cli.main([*RUN, "--out", folder, "--resume", "--threads", "1"]) == 0
+    assert json.load(open(os.path.join(folder, "config.json")))["threads"] == 1
 
 
 @pytest.mark.parametrize("content", ["[]", "null", "folder"])
@@ -119,9 +137,8 @@ def test_a_config_json_that_holds_no_settings_is_one_line_and_overwrite_replaces
     for argv in ([*RUN, "--out", folder, "--resume"], ["evaluate", "--out", folder, "--quiet"]):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert "config.json" in err and "\n" not in err
-        if content != "folder":
-            assert "does not hold a JSON object" in err
+        assert "config.json" in err and "--overwrite" in err and "\n" not in err
+        assert ("cannot be read (Is a directory)" if content == "folder" else "does not hold a JSON object") in err
     assert cli.main([*RUN, "--out", folder, "--overwrite"]) == 0  # reads nothing it replaces
     assert "clean_accuracy" in json.load(open(os.path.join(folder, "metrics.json")))
 

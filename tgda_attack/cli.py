@@ -128,8 +128,8 @@ def build_parser():
 
 
 def _bench(args):
-    if args.seeds < 1:
-        raise UsageError(f"--seeds is the number of seeds, at least 1; got {args.seeds}")
+    if not 1 <= args.seeds <= 2 ** 32:
+        raise UsageError(f"--seeds is the number of seeds (0 .. K-1, each below 2**32), from 1 to 2**32; got {args.seeds}")
     if args.data_root and args.scale != "paper":
         raise UsageError(f"--data-root is read at --scale paper only; --scale {args.scale} runs on the embedded MNIST "
                          "sample: drop --data-root, or add --scale paper")
@@ -140,7 +140,7 @@ def _bench(args):
         raise UsageError("--jobs and --slurm-partition set how jobs run on a cluster: add --executor local|slurm")
     overrides = _parse_overrides(args.overrides)
     try:
-        bench.plan(table, args.scale, sorted({0, args.seeds - 1}), data_root=args.data_root, device=args.device, defenders=args.defenders,
+        bench.plan(table, args.scale, [0], data_root=args.data_root, device=args.device, defenders=args.defenders,
                    attacks=args.attacks, defenses=args.defenses, overrides=overrides,
                    rows=args.rows)  # every setting checked before a job is submitted
         executor = None

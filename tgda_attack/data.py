@@ -322,7 +322,8 @@ def read_cifar_batch(path):
                                       "batches again") from None
         raise DataUnreadableError(f"{path} is not a CIFAR-10 batch (damaged, truncated or not a pickle: {exc}); "
                                   "fetch the batches again") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError,
+            LookupError) as exc:
         raise DataUnreadableError(f"{path} is not a CIFAR-10 batch (truncated or damaged: {type(exc).__name__}); "
                                   "fetch the batches again") from None
     if not isinstance(batch, dict):
@@ -334,11 +335,12 @@ def read_cifar_batch(path):
         raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: it has no 'data' and 'labels'")
     try:
         images, labels = np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64).reshape(-1)
-        if images.size != len(labels) * 3 * 32 * 32:
-            raise ValueError
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' is not uint8 pixels or its 'labels' "
+                                  "not integers") from None
+    if images.size != len(labels) * 3 * 32 * 32:
         raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' is not {len(labels)} images of "
-                                  "3 x 32 x 32 uint8 pixels, one a label") from None
+                                  "3 x 32 x 32 uint8 pixels, one a label")
     return images.reshape(-1, 3, 32, 32), labels
 
 

@@ -257,16 +257,33 @@ def _to_shared(entry, key, files, out):
     os.replace(tmp, os.path.join(entry, "key.json"))
 
 
-PRETRAIN_RESULT = {"clean_accuracy": (int, float), "pretrain_seconds": (int, float)}  # what later stages read
+def _pretrain_result(out, cfg):
+    """pretrain.json of `out`, checked to hold what the later stages read; RunFolderError (with --overwrite advice:
+    a stage 1 made again would not be the one the folder's poisons were made against) where it does not."""
+    required = {"clean_accuracy": (int, float), "pretrain_seconds": (int, float)}
+    if _transfers(cfg):
+        required["eval_clean_accuracy"] = (int, float)
+    return read_json_object(os.path.join(out, "pretrain.json"), required)
 
 
-def _kept_pretraining(out):
-    """pretrain.json of a finished stage 1, or None where it is damaged (stage 1 then runs again: the same seed trains
-    the same models, so what the later stages made of them stays valid)."""
+def _shared_copy(entry, key, files, out, cfg):
+    """pretrain.json of the stage 1 copied from the shared `entry` into `out` (_from_shared), or None where the entry
+    holds none, or holds a damaged one (stage 1 is then trained here, as without one)."""
+    if not _from_shared(entry, key, files, out):
+        return None
     try:
-        return read_json_object(os.path.join(out, "pretrain.json"), PRETRAIN_RESULT)
+        return _pretrain_result(out, cfg)
     except RunFolderError:
         return None
+
+
+def _kept_threads(out, cfg):
+    """Records `cfg`'s thread count in the config.json of the run it resumes (not part of a run's identity): the
+    stages after a kept stage 1 read their threads from there, so --resume --threads N sets them."""
+    path = os.path.join(out, "config.json")
+    recorded = read_json_object(path, {})
+    if recorded.get("threads") != cfg.threads:
+        write_json(path, {**recorded, "threads": cfg.threads})
 
 
 def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, shared=None):
@@ -284,16 +301,16 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     ATTACKS[cfg.attack].check_data(cfg, len(splits.y_train), len(attacker_validation(cfg, splits)[1]))  # no folder yet
     _check_poison_budget(cfg, len(splits.y_train))
     if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
-        kept = _kept_pretraining(out)
-        if kept is not None:
-            remove_training_checkpoints(out, "pretrain")
-            return kept
+        kept = _pretrain_result(out, cfg)
+        _kept_threads(out, cfg)
+        remove_training_checkpoints(out, "pretrain")
+        return kept
     write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "split": splits.summary()})
     if shared is not None:
         key = pretrain_key(cfg)
         entry = _shared_entry(shared, key)
-        copied = _kept_pretraining(out) if _from_shared(entry, key, done, out) else None
-        if copied is not None:  # (a damaged copy is trained again here)
+        copied = _shared_copy(entry, key, done, out, cfg)
+        if copied is not None:
             result = {**copied, "pretrained_in": entry}
             result.pop("shared_as", None)  # the mark of the run that trained it, not of its copies
             write_json(os.path.join(out, "pretrain.json"), result)
@@ -471,7 +488,7 @@ def stage_evaluate(out, verbose=False):
     check_writable(out)
     cfg = _config_from(out)
     use_threads(cfg)
-    pre = read_json_object(os.path.join(out, "pretrain.json"), PRETRAIN_RESULT)
+    pre = _pretrain_result(out, cfg)
     att = read_json_object(os.path.join(out, "attack.json"), {"attack_seconds": (int, float)})  # before any work
     splits = load_splits(cfg)
     poisons = _read_poisons(out, cfg, splits)
@@ -770,7 +787,6 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     defense settings stops with RunFolderError unless `overwrite`; with `resume`, results of the same
     settings are returned as they are."""
     need(out, "config.json", "pretrain.json", "attack.json", "poisons.pt", "metrics.json", "defender_poisoned.pt")
-    check_writable(out)
     dcfg = dcfg.checked()
     defense = DEFENSES[dcfg.defense].from_config(dcfg)  # its own checks, before any work
     folder = os.path.join(out, f"defense_{dcfg.defense}")
@@ -787,6 +803,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
             raise OtherSettingsError(f"{folder} holds results of defense settings {recorded.get('defense_settings')}; "
                                      "--resume keeps results of the same settings, --overwrite replaces them",
                                      f"defense settings {recorded.get('defense_settings')} -> {dcfg.own_settings()}")
+    check_writable(out)  # after the kept results above: reading them from a read-only folder writes nothing
     cfg = _config_from(out)
     use_threads(cfg)
     undefended = read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),

@@ -232,7 +232,10 @@ def settings_of(out):
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return None
-    values = read_json_object(path, {})
+    try:
+        values = read_json_object(path, {})
+    except OSError as exc:  # a folder of that name, a file that cannot be read
+        raise _unreadable(path, f"cannot be read ({exc.strerror or exc})") from None
     values.pop("split", None)
     return values
 
@@ -247,7 +250,8 @@ def _run_files(out):
 def claim(out, cfg, *, overwrite=False, resume=False):
     """Makes `out` the folder of the run with settings `cfg` (resolved), or raises RunFolderError.
 
-    A folder without config.json is claimed as it is. With another run's config.json: `overwrite`
+    A folder without config.json is claimed as it is, unless it holds run files (whose settings are then unknown:
+    RunFolderError unless `overwrite`). With another run's config.json: `overwrite`
     deletes that run's files, `resume` requires the same settings, neither stops with a message.
     Returns True when the folder already held this run (its finished stages can be skipped)."""
     if overwrite and resume:

@@ -340,12 +340,17 @@ def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
 def test_a_config_folder_or_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "run"), "--config", str(tmp_path)]) == 2
     assert "is a folder, not a file" in capsys.readouterr().err
+    assert cli.main(["run", "--out", str(tmp_path / "run"), "--config", os.devnull]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
     afile = tmp_path / "afile"
     afile.write_text("x")
     for out in (afile, afile / "run"):  # --out a file, or a folder inside one
         assert cli.main(["run", "--out", str(out), *TINY_FLAGS]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("tgda-attack: error:") and "\n" not in err
+    for command in ("attack", "evaluate"):  # the later stages pointed at a file
+        assert cli.main([command, "--out", str(afile)]) == 2
+        assert "is a file, not a run folder" in capsys.readouterr().err
     assert afile.read_text() == "x"
 
 

@@ -189,7 +189,9 @@ def _parse_overrides(items):
 
 def _read_config_file(path):
     if not os.path.isfile(path):
-        raise UsageError(f"config file {path} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
+        what = ("is a folder, not a file" if os.path.isdir(path) else "is not a regular file (a device, a pipe)"
+                if os.path.exists(path) else "does not exist")
+        raise UsageError(f"config file {path} {what}")
     with open(path, "rb") as fh:
         try:
             values = tomllib.load(fh) if path.endswith(".toml") else json.load(fh)

@@ -180,6 +180,8 @@ def check_writable(folder):
 
 
 def need(out, *names):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file, not a run folder; give the folder a run wrote")
     missing = [n for n in names if not os.path.exists(os.path.join(out, n))]
     if missing:
         raise FileNotFoundError(f"{out} lacks {', '.join(missing)}: run the earlier stage(s) into this folder first "

@@ -26,7 +26,8 @@ values computed are the same up to the summation order of the convolutions.
 Resuming: a training given a TrainingCheckpoint keeps its progress in a file (the weights, the shuffle's and
 torch's random states after the last finished epoch, every `every_s` seconds and at its end); called again
 with the same arguments it continues from there and ends at the same weights, bit for bit, as one that was
-never stopped. The paper's CNN trains for an hour on a 2-core CPU; a kill in its 90th epoch costs one minute.
+never stopped (on a CPU; on a GPU only where its kernels are deterministic: torch does not make a convolution's
+backward pass so unless told to, so a CNN on a GPU ends near, not at, them). The paper's CNN trains for an hour on a 2-core CPU; a kill in its 90th epoch costs one minute.
 """
 import contextlib
 import hashlib

@@ -119,7 +119,7 @@ at::Tensor row_dot_cuda(const at::Tensor& a, const at::Tensor& b) {
   const auto layout = check_row_dot_args(a, b);
   const c10::cuda::CUDAGuard guard(a.device());
   auto out = new_row_scalars(a);
-  if (layout.n == 0) return out.zero_();
+  if (layout.n == 0 || layout.rows == 0) return out.zero_();  // row_grid divides by the rows
   const dim3 grid = row_grid(layout);
   auto partial = at::empty({layout.rows, (int64_t)grid.x}, a.options().dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -137,7 +137,7 @@ at::Tensor cg_step_cuda(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const
   const auto layout = check_cg_step_args(x, r, p, q, num, den, active);
   const c10::cuda::CUDAGuard guard(x.device());
   auto rr = new_row_scalars(x);
-  if (layout.n == 0) return rr.zero_();
+  if (layout.n == 0 || layout.rows == 0) return rr.zero_();
   const dim3 grid = row_grid(layout);
   auto partial = at::empty({layout.rows, (int64_t)grid.x}, x.options().dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -156,7 +156,7 @@ void cg_direction_cuda(at::Tensor& p, const at::Tensor& z, const at::Tensor& num
                        const at::Tensor& active) {
   const auto layout = check_cg_direction_args(p, z, num_new, num_old, active);
   const c10::cuda::CUDAGuard guard(p.device());
-  if (layout.n == 0) return;
+  if (layout.n == 0 || layout.rows == 0) return;
   const dim3 grid = row_grid(layout);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "cg_direction_cuda", [&] {

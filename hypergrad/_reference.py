@@ -100,6 +100,7 @@ def cg_track(den, rr, tol2, active, iterations, negative):
 # The structured Hessian-vector product of csrc/mlp_hvp.cpp (Pearlmutter's R-operator for a chain
 # of linear layers and one pointwise activation under the mean softmax cross-entropy) and its pieces.
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")
+CURVED_ACTIVATIONS = ("tanh", "sigmoid")  # the others are piecewise linear: sigma'' = 0
 
 
 def activation_derivatives(z, activation, negative_slope):
@@ -126,8 +127,11 @@ def activation_jvp(z, rz, activation, negative_slope=0.0):
 
 
 def activation_hvp_backward(z, rz, grad_a, r_grad_a, activation, negative_slope=0.0):
-    """sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a."""
+    """sigma''(z) * rz * grad_a + sigma'(z) * r_grad_a; for a piecewise-linear sigma (sigma'' = 0) rz and grad_a are not
+    read, as autograd's double backward does not (an inf in them leaves the result finite, not 0 * inf = nan)."""
     first, second = activation_derivatives(z, activation, negative_slope)
+    if activation not in CURVED_ACTIVATIONS:
+        return first * r_grad_a
     return second * rz * grad_a + first * r_grad_a
 
 

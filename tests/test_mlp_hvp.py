@@ -107,6 +107,22 @@ def test_pointwise_pieces_match_autograd_derivatives(activation, shape, dtype, d
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu"])
+def test_a_piecewise_linear_activation_does_not_read_its_zero_curvature_term(activation, device, backend):
+    """sigma'' = 0: an inf in R z or grad_a (a diverging direction) leaves the product finite, as in autograd's double
+    backward, on every backend (the CPU kernel skipped the term; the twin and the CUDA kernel made 0 * inf = nan)."""
+    z = torch.tensor([[-1.0, 2.0, 0.5]], device=device)
+    rz = torch.tensor([[[float("inf"), 1.0, -float("inf")]]], device=device)
+    grad_a, rg = torch.full_like(z, float("inf")), torch.ones_like(rz)
+    first, _ = _autograd_derivatives(activation, z)  # autograd: no second-derivative term at all (see its oracle)
+    slope = 0.2 if activation == "leaky_relu" else 0.0
+    with hypergrad.use_extension(backend):
+        got = _ops.activation_hvp_backward(z, rz, grad_a, rg, activation, slope)
+    torch.testing.assert_close(got, first * rg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_piece_matches_the_dense_softmax_hessian(dtype, device, backend):
     g = torch.Generator().manual_seed(0)

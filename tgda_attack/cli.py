@@ -29,7 +29,7 @@ from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize
 from .report import defense_table, metrics_table, summary_table, tested_defender
-from .rundir import RunFolderError
+from .rundir import RunFolderError, claimable
 
 
 class UsageError(Exception):
@@ -306,6 +306,9 @@ def main(argv=None):
                 atexit.register(data_parallel.finish)
                 verbose = verbose and data_parallel.is_main()
             seeds = _checked_seeds(cfg, args.seeds, args.seed)
+            for seed in seeds:  # every seed's folder before the first seed's work
+                claimable(_seed_folder(args.out, seed, seeds), dataclasses.replace(cfg, seed=seed),
+                          overwrite=args.overwrite, resume=args.resume)
             if args.command == "pretrain":
                 for seed in seeds:
                     out = _seed_folder(args.out, seed, seeds)

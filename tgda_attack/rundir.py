@@ -256,13 +256,21 @@ def claim(out, cfg, *, overwrite=False, resume=False):
     RunFolderError unless `overwrite`). With another run's config.json: `overwrite`
     deletes that run's files, `resume` requires the same settings, neither stops with a message.
     Returns True when the folder already held this run (its finished stages can be skipped)."""
-    if overwrite and resume:
-        raise RunFolderError("--overwrite and --resume exclude each other: start afresh or continue, not both")
+    held = claimable(out, cfg, overwrite=overwrite, resume=resume)
     os.makedirs(out, exist_ok=True)
     if overwrite:  # whatever the files hold, a config.json damaged or not: read nothing, remove them
         for name in _run_files(out):
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return held
+
+
+def claimable(out, cfg, *, overwrite=False, resume=False):
+    """What claim(out, cfg, ...) would return, or the RunFolderError it would raise, without changing anything (the
+    command line checks every seed's folder so before the first seed's work)."""
+    if overwrite and resume:
+        raise RunFolderError("--overwrite and --resume exclude each other: start afresh or continue, not both")
+    if overwrite or not os.path.isdir(out):
         return False
     recorded = settings_of(out)
     if recorded is None:

@@ -143,7 +143,8 @@ def test_the_defended_model_is_trained_on_the_kept_points(label_flip_run):
 
 def test_defense_results_of_other_settings_are_not_silently_reused(label_flip_run):
     protocol.stage_defend(label_flip_run, DefenseConfig(defense="slab"), overwrite=True)
-    with pytest.raises(protocol.RunFolderError, match="--overwrite"):
+    with pytest.raises(protocol.RunFolderError, match=f"`tgda-attack evaluate --out {label_flip_run} --defense slab ...` "
+                                                     "replaces them"):  # not run --overwrite, which redoes the run
         protocol.stage_defend(label_flip_run, DefenseConfig(defense="slab", defense_fraction=0.05), resume=True)
     again = protocol.stage_defend(label_flip_run, DefenseConfig(defense="slab"), resume=True)
     assert again["defense_settings"] == {"defense_fraction": 0.03}

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -352,6 +353,40 @@ def test_a_config_folder_or_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
         assert cli.main([command, "--out", str(afile)]) == 2
         assert "is a file, not a run folder" in capsys.readouterr().err
     assert afile.read_text() == "x"
+
+
+def test_every_seed_folder_is_checked_before_the_first_seeds_work(tmp_path, capsys):
+    out = tmp_path / "m"
+    flags = ["--attack", "label-flip", *TINY_FLAGS]
+    assert cli.main(["run", *flags, "--epsilon", "0.05", "--out", str(out / "seed_1")]) == 0  # another run in seed_1
+    capsys.readouterr()
+    assert cli.main(["run", *flags, "--seeds", "0", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "seed_1 already holds a run" in err and "\n" not in err
+    assert not (out / "seed_0").exists()  # seed 0 was not run first
+
+
+def test_a_stage_1_file_removed_under_later_stages_is_not_trained_again_silently(tmp_path, capsys):
+    """Stage 1 trained again (another machine, a GPU) need not be the model the folder's poisons were made against."""
+    out = str(tmp_path / "r")
+    flags = ["--attack", "label-flip", *TINY_FLAGS, "--out", out]
+    assert cli.main(["run", *flags]) == 0
+    os.remove(os.path.join(out, "defender_pretrained.pt"))
+    capsys.readouterr()
+    assert cli.main(["run", *flags, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lacks defender_pretrained.pt of stage 1 but holds attack.json, poisons.pt" in err and "--overwrite" in err
+    assert cli.main(["run", *flags, "--overwrite"]) == 0  # the advice works
+
+
+def test_a_poisons_file_of_another_run_is_refused_by_evaluate(tmp_path, capsys):
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    for out, eps in zip(runs, ("0.03", "0.05")):
+        assert cli.main(["run", "--attack", "label-flip", *TINY_FLAGS, "--epsilon", eps, "--out", out]) == 0
+    shutil.copy(os.path.join(runs[1], "poisons.pt"), os.path.join(runs[0], "poisons.pt"))
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--out", runs[0]]) == 2
+    assert "holds 140 poisons where the attack.json written with it says 84" in capsys.readouterr().err
 
 
 def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed_unless_its_poisons_were_damaged(

@@ -300,11 +300,18 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     splits = load_splits(cfg)
     ATTACKS[cfg.attack].check_data(cfg, len(splits.y_train), len(attacker_validation(cfg, splits)[1]))  # no folder yet
     _check_poison_budget(cfg, len(splits.y_train))
-    if claim(out, cfg, overwrite=overwrite, resume=resume) and all(os.path.exists(os.path.join(out, n)) for n in done):
-        kept = _pretrain_result(out, cfg)
-        _kept_threads(out, cfg)
-        remove_training_checkpoints(out, "pretrain")
-        return kept
+    if claim(out, cfg, overwrite=overwrite, resume=resume):
+        if all(os.path.exists(os.path.join(out, n)) for n in done):
+            kept = _pretrain_result(out, cfg)
+            _kept_threads(out, cfg)
+            remove_training_checkpoints(out, "pretrain")
+            return kept
+        later = [n for n in ("attack.json", "poisons.pt", "attack_checkpoint.pt") if os.path.exists(os.path.join(out, n))]
+        if later:  # stage 1 trained again (another machine, a GPU) need not be the model these were made against
+            missing = [n for n in done if not os.path.exists(os.path.join(out, n))]
+            raise RunFolderError(f"{out} lacks {', '.join(missing)} of stage 1 but holds {', '.join(later)}, made from "
+                                 f"it; rerun `tgda-attack pretrain --out {out} --overwrite` with the run's settings (or "
+                                 "`tgda-attack run ... --overwrite`) to make the run again from stage 1")
     write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "split": splits.summary()})
     if shared is not None:
         key = pretrain_key(cfg)
@@ -492,6 +499,10 @@ def stage_evaluate(out, verbose=False):
     att = read_json_object(os.path.join(out, "attack.json"), {"attack_seconds": (int, float)})  # before any work
     splits = load_splits(cfg)
     poisons = _read_poisons(out, cfg, splits)
+    if isinstance(att.get("n_poison"), int) and att["n_poison"] != len(poisons["y_poison"]):
+        raise RunFolderError(f"{os.path.join(out, 'poisons.pt')} holds {len(poisons['y_poison'])} poisons where the "
+                             f"attack.json written with it says {att['n_poison']}: a file of another run; rerun "
+                             f"`tgda-attack attack --out {out}` to make this run's")
     x_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg))
     y_p = poisons["y_poison"].to(cfg.device)
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
@@ -801,7 +812,8 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
             return recorded
         if not overwrite:
             raise OtherSettingsError(f"{folder} holds results of defense settings {recorded.get('defense_settings')}; "
-                                     "--resume keeps results of the same settings, --overwrite replaces them",
+                                     f"`tgda-attack evaluate --out {out} --defense {dcfg.defense} ...` replaces them "
+                                     "(keeping the run's stages 1-3), --resume keeps results of the same settings",
                                      f"defense settings {recorded.get('defense_settings')} -> {dcfg.own_settings()}")
     check_writable(out)  # after the kept results above: reading them from a read-only folder writes nothing
     cfg = _config_from(out)

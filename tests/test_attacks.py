@@ -113,6 +113,12 @@ def test_a_checkpoint_is_resumed_only_by_the_settings_that_wrote_it(tmp_path):
     with pytest.raises(RunFolderError, match="alpha"):
         _attack(defender, attacker, epochs=1, alpha=0.5, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
     _attack(defender, attacker, epochs=1, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)  # the same: resumed
+    # the same settings from another starting point (another pretraining, another split of the data): refused
+    _, _, _, _, other_defender, _ = _tiny(seed=3)
+    with pytest.raises(RunFolderError, match="start \\(the pretrained models or the data"):
+        _attack(other_defender, attacker, epochs=1, checkpoint=ckpt).poison(x, y, x_val=xv, y_val=yv)
+    with pytest.raises(RunFolderError, match="start \\(the pretrained models or the data"):
+        _attack(defender, attacker, epochs=1, checkpoint=ckpt).poison(x, y, x_val=xv[1:], y_val=yv[1:])
 
 
 def test_a_crafted_or_foreign_checkpoint_is_refused_with_one_message(tmp_path):

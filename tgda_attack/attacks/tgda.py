@@ -56,6 +56,7 @@ run's beta, shared with TGDA's gradient step (0.05 on mnist-sample); a Newton st
 by the curvature, so beta = 1 is its natural value (eq. 51's eta), to be set explicitly.
 """
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -254,6 +255,7 @@ class TGDAAttack(PoisoningAttack):
         attacker.to(ref.device, ref.dtype)
         theta = [p for p in attacker.parameters() if p.requires_grad]
 
+        self._start = _digest(defender, attacker, x, y, x_val, y_val)  # what a kept checkpoint must have started from
         start_epoch, start_batch, partial = self._resume(defender, attacker)
         n_batches = math.ceil(len(y) / self.batch_size)
         rank, world = (data_parallel.rank(), data_parallel.world_size()) if self.data_parallel else (0, 1)
@@ -413,10 +415,13 @@ class TGDAAttack(PoisoningAttack):
         if not self.checkpoint or not os.path.exists(self.checkpoint):
             return 0, 0, ([], 0.0)
         state = load_state(self.checkpoint, {"epoch": int, "defender": dict, "attacker": dict, "history": list})
-        recorded = state.get("settings")
-        if recorded is not None and recorded != self._settings():
-            changed = sorted(k for k in self._settings() if recorded.get(k) != self._settings()[k])
-            raise RunFolderError(f"{self.checkpoint} was written by an attack with other settings ({', '.join(changed)}); "
+        recorded, settings = state.get("settings"), self._settings()
+        if isinstance(recorded, dict) and "start" not in recorded:  # written before the start was recorded
+            settings.pop("start")
+        if recorded is not None and recorded != settings:
+            changed = sorted(k for k in settings if not isinstance(recorded, dict) or recorded.get(k) != settings[k])
+            named = [k if k != "start" else "start (the pretrained models or the data it began from)" for k in changed]
+            raise RunFolderError(f"{self.checkpoint} was written by an attack with other settings ({', '.join(named)}); "
                                  "it is resumed only by the settings that wrote it: remove it to start afresh")
         try:
             defender.load_state_dict(state["defender"])
@@ -439,6 +444,7 @@ class TGDAAttack(PoisoningAttack):
                 "solver": repr(self.solver_), "warm_start": self.warm_start, "leader": self.leader,
                 "formulation": self.formulation, "game_solver": self.game_solver, "init": self.init, "seed": self.seed,
                 "pixel_range": list(self.pixel_range), "attacker": "pixels" if self.attacker is None else "network",
+                "start": getattr(self, "_start", None),
                 **({} if self.feasible_set == "box" else {"feasible_set": self.feasible_set,
                                                           "feasible_quantile": self.feasible_quantile})}
 
@@ -451,6 +457,17 @@ class TGDAAttack(PoisoningAttack):
                      "defender": defender.state_dict(), "attacker": attacker.state_dict(),
                      "history": self.history, "partial_stats": list(partial[0]), "partial_seconds": partial[1]},
                     self.checkpoint)  # never a half-written checkpoint
+
+
+def _digest(*parts):
+    """sha256 (hex) of tensors and modules' weights: bytes, dtypes and shapes (the attack's starting point)."""
+    h = hashlib.sha256()
+    for part in parts:
+        for t in (part.state_dict().values() if isinstance(part, torch.nn.Module) else [part]):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class _StopSignals:

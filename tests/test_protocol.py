@@ -314,7 +314,9 @@ def test_diverging_training_is_an_error():
     (["--attack", "label-flip", "--flip-pool", "test"], "invalid choice"),
     (["--attack", "label-flip", "--flip-pool", "val", "--epsilon", "0.5"], "--epsilon <= 0.429"),
     (["--attack", "label-flip", "--flip-pool", "val", "--perfect-knowledge"], "would take the poisons from D_test"),
-    (["--epsilon", "0.0001"], "makes no poison"), (["--seeds", "0", "1", "--seed", "5"], "both choose the seeds"),
+    (["--epsilon", "0.0001"], "makes no poison"), (["--pretrain-epochs", "0"], "pretrain-epochs must be >= 1"),
+    (["--attack-epochs", "0"], "would not move its poisons"), (["--leader-steps", "0"], "would not move its poisons"),
+    (["--solver-iterations", "0"], "implicit term alone"), (["--seeds", "0", "1", "--seed", "5"], "both choose the seeds"),
 ])
 def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -82,10 +82,11 @@ CHOICES = {
     "leader": LEADERS, "formulation": FORMULATIONS, "dtype": DTYPES,
     **{s.name: s.check for s in ATTACK_SETTINGS if isinstance(s.check, tuple)},
 }
-NON_NEGATIVE_INTS = ("pretrain_epochs", "attacker_epochs", "attack_epochs", "leader_steps", "follower_steps",
+NON_NEGATIVE_INTS = ("attacker_epochs", "attack_epochs", "leader_steps", "follower_steps",
                      "solver_iterations", "threads")
 SEEDS = ("seed", "split_seed")  # torch's generators take 0 .. 2**64 - 1 and wrap negatives onto its top end
-POSITIVE_INTS = ("pretrain_batch_size", "attacker_batch_size", "attack_batch_size", "retrainings")
+POSITIVE_INTS = ("pretrain_epochs",  # 0: a defender at chance, and no retraining to measure a drop on
+                 "pretrain_batch_size", "attacker_batch_size", "attack_batch_size", "retrainings")
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
 MAX_THREADS = 1024  # torch.set_num_threads: 10,000 hung and 100,000 crashed (segfault) on a 2-core machine
 

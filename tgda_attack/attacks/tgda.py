@@ -207,6 +207,12 @@ class TGDAAttack(PoisoningAttack):
 
     @classmethod
     def check_config(cls, cfg):
+        idle = [f"--{name.replace('_', '-')} 0" for name in ("attack_epochs", "leader_steps") if getattr(cfg, name) == 0]
+        if cfg.leader == "attacker" and cfg.solver_iterations == 0:
+            idle.append("--solver-iterations 0 (the attacker-led game's leader gradient is the implicit term alone)")
+        if idle:  # the Python API keeps them, for ablations; a run under TGDA's name would report D_p^0 as its poisons
+            raise ValueError(f"{', '.join(idle)}: the attack would not move its poisons from D_p^0, and the run would "
+                             "report them as TGDA's; give it at least one epoch, leader step and solver iteration")
         if cfg.game_solver != "tgda" and cfg.leader != "attacker":
             raise ValueError(f"game-solver {cfg.game_solver} needs --leader attacker (Appendix C defines it so)")
         if cfg.game_solver == "fr" and cfg.warm_start != "partial":

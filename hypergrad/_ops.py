@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import _reference
+from . import _reference, _toolchain
 
 try:
     from . import _C  # loading the library registers torch.ops.hypergrad.*
@@ -50,7 +50,17 @@ CUDA_MISMATCH = cuda_major_mismatch(_C.compiled_cuda_version(), torch.version.cu
 if CUDA_MISMATCH:
     warnings.warn(CUDA_MISMATCH, RuntimeWarning, stacklevel=2)
 
-_enabled = os.environ.get("HYPERGRAD_DISABLE_EXTENSION", "0") not in ("1", "true", "yes")
+def _disabled_by_environment(environ):
+    """HYPERGRAD_DISABLE_EXTENSION read as the build switches are (1/0, yes/no, true/false, on/off, any case; empty:
+    off); another value warns and leaves the kernels on."""
+    try:
+        return _toolchain.switch(environ, "HYPERGRAD_DISABLE_EXTENSION")
+    except ValueError as exc:
+        warnings.warn(f"{exc}; the compiled kernels stay on", RuntimeWarning, stacklevel=3)
+        return False
+
+
+_enabled = not _disabled_by_environment(os.environ)
 
 
 def has_extension():

@@ -198,8 +198,19 @@ def test_routing_follows_use_extension():
     with hypergrad.use_extension(False):
         assert not hypergrad.has_extension()
         torch.testing.assert_close(_ops.row_dot(a, a), (a.double() ** 2).sum(-1))
-    disabled = os.environ.get("HYPERGRAD_DISABLE_EXTENSION", "0") in ("1", "true", "yes")
+    disabled = _ops._disabled_by_environment(os.environ)
     assert hypergrad.has_extension() == (hypergrad.build_info()["extension_loaded"] and not disabled)
+
+
+@pytest.mark.parametrize("value, disabled", [("1", True), ("TRUE", True), ("on", True), ("yes", True), ("0", False),
+                                             ("Off", False), ("", False), ("maybe", None)])
+def test_the_disable_switch_reads_as_the_build_switches_do(value, disabled):
+    if disabled is None:  # not a yes/no: a warning, the kernels stay on
+        with pytest.warns(RuntimeWarning, match="HYPERGRAD_DISABLE_EXTENSION"):
+            assert _ops._disabled_by_environment({"HYPERGRAD_DISABLE_EXTENSION": value}) is False
+    else:
+        assert _ops._disabled_by_environment({"HYPERGRAD_DISABLE_EXTENSION": value}) is disabled
+    assert _ops._disabled_by_environment({}) is False
 
 
 @pytest.mark.skipif(os.environ.get("HYPERGRAD_REQUIRE_EXTENSION") != "1", reason="HYPERGRAD_REQUIRE_EXTENSION is not set")

@@ -101,6 +101,7 @@ def test_torchrun_writes_the_poisons_of_a_one_process_run(tmp_path):
 
 def test_settings_torchrun_cannot_spread_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as torchrun sets it
     assert cli.main(["run", "--attack", "label-flip", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert "one process" in err and "--dp-mode partitions" in err and "\n" not in err and not (tmp_path / "r").exists()
@@ -172,3 +173,11 @@ def test_label_flip_runs_as_partitions(tmp_path, capsys):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.load(os.path.join(out, "poisons.pt"), weights_only=True)["y_poison"].numel() == 84  # 42 + 42
+
+
+@pytest.mark.parametrize("world_size", ["2", "abc"])
+def test_a_world_size_left_in_the_environment_is_not_a_torchrun_launch(world_size, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert not data_parallel.launched()
+    assert cli.main(["run", "--attack", "label-flip", "--pretrain-epochs", "1", "--quiet", "--out", str(tmp_path)]) == 0

@@ -34,8 +34,13 @@ def is_main():
 
 
 def launched():
-    """Whether this process was started by torchrun with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process was started by torchrun with more than one process: WORLD_SIZE > 1 beside the
+    MASTER_ADDR torchrun sets (a WORLD_SIZE left in a shell's environment, or not a number, is no launch)."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    return size > 1 and "MASTER_ADDR" in os.environ
 
 
 def problem(cfg):

@@ -84,12 +84,18 @@ def _memory_layout(model, layout):
         model.to(memory_format=torch.contiguous_format)
 
 
-def _tensor_digest(t):
+def tensor_digest(t):
     """sha256 of a tensor's values, shape and dtype (its bytes in the default layout, on the CPU; 0-dim tensors,
     such as BatchNorm's batch counters, included)."""
     digest = hashlib.sha256(f"{list(t.shape)}:{t.dtype}:".encode())
     digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def weights_digest(model):
+    """sha256 of a module's state (tensor_digest of each entry, with its name)."""
+    return hashlib.sha256("".join(f"{name}:{tensor_digest(t)};" for name, t in model.state_dict().items())
+                          .encode()).hexdigest()
 
 
 class LastEpochs:
@@ -178,9 +184,7 @@ def _training_key(model, x, y, epochs, batch_size, lr, seed, max_grad_norm, loss
     """What a kept training must agree on to be continued (a JSON string)."""
     return json.dumps({
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "max_grad_norm": float(max_grad_norm),
-        "x": _tensor_digest(x), "y": _tensor_digest(y),
-        "initial_weights": hashlib.sha256("".join(f"{name}:{_tensor_digest(t)};" for name, t in
-                                                  model.state_dict().items()).encode()).hexdigest(),
+        "x": tensor_digest(x), "y": tensor_digest(y), "initial_weights": weights_digest(model),
         "model": repr(model), "loss": f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', loss_fn)}",
         "layout": str(layout), "device": str(x.device), "threads": torch.get_num_threads(),
         "torch": torch.__version__}, sort_keys=True)

@@ -56,7 +56,6 @@ run's beta, shared with TGDA's gradient step (0.05 on mnist-sample); a Newton st
 by the curvature, so beta = 1 is its natural value (eq. 51's eta), to be set explicitly.
 """
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -73,6 +72,7 @@ from hypergrad.distributed import strided_shard
 from .. import data_parallel
 from ..progress import progress_bar
 from ..rundir import RunFolderError, load_state, save_atomic
+from ..training import tensor_digest, weights_digest
 from .base import PoisoningAttack, Setting
 from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
 
@@ -261,7 +261,8 @@ class TGDAAttack(PoisoningAttack):
         attacker.to(ref.device, ref.dtype)
         theta = [p for p in attacker.parameters() if p.requires_grad]
 
-        self._start = _digest(defender, attacker, x, y, x_val, y_val)  # what a kept checkpoint must have started from
+        self._start = [weights_digest(defender), weights_digest(attacker),  # what a kept checkpoint started from
+                       *(tensor_digest(t) for t in (x, y, x_val, y_val))]
         start_epoch, start_batch, partial = self._resume(defender, attacker)
         n_batches = math.ceil(len(y) / self.batch_size)
         rank, world = (data_parallel.rank(), data_parallel.world_size()) if self.data_parallel else (0, 1)
@@ -463,17 +464,6 @@ class TGDAAttack(PoisoningAttack):
                      "defender": defender.state_dict(), "attacker": attacker.state_dict(),
                      "history": self.history, "partial_stats": list(partial[0]), "partial_seconds": partial[1]},
                     self.checkpoint)  # never a half-written checkpoint
-
-
-def _digest(*parts):
-    """sha256 (hex) of tensors and modules' weights: bytes, dtypes and shapes (the attack's starting point)."""
-    h = hashlib.sha256()
-    for part in parts:
-        for t in (part.state_dict().values() if isinstance(part, torch.nn.Module) else [part]):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{t.dtype} {tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class _StopSignals:

@@ -220,7 +220,7 @@ def check_readable(name, root):
     check_available(name, root)
     if name == "mnist":
         raw = os.path.join(root, "MNIST", "raw")
-        _unpack_gzipped(raw, MNIST_FILES)
+        _unpack_gzipped(raw, MNIST_FILES)  # torchvision reads the IDX files themselves, not their .gz
         _check_mnist_files(raw)
     elif name == "cifar10":
         for f in CIFAR_FILES:
@@ -285,9 +285,7 @@ def load_mnist(root, download=False, seed=0, val_fraction=VAL_FRACTION):
 
     raw = os.path.join(root, "MNIST", "raw")
     if not download:
-        check_available("mnist", root)
-        _unpack_gzipped(raw, MNIST_FILES)  # torchvision reads the IDX files themselves, not their .gz
-        _check_mnist_files(raw)  # torchvision asserts on a damaged file (a traceback without the file's name)
+        check_readable("mnist", root)  # unpacks .gz files; names a damaged file (torchvision would only assert)
     train = torchvision.datasets.MNIST(root, train=True, download=download)
     test = torchvision.datasets.MNIST(root, train=False, download=download)
     splits = from_tensors("mnist", _scale_uint8(train.data.unsqueeze(1)), train.targets,

@@ -51,7 +51,7 @@ from .models import make_attacker, make_defender
 from .progress import progress_bar
 from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, check_writable, claim, clear_defenses,
                      clear_evaluation, copy_atomic, load_state, load_weights, need, read_json, read_json_object,
-                     remove_training_checkpoints, save_atomic, settings_of, write_json)
+                     redo_from_stage_1, remove_training_checkpoints, save_atomic, settings_of, write_json)
 from .training import LastEpochs, TrainingCheckpoint, accuracy, pretrain_attacker, train_classifier, training_layout
 
 logger = logging.getLogger(__name__)
@@ -301,17 +301,17 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     ATTACKS[cfg.attack].check_data(cfg, len(splits.y_train), len(attacker_validation(cfg, splits)[1]))  # no folder yet
     _check_poison_budget(cfg, len(splits.y_train))
     if claim(out, cfg, overwrite=overwrite, resume=resume):
-        if all(os.path.exists(os.path.join(out, n)) for n in done):
+        has = lambda name: os.path.exists(os.path.join(out, name))  # noqa: E731
+        missing = [n for n in done if not has(n)]
+        if not missing:
             kept = _pretrain_result(out, cfg)
             _kept_threads(out, cfg)
             remove_training_checkpoints(out, "pretrain")
             return kept
-        later = [n for n in ("attack.json", "poisons.pt", "attack_checkpoint.pt") if os.path.exists(os.path.join(out, n))]
+        later = [n for n in ("attack.json", "poisons.pt", "attack_checkpoint.pt") if has(n)]
         if later:  # stage 1 trained again (another machine, a GPU) need not be the model these were made against
-            missing = [n for n in done if not os.path.exists(os.path.join(out, n))]
             raise RunFolderError(f"{out} lacks {', '.join(missing)} of stage 1 but holds {', '.join(later)}, made from "
-                                 f"it; rerun `tgda-attack pretrain --out {out} --overwrite` with the run's settings (or "
-                                 "`tgda-attack run ... --overwrite`) to make the run again from stage 1")
+                                 f"it; {redo_from_stage_1(out)}")
     write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "split": splits.summary()})
     if shared is not None:
         key = pretrain_key(cfg)

@@ -131,15 +131,20 @@ def copy_atomic(src, dst):
     os.replace(tmp, dst)
 
 
+def redo_from_stage_1(folder):
+    """The advice for a run folder whose stage 1 is damaged or gone (the later stages were made from it)."""
+    return (f"rerun `tgda-attack pretrain --out {folder} --overwrite` with the run's settings (or `tgda-attack run ... "
+            "--overwrite`) to make the run again from stage 1")
+
+
 def _unreadable(path, what):
-    name = os.path.basename(path)
+    name, folder = os.path.basename(path), os.path.dirname(path) or "."
+    stage = WRITTEN_BY.get(name)
     if name.startswith("attack_checkpoint"):  # rerunning the attack would read it again: it holds progress only
-        return RunFolderError(f"{path} {what}; remove it and rerun `tgda-attack attack --out {os.path.dirname(path) or '.'}`"
-                              " (the attack then starts afresh: the file holds only its progress)")
-    stage, folder = WRITTEN_BY.get(name), os.path.dirname(path) or "."
-    if stage == "pretrain":  # without --overwrite, stage 1 would read the folder's files (this one) again
-        advice = (f"rerun `tgda-attack pretrain --out {folder} --overwrite` with the run's settings (or `tgda-attack "
-                  "run ... --overwrite`) to make the run again from stage 1")
+        advice = (f"remove it and rerun `tgda-attack attack --out {folder}` (the attack then starts afresh: the file "
+                  "holds only its progress)")
+    elif stage == "pretrain":  # without --overwrite, stage 1 would read the folder's files (this one) again
+        advice = redo_from_stage_1(folder)
     else:
         advice = f"rerun `tgda-attack {stage} --out {folder}` to write it again" if stage else "remove it"
     return RunFolderError(f"{path} {what}; {advice}")
@@ -245,7 +250,7 @@ def settings_of(out):
 def _run_files(out):
     """The files of a run (and its defense folders) in `out`: what --overwrite removes."""
     names = [n for n in os.listdir(out) if n in RUN_FILES or n.startswith("attack_checkpoint.rank")  # --dp-mode partitions
-             or n.startswith(TRAINING_CHECKPOINT) or (n.startswith("defense_") and os.path.isdir(os.path.join(out, n)))]
+             or (n.startswith("defense_") and os.path.isdir(os.path.join(out, n)))] + _training_checkpoints(out)
     return sorted(names, key=lambda n: n != "config.json")  # config.json first: a kill midway leaves no run to resume
 
 

@@ -30,6 +30,12 @@ inline Activation parse_activation(std::string_view name, const char* op) {
   return Activation::kIdentity;
 }
 
+// Whether sigma'' can be non-zero; the others are piecewise linear, and their products leave out the sigma'' term
+// (rz and grad_a unread, as autograd's double backward: an inf there gives no 0 * inf = nan).
+HYPERGRAD_HOST_DEVICE constexpr bool curved(Activation act) {
+  return act == Activation::kTanh || act == Activation::kSigmoid;
+}
+
 // sigma'(z) and sigma''(z). ReLU-type activations have sigma'' = 0 away from the kink; at z = 0
 // the derivative is taken from the left (slope), as autograd does.
 template <typename T>

@@ -85,7 +85,7 @@ at::Tensor activation_hvp_backward_cpu(const at::Tensor& z, const at::Tensor& rz
       constexpr Activation A = decltype(kind)::value;
       for_each_broadcast(total, zn, [&](int64_t i, int64_t j) {
         const auto d = activation_derivatives(A, slope, zp[j]);
-        if constexpr (A == Activation::kTanh || A == Activation::kSigmoid) {
+        if constexpr (curved(A)) {
           op[i] = d.second * rzp[i] * gp[j] + d.first * rgp[i];
         } else {  // piecewise linear: sigma'' = 0, so R z and grad_a are not read
           op[i] = d.first * rgp[i];

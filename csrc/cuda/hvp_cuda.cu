@@ -34,8 +34,7 @@ __global__ void activation_hvp_backward_kernel(const T* __restrict__ z, const T*
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t j = i % zn;
     const auto d = activation_derivatives(act, slope, z[j]);
-    const bool curved = act == Activation::kTanh || act == Activation::kSigmoid;  // else sigma'' = 0: rz, grad_a unread
-    out[i] = curved ? d.second * rz[i] * grad_a[j] + d.first * r_grad_a[i] : d.first * r_grad_a[i];
+    out[i] = curved(act) ? d.second * rz[i] * grad_a[j] + d.first * r_grad_a[i] : d.first * r_grad_a[i];
   }
 }
 

@@ -168,12 +168,24 @@ def test_stage_3_run_again_removes_the_defense_results_of_its_former_retraining(
     # ranges the Setting lets through and the defense itself refuses: before the run, not after its stage 3
     (["--defense", "loss", "--defense-fraction", "1"], "--defense-fraction 1.0): fraction is the share"),
     (["--defense", "maxup", "--maxup-noise", "inf"], "finite number"),
+    # a filter that would remove no point (mnist-sample's 2,800: 0.0001 rounds to 0), or Sever rounds of none
+    (["--defense", "loss", "--defense-fraction", "0.0001"], "removes no point, so the loss defense would change nothing"),
+    (["--defense", "sever", "--defense-fraction", "0.001", "--sever-rounds", "3"], "use at most 2 rounds"),
 ])
 def test_defense_usage_errors_are_one_line_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "r"
     assert cli.main(["run", "--attack", "label-flip", "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not out.exists()
+
+
+def test_a_filter_that_removes_no_point_is_refused_before_its_training(label_flip_run, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the check")
+    monkeypatch.setattr(protocol, "train_defender", no_training)
+    with pytest.raises(protocol.data_mod.DataTooSmallError, match="removes no point"):
+        protocol.stage_defend(label_flip_run, DefenseConfig(defense="slab", defense_fraction=1e-4), overwrite=True)
+    assert LossFilter(0.001).points_removed(2884) == 2 and LossFilter(0.001).check_size(1000) is None
 
 
 def test_evaluate_with_a_defense_needs_the_finished_run(tmp_path, capsys):

@@ -309,6 +309,8 @@ def main(argv=None):
             for seed in seeds:  # every seed's folder before the first seed's work
                 claimable(_seed_folder(args.out, seed, seeds), dataclasses.replace(cfg, seed=seed),
                           overwrite=args.overwrite, resume=args.resume)
+            if defense:
+                protocol.check_defense_size(cfg, defense)
             if args.command == "pretrain":
                 for seed in seeds:
                     out = _seed_folder(args.out, seed, seeds)

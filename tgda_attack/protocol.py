@@ -791,6 +791,12 @@ def _clean_defense(out, cfg, dcfg, splits, train, sanitise, place):
     return result
 
 
+def check_defense_size(cfg, dcfg):
+    """DataTooSmallError before stage 1 where the defense would do nothing on this run's training set (a filter's
+    share of it rounds to no point): checked on D_tr alone, the smallest the poisoned set can be."""
+    DEFENSES[dcfg.defense].from_config(dcfg).check_size(len(load_splits(cfg).y_train))
+
+
 def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     """Stage 3 under a defense (a DefenseConfig): writes out/defense_NAME/{metrics.json,defender_defended.pt}.
 
@@ -824,6 +830,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     poisons = _read_poisons(out, cfg, splits)
     x_p, y_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg)), poisons["y_poison"].to(cfg.device)
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
+    defense.check_size(len(y_all))
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
     train, sanitise = _defended_training(cfg, dcfg, defense, tested, splits, verbose)
     place = _clean_defense_place(out, cfg, dcfg)  # before any work: a damaged file is a clean side computed

@@ -29,6 +29,7 @@ tgda_attack.config.DefenseConfig and options of `tgda-attack run|evaluate --defe
 import torch
 
 from ..attacks.base import Setting
+from ..data import DataTooSmallError
 from ..attacks.base import registry as _registry
 
 KINDS = ("filter", "training")
@@ -50,6 +51,11 @@ class Defense:
     def _check_params(self):
         """Raises ValueError naming the first parameter out of range. Subclasses extend it."""
 
+    def check_size(self, n):
+        """Raises DataTooSmallError if the defense would do nothing on a training set of n points (a filter whose
+        share rounds to no point); called before any training, so that a run does not report an undefended
+        retraining under the defense's name."""
+
     @classmethod
     def from_config(cls, dcfg):
         """The defense with the settings of a tgda_attack.config.DefenseConfig: each Setting named
@@ -69,6 +75,16 @@ class PoisonFilter(Defense):
     def _check_params(self):
         if not isinstance(self.fraction, (int, float)) or isinstance(self.fraction, bool) or not 0 < self.fraction < 1:
             raise ValueError(f"fraction is the share of the training set a filter removes, in (0, 1); got {self.fraction!r}")
+
+    def points_removed(self, n):
+        """floor(fraction * n): how many of n training points the filter removes in all."""
+        return int(self.fraction * n + 1e-9)
+
+    def check_size(self, n):
+        if self.points_removed(n) < 1:
+            raise DataTooSmallError(f"--defense-fraction {self.fraction} of {n} training points removes no point, so "
+                                    f"the {self.name} defense would change nothing: use a fraction of at least "
+                                    f"{1 / n:.2g}")
 
     def _model(self, x, y, model, fit):
         if model is not None:
@@ -98,7 +114,7 @@ def keep_all_but_largest(scores, fraction):
     scores = torch.as_tensor(scores).detach().double().cpu()
     if scores.dim() != 1:
         raise ValueError(f"scores must be one number a point, got shape {list(scores.shape)}")
-    n_remove = int(fraction * len(scores) + 1e-9)
+    n_remove = int(fraction * len(scores) + 1e-9)  # PoisonFilter.points_removed
     scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("inf")))
     order = torch.sort(scores, descending=True, stable=True).indices
     is_clean = torch.ones(len(scores), dtype=torch.bool)

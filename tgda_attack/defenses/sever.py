@@ -52,6 +52,7 @@ from torch.func import functional_call
 from hypergrad import flatten
 
 from ..attacks.base import Setting
+from ..data import DataTooSmallError
 from .base import FRACTION, PoisonFilter
 from .gradients import directional_derivatives
 
@@ -208,9 +209,16 @@ class SeverFilter(PoisonFilter):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
+    def check_size(self, n):
+        super().check_size(n)
+        if self.rounds > self.points_removed(n):
+            raise DataTooSmallError(f"--sever-rounds {self.rounds}: --defense-fraction {self.fraction} of {n} training "
+                                    f"points removes {self.points_removed(n)}, so some rounds would remove nothing; "
+                                    f"use at most {self.points_removed(n)} rounds or a larger fraction")
+
     def detect_poison(self, x, y, *, model=None, fit=None, x_val=None, y_val=None):
         n = len(y)
-        shares = round_shares(int(self.fraction * n + 1e-9), self.rounds)
+        shares = round_shares(self.points_removed(n), self.rounds)
         if fit is None and sum(1 for s in shares if s) > 1:
             raise ValueError(f"Sever retrains the defender between rounds ({self.rounds} rounds): pass fit=")
         kept = torch.arange(n)

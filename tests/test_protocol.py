@@ -699,3 +699,19 @@ def test_the_median_drop_is_taken_over_the_last_epochs_and_a_pretraining_without
     assert "holds no record of the clean pretraining's last epochs" in caplog.text
     from tgda_attack.report import metrics_table
     assert "poisoned median" in metrics_table(again) and "between the medians" not in metrics_table(again)
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(tmp_path):
+    """`tgda-attack ... | head -1`: the results are in their files, so a closed stdout ends the command with SIGPIPE's
+    status (141) and no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    out = str(tmp_path / "run")
+    assert cli.main(["run", "--attack", "label-flip", "--out", out, *TINY_FLAGS]) == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command prints
+    done = subprocess.run([sys.executable, "-m", "tgda_attack", "run", "--attack", "label-flip", "--resume", "--out", out,
+                           *TINY_FLAGS], stdout=write, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(protocol.__file__))})
+    os.close(write)
+    assert done.returncode == 141 and done.stderr == ""

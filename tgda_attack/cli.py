@@ -362,6 +362,9 @@ def main(argv=None):
             raise
         print(f"tgda-attack: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout's reader has gone (`tgda-attack ... | head`): the results are in their files
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush raises it again
+        return 141  # 128 + SIGPIPE, as a tool the pipe's end stops
     except KeyboardInterrupt:
         print("tgda-attack: interrupted; `tgda-attack attack --out DIR` resumes an attack from its checkpoint",
               file=sys.stderr)

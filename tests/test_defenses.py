@@ -188,6 +188,27 @@ def test_a_filter_that_removes_no_point_is_refused_before_its_training(label_fli
     assert LossFilter(0.001).points_removed(2884) == 2 and LossFilter(0.001).check_size(1000) is None
 
 
+def test_a_config_file_can_hold_the_defense_and_the_command_line_wins(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text('epsilon = 0.05\ndefense = "sever"\ndefense_fraction = 0.05\nsever_rounds = 3\n')
+    parse = cli.build_parser().parse_args
+    args = parse(["run", "--out", "x", "--config", str(path), "--sever-rounds", "4"])
+    assert cli.config_from_args(args).epsilon == 0.05
+    assert cli.defense_from_args(args) == DefenseConfig(defense="sever", defense_fraction=0.05, sever_rounds=4)
+    assert cli.config_from_args(parse(["pretrain", "--out", "x", "--config", str(path)])).epsilon == 0.05  # the
+    # defense is left to the run that follows
+    path.write_text('defense_fraction = 0.05\n')
+    assert cli.main(["run", "--out", str(tmp_path / "r"), "--config", str(path)]) == 2
+    assert "--defense-fraction set(s) a defense; add --defense NAME" in capsys.readouterr().err
+    for content, message in (('defense = "fgsm"\n', "unknown defense 'fgsm'"),
+                             ('defense = "loss"\nsever_rounds = 3\n', "defense loss does not read --sever-rounds"),
+                             ('defense = "loss"\ndefense_fraction = "many"\n', "defense_fraction must be a number")):
+        path.write_text(content)
+        assert cli.main(["run", "--out", str(tmp_path / "r"), "--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and not (tmp_path / "r").exists()
+
+
 def test_evaluate_with_a_defense_needs_the_finished_run(tmp_path, capsys):
     assert cli.main(["evaluate", "--out", str(tmp_path), "--defense", "loss"]) == 2
     assert "lacks" in capsys.readouterr().err

@@ -340,6 +340,26 @@ def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
     assert message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("c.cfg", 'epsilon = 0.05\ndefender = "nn"\n', None),  # TOML under another suffix is read as TOML
+    ("c", '{"epsilon": 0.05, "defender": "nn"}', None),  # JSON without a suffix
+    ("c.txt", "epsilon: 0.05", "is not valid JSON or TOML: as JSON, Expecting value"),
+    ("c.json", "epsilon = 0.05", "is not valid JSON: Expecting value"),  # the suffix says which
+    ("c.toml", b"\xff\xfe", "is not valid TOML: 'utf-8' codec"),
+])
+def test_a_config_file_is_read_as_its_suffix_says_or_as_whichever_it_is(name, content, message, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    args = ["run", "--out", str(tmp_path / "run"), "--config", str(path)]
+    if message is None:
+        cfg = cli.config_from_args(cli.build_parser().parse_args(args))
+        assert (cfg.epsilon, cfg.defender) == (0.05, "nn")
+        return
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
 def test_a_config_folder_or_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "run"), "--config", str(tmp_path)]) == 2
     assert "is a folder, not a file" in capsys.readouterr().err
@@ -355,6 +375,26 @@ def test_a_config_folder_or_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
         assert cli.main([command, "--out", str(afile)]) == 2
         assert "is a file, not a run folder" in capsys.readouterr().err
     assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["run", "pretrain", "attack", "evaluate", "bench"])
+def test_an_out_that_names_no_folder_or_a_link_to_nothing_is_one_line(command, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")  # a link to a folder removed since
+    flags = ([*TINY_FLAGS, "--attack", "label-flip"] if command in ("run", "pretrain") else ["--table", "2"]
+             if command == "bench" else [])
+    for out, message in (("", "names no folder"), (str(link), "which does not exist; create that folder"),
+                         (str(link / "run"), f"{link} is a link to")):
+        assert cli.main([command, *flags, "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tgda-attack: error: --out") and message in err and "\n" not in err
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_device_name_torch_does_not_know_is_one_line_of_ours(tmp_path, capsys):
+    assert cli.main(["run", "--out", str(tmp_path / "r"), "--device", "CPU"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("device 'CPU' is not a device name; use cpu, cuda or cuda:N (lower case)")
 
 
 def test_every_seed_folder_is_checked_before_the_first_seeds_work(tmp_path, capsys):

@@ -9,7 +9,8 @@
                                                 (the paper's tables, ours beside the paper's numbers)
 
 Every setting of tgda_attack.config.Config is an option (--pretrain-epochs, --solver, ...) and can
-come from a JSON or TOML file (--config FILE; options on the command line win). Usage errors exit
+come from a JSON or TOML file (--config FILE; options on the command line win), the defense of `run`
+(defense, defense_fraction, ...) too. Usage errors exit
 with status 2 and one line.
 """
 import argparse
@@ -29,7 +30,7 @@ from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize
 from .report import defense_table, metrics_table, summary_table, tested_defender
-from .rundir import RunFolderError, claimable
+from .rundir import RunFolderError, check_out, claimable
 
 
 class UsageError(Exception):
@@ -58,7 +59,7 @@ def _add_config_options(parser):
             continue
         group.add_argument(flag, dest=f.name, type=hints[f.name], choices=CHOICES.get(f.name), default=None,
                            help=_literal(f"{helps.get(f.name, '')}(default: {f.default if f.default is not None else 'by dataset'})"))
-    parser.add_argument("--config", help="a JSON or TOML file of settings")
+    parser.add_argument("--config", help="a JSON or TOML file of settings (of `run`: its defense's too, as defense = \"loss\" ...)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run several seeds, one sub-folder each")
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds")
@@ -128,6 +129,7 @@ def build_parser():
 
 
 def _bench(args):
+    check_out(args.out)
     if not 1 <= args.seeds <= 2 ** 32:
         raise UsageError(f"--seeds is the number of seeds (0 .. K-1, each below 2**32), from 1 to 2**32; got {args.seeds}")
     if args.data_root and args.scale != "paper":
@@ -193,18 +195,36 @@ def _read_config_file(path):
                 if os.path.exists(path) else "does not exist")
         raise UsageError(f"config file {path} {what}")
     with open(path, "rb") as fh:
+        content = fh.read()
+    # by its suffix; a file of neither suffix (settings.cfg, a process substitution) is read as whichever it is
+    formats = {".toml": ("TOML",), ".json": ("JSON",)}.get(os.path.splitext(path)[1].lower(), ("JSON", "TOML"))
+    problems = []
+    for kind in formats:
         try:
-            values = tomllib.load(fh) if path.endswith(".toml") else json.load(fh)
-        except (ValueError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {exc}")
+            values = json.loads(content) if kind == "JSON" else tomllib.loads(content.decode("utf-8"))
+            break
+        except (ValueError, tomllib.TOMLDecodeError) as exc:  # UnicodeDecodeError is a ValueError
+            problems.append(f"as {kind}, {exc}" if len(formats) > 1 else str(exc))
+    else:
+        raise UsageError(f"config file {path} is not valid {' or '.join(formats)}: {'; '.join(problems)}")
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold an object of settings ({{\"epsilon\": 0.03, ...}}), "
                          f"not a {type(values).__name__}")
     return values
 
 
+DEFENSE_KEYS = ("defense", *(s.name for s in DEFENSE_SETTINGS))  # a config file's keys that choose the defense
+
+
+def _file_settings(args, defense):
+    """The --config file's settings of the run (defense False) or of its defense (True); {} without a file. A file
+    may hold both: the defense's are read by `run` (`pretrain` leaves them to the run that follows)."""
+    values = _read_config_file(args.config) if getattr(args, "config", None) else {}
+    return {k: v for k, v in values.items() if (k in DEFENSE_KEYS) == defense}
+
+
 def config_from_args(args):
-    values = _read_config_file(args.config) if args.config else {}
+    values = _file_settings(args, defense=False)
     for f in dataclasses.fields(Config):
         if getattr(args, f.name) is not None:
             values[f.name] = getattr(args, f.name)
@@ -216,16 +236,20 @@ def config_from_args(args):
 
 def defense_from_args(args):
     """The DefenseConfig of --defense and its settings, or None; UsageError for a setting without --defense."""
-    given = {s.name: getattr(args, s.name) for s in DEFENSE_SETTINGS if getattr(args, s.name) is not None}
-    if args.defense is None:
+    given = {**_file_settings(args, defense=True),
+             **{k: getattr(args, k) for k in DEFENSE_KEYS if getattr(args, k) is not None}}
+    name = given.pop("defense", None)
+    if name is None:
         if given:
             raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) a defense; add --defense NAME")
         return None
-    unread = sorted(set(given) - {s.name for s in DEFENSES[args.defense].settings})
+    if name not in DEFENSES:  # from a config file (the command line's choices are checked by argparse)
+        raise UsageError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)}")
+    unread = sorted(set(given) - {s.name for s in DEFENSES[name].settings})
     if unread:
-        raise UsageError(f"defense {args.defense} does not read {', '.join('--' + k.replace('_', '-') for k in unread)}")
+        raise UsageError(f"defense {name} does not read {', '.join('--' + k.replace('_', '-') for k in unread)}")
     try:
-        return DefenseConfig(defense=args.defense, **given).checked()
+        return DefenseConfig(defense=name, **given).checked()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

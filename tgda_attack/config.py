@@ -297,8 +297,8 @@ def check_device(device):
     """Raises ValueError unless `device` names a device torch can use here."""
     try:
         parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1): {exc}") from None
+    except (RuntimeError, TypeError):  # torch's message lists twenty device types this project does not run on
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N (lower case)") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: no CUDA device is visible to torch here; use --device cpu")

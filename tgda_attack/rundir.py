@@ -184,7 +184,24 @@ def check_writable(folder):
                              "there; make it writable, or copy the folder elsewhere and run on the copy") from None
 
 
+def check_out(out):
+    """RunFolderError for an --out that names no folder a run could use: empty, or through a link to nothing (the
+    makedirs of a run would fail with "File exists")."""
+    if not out.strip():
+        raise RunFolderError(f"--out {out!r} names no folder; give the run's output folder")
+    path = os.path.abspath(out)
+    while True:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise RunFolderError(f"--out {out}: {path} is a link to {os.readlink(path)}, which does not exist; create "
+                                 "that folder, or choose another --out")
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
 def need(out, *names):
+    check_out(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out {out} is a file, not a run folder; give the folder a run wrote")
     missing = [n for n in names if not os.path.exists(os.path.join(out, n))]
@@ -275,6 +292,7 @@ def claimable(out, cfg, *, overwrite=False, resume=False):
     command line checks every seed's folder so before the first seed's work)."""
     if overwrite and resume:
         raise RunFolderError("--overwrite and --resume exclude each other: start afresh or continue, not both")
+    check_out(out)
     if overwrite or not os.path.isdir(out):
         return False
     recorded = settings_of(out)

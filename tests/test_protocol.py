@@ -391,6 +391,21 @@ def test_an_out_that_names_no_folder_or_a_link_to_nothing_is_one_line(command, t
     assert not (tmp_path / "gone").exists()
 
 
+def test_options_the_run_does_not_read_are_named_in_a_note(tmp_path, capsys):
+    parse = cli.build_parser().parse_args
+    args = parse(["run", "--out", "x", "--attack", "label-flip", "--gc-steps", "5", "--alpha", "0.5", "--data-root", "d",
+                  "--flip-rule", "random"])
+    assert cli.unread_options_note(args, cli.config_from_args(args)) == (
+        "tgda-attack: note: this run ignores --gc-steps (read by attack gradient-canceling), --alpha (read by attack "
+        "tgda only), --data-root (mnist-sample is embedded: no files are read)")
+    for argv in (["--attack", "gradient-canceling", "--gc-steps", "5"], ["--alpha", "0.5", "--solver", "cgnr"]):
+        args = parse(["run", "--out", "x", *argv])
+        assert cli.unread_options_note(args, cli.config_from_args(args)) is None
+    out = str(tmp_path / "r")  # the note comes first, on stdout, and the run goes on
+    assert cli.main(["run", "--attack", "label-flip", "--gc-steps", "5", "--out", out, *TINY_FLAGS]) == 0
+    assert capsys.readouterr().out.startswith("tgda-attack: note: this run ignores --gc-steps")
+
+
 def test_a_device_name_torch_does_not_know_is_one_line_of_ours(tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "r"), "--device", "CPU"]) == 2
     err = capsys.readouterr().err.strip()

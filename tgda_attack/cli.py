@@ -25,7 +25,8 @@ import typing
 import torch
 
 from . import bench, cluster, data_parallel, protocol
-from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, PROTOCOL_HELP, Config, DefenseConfig
+from .attacks import ATTACKS
+from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, PROTOCOL_HELP, TGDA_ONLY, Config, DefenseConfig
 from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize
@@ -269,6 +270,24 @@ def _print_run(metrics, out):
     print(f"results: {os.path.join(out, 'metrics.json')}; figure: {os.path.join(out, 'poisons.png')}")
 
 
+def unread_options_note(args, cfg):
+    """A one-line note naming the options given on the command line that this run does not read (another attack's
+    settings, TGDA's with another attack, --data-root for the embedded sample), else None. A note, not an error: one
+    command line looped over attacks is a common script, and a config file may hold an experiment's every setting."""
+    given = [f.name for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None]
+    owners = {s.name: [a for a, cls in ATTACKS.items() if s in cls.settings] for s in ATTACK_SETTINGS}
+    unread = {name: f"read by attack {', '.join(owners[name])}" for name in given
+              if name in owners and cfg.attack not in owners[name]}
+    unread.update({name: "read by attack tgda only" for name in given if name in TGDA_ONLY and cfg.attack != "tgda"})
+    if cfg.dataset == "mnist-sample":
+        unread.update({name: "mnist-sample is embedded: no files are read" for name in given
+                       if name in ("data_root", "download")})
+    if not unread:
+        return None
+    return ("tgda-attack: note: this run ignores " + ", ".join(
+        f"--{name.replace('_', '-')} ({why})" for name, why in unread.items()))
+
+
 def busy_cpu_note(threads):
     """A one-line note when other work already keeps this machine's CPUs busy and the run's `threads` would
     wait on each other (torch's OpenMP threads spin at every parallel region: the mnist-sample demo took 2.4x
@@ -320,8 +339,8 @@ def main(argv=None):
         defense = defense_from_args(args) if args.command in ("run", "evaluate") else None
         if args.command in ("run", "pretrain"):
             cfg = config_from_args(args)
-            note = None if data_parallel.launched() else busy_cpu_note(cfg.threads)
-            if note:  # on stdout, beside the results: stderr holds an error's one line alone
+            notes = [] if data_parallel.launched() else [unread_options_note(args, cfg), busy_cpu_note(cfg.threads)]
+            for note in filter(None, notes):  # on stdout, beside the results: stderr holds an error's one line alone
                 print(note)
             if data_parallel.launched():
                 if args.command != "run" or data_parallel.problem(cfg):

@@ -87,13 +87,15 @@ def _copy(finished_run, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("content", ["{}", "[1]"])
+@pytest.mark.parametrize("content", ["{}", "[1]", "empty weights"])
 def test_resume_over_a_metrics_json_that_is_no_result_runs_stage_3_again(finished_run, tmp_path, content):
-    """A metrics.json that is JSON but not a result (a hand edit, another program) is not returned as one: --resume
-    retrains stage 3 (the same seed, the same numbers), instead of a KeyError at the first number read."""
+    """A metrics.json that is JSON but not a result (a hand edit, another program), or an emptied retrained defender
+    beside it, is not returned as a finished stage 3: --resume retrains stage 3 (the same seed, the same numbers),
+    instead of a KeyError at the first number read or a defense that stops at the file later."""
     folder = _copy(finished_run, tmp_path)
-    with open(os.path.join(folder, "metrics.json"), "w") as fh:
-        fh.write(content)
+    name = "defender_poisoned.pt" if content == "empty weights" else "metrics.json"
+    with open(os.path.join(folder, name), "w") as fh:
+        fh.write("" if content == "empty weights" else content)
     assert cli.main([*RUN, "--out", folder, "--resume"]) == 0
     before, again = (json.load(open(os.path.join(f, "metrics.json"))) for f in (finished_run, folder))
     assert (again["clean_accuracy"], again["poisoned_accuracy"]) == (before["clean_accuracy"], before["poisoned_accuracy"])

@@ -624,10 +624,11 @@ FINISHED_METRICS = {"clean_accuracy": (int, float), "poisoned_accuracy": (int, f
 def finished_evaluation(out):
     """The metrics of the finished stage 3 in `out` (metrics.json beside the retrained defender; the attack stage
     removes both when it writes new poisons, so they are of poisons.pt's), or None where it is not finished or
-    its metrics.json is damaged (stage 3 then runs again)."""
+    its metrics.json or its retrained defender is damaged (stage 3 then runs again: the same seed, the same model)."""
     if not all(os.path.exists(os.path.join(out, name)) for name in ("metrics.json", "defender_poisoned.pt")):
         return None
     try:
+        load_state(os.path.join(out, "defender_poisoned.pt"))  # the defenses score points with it
         return read_json_object(os.path.join(out, "metrics.json"), FINISHED_METRICS)
     except RunFolderError:
         return None

@@ -209,6 +209,22 @@ def test_a_config_file_can_hold_the_defense_and_the_command_line_wins(tmp_path, 
         assert message in err and "\n" not in err and not (tmp_path / "r").exists()
 
 
+def test_seeds_under_a_defense_summarise_the_defense_too(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert cli.main(["run", "--attack", "label-flip", "--pretrain-epochs", "1", "--seeds", "0", "1", "--defense", "slab",
+                     "--out", str(out), "--quiet"]) == 0
+    per_seed = [json.load(open(out / f"seed_{s}" / "defense_slab" / "metrics.json")) for s in (0, 1)]
+    summary = json.load(open(out / "summary.json"))["under_defense"]
+    for key in ("defended_accuracy", "attack_drop_under_defense", "poisons_removed", "precision"):
+        values = [r[key] for r in per_seed]
+        assert summary[key]["mean"] == pytest.approx(sum(values) / 2)
+        assert summary[key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert summary["defense_settings"] == {"defense_fraction": 0.03} and summary["seeds"] == [0, 1]
+    table = (out / "summary.md").read_text()
+    assert "Under the slab defense (defense-fraction 0.03), mean ± std over seeds" in table
+    assert f"| slab | 2 | {100 * summary['defended_accuracy']['mean']:.2f} ± " in table
+
+
 def test_evaluate_with_a_defense_needs_the_finished_run(tmp_path, capsys):
     assert cli.main(["evaluate", "--out", str(tmp_path), "--defense", "loss"]) == 2
     assert "lacks" in capsys.readouterr().err

@@ -29,8 +29,8 @@ from .attacks import ATTACKS
 from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, PROTOCOL_HELP, TGDA_ONLY, Config, DefenseConfig
 from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
-from .metrics import summarize
-from .report import defense_table, metrics_table, summary_table, tested_defender
+from .metrics import summarize, summarize_defense
+from .report import defense_summary_table, defense_table, metrics_table, summary_table, tested_defender
 from .rundir import RunFolderError, check_out, claimable
 
 
@@ -255,6 +255,10 @@ def defense_from_args(args):
         raise UsageError(str(exc)) from None
 
 
+def _settings_text(settings):
+    return ", ".join(f"{k.replace('_', '-')} {v}" for k, v in settings.items()) or "its defaults"
+
+
 def _print_defense(metrics, out):
     print(f"\nunder the {metrics['defense']} defense:")
     print(defense_table(metrics))
@@ -361,7 +365,7 @@ def main(argv=None):
                                                      overwrite=args.overwrite, resume=args.resume)
                     print(f"clean accuracy {100 * result['clean_accuracy']:.2f}% -> {out}")
                 return 0
-            runs = []
+            runs, defended = [], []
             for seed in seeds:
                 out = _seed_folder(args.out, seed, seeds)
                 runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose,
@@ -370,13 +374,18 @@ def main(argv=None):
                     continue
                 _print_run(runs[-1], out)
                 if defense:
-                    _print_defense(protocol.stage_defend(out, defense, verbose, overwrite=args.overwrite or not args.resume,
-                                                         resume=args.resume), out)
+                    defended.append(protocol.stage_defend(out, defense, verbose, overwrite=args.overwrite or not args.resume,
+                                                          resume=args.resume))
+                    _print_defense(defended[-1], out)
             if len(runs) > 1 and data_parallel.is_main():
                 summary = summarize(runs)
+                table = summary_table([summary])
+                if defended:
+                    summary["under_defense"] = summarize_defense(defended)
+                    table += (f"\n\nUnder the {defense.defense} defense ({_settings_text(defense.own_settings())}), "
+                              "mean ± std over seeds:\n\n" + defense_summary_table(summary["under_defense"]))
                 with open(os.path.join(args.out, "summary.json"), "w") as fh:
                     json.dump(summary, fh, indent=2)
-                table = summary_table([summary])
                 with open(os.path.join(args.out, "summary.md"), "w") as fh:
                     fh.write(table + "\n")
                 print("\nmean ± std over seeds:\n" + table)

@@ -46,3 +46,19 @@ def summarize(runs):
     for k in keys:
         summary[k] = dict(zip(("mean", "std"), mean_std([r[k] for r in runs])))
     return summary
+
+
+DEFENSE_SUMMARY_KEYS = ("defended_accuracy", "clean_defended_accuracy", "attack_drop_under_defense",
+                        "attack_drop_under_defense_median_last_epochs", "poisons_removed", "clean_removed", "precision",
+                        "recall")
+
+
+def summarize_defense(results):
+    """Mean and sample standard deviation over seeds of several runs' results under one defense (protocol.stage_defend),
+    each key where every run recorded a number (a filter's removals and precision; not a robust training's)."""
+    summary = {"defense": results[0]["defense"], "kind": results[0]["kind"],
+               "defense_settings": results[0]["defense_settings"], "seeds": [r["seed"] for r in results]}
+    for k in DEFENSE_SUMMARY_KEYS:
+        if all(isinstance(r.get(k), (int, float)) for r in results):
+            summary[k] = dict(zip(("mean", "std"), mean_std([r[k] for r in results])))
+    return summary

@@ -118,6 +118,24 @@ def summary_table(summaries):
     return "\n".join(lines)
 
 
+def defense_summary_table(summary):
+    """A defense's results over seeds (metrics.summarize_defense) as a Markdown table: accuracies and drops in %
+    (points), removals in points."""
+    columns = [("defended acc. (%)", "defended_accuracy", 100.0), ("clean acc. with defense (%)", "clean_defended_accuracy", 100.0),
+               ("drop under the defense (points)", "attack_drop_under_defense", 100.0),
+               ("drop under it, medians of the last epochs", "attack_drop_under_defense_median_last_epochs", 100.0),
+               ("poisons removed", "poisons_removed", 1.0), ("clean points removed", "clean_removed", 1.0),
+               ("precision (%)", "precision", 100.0), ("recall (%)", "recall", 100.0)]
+    columns = [c for c in columns if c[1] in summary]
+    def ms(key, scale):
+        std = summary[key]["std"]
+        return mean_std_text(scale * summary[key]["mean"], None if std is None else scale * std,
+                             digits=1 if scale == 1.0 else 2)
+    return "\n".join([f"| defense | seeds | {' | '.join(c[0] for c in columns)} |",
+                      "|---|---|" + "---|" * len(columns),
+                      f"| {summary['defense']} | {len(summary['seeds'])} | {' | '.join(ms(k, sc) for _, k, sc in columns)} |"])
+
+
 def defense_table(metrics):
     """One run under a defense (protocol.stage_defend) as a Markdown table."""
     head = ("| clean acc. (%) | poisoned acc. (%) | defended acc. (%) | drop without / with defense (points) "

@@ -412,6 +412,23 @@ def test_a_device_name_torch_does_not_know_is_one_line_of_ours(tmp_path, capsys)
     assert err.endswith("device 'CPU' is not a device name; use cpu, cuda or cuda:N (lower case)")
 
 
+def test_one_seed_over_a_folder_of_seeds_or_seeds_over_a_single_run_is_refused(tmp_path, capsys):
+    flags = ["--attack", "label-flip", *TINY_FLAGS]
+    seeds, single = tmp_path / "seeds", tmp_path / "single"
+    assert cli.main(["run", *flags, "--seeds", "0", "1", "--out", str(seeds)]) == 0
+    assert cli.main(["run", *flags, "--out", str(single)]) == 0
+    capsys.readouterr()
+    for argv, message in ((["--seed", "0", "--out", str(seeds)], f"one seed's run goes in its own folder: --out {seeds / 'seed_0'}"),
+                          (["--seeds", "0", "1", "--out", str(single), "--resume"], "holds a single run (config.json)")):
+        for command in ("run", "pretrain"):
+            assert cli.main([command, *flags, *argv]) == 2
+            err = capsys.readouterr().err.strip()
+            assert message in err and "\n" not in err
+    assert sorted(os.listdir(seeds)) == ["seed_0", "seed_1", "summary.json", "summary.md"]
+    assert not any(n.startswith("seed_") for n in os.listdir(single))
+    assert cli.main(["run", *flags, "--seeds", "0", "1", "--out", str(seeds), "--resume"]) == 0  # the same layout resumes
+
+
 def test_every_seed_folder_is_checked_before_the_first_seeds_work(tmp_path, capsys):
     out = tmp_path / "m"
     flags = ["--attack", "label-flip", *TINY_FLAGS]

@@ -326,6 +326,22 @@ def _checked_seeds(cfg, seeds, seed_flag=None):
     return seeds
 
 
+def _check_layout(out, seeds):
+    """UsageError where the run would mix the two layouts of an output folder: one run in it (config.json at its top)
+    and one sub-folder a seed (seed_K/config.json, beside summary.md). Either way a summary.md would then describe
+    runs other than those beside it."""
+    if not os.path.isdir(out):
+        return
+    seed_runs = sorted(n for n in os.listdir(out) if n.startswith("seed_") and os.path.exists(os.path.join(out, n, "config.json")))
+    if len(seeds) == 1 and seed_runs:
+        raise UsageError(f"{out} holds the runs of several seeds ({', '.join(seed_runs[:3])}{' ...' if len(seed_runs) > 3 else ''}); "
+                         f"one seed's run goes in its own folder: --out {os.path.join(out, f'seed_{seeds[0]}')}, or "
+                         f"--seeds with every seed of the summary")
+    if len(seeds) > 1 and os.path.exists(os.path.join(out, "config.json")):
+        raise UsageError(f"{out} holds a single run (config.json); the seeds' folders would go inside it: choose another "
+                         "--out")
+
+
 def _seed_folder(out, seed, seeds):
     """The output folder of one seed: `out` itself for a single seed, out/seed_K for several."""
     return out if len(seeds) == 1 else os.path.join(out, f"seed_{seed}")
@@ -353,6 +369,7 @@ def main(argv=None):
                 atexit.register(data_parallel.finish)
                 verbose = verbose and data_parallel.is_main()
             seeds = _checked_seeds(cfg, args.seeds, args.seed)
+            _check_layout(args.out, seeds)
             for seed in seeds:  # every seed's folder before the first seed's work
                 claimable(_seed_folder(args.out, seed, seeds), dataclasses.replace(cfg, seed=seed),
                           overwrite=args.overwrite, resume=args.resume)

@@ -9,7 +9,8 @@ import hypergrad
 from hypergrad import _ops, _reference
 from testing import DEVICES, DTYPES, needs_extension, tol
 
-SHAPES = [(1,), (7,), (1001,), (100_003,), (3, 1), (4, 1001), (2, 70_001), (0, 5)]  # (0, 5): no rows (CUDA: a division by 0)
+SHAPES = [(1,), (7,), (1001,), (100_003,), (3, 1), (4, 1001), (2, 70_001), (0, 5),  # (0, 5): no rows (CUDA: a division by 0)
+          (66_000, 3)]  # more rows than a CUDA grid has in y (65,535): taken in turn by the same blocks
 
 
 def _make(shape, dtype, device, seed=0):

@@ -2,7 +2,8 @@
 // Every launch runs on the current stream and reads its per-row scalars from device memory, so a
 // solve never waits on the host. Reductions are two-pass and deterministic: a grid of
 // (blocks per row) x rows writes float64 partial sums (warp shuffles, then one value per block),
-// and one block per row adds them up in a fixed order.
+// and one block per row adds them up in a fixed order. Rows beyond gridDim.y's limit (65,535) are taken by
+// the same blocks in turn (a row-stride loop), so one call takes any number of right-hand sides.
 // Only c10's light CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS and cuSPARSE
 // headers, which a bare CUDA toolkit (nvcc and the runtime) does not ship.
 #include <c10/cuda/CUDAException.h>
@@ -17,6 +18,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocksPerRow = 1024;
+constexpr int64_t kMaxGridRows = 65535;  // gridDim.y's limit
 
 __device__ __forceinline__ double warp_sum(double v) {
   for (int offset = warpSize / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
@@ -37,7 +39,7 @@ __device__ __forceinline__ double block_sum(double v) {
 
 // out[row] = sum of partial[row, 0..blocks).
 __global__ void sum_partials_kernel(const double* __restrict__ partial, int blocks, double* __restrict__ out) {
-  const int row = blockIdx.x;
+  const int64_t row = blockIdx.x;  // gridDim.x takes 2**31 - 1 rows
   double s = 0.0;
   for (int i = threadIdx.x; i < blocks; i += blockDim.x) s += partial[row * blocks + i];
   s = block_sum(s);
@@ -46,14 +48,17 @@ __global__ void sum_partials_kernel(const double* __restrict__ partial, int bloc
 
 // partial[row, block] = sum over this block's grid-stride slice of row `row` of a*b (float64).
 template <typename T>
-__global__ void row_dot_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
+__global__ void row_dot_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, int64_t rows,
                                double* __restrict__ partial) {
-  const int64_t row = blockIdx.y, off = row * n;
-  double s = 0.0;
-  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x)
-    s += static_cast<double>(a[off + j]) * static_cast<double>(b[off + j]);
-  s = block_sum(s);
-  if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = s;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t off = row * n;
+    double s = 0.0;
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x)
+      s += static_cast<double>(a[off + j]) * static_cast<double>(b[off + j]);
+    s = block_sum(s);
+    if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = s;
+    __syncthreads();  // block_sum's shared sums are read before the next row writes them
+  }
 }
 
 // alpha = num/den on active rows; x += alpha p; r -= alpha q; partial sums of the new r.r.
@@ -61,31 +66,36 @@ template <typename T>
 __global__ void cg_step_kernel(T* __restrict__ x, T* __restrict__ r, const T* __restrict__ p,
                                const T* __restrict__ q, const double* __restrict__ num,
                                const double* __restrict__ den, const bool* __restrict__ active,
-                               int64_t n, double* __restrict__ partial) {
-  const int64_t row = blockIdx.y, off = row * n;
-  const T alpha = step_size<T>(active[row], num[row], den[row]);
-  double s = 0.0;
-  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t k = off + j;
-    x[k] += alpha * p[k];
-    const T rk = r[k] - alpha * q[k];
-    r[k] = rk;
-    s += static_cast<double>(rk) * static_cast<double>(rk);
+                               int64_t n, int64_t rows, double* __restrict__ partial) {
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t off = row * n;
+    const T alpha = step_size<T>(active[row], num[row], den[row]);
+    double s = 0.0;
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
+      const int64_t k = off + j;
+      x[k] += alpha * p[k];
+      const T rk = r[k] - alpha * q[k];
+      r[k] = rk;
+      s += static_cast<double>(rk) * static_cast<double>(rk);
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = s;
+    __syncthreads();  // as in row_dot_kernel
   }
-  s = block_sum(s);
-  if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = s;
 }
 
 // p = z + (num_new/num_old) p on active rows.
 template <typename T>
 __global__ void cg_direction_kernel(T* __restrict__ p, const T* __restrict__ z, const double* __restrict__ num_new,
                                     const double* __restrict__ num_old, const bool* __restrict__ active,
-                                    int64_t n) {
-  const int64_t row = blockIdx.y, off = row * n;
-  if (!active[row]) return;
-  const T beta = direction_ratio<T>(num_new[row], num_old[row]);
-  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x)
-    p[off + j] = z[off + j] + beta * p[off + j];
+                                    int64_t n, int64_t rows) {
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    if (!active[row]) continue;
+    const int64_t off = row * n;
+    const T beta = direction_ratio<T>(num_new[row], num_old[row]);
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x)
+      p[off + j] = z[off + j] + beta * p[off + j];
+  }
 }
 
 // One thread per row: the bookkeeping of cg_track.
@@ -104,14 +114,12 @@ dim3 row_grid(RowLayout layout) {
   const int64_t wanted = std::max<int64_t>(1, (4 * sms + layout.rows - 1) / layout.rows);
   const int64_t needed = (layout.n + kThreads - 1) / kThreads;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>({wanted, needed, kMaxBlocksPerRow}));
-  TORCH_CHECK(layout.rows <= 65535, "hypergrad: at most 65535 right-hand sides per call on CUDA, got ",
-              layout.rows);
-  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(layout.rows));
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(layout.rows, kMaxGridRows)));
 }
 
 void finish_row_sums(const at::Tensor& partial, dim3 grid, at::Tensor& out, cudaStream_t stream) {
-  sum_partials_kernel<<<grid.y, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), grid.x,
-                                                       out.mutable_data_ptr<double>());
+  sum_partials_kernel<<<static_cast<unsigned>(partial.size(0)), kThreads, 0, stream>>>(
+      partial.const_data_ptr<double>(), grid.x, out.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -125,7 +133,7 @@ at::Tensor row_dot_cuda(const at::Tensor& a, const at::Tensor& b) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "row_dot_cuda", [&] {
     row_dot_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                                                            layout.n, partial.mutable_data_ptr<double>());
+                                                            layout.n, layout.rows, partial.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   finish_row_sums(partial, grid, out, stream);
@@ -145,7 +153,7 @@ at::Tensor cg_step_cuda(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const
     cg_step_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         x.mutable_data_ptr<scalar_t>(), r.mutable_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
         q.const_data_ptr<scalar_t>(), num.const_data_ptr<double>(), den.const_data_ptr<double>(),
-        active.const_data_ptr<bool>(), layout.n, partial.mutable_data_ptr<double>());
+        active.const_data_ptr<bool>(), layout.n, layout.rows, partial.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   finish_row_sums(partial, grid, rr, stream);
@@ -162,7 +170,7 @@ void cg_direction_cuda(at::Tensor& p, const at::Tensor& z, const at::Tensor& num
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "cg_direction_cuda", [&] {
     cg_direction_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         p.mutable_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), num_new.const_data_ptr<double>(),
-        num_old.const_data_ptr<double>(), active.const_data_ptr<bool>(), layout.n);
+        num_old.const_data_ptr<double>(), active.const_data_ptr<bool>(), layout.n, layout.rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -6,7 +6,8 @@ C++ kernels are always built. CUDA kernels are built when
     found (CUDA_HOME, CUDA_PATH, nvcc on PATH, or /usr/local/cuda, in that order).
 HYPERGRAD_FORCE_CPU=1 skips them. Before anything is compiled, the C++ compiler is probed (hypergrad/_toolchain.py):
 code it builds must run correctly beside torch, else g++ or c++ from PATH replaces it. Without a visible GPU and without TORCH_CUDA_ARCH_LIST the
-CUDA kernels are compiled for the data-centre GPUs this project targets (8.0 and 9.0, with PTX).
+CUDA kernels are compiled for the data-centre GPUs this project targets (8.0 and 9.0, with PTX); on a GPU they have no
+image for (a V100, a T4), hypergrad runs the pure-PyTorch twins with a warning (hypergrad/_ops.py).
 """
 import glob
 import importlib.util
@@ -149,7 +150,7 @@ def _extensions():
         return [CppExtension("hypergrad._C", sources, define_macros=macros,
                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
     sources += [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))]
-    macros.append(("HYPERGRAD_CUDA_VERSION", f'"{cuda_version}"'))
+    macros += [("HYPERGRAD_CUDA_VERSION", f'"{cuda_version}"'), ("HYPERGRAD_WITH_CUDA", "1")]
     return [CUDAExtension("hypergrad._C", sources, define_macros=macros,
                           extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=link_flags)]
 

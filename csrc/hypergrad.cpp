@@ -43,10 +43,24 @@ TORCH_LIBRARY(hypergrad, m) {
         "Tensor[] deltas, Tensor probs, Tensor v, str activation, float negative_slope) -> Tensor");
 }
 
+#ifdef HYPERGRAD_WITH_CUDA
+namespace hypergrad {
+std::string cuda_kernel_problem(int64_t device);  // cuda/solver_cuda.cu
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "hypergrad._C: fused solver kernels, registered as torch.ops.hypergrad.*";
   module.def("compiled_torch_version", [] { return std::string(HYPERGRAD_TORCH_VERSION); },
              "torch version the extension was compiled against");
   module.def("compiled_cuda_version", [] { return std::string(HYPERGRAD_CUDA_VERSION); },
              "CUDA version the CUDA kernels were compiled with, or '' when they were not built");
+  module.def("cuda_kernel_problem", [](int64_t device) -> std::string {
+#ifdef HYPERGRAD_WITH_CUDA
+    return hypergrad::cuda_kernel_problem(device);
+#else
+    (void)device;
+    return "hypergrad._C was built without CUDA kernels";
+#endif
+  }, "why the CUDA kernels cannot run on CUDA device `device` (no image for its architecture), or '' when they can");
 }

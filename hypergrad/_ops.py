@@ -6,8 +6,8 @@ csrc/), its pure-PyTorch twin of the same name (hypergrad._reference, the oracle
 its fake, which gives torch.compile and torch.library.opcheck the shapes and dtypes of the outputs
 and checks the inputs with torch._check. For every op of the table OPS this module defines a router of the op's name
 (`_ops.row_dot`, ...): a tensor on a device that hypergrad._C has kernels for goes to
-torch.ops.hypergrad.*, anything else (no compiled library, a CUDA tensor with a CPU-only build or
-one built for another CUDA major, another device, or the twins forced by `use_extension(False)` /
+torch.ops.hypergrad.*, anything else (no compiled library, a CUDA tensor with a CPU-only build,
+one built for another CUDA major or for other GPU architectures, another device, or the twins forced by `use_extension(False)` /
 HYPERGRAD_DISABLE_EXTENSION=1) to the twin. The ops are the vector work of the Krylov solvers and
 the pieces of the structured Hessian-vector product behind the total derivative of Lu, Kamath & Yu
 (TMLR 2022), eq. 15-17.
@@ -85,10 +85,32 @@ def use_extension(enabled):
         _enabled = previous
 
 
+_device_problems = {}  # CUDA device index -> why the kernels cannot run there, or None: asked once a device
+
+
+def cuda_kernel_problem(device):
+    """Why hypergrad._C's CUDA kernels cannot run on the CUDA device `device` (None when they can): a library built for
+    other architectures (without a visible GPU it is built for 8.0 and 9.0) has no image a V100 or a T4 can run. The
+    first call for a device that cannot warns, once; its tensors then take the twins."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_problems:
+        problem = _C.cuda_kernel_problem(index) or None
+        if problem:
+            major, minor = torch.cuda.get_device_capability(index)
+            warnings.warn(f"hypergrad._C has no CUDA kernels {torch.cuda.get_device_name(index)} (compute capability "
+                          f"{major}.{minor}) can run ({problem}): its tensors take the pure-PyTorch twins (same results, "
+                          f"slower). Rebuild on this machine, or with TORCH_CUDA_ARCH_LIST={major}.{minor}: "
+                          "pip install --no-build-isolation --no-deps --force-reinstall .", RuntimeWarning, stacklevel=4)
+        _device_problems[index] = problem
+    return _device_problems[index]
+
+
 def _kernel_for(t):
     if not has_extension():
         return False
-    return t.device.type == "cpu" or (t.device.type == "cuda" and has_cuda_extension())
+    if t.device.type == "cpu":
+        return True
+    return t.device.type == "cuda" and has_cuda_extension() and cuda_kernel_problem(t.device) is None
 
 
 # ---- the registration table: one declaration per op, at its fake -------------------------------
@@ -253,5 +275,7 @@ def build_info():
         "cuda_kernels": _C is not None and _C.compiled_cuda_version() != "",
         "cuda_kernels_off": CUDA_MISMATCH,
         "cuda_device_available": torch.cuda.is_available(),
+        "cuda_kernels_run_on_device_0": (cuda_kernel_problem(torch.device("cuda", 0)) is None
+                                         if has_cuda_extension() and torch.cuda.is_available() else None),
         "ops": [op.name for op in OPS],
     }

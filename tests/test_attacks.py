@@ -1,5 +1,7 @@
 """The TGDA and label-flip attacks: invariants, determinism, resume, and one leader update
 against the total-derivative formula evaluated with a dense Hessian."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,10 +251,22 @@ def test_defender_flips_take_the_other_class_of_largest_or_smallest_cross_entrop
         LabelFlipAttack(0.1, rule=rule)
 
 
+def test_reverse_on_an_odd_number_of_classes_says_how_many_poisons_keep_their_label():
+    x, y, _, _, _, _ = _tiny()  # 3 classes: 1 is its own reverse
+    middle = int((y[:10] == 1).sum())  # the first 10 points are the poisons' sources
+    with pytest.warns(RuntimeWarning, match=f"maps class 1 onto itself: {middle} of 10 poisons keep their true label"):
+        _, y_p = LabelFlipAttack(0.25, rule="reverse", num_classes=3).poison(x, y)
+    assert int((y_p == y[:10]).sum()) == middle > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LabelFlipAttack(0.25, rule="reverse", num_classes=4).poison(x, y)  # even K: every label flips
+
+
 def test_the_validation_pool_takes_the_poisons_from_d_v_with_the_budget_of_d_tr():
     x, y, xv, yv, defender, _ = _tiny(n=40)  # D_tr 40 points, D_v 20
     flip = LabelFlipAttack(0.25, rule="reverse", pool="val", init="random", seed=3, num_classes=3)
-    x_p, y_p = flip.poison(x, y, x_val=xv, y_val=yv)
+    with pytest.warns(RuntimeWarning, match="onto itself"):
+        x_p, y_p = flip.poison(x, y, x_val=xv, y_val=yv)
     idx = flip.source_indices_
     assert len(y_p) == 10 and flip.source_pool == "val"  # floor(0.25 * 40) points, taken from D_v's 20
     assert len(set(idx.tolist())) == 10 and int(idx.max()) < 20

@@ -312,6 +312,33 @@ def test_a_cuda_major_mismatch_turns_the_cuda_kernels_off_with_a_rebuild_message
     assert hypergrad.build_info()["cuda_kernels_off"] == message
 
 
+def test_a_gpu_the_kernels_have_no_image_for_takes_the_twins_with_one_warning(monkeypatch):
+    """A library built for 8.0 / 9.0 (no GPU at build time) on a T4: CUDA's answer for the device, asked once, routes its
+    tensors to the twins with a rebuild message instead of failing at the first launch. The library, the device and
+    CUDA's answer are stand-ins here (the real query, cudaFuncGetAttributes, runs in the GPU check)."""
+    import types
+    import warnings
+    asked = []
+
+    def problem(index):
+        asked.append(index)
+        return {0: "", 1: "no kernel image is available for execution on the device"}[index]
+    monkeypatch.setattr(_ops, "_C", types.SimpleNamespace(cuda_kernel_problem=problem))
+    monkeypatch.setattr(_ops, "_device_problems", {})
+    monkeypatch.setattr(_ops, "has_extension", lambda: True)
+    monkeypatch.setattr(_ops, "has_cuda_extension", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
+    on = lambda index: types.SimpleNamespace(device=torch.device("cuda", index))  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _ops._kernel_for(on(0)) and not _ops._kernel_for(on(1)) and not _ops._kernel_for(on(1))
+    assert asked == [0, 1]  # once a device
+    assert len(caught) == 1 and "Tesla T4 (compute capability 7.5)" in str(caught[0].message)
+    assert "TORCH_CUDA_ARCH_LIST=7.5" in str(caught[0].message) and "twins" in str(caught[0].message)
+    assert _ops._kernel_for(types.SimpleNamespace(device=torch.device("cpu")))
+
+
 def test_the_build_switches_have_one_name_each_and_the_old_one_still_works(monkeypatch):
     from hypergrad._toolchain import build_switches
     assert build_switches({}) == (False, False, [])

@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "../solver_common.h"
 
 namespace hypergrad {
@@ -190,6 +192,18 @@ void cg_track_cuda(const at::Tensor& den, const at::Tensor& rr, const at::Tensor
 }
 
 }  // namespace
+
+// '' when this library holds an image of its kernels that device `device` can run (a binary for its architecture,
+// or PTX of an older one to compile), else CUDA's reason ("no kernel image is available ..."): a build for other
+// GPUs would otherwise fail at the first launch. hypergrad/_ops.py routes such a device to the twins.
+std::string cuda_kernel_problem(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, row_dot_kernel<float>);
+  if (status == cudaSuccess) return "";
+  (void)cudaGetLastError();  // a query's error: not left for the next launch check to report
+  return cudaGetErrorString(status);
+}
 
 TORCH_LIBRARY_IMPL(hypergrad, CUDA, m) {
   m.impl("row_dot", &row_dot_cuda);

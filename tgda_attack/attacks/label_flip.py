@@ -1,7 +1,8 @@
 """Label flip attacks (Biggio et al., 2011), the reference baseline of Lu, Kamath & Yu (TMLR 2022),
 Table 2 and Appendix A.4: the poisons are epsilon*N real images, pixels unchanged, with their label
 changed by one of four rules:
-  * "reverse": y -> (K - 1) - y, the paper's 9 - y on 10 classes;
+  * "reverse": y -> (K - 1) - y, the paper's 9 - y on 10 classes (for an odd K the middle class is its own
+    reverse: its poisons keep their label, with a warning);
   * "random": a uniformly random other class;
   * "largest-loss": the class with the largest cross-entropy loss under the trained defender, i.e. the
     other class to which it gives the smallest probability (Appendix A.4);
@@ -23,6 +24,8 @@ from D_v"): the retrained network fits few of them, and those it does not fit ke
 about half of that is the last epoch's swing (1.07 +- 0.15 between the medians of the last 10 epochs). Confused pairs
 make that oscillation larger and the drop at one epoch more a matter of luck (0.63 +- 0.45 on the same NN).
 """
+import warnings
+
 import torch
 
 from ..data import DataTooSmallError, initial_poison_indices, poison_budget
@@ -124,6 +127,11 @@ class LabelFlipAttack(PoisoningAttack):
         y_p = y[idx].clone()
         if self.rule == "reverse":
             y_p = (self.num_classes - 1) - y_p
+            kept = int((y_p == y[idx]).sum())
+            if kept:  # an odd K: the middle class is its own reverse
+                warnings.warn(f"label flip 'reverse' on {self.num_classes} classes maps class {self.num_classes // 2} "
+                              f"onto itself: {kept} of {n_poison} poisons keep their true label (copies, not flips); "
+                              "rule 'random' or 'nearest' flips every poison", RuntimeWarning, stacklevel=3)
         elif self.rule == "random":
             shift = torch.randint(1, self.num_classes, y_p.shape, generator=torch.Generator().manual_seed(self.seed))
             y_p = (y_p + shift.to(y_p.device)) % self.num_classes

@@ -68,9 +68,12 @@ def has_extension():
     return _C is not None and _enabled
 
 
+_CUDA_BUILT = _C is not None and _C.compiled_cuda_version() != ""  # read once: a trace cannot call into the library
+
+
 def has_cuda_extension():
     """True when hypergrad._C is in use and carries CUDA kernels built for torch's CUDA major."""
-    return has_extension() and _C.compiled_cuda_version() != "" and CUDA_MISMATCH is None
+    return has_extension() and _CUDA_BUILT and CUDA_MISMATCH is None
 
 
 @contextlib.contextmanager
@@ -110,7 +113,11 @@ def _kernel_for(t):
         return False
     if t.device.type == "cpu":
         return True
-    return t.device.type == "cuda" and has_cuda_extension() and cuda_kernel_problem(t.device) is None
+    if t.device.type != "cuda" or not has_cuda_extension():
+        return False
+    if torch.compiler.is_compiling() and t.device.index not in _device_problems:
+        return True  # no query inside a trace (a call into the library breaks the graph): asked at the first eager call
+    return cuda_kernel_problem(t.device) is None
 
 
 # ---- the registration table: one declaration per op, at its fake -------------------------------

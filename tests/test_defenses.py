@@ -171,6 +171,9 @@ def test_stage_3_run_again_removes_the_defense_results_of_its_former_retraining(
     # a filter that would remove no point (mnist-sample's 2,800: 0.0001 rounds to 0), or Sever rounds of none
     (["--defense", "loss", "--defense-fraction", "0.0001"], "removes no point, so the loss defense would change nothing"),
     (["--defense", "sever", "--defense-fraction", "0.001", "--sever-rounds", "3"], "use at most 2 rounds"),
+    # 2,800 + 84 poisons: the share run checks is that of the set stage_defend retrains on, and the advice takes a point
+    (["--defense", "loss", "--defense-fraction", "0.00034"], "of 2884 training points removes no point, so the loss "
+                                                             "defense would change nothing: use a fraction of at least 0.00035"),
 ])
 def test_defense_usage_errors_are_one_line_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "r"
@@ -197,11 +200,15 @@ def test_a_config_file_can_hold_the_defense_and_the_command_line_wins(tmp_path, 
     assert cli.defense_from_args(args) == DefenseConfig(defense="sever", defense_fraction=0.05, sever_rounds=4)
     assert cli.config_from_args(parse(["pretrain", "--out", "x", "--config", str(path)])).epsilon == 0.05  # the
     # defense is left to the run that follows
-    path.write_text('defense_fraction = 0.05\n')
+    args = parse(["run", "--out", "x", "--config", str(path), "--defense", "loss"])  # another defense wins, without
+    assert cli.defense_from_args(args) == DefenseConfig(defense="loss")  # the file's defense's settings
+    path.write_text('defense_fraction = 0.05\n')  # settings without a defense: for the one the command line names
+    assert cli.defense_from_args(parse(["run", "--out", "x", "--config", str(path), "--defense", "loss"])) == \
+        DefenseConfig(defense="loss", defense_fraction=0.05)
     assert cli.main(["run", "--out", str(tmp_path / "r"), "--config", str(path)]) == 2
-    assert "--defense-fraction set(s) a defense; add --defense NAME" in capsys.readouterr().err
+    assert f"--defense-fraction (from {path}) set(s) a defense; add --defense NAME" in capsys.readouterr().err
     for content, message in (('defense = "fgsm"\n', "unknown defense 'fgsm'"),
-                             ('defense = "loss"\nsever_rounds = 3\n', "defense loss does not read --sever-rounds"),
+                             ('defense = "loss"\nsever_rounds = 3\n', "defense loss does not read --sever-rounds (from"),
                              ('defense = "loss"\ndefense_fraction = "many"\n', "defense_fraction must be a number")):
         path.write_text(content)
         assert cli.main(["run", "--out", str(tmp_path / "r"), "--config", str(path)]) == 2

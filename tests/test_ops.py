@@ -337,6 +337,8 @@ def test_a_gpu_the_kernels_have_no_image_for_takes_the_twins_with_one_warning(mo
     assert len(caught) == 1 and "Tesla T4 (compute capability 7.5)" in str(caught[0].message)
     assert "TORCH_CUDA_ARCH_LIST=7.5" in str(caught[0].message) and "twins" in str(caught[0].message)
     assert _ops._kernel_for(types.SimpleNamespace(device=torch.device("cpu")))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inside a trace: the answers kept, no new query
+    assert not _ops._kernel_for(on(1)) and _ops._kernel_for(on(0)) and _ops._kernel_for(on(2)) and asked == [0, 1]
 
 
 def test_the_build_switches_have_one_name_each_and_the_old_one_still_works(monkeypatch):

@@ -784,6 +784,7 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(tmp_path):
     os.close(read)  # the reader is gone before the command prints
     done = subprocess.run([sys.executable, "-m", "tgda_attack", "run", "--attack", "label-flip", "--resume", "--out", out,
                            *TINY_FLAGS], stdout=write, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(protocol.__file__))})
+                          env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # stdout buffered,
+                               "PYTHONPATH": os.path.dirname(os.path.dirname(protocol.__file__))})  # as in a shell
     os.close(write)
     assert done.returncode == 141 and done.stderr == ""

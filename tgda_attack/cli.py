@@ -197,7 +197,7 @@ def _read_config_file(path):
         raise UsageError(f"config file {path} {what}")
     with open(path, "rb") as fh:
         content = fh.read()
-    # by its suffix; a file of neither suffix (settings.cfg, a process substitution) is read as whichever it is
+    # by its suffix; a file of neither suffix (settings.cfg) is read as whichever it is
     formats = {".toml": ("TOML",), ".json": ("JSON",)}.get(os.path.splitext(path)[1].lower(), ("JSON", "TOML"))
     problems = []
     for kind in formats:
@@ -237,18 +237,24 @@ def config_from_args(args):
 
 def defense_from_args(args):
     """The DefenseConfig of --defense and its settings, or None; UsageError for a setting without --defense."""
-    given = {**_file_settings(args, defense=True),
-             **{k: getattr(args, k) for k in DEFENSE_KEYS if getattr(args, k) is not None}}
+    typed = {k: getattr(args, k) for k in DEFENSE_KEYS if getattr(args, k) is not None}
+    in_file = _file_settings(args, defense=True)
+    if "defense" in typed and in_file.get("defense", typed["defense"]) != typed["defense"]:
+        in_file = {}  # the command line chose another defense than the file's: the file's settings are for its own
+    given = {**in_file, **typed}
     name = given.pop("defense", None)
+
+    def named(keys):
+        return ", ".join(f"--{k.replace('_', '-')}" + ("" if k in typed else f" (from {args.config})") for k in keys)
     if name is None:
         if given:
-            raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) a defense; add --defense NAME")
+            raise UsageError(f"{named(given)} set(s) a defense; add --defense NAME")
         return None
     if name not in DEFENSES:  # from a config file (the command line's choices are checked by argparse)
-        raise UsageError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)}")
+        raise UsageError(f"unknown defense {name!r} (from {args.config}); choose one of {', '.join(DEFENSES)}")
     unread = sorted(set(given) - {s.name for s in DEFENSES[name].settings})
     if unread:
-        raise UsageError(f"defense {name} does not read {', '.join('--' + k.replace('_', '-') for k in unread)}")
+        raise UsageError(f"defense {name} does not read {named(unread)}")
     try:
         return DefenseConfig(defense=name, **given).checked()
     except ValueError as exc:
@@ -348,6 +354,17 @@ def _seed_folder(out, seed, seeds):
 
 
 def main(argv=None):
+    """The command: its exit status (0, 1 for a failed run, 2 for a usage error, 141 where stdout's reader has gone)."""
+    try:
+        status = _command(argv)
+        sys.stdout.flush()  # a pipe holds stdout in a buffer: a reader gone shows here, not at Python's exit
+        return status
+    except BrokenPipeError:  # stdout's reader has gone (`tgda-attack ... | head`): the results are in their files
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush raises it again
+        return 141  # 128 + SIGPIPE, as a tool the pipe's end stops
+
+
+def _command(argv):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv[:1]  # before the command, as argparse reads it
@@ -359,9 +376,6 @@ def main(argv=None):
         defense = defense_from_args(args) if args.command in ("run", "evaluate") else None
         if args.command in ("run", "pretrain"):
             cfg = config_from_args(args)
-            notes = [] if data_parallel.launched() else [unread_options_note(args, cfg), busy_cpu_note(cfg.threads)]
-            for note in filter(None, notes):  # on stdout, beside the results: stderr holds an error's one line alone
-                print(note)
             if data_parallel.launched():
                 if args.command != "run" or data_parallel.problem(cfg):
                     raise UsageError(data_parallel.problem(cfg) or "torchrun spreads `tgda-attack run` only")
@@ -375,6 +389,9 @@ def main(argv=None):
                           overwrite=args.overwrite, resume=args.resume)
             if defense:
                 protocol.check_defense_size(cfg, defense)
+            notes = [] if data_parallel.launched() else [unread_options_note(args, cfg), busy_cpu_note(cfg.threads)]
+            for note in filter(None, notes):  # on stdout beside the results, once the run will start (a usage error
+                print(note)                   # is one line on stderr alone)
             if args.command == "pretrain":
                 for seed in seeds:
                     out = _seed_folder(args.out, seed, seeds)
@@ -431,9 +448,6 @@ def main(argv=None):
             raise
         print(f"tgda-attack: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # stdout's reader has gone (`tgda-attack ... | head`): the results are in their files
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush raises it again
-        return 141  # 128 + SIGPIPE, as a tool the pipe's end stops
     except KeyboardInterrupt:
         print("tgda-attack: interrupted; `tgda-attack attack --out DIR` resumes an attack from its checkpoint",
               file=sys.stderr)

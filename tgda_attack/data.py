@@ -92,6 +92,18 @@ class Splits:
                 "n_test": len(self.y_test), "image_shape": list(self.image_shape), **self.info}
 
 
+def smallest_share(n, points=1):
+    """The smallest share f of n points, written with two significant digits, whose floor(f * n) is at least `points`:
+    the value an error message advises (1 / n printed to two digits rounds down about half the time, to a share that
+    still takes no point)."""
+    exact = points / n
+    scale = 10 ** (1 - math.floor(math.log10(exact)))
+    share = math.ceil(exact * scale - 1e-9) / scale
+    while math.floor(share * n + 1e-9) < points:  # a float's last digit
+        share = (round(share * scale) + 1) / scale
+    return share
+
+
 def poison_budget(n_train, epsilon):
     """|D_p| = floor(epsilon * n_train) (a tolerance keeps 0.03 * 2800 at 84, not 83)."""
     if not 0 <= epsilon <= 1:

@@ -209,7 +209,7 @@ def _check_poison_budget(cfg, n_train):
     if total < 1:
         raise data_mod.DataTooSmallError(
             f"--epsilon {cfg.epsilon} of {n_train} training points makes no poison: use an epsilon of at least "
-            f"{1 / n_train:.2g}")
+            f"{data_mod.smallest_share(n_train):g}")
     world = data_parallel.world_size()
     if world < 2 or cfg.dp_mode != "partitions":
         return
@@ -793,9 +793,11 @@ def _clean_defense(out, cfg, dcfg, splits, train, sanitise, place):
 
 
 def check_defense_size(cfg, dcfg):
-    """DataTooSmallError before stage 1 where the defense would do nothing on this run's training set (a filter's
-    share of it rounds to no point): checked on D_tr alone, the smallest the poisoned set can be."""
-    DEFENSES[dcfg.defense].from_config(dcfg).check_size(len(load_splits(cfg).y_train))
+    """DataTooSmallError before stage 1 where the defense would do nothing on this run's poisoned training set (a
+    filter's share of it rounds to no point), D_tr and the run's poison budget: the set stage_defend checks again (an
+    attack that replaces points of D_tr, EMN's unlearnable mode, leaves it at D_tr's size: checked there)."""
+    n_train = len(load_splits(cfg).y_train)
+    DEFENSES[dcfg.defense].from_config(dcfg).check_size(n_train + data_mod.poison_budget(n_train, cfg.epsilon))
 
 
 def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):

@@ -191,9 +191,14 @@ def check_out(out):
         raise RunFolderError(f"--out {out!r} names no folder; give the run's output folder")
     path = os.path.abspath(out)
     while True:
-        if os.path.islink(path) and not os.path.exists(path):
-            raise RunFolderError(f"--out {out}: {path} is a link to {os.readlink(path)}, which does not exist; create "
-                                 "that folder, or choose another --out")
+        if os.path.islink(path):
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                raise RunFolderError(f"--out {out}: {path} is a link to {os.readlink(path)}, which does not exist; "
+                                     "create that folder, or choose another --out") from None
+            except OSError:  # a link into a folder this user cannot read: the stage's own error names it
+                pass
         parent = os.path.dirname(path)
         if parent == path:
             return

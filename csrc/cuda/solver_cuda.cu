@@ -200,9 +200,13 @@ std::string cuda_kernel_problem(int64_t device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   cudaFuncAttributes attributes;
   const cudaError_t status = cudaFuncGetAttributes(&attributes, row_dot_kernel<float>);
-  if (status == cudaSuccess) return "";
-  (void)cudaGetLastError();  // a query's error: not left for the next launch check to report
-  return cudaGetErrorString(status);
+  if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction ||
+      status == cudaErrorUnsupportedPtxVersion) {
+    (void)cudaGetLastError();  // this query's own error, not left for the next launch check to report
+    return cudaGetErrorString(status);
+  }
+  C10_CUDA_CHECK(status);  // any other error is not an answer about the images: raised as it is
+  return "";
 }
 
 TORCH_LIBRARY_IMPL(hypergrad, CUDA, m) {

@@ -29,7 +29,7 @@ tgda_attack.config.DefenseConfig and options of `tgda-attack run|evaluate --defe
 import torch
 
 from ..attacks.base import Setting
-from ..data import DataTooSmallError
+from ..data import DataTooSmallError, smallest_share
 from ..attacks.base import registry as _registry
 
 KINDS = ("filter", "training")
@@ -84,7 +84,7 @@ class PoisonFilter(Defense):
         if self.points_removed(n) < 1:
             raise DataTooSmallError(f"--defense-fraction {self.fraction} of {n} training points removes no point, so "
                                     f"the {self.name} defense would change nothing: use a fraction of at least "
-                                    f"{1 / n:.2g}")
+                                    f"{smallest_share(n):g}")
 
     def _model(self, x, y, model, fit):
         if model is not None:

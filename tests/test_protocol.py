@@ -495,14 +495,23 @@ def test_a_folder_holding_another_run_is_refused_then_overwritten_or_resumed_unl
     assert not os.path.exists(os.path.join(out, "defense_sphere"))  # it was of the replaced poisons
 
 
+def _as_an_older_version_wrote_it(out, **config):
+    """The run folder `out` as written by a version before config.json's settings were recorded in pretrain.json and
+    attack.json (protocol.check_made_with), its config.json updated with `config` (None: the key left out)."""
+    for name, key in (("pretrain.json", "stage_1_settings"), ("attack.json", "settings")):
+        values = json.load(open(os.path.join(out, name)))
+        values.pop(key, None)
+        json.dump(values, open(os.path.join(out, name), "w"))
+    path = os.path.join(out, "config.json")
+    recorded = {**json.load(open(path)), **config}
+    json.dump({k: v for k, v in recorded.items() if v is not None}, open(path, "w"))
+
+
 def test_a_folder_written_before_a_setting_existed_resumes_when_the_setting_is_at_its_default(tmp_path, capsys):
     out = str(tmp_path)
     flags = ["--attack", "label-flip", "--out", out, *TINY_FLAGS]
     assert cli.main(["run", *flags]) == 0
-    path = os.path.join(out, "config.json")
-    recorded = json.load(open(path))
-    del recorded["perfect_knowledge"]  # as written by a version without the setting
-    json.dump(recorded, open(path, "w"))
+    _as_an_older_version_wrote_it(out, perfect_knowledge=None)  # a version without the setting
     assert cli.main(["run", *flags, "--resume"]) == 0
     assert cli.main(["run", *flags, "--perfect-knowledge", "--resume"]) == 2  # not at its default: another run
     assert "perfect_knowledge None -> True" in capsys.readouterr().err
@@ -515,10 +524,7 @@ def test_a_folder_written_before_the_gradient_norm_bound_is_a_run_of_plain_desce
     out = str(tmp_path)
     flags = ["--attack", "label-flip", "--out", out, *TINY_FLAGS]
     assert cli.main(["run", *flags, "--pretrain-max-grad-norm", "0"]) == 0
-    path = os.path.join(out, "config.json")
-    recorded = json.load(open(path))
-    del recorded["pretrain_max_grad_norm"]  # as written by a version without the setting
-    json.dump(recorded, open(path, "w"))
+    _as_an_older_version_wrote_it(out, pretrain_max_grad_norm=None)  # a version without the setting
     capsys.readouterr()
     assert cli.main(["run", *flags, "--resume"]) == 2
     err = capsys.readouterr().err
@@ -533,9 +539,7 @@ def test_a_run_is_the_settings_it_reads(tmp_path, capsys):
     out = str(tmp_path / "flip")
     flags = ["--attack", "label-flip", "--out", out, *TINY_FLAGS]
     assert cli.main(["run", *flags]) == 0
-    recorded = json.load(open(os.path.join(out, "config.json")))
-    recorded.update(solver="cgnr", checkpoint_every=5, gc_steps=7)  # as an older version wrote a label-flip run
-    json.dump(recorded, open(os.path.join(out, "config.json"), "w"))
+    _as_an_older_version_wrote_it(out, solver="cgnr", checkpoint_every=5, gc_steps=7)  # a label-flip run
     assert cli.main(["run", *flags, "--threads", "1", "--resume"]) == 0
     out = str(tmp_path / "tgda")
     assert cli.main(["run", "--out", out, *TINY_FLAGS, "--solver", "cgnr"]) == 0

@@ -87,6 +87,30 @@ def _copy(finished_run, tmp_path):
     return folder
 
 
+@pytest.mark.parametrize("edit, made_with", [({"attack": "gradient-canceling"}, "attack.json"), ({"epsilon": 0.05}, "attack.json"),
+                                             ({"seed": 3}, "pretrain.json"), ({"pretrain_lr": 0.5}, "pretrain.json")])
+def test_a_config_json_changed_under_the_files_it_made_is_refused_not_reported_as_their_settings(
+        finished_run, tmp_path, capsys, edit, made_with):
+    """A hand-edited config.json once relabelled a label-flip run's numbers as Gradient Canceling's (or an epsilon of
+    0.05 over 84 poisons, seed 0's clean accuracy beside a retraining under seed 3): each later stage and --resume
+    now compare it with the settings pretrain.json and attack.json record."""
+    folder = _copy(finished_run, tmp_path)
+    path = os.path.join(folder, "config.json")
+    original = json.load(open(path))
+    json.dump({**original, **edit}, open(path, "w"))
+    key = next(iter(edit))
+    for argv in (["evaluate", "--out", folder], ["evaluate", "--out", folder, "--defense", "slab"],
+                 [*RUN, *(f"--{key.replace('_', '-')}", str(edit[key])), "--out", folder, "--resume"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"no longer holds the settings {made_with} was made with ({key} " in err and "\n" not in err
+    before = json.load(open(os.path.join(finished_run, "metrics.json")))
+    assert json.load(open(os.path.join(folder, "metrics.json"))) == before  # nothing rewritten
+    # where the run executes, and stage 3's own retrainings, may change: a folder made on a GPU is evaluated on a CPU
+    json.dump({**original, "device": "cpu", "threads": 1, "retrainings": 2}, open(path, "w"))
+    assert cli.main(["evaluate", "--out", folder, "--quiet"]) == 0
+
+
 @pytest.mark.parametrize("content", ["{}", "[1]", "empty weights"])
 def test_resume_over_a_metrics_json_that_is_no_result_runs_stage_3_again(finished_run, tmp_path, content):
     """A metrics.json that is JSON but not a result (a hand edit, another program), or an emptied retrained defender

@@ -44,7 +44,7 @@ from . import data as data_mod
 from . import data_parallel
 from .attacks import ATTACKS
 from .attacks.base import SOURCE_POOLS
-from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # noqa: F401  (re-exported for callers)
+from .config import ATTACKER_NAMES, DATASET_DEFAULTS, EXECUTION, Config, DefenseConfig  # noqa: F401  (re-exported for callers)
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
@@ -189,13 +189,20 @@ PRETRAIN_SETTINGS = ("dataset", "data_root", "split_seed", "seed", "defender", "
 ATTACKER_PRETRAIN_SETTINGS = ("attacker", "pretrain_attacker", "attacker_epochs", "attacker_batch_size")
 
 
-def pretrain_key(cfg):
-    """What stage 1 of the resolved `cfg` depends on, as a JSON-able dict (stage_pretrain's `shared` store)."""
+def stage_1_settings(cfg):
+    """The settings of the resolved `cfg` that stage 1's models depend on (pretrain.json records them)."""
     key = {name: getattr(cfg, name) for name in PRETRAIN_SETTINGS}
-    key["data_root"] = os.path.abspath(cfg.data_root) if cfg.data_root else None
     key["eval_defender"] = cfg.eval_defender if _transfers(cfg) else None
     if _needs_attacker_network(cfg):
         key.update({name: getattr(cfg, name) for name in ATTACKER_PRETRAIN_SETTINGS})
+    return key
+
+
+def pretrain_key(cfg):
+    """What stage 1 of the resolved `cfg` depends on, as a JSON-able dict (stage_pretrain's `shared` store): its
+    settings, and the machine's threads and torch."""
+    key = stage_1_settings(cfg)
+    key["data_root"] = os.path.abspath(cfg.data_root) if cfg.data_root else None
     key.update(threads=torch.get_num_threads(), torch=torch.__version__)
     if training_layout(make_defender(cfg.defender), cfg.device) is not None:  # trained in another layout before
         key["layout"] = "channels_last"
@@ -257,6 +264,42 @@ def _to_shared(entry, key, files, out):
     os.replace(tmp, os.path.join(entry, "key.json"))
 
 
+# Settings a run folder's config.json may change without outdating its files: where the run executes (a folder made
+# on a GPU is evaluated on a CPU by editing "device"; the data may lie elsewhere there), and stage 3's own retrainings.
+NOT_MADE_WITH = ("split", "device", "data_root", "retrainings", *EXECUTION)
+
+
+def _made_with(values):
+    """The settings (config.json's, as it holds them) that a run's stage 2 is made with (attack.json records them)."""
+    return {k: v for k, v in values.items() if k not in NOT_MADE_WITH}
+
+
+def check_made_with(out, cfg):
+    """RunFolderError where out/config.json no longer holds the settings its pretrain.json or attack.json were made
+    with (edited since: the later stages would report another run's numbers under its settings). Files written before
+    these records existed are not checked."""
+    current = {"pretrain.json": {k: v for k, v in stage_1_settings(cfg).items() if k not in NOT_MADE_WITH},
+               "attack.json": _made_with(settings_of(out) or {})}
+    for name, key in (("pretrain.json", "stage_1_settings"), ("attack.json", "settings")):
+        try:
+            recorded = read_json(os.path.join(out, name))
+        except (OSError, ValueError, RunFolderError):  # absent or damaged: the stage that reads it says so
+            continue
+        recorded = recorded.get(key) if isinstance(recorded, dict) else None
+        if not isinstance(recorded, dict):
+            continue
+        recorded = {k: v for k, v in recorded.items() if k not in NOT_MADE_WITH}
+        # config.json's own keys for attack.json; stage 1's as recorded (a later version may add some)
+        keys = set(recorded) | set(current[name]) if name == "attack.json" else set(recorded)
+        changed = sorted(k for k in keys if recorded.get(k) != current[name].get(k))
+        if changed:
+            diff = ", ".join(f"{k} {recorded.get(k)!r} -> {current[name].get(k)!r}" for k in changed[:4])
+            raise RunFolderError(f"{os.path.join(out, 'config.json')} no longer holds the settings {name} was made with "
+                                 f"({diff}{' ...' if len(changed) > 4 else ''}): it was changed since; put those "
+                                 f"settings back, or run the settings you want into another --out (or `tgda-attack run "
+                                 f"--out {out} --overwrite ...`)")
+
+
 def _pretrain_result(out, cfg):
     """pretrain.json of `out`, checked to hold what the later stages read; RunFolderError (with --overwrite advice:
     a stage 1 made again would not be the one the folder's poisons were made against) where it does not."""
@@ -305,6 +348,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
         missing = [n for n in done if not has(n)]
         if not missing:
             kept = _pretrain_result(out, cfg)
+            check_made_with(out, cfg)
             _kept_threads(out, cfg)
             remove_training_checkpoints(out, "pretrain")
             return kept
@@ -318,7 +362,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
         entry = _shared_entry(shared, key)
         copied = _shared_copy(entry, key, done, out, cfg)
         if copied is not None:
-            result = {**copied, "pretrained_in": entry}
+            result = {**copied, "pretrained_in": entry, "stage_1_settings": stage_1_settings(cfg)}
             result.pop("shared_as", None)  # the mark of the run that trained it, not of its copies
             write_json(os.path.join(out, "pretrain.json"), result)
             remove_training_checkpoints(out, "pretrain")  # a training of its own, killed before another run stored it
@@ -336,7 +380,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
                               batch_size=cfg.attacker_batch_size, seed=cfg.seed, verbose=verbose)
         save_atomic(attacker.state_dict(), os.path.join(out, "attacker_pretrained.pt"))
     result = {"clean_accuracy": clean, "pretrain_seconds": kept.seconds_before + time.perf_counter() - start,
-              "clean_accuracy_last_epochs": clean_tail}
+              "clean_accuracy_last_epochs": clean_tail, "stage_1_settings": stage_1_settings(cfg)}
     if kept.resumed_at_epoch:
         result["pretrain_resumed_at_epoch"] = kept.resumed_at_epoch
     if shared is not None:
@@ -375,8 +419,12 @@ def stage_attack(out, verbose=False):
     """Stage 2: reads the pretrained models, runs the attack of the folder's settings, writes poisons.pt,
     attack.json (seconds, per-epoch history) and, for attacks that train them, the attacked models."""
     need(out, "config.json", "defender_pretrained.pt")
+    if not os.path.exists(os.path.join(out, "pretrain.json")):  # the mark that stage 1 finished, and its accuracies
+        raise RunFolderError(f"{out} lacks pretrain.json of stage 1, which stage 3 reads: {redo_from_stage_1(out)}")
     check_writable(out)
     cfg = _config_from(out)
+    _pretrain_result(out, cfg)
+    check_made_with(out, cfg)
     use_threads(cfg)
     attack_cls = ATTACKS[cfg.attack]
     splits = load_splits(cfg)
@@ -410,7 +458,8 @@ def stage_attack(out, verbose=False):
     seconds = time.perf_counter() - start + attack.earlier_seconds_  # a resumed attack's earlier epochs count
     result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": history, "info": attack.info_,
               "processes": world, "dp_mode": cfg.dp_mode if world > 1 else None,
-              "threads": torch.get_num_threads()}  # a seed fixes a run's bits for one thread count
+              "threads": torch.get_num_threads(),  # a seed fixes a run's bits for one thread count
+              "settings": _made_with(settings_of(out))}  # what check_made_with compares config.json with
     if not data_parallel.is_main():  # under torchrun rank 0 alone writes
         return result
     clear_evaluation(out)
@@ -497,6 +546,7 @@ def stage_evaluate(out, verbose=False):
     use_threads(cfg)
     pre = _pretrain_result(out, cfg)
     att = read_json_object(os.path.join(out, "attack.json"), {"attack_seconds": (int, float)})  # before any work
+    check_made_with(out, cfg)
     splits = load_splits(cfg)
     poisons = _read_poisons(out, cfg, splits)
     if isinstance(att.get("n_poison"), int) and att["n_poison"] != len(poisons["y_poison"]):
@@ -826,6 +876,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
                                      f"defense settings {recorded.get('defense_settings')} -> {dcfg.own_settings()}")
     check_writable(out)  # after the kept results above: reading them from a read-only folder writes nothing
     cfg = _config_from(out)
+    check_made_with(out, cfg)
     use_threads(cfg)
     undefended = read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),
                                                                       "poisoned_accuracy": (int, float)})

@@ -89,7 +89,7 @@ class BackGradientAttack(PoisoningAttack):
 
     name = "back-gradient"
     settings = (
-        Setting("bg_unroll_steps", int, 10, "count",
+        Setting("bg_unroll_steps", int, 10, "positive-count",
                 "k: the defender's gradient-descent steps the back-gradient leader differentiates through"),
         Setting("bg_lr", float, 100.0, "positive", "eta: the back-gradient leader's step size on the poisons' pixels"),
     ) + FEASIBLE_SETTINGS

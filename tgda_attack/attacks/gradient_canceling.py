@@ -116,7 +116,7 @@ class GradientCancelingAttack(PoisoningAttack):
     name = "gradient-canceling"
     log_every = 10
     settings = TARGET_SETTINGS + (
-        Setting("gc_steps", int, 500, "count", "Adam steps of gradient canceling on the poisons' pixels"),
+        Setting("gc_steps", int, 500, "positive-count", "Adam steps of gradient canceling on the poisons' pixels"),
         Setting("gc_lr", float, 0.01, "positive", "Adam's step size in gradient canceling"),
         Setting("gc_target", str, "gradpc", TARGETS, "how gradient canceling makes its target parameters"),
         Setting("gc_radius", float, 0.0, "non-negative",

@@ -79,7 +79,7 @@ class MetaPoisonAttack(PoisoningAttack):
                 "L-infinity bound of MetaPoison's perturbations, in pixel units of the [-1, 1] range"),
         Setting("mp_models", int, 24, "positive-count", "M: MetaPoison's ensemble size"),
         Setting("mp_unroll_steps", int, 2, "count", "K: MetaPoison's unrolled SGD steps per model"),
-        Setting("mp_steps", int, 60, "count", "MetaPoison's outer steps (Adam steps on the perturbation)"),
+        Setting("mp_steps", int, 60, "positive-count", "MetaPoison's outer steps (Adam steps on the perturbation)"),
         Setting("mp_lr", float, 0.01, "positive", "Adam's step size on MetaPoison's perturbation"),
         Setting("mp_train_epochs", int, 10, "positive-count",
                 "training length of MetaPoison's staggered ensemble, in passes over D_tr U D_p"),

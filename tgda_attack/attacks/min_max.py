@@ -76,7 +76,7 @@ MIN_MAX_SETTINGS = (
     Setting("mm_rounds", int, 100, "positive-count",
             "rounds of the (improved) min-max attack: each makes an equal share of the poisons, then the "
             "defender takes follower-steps gradient-descent steps on D_tr U the poisons so far"),
-    Setting("mm_steps", int, 20, "count",
+    Setting("mm_steps", int, 20, "positive-count",
             "projected signed-gradient ascent steps on each new poison's pixels in the (improved) min-max attack"),
     Setting("mm_step_size", float, 0.1, "positive",
             "step size of that ascent (pixels, in the units of the pixel range)"),

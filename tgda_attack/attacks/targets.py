@@ -40,7 +40,7 @@ from .label_flip import LabelFlipAttack
 TARGET_SETTINGS = (
     Setting("target_epsilon", float, 0.1, "fraction",
             "size of the label flip that makes the target parameters, as a fraction of D_tr"),
-    Setting("target_epochs", int, 10, "count",
+    Setting("target_epochs", int, 10, "positive-count",
             "epochs of gradient descent from the trained defender on D_tr U that flip"),
 )
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import hypergrad
 from tgda_attack.attacks import LabelFlipAttack, TGDAAttack
+from tgda_attack.data import DataTooSmallError
 
 
 class TinyAttacker(nn.Module):
@@ -305,8 +306,10 @@ def test_confused_pairs_take_the_fewest_most_frequent_class_pairs_that_hold_the_
     idx = flip.source_indices_
     assert len(set(idx.tolist())) == 9 and int(idx.max()) < 10 and torch.equal(y_p, (y_val[idx] + 1) % 3)
     assert flip.info_["pairs"] == [[0, 1, 6], [1, 2, 4]]
-    with pytest.raises(ValueError, match="hold 12 points, fewer than the 15 poisons"):
+    with pytest.raises(DataTooSmallError, match="hold 12 points, fewer than the 15 poisons: use select 'spread' "
+                       r"\(--flip-select spread\) or an epsilon of at most 0.375"):  # known after stage 1: exit 2
         poison(0.5)
+    assert len(poison(0.375)[2]) == 11  # the advised epsilon fits
     with pytest.raises(ValueError, match="needs rule 'nearest'"):
         LabelFlipAttack(0.1, defender=defender, select="confused-pairs")
 

@@ -24,6 +24,7 @@ from D_v"): the retrained network fits few of them, and those it does not fit ke
 about half of that is the last epoch's swing (1.07 +- 0.15 between the medians of the last 10 epochs). Confused pairs
 make that oscillation larger and the drop at one epoch more a matter of luck (0.63 +- 0.45 on the same NN).
 """
+import math
 import warnings
 
 import torch
@@ -156,8 +157,11 @@ class LabelFlipAttack(PoisoningAttack):
                 chosen.append(p)
                 held += int(counts[p])
         if held < n_poison:
-            raise ValueError(f"the pool's confused pairs, one direction each, hold {held} points, fewer than the "
-                             f"{n_poison} poisons: use select 'spread' or a smaller epsilon")
+            # known only from the trained defender's predictions, so after stage 1: a usage error, not a traceback
+            raise DataTooSmallError(f"the pool's confused pairs, one direction each, hold {held} points, fewer than "
+                                    f"the {n_poison} poisons: use select 'spread' (--flip-select spread) or an epsilon "
+                                    f"of at most {math.floor(1e4 * held * self.epsilon / (n_poison + 1)) / 1e4:g} (a new "
+                                    "run: another --out, or --overwrite)")
         candidates = torch.isin(pair.cpu(), torch.tensor(chosen, dtype=pair.dtype)).nonzero()[:, 0]
         idx = self.source_indices_ = candidates[initial_poison_indices(len(candidates), n_poison, self.init, self.seed)]
         self.info_["pairs"] = [[p // k, p % k, int(counts[p])] for p in chosen]

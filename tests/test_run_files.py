@@ -111,6 +111,13 @@ def test_a_config_json_changed_under_the_files_it_made_is_refused_not_reported_a
     assert cli.main(["evaluate", "--out", folder, "--quiet"]) == 0
 
 
+def test_resume_of_a_finished_run_draws_a_deleted_figure_again(finished_run, tmp_path):
+    folder = _copy(finished_run, tmp_path)
+    os.remove(os.path.join(folder, "poisons.png"))
+    assert cli.main([*RUN, "--out", folder, "--resume"]) == 0
+    assert os.path.getsize(os.path.join(folder, "poisons.png")) > 1000  # the command printed its path: it is there
+
+
 @pytest.mark.parametrize("content", ["{}", "[1]", "empty weights"])
 def test_resume_over_a_metrics_json_that_is_no_result_runs_stage_3_again(finished_run, tmp_path, content):
     """A metrics.json that is JSON but not a result (a hand edit, another program), or an emptied retrained defender

@@ -592,10 +592,17 @@ def stage_evaluate(out, verbose=False):
     metrics.update(poison_statistics(source.cpu(), poisons["x_poison"]))
     write_json(os.path.join(out, "metrics.json"), metrics)
     remove_training_checkpoints(out, "retrain")  # the retraining's and the retrainings' (written: retrainings.json)
-    from .report import save_poison_figure
-    save_poison_figure(source.cpu(), poisons["x_poison"], y_pool[poisons["source_indices"].to(y_pool.device)].cpu(),
-                       poisons["y_poison"], os.path.join(out, "poisons.png"))
+    _draw_poisons(out, cfg, splits, poisons)
     return metrics
+
+
+def _draw_poisons(out, cfg, splits, poisons):
+    """out/poisons.png: the poisons beside their sources (report.save_poison_figure)."""
+    from .report import save_poison_figure
+    x_pool, y_pool = source_points(cfg, splits, poisons)
+    at = poisons["source_indices"].to(x_pool.device)
+    save_poison_figure(x_pool[at].cpu(), poisons["x_poison"], y_pool[at].cpu(), poisons["y_poison"],
+                       os.path.join(out, "poisons.png"))
 
 
 def _file_digest(path):
@@ -952,7 +959,10 @@ def run(cfg, out, verbose=False, *, overwrite=False, resume=False, shared_pretra
     data_parallel.barrier()
     kept = finished_evaluation(out) if resume else None  # a damaged metrics.json: stage 3 runs again
     if kept is not None:  # kept, with the poisons it measured: a poisons.pt damaged since is an error
-        load_state(os.path.join(out, "poisons.pt"), POISON_FILE)
+        poisons = load_state(os.path.join(out, "poisons.pt"), POISON_FILE)
         remove_training_checkpoints(out, "retrain")
+        if data_parallel.is_main() and not os.path.exists(os.path.join(out, "poisons.png")):  # deleted since: drawn again
+            cfg = _config_from(out)
+            _draw_poisons(out, cfg, load_splits(cfg), poisons)
         return kept
     return data_parallel.on_main(stage_evaluate, out, verbose)

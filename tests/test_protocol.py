@@ -430,6 +430,9 @@ def test_one_seed_over_a_folder_of_seeds_or_seeds_over_a_single_run_is_refused(t
             assert cli.main([command, *flags, *argv]) == 2
             err = capsys.readouterr().err.strip()
             assert message in err and "\n" not in err
+    for command in ("attack", "evaluate"):  # the later stages, pointed at the folder of seeds
+        assert cli.main([command, "--out", str(seeds)]) == 2
+        assert f"one folder each: give one of them, e.g. --out {seeds / 'seed_0'}" in capsys.readouterr().err
     assert sorted(os.listdir(seeds)) == ["seed_0", "seed_1", "summary.json", "summary.md"]
     assert not any(n.startswith("seed_") for n in os.listdir(single))
     assert cli.main(["run", *flags, "--seeds", "0", "1", "--out", str(seeds), "--resume"]) == 0  # the same layout resumes

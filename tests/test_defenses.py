@@ -150,6 +150,19 @@ def test_defense_results_of_other_settings_are_not_silently_reused(label_flip_ru
     assert again["defense_settings"] == {"defense_fraction": 0.03}
 
 
+@pytest.mark.parametrize("content", ["garbage{", "{}"])
+def test_a_damaged_defense_result_is_computed_again_not_reported_as_other_settings(label_flip_run, tmp_path, content):
+    import shutil
+    folder = str(tmp_path / "copy")
+    shutil.copytree(label_flip_run, folder)
+    first = protocol.stage_defend(folder, DefenseConfig(defense="slab"), overwrite=True)
+    with open(os.path.join(folder, "defense_slab", "metrics.json"), "w") as fh:
+        fh.write(content)  # once: "holds results of defense settings None"
+    again = protocol.stage_defend(folder, DefenseConfig(defense="slab"), resume=True)
+    assert again["defended_accuracy"] == first["defended_accuracy"]
+    assert json.load(open(os.path.join(folder, "defense_slab", "metrics.json")))["defense_settings"] == {"defense_fraction": 0.03}
+
+
 def test_stage_3_run_again_removes_the_defense_results_of_its_former_retraining(label_flip_run, tmp_path):
     """The filters score points with stage 3's retrained defender: a new one (evaluate by hand, another thread
     count) outdates every defense_* folder, which would otherwise stand beside metrics of another model."""

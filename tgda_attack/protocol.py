@@ -868,11 +868,13 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     defense = DEFENSES[dcfg.defense].from_config(dcfg)  # its own checks, before any work
     folder = os.path.join(out, f"defense_{dcfg.defense}")
     path = os.path.join(folder, "metrics.json")
-    if os.path.exists(path):
-        try:
-            recorded = read_json(path)
-        except ValueError:
-            recorded = {}
+    try:
+        recorded = read_json(path) if os.path.exists(path) else None
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("defense_settings"), dict):
+        recorded = None  # none, or damaged (truncated, edited): no result to keep or protect, computed again
+    if recorded is not None:
         if recorded.get("defense_settings") == dcfg.own_settings() and resume:
             remove_training_checkpoints(folder)
             return recorded

@@ -58,7 +58,8 @@ def test_a_sweep_stopped_by_sigterm_cancels_the_jobs_in_flight(tmp_path, sigint_
 
 @pytest.mark.parametrize("argv, message", [
     (["--jobs", "2"], "add --executor"), (["--executor", "local", "--jobs", "0"], "at least 1"),
-    (["--executor", "pbs"], "invalid choice"),
+    (["--executor", "pbs"], "invalid choice"), (["--job-gpus", "1"], "add --executor"),  # were ignored in-process
+    (["--job-minutes", "5"], "add --executor"), (["--executor", "local", "--job-minutes", "0"], "at least 1"),
 ])
 def test_cluster_usage_errors_are_one_line(argv, message, tmp_path, capsys):
     assert cli.main(["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]) == 2

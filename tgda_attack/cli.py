@@ -124,8 +124,8 @@ def build_parser():
                    help="run each run folder as a submitit job: local (processes here) or slurm (default: in this process)")
     p.add_argument("--jobs", type=int, default=1, help="jobs in flight at once with --executor (default: 1)")
     p.add_argument("--slurm-partition", help="Slurm partition (--executor slurm)")
-    p.add_argument("--job-minutes", type=int, default=600, help="time limit of a job in minutes (default: 600)")
-    p.add_argument("--job-gpus", type=int, default=0, help="GPUs a job asks for (default: 0)")
+    p.add_argument("--job-minutes", type=int, help="time limit of a job in minutes (default: 600)")
+    p.add_argument("--job-gpus", type=int, help="GPUs a job asks for (default: 0)")
     return parser
 
 
@@ -137,10 +137,14 @@ def _bench(args):
         raise UsageError(f"--data-root is read at --scale paper only; --scale {args.scale} runs on the embedded MNIST "
                          "sample: drop --data-root, or add --scale paper")
     table = bench.TABLES[args.table]
+    if args.executor is None and (args.jobs != 1 or args.slurm_partition or args.job_minutes is not None
+                                  or args.job_gpus is not None):
+        raise UsageError("--jobs, --slurm-partition, --job-minutes and --job-gpus set how jobs run on a cluster: add "
+                         "--executor local|slurm")
+    args.job_minutes = 600 if args.job_minutes is None else args.job_minutes
+    args.job_gpus = 0 if args.job_gpus is None else args.job_gpus
     if args.jobs < 1 or args.job_minutes < 1 or args.job_gpus < 0:
         raise UsageError("--jobs and --job-minutes must be at least 1, --job-gpus at least 0")
-    if args.executor is None and (args.jobs != 1 or args.slurm_partition):
-        raise UsageError("--jobs and --slurm-partition set how jobs run on a cluster: add --executor local|slurm")
     overrides = _parse_overrides(args.overrides)
     try:
         bench.plan(table, args.scale, [0], data_root=args.data_root, device=args.device, defenders=args.defenders,

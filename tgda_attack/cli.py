@@ -16,6 +16,7 @@ with status 2 and one line.
 import argparse
 import atexit
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -230,6 +231,13 @@ def _file_settings(args, defense):
 
 def config_from_args(args):
     values = _file_settings(args, defense=False)
+    known = [f.name for f in dataclasses.fields(Config)] + list(DEFENSE_KEYS)
+    unknown = sorted(set(values) - set(known))
+    if unknown:  # a typo: the nearest names, not the whole list of some eighty
+        guesses = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        raise UsageError(f"config file {args.config}: unknown setting(s) " + ", ".join(
+            f"{k!r}" + (f" (did you mean {guesses[k][0]!r}?)" if guesses[k] else "") for k in unknown)
+            + "; `tgda-attack run --help` lists them (dashes there, underscores in a file)")
     for f in dataclasses.fields(Config):
         if getattr(args, f.name) is not None:
             values[f.name] = getattr(args, f.name)

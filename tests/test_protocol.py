@@ -440,6 +440,18 @@ def test_one_seed_over_a_folder_of_seeds_or_seeds_over_a_single_run_is_refused(t
     assert cli.main(["run", *flags, "--seeds", "0", "1", "--out", str(seeds), "--resume"]) == 0  # the same layout resumes
 
 
+def test_seeds_of_one_seed_write_the_seeds_layout_that_more_seeds_extend(tmp_path, capsys):
+    flags = ["--attack", "label-flip", *TINY_FLAGS]
+    out = tmp_path / "s"
+    assert cli.main(["run", *flags, "--seeds", "3", "--out", str(out)]) == 0  # once: a single run in out itself
+    assert (out / "seed_3" / "metrics.json").exists() and json.load(open(out / "summary.json"))["seeds"] == [3]
+    assert cli.main(["run", *flags, "--seeds", "3", "4", "--out", str(out), "--resume"]) == 0
+    assert json.load(open(out / "summary.json"))["seeds"] == [3, 4]
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--out", str(out / "seed_3"), "--quiet"]) == 0  # one seed's stage 3 again
+    assert f"note: {out / 'summary.md'} summarises the seeds as `run --seeds` left them" in capsys.readouterr().out
+
+
 def test_every_seed_folder_is_checked_before_the_first_seeds_work(tmp_path, capsys):
     out = tmp_path / "m"
     flags = ["--attack", "label-flip", *TINY_FLAGS]

@@ -344,25 +344,26 @@ def _checked_seeds(cfg, seeds, seed_flag=None):
     return seeds
 
 
-def _check_layout(out, seeds):
-    """UsageError where the run would mix the two layouts of an output folder: one run in it (config.json at its top)
-    and one sub-folder a seed (seed_K/config.json, beside summary.md). Either way a summary.md would then describe
-    runs other than those beside it."""
+def _check_layout(out, seeds, several):
+    """UsageError where the run would mix the two layouts of an output folder: one run in it (config.json at its top;
+    --seed) and one sub-folder a seed (seed_K/config.json, beside summary.md; --seeds, `several`). Either way a
+    summary.md would then describe runs other than those beside it."""
     if not os.path.isdir(out):
         return
     seed_runs = sorted(n for n in os.listdir(out) if n.startswith("seed_") and os.path.exists(os.path.join(out, n, "config.json")))
-    if len(seeds) == 1 and seed_runs:
+    if not several and seed_runs:
         raise UsageError(f"{out} holds the runs of several seeds ({', '.join(seed_runs[:3])}{' ...' if len(seed_runs) > 3 else ''}); "
                          f"one seed's run goes in its own folder: --out {os.path.join(out, f'seed_{seeds[0]}')}, or "
                          f"--seeds with every seed of the summary")
-    if len(seeds) > 1 and os.path.exists(os.path.join(out, "config.json")):
+    if several and os.path.exists(os.path.join(out, "config.json")):
         raise UsageError(f"{out} holds a single run (config.json); the seeds' folders would go inside it: choose another "
                          "--out")
 
 
-def _seed_folder(out, seed, seeds):
-    """The output folder of one seed: `out` itself for a single seed, out/seed_K for several."""
-    return out if len(seeds) == 1 else os.path.join(out, f"seed_{seed}")
+def _seed_folder(out, seed, several):
+    """The output folder of one seed: `out` itself for a single run (--seed), out/seed_K for --seeds (even one: a later
+    --seeds with more seeds adds theirs beside it)."""
+    return os.path.join(out, f"seed_{seed}") if several else out
 
 
 def main(argv=None):
@@ -394,10 +395,10 @@ def _command(argv):
                 data_parallel.init(cfg.device)
                 atexit.register(data_parallel.finish)
                 verbose = verbose and data_parallel.is_main()
-            seeds = _checked_seeds(cfg, args.seeds, args.seed)
-            _check_layout(args.out, seeds)
+            seeds, several = _checked_seeds(cfg, args.seeds, args.seed), bool(args.seeds)
+            _check_layout(args.out, seeds, several)
             for seed in seeds:  # every seed's folder before the first seed's work
-                claimable(_seed_folder(args.out, seed, seeds), dataclasses.replace(cfg, seed=seed),
+                claimable(_seed_folder(args.out, seed, several), dataclasses.replace(cfg, seed=seed),
                           overwrite=args.overwrite, resume=args.resume)
             if defense:
                 protocol.check_defense_size(cfg, defense)
@@ -406,14 +407,14 @@ def _command(argv):
                 print(note)                   # is one line on stderr alone)
             if args.command == "pretrain":
                 for seed in seeds:
-                    out = _seed_folder(args.out, seed, seeds)
+                    out = _seed_folder(args.out, seed, several)
                     result = protocol.stage_pretrain(dataclasses.replace(cfg, seed=seed), out, verbose,
                                                      overwrite=args.overwrite, resume=args.resume)
                     print(f"clean accuracy {100 * result['clean_accuracy']:.2f}% -> {out}")
                 return 0
             runs, defended = [], []
             for seed in seeds:
-                out = _seed_folder(args.out, seed, seeds)
+                out = _seed_folder(args.out, seed, several)
                 runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose,
                                          overwrite=args.overwrite, resume=args.resume))
                 if not data_parallel.is_main():
@@ -423,7 +424,7 @@ def _command(argv):
                     defended.append(protocol.stage_defend(out, defense, verbose, overwrite=args.overwrite or not args.resume,
                                                           resume=args.resume))
                     _print_defense(defended[-1], out)
-            if len(runs) > 1 and data_parallel.is_main():
+            if several and data_parallel.is_main():
                 summary = summarize(runs)
                 table = summary_table([summary])
                 if defended:
@@ -447,6 +448,10 @@ def _command(argv):
         _print_run(finished or protocol.stage_evaluate(args.out, verbose), args.out)
         if defense:
             _print_defense(protocol.stage_defend(args.out, defense, verbose, overwrite=True), args.out)
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if os.path.basename(os.path.abspath(args.out)).startswith("seed_") and os.path.exists(os.path.join(parent, "summary.md")):
+            print(f"note: {os.path.join(parent, 'summary.md')} summarises the seeds as `run --seeds` left them: rerun "
+                  f"that command with --resume (and these settings) to bring it up to date")
         return 0
     # FileExistsError ... PermissionError: an --out that is a file, lies in a file or cannot be written
     except (UsageError, RunFolderError, DataNotFoundError, DataUnreadableError, DataTooSmallError,

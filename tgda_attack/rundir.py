@@ -323,7 +323,9 @@ def claimable(out, cfg, *, overwrite=False, resume=False):
     if resume and not changed:
         return True
     if resume:
-        diff = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+        shown = ["attack"] if "attack" in changed else changed  # the rest follows from it: the settings it reads
+        diff = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in shown) + (
+            f", and {len(changed) - 1} setting(s) only one of the two attacks reads" if len(changed) > len(shown) else "")
         former = [f"--{k.replace('_', '-')} {recorded[k]}" for k in changed
                   if recorded.get(k) == cfg.FORMER_DEFAULTS.get(k) and wanted.get(k) == defaults.get(k)]
         hint = f" (add {' '.join(former)} to continue it: that was the default once)" if former else ""

@@ -450,6 +450,11 @@ def test_seeds_of_one_seed_write_the_seeds_layout_that_more_seeds_extend(tmp_pat
     capsys.readouterr()
     assert cli.main(["evaluate", "--out", str(out / "seed_3"), "--quiet"]) == 0  # one seed's stage 3 again
     assert f"note: {out / 'summary.md'} summarises the seeds as `run --seeds` left them" in capsys.readouterr().out
+    single = tmp_path / "one"  # as `--seeds 3` wrote it before: the run in the folder itself
+    assert cli.main(["run", *flags, "--seed", "3", "--out", str(single)]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", *flags, "--seeds", "3", "--out", str(single), "--resume"]) == 2
+    assert "(`--seed 3 --resume` continues it" in capsys.readouterr().err
 
 
 def test_every_seed_folder_is_checked_before_the_first_seeds_work(tmp_path, capsys):

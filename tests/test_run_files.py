@@ -118,6 +118,36 @@ def test_resume_of_a_finished_run_draws_a_deleted_figure_again(finished_run, tmp
     assert os.path.getsize(os.path.join(folder, "poisons.png")) > 1000  # the command printed its path: it is there
 
 
+def test_a_config_json_changed_to_another_attack_before_the_attack_stage_makes_that_attack(tmp_path, capsys):
+    """Running the stages separately with a config.json edited between them is a workflow: stage 1 fits any attack
+    whose stage 1 settings it has (a TGDA stage 1, with its attacker, serves a label flip), and `attack` writes the
+    attack.json it would otherwise be compared with."""
+    folder = str(tmp_path / "r")
+    tiny = ["--pretrain-epochs", "1", "--attacker-epochs", "0", "--quiet"]
+    assert cli.main(["pretrain", *tiny, "--out", folder]) == 0  # TGDA's stage 1: defender and attacker
+    path = os.path.join(folder, "config.json")
+    json.dump({**json.load(open(path)), "attack": "label-flip"}, open(path, "w"))
+    assert cli.main(["attack", "--out", folder, "--quiet"]) == 0 and cli.main(["evaluate", "--out", folder, "--quiet"]) == 0
+    json.dump({**json.load(open(path)), "attack": "gradient-canceling", "gc_steps": 2}, open(path, "w"))
+    assert cli.main(["attack", "--out", folder, "--quiet"]) == 0 and cli.main(["evaluate", "--out", folder, "--quiet"]) == 0
+    assert json.load(open(os.path.join(folder, "metrics.json")))["attack"] == "gradient-canceling"
+    capsys.readouterr()  # a resume with another attack and epsilon names the epsilon, and counts the attacks' own
+    assert cli.main([*RUN, "--epsilon", "0.05", "--out", folder, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "attack 'gradient-canceling' -> 'label-flip'" in err and "epsilon 0.03 -> 0.05" in err
+    assert "setting(s) only one of the two attacks reads" in err
+
+
+def test_attack_over_a_stage_1_that_did_not_finish_advises_its_resume(finished_run, tmp_path, capsys):
+    folder = _copy(finished_run, tmp_path)
+    for name in ("pretrain.json", "attack.json", "poisons.pt", "metrics.json"):
+        os.remove(os.path.join(folder, name))  # killed after the defender's weights, before pretrain.json
+    assert cli.main(["attack", "--out", folder]) == 2
+    assert f"stage 1 did not finish; `tgda-attack pretrain --out {folder} --resume`" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--attack", "label-flip", "--pretrain-epochs", "1", "--quiet", "--out", folder,
+                     "--resume"]) == 0  # the advice works
+
+
 @pytest.mark.parametrize("content", ["{}", "[1]", "empty weights"])
 def test_resume_over_a_metrics_json_that_is_no_result_runs_stage_3_again(finished_run, tmp_path, content):
     """A metrics.json that is JSON but not a result (a hand edit, another program), or an emptied retrained defender

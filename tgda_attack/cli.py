@@ -32,7 +32,7 @@ from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize, summarize_defense
 from .report import defense_summary_table, defense_table, metrics_table, summary_table, tested_defender
-from .rundir import RunFolderError, check_out, claimable
+from .rundir import RunFolderError, check_out, claimable, settings_of
 
 
 class UsageError(Exception):
@@ -356,8 +356,11 @@ def _check_layout(out, seeds, several):
                          f"one seed's run goes in its own folder: --out {os.path.join(out, f'seed_{seeds[0]}')}, or "
                          f"--seeds with every seed of the summary")
     if several and os.path.exists(os.path.join(out, "config.json")):
+        seed = (settings_of(out) or {}).get("seed")
+        again = (f" (`--seed {seed} --resume` continues it: `--seeds` of one seed wrote the run there before)"
+                 if seeds == [seed] else "")
         raise UsageError(f"{out} holds a single run (config.json); the seeds' folders would go inside it: choose another "
-                         "--out")
+                         f"--out{again}")
 
 
 def _seed_folder(out, seed, several):

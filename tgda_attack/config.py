@@ -167,6 +167,7 @@ class _ProtocolSettings:
         return identity_of(dataclasses.asdict(self))
 
     identity_of = staticmethod(identity_of)
+    ATTACK_SPECIFIC = frozenset(TGDA_ONLY) | {s.name for s in ATTACK_SETTINGS}  # read by some attacks only
     FORMER_DEFAULTS = FORMER_DEFAULTS
     as_recorded = staticmethod(as_recorded)
 

@@ -266,7 +266,7 @@ def _to_shared(entry, key, files, out):
 
 # Settings a run folder's config.json may change without outdating its files: where the run executes (a folder made
 # on a GPU is evaluated on a CPU by editing "device"; the data may lie elsewhere there), and stage 3's own retrainings.
-NOT_MADE_WITH = ("split", "device", "data_root", "retrainings", *EXECUTION)
+NOT_MADE_WITH = ("split", "device", "data_root", "download", "retrainings", *EXECUTION)
 
 
 def _made_with(values):
@@ -274,13 +274,15 @@ def _made_with(values):
     return {k: v for k, v in values.items() if k not in NOT_MADE_WITH}
 
 
-def check_made_with(out, cfg):
+def check_made_with(out, cfg, files=("pretrain.json", "attack.json")):
     """RunFolderError where out/config.json no longer holds the settings its pretrain.json or attack.json were made
     with (edited since: the later stages would report another run's numbers under its settings). Files written before
-    these records existed are not checked."""
+    these records existed are not checked. `files`: those of the stages kept (stage 2 replaces attack.json)."""
     current = {"pretrain.json": {k: v for k, v in stage_1_settings(cfg).items() if k not in NOT_MADE_WITH},
                "attack.json": _made_with(settings_of(out) or {})}
     for name, key in (("pretrain.json", "stage_1_settings"), ("attack.json", "settings")):
+        if name not in files:
+            continue
         try:
             recorded = read_json(os.path.join(out, name))
         except (OSError, ValueError, RunFolderError):  # absent or damaged: the stage that reads it says so
@@ -289,8 +291,9 @@ def check_made_with(out, cfg):
         if not isinstance(recorded, dict):
             continue
         recorded = {k: v for k, v in recorded.items() if k not in NOT_MADE_WITH}
-        # config.json's own keys for attack.json; stage 1's as recorded (a later version may add some)
-        keys = set(recorded) | set(current[name]) if name == "attack.json" else set(recorded)
+        # config.json's own keys for attack.json; stage 1's where both have them (its attacker's settings are recorded
+        # for an attack that trains one: a TGDA stage 1 serves a label flip; a later version may add settings)
+        keys = set(recorded) | set(current[name]) if name == "attack.json" else set(recorded) & set(current[name])
         changed = sorted(k for k in keys if recorded.get(k) != current[name].get(k))
         if changed:
             diff = ", ".join(f"{k} {recorded.get(k)!r} -> {current[name].get(k)!r}" for k in changed[:4])
@@ -420,11 +423,14 @@ def stage_attack(out, verbose=False):
     attack.json (seconds, per-epoch history) and, for attacks that train them, the attacked models."""
     need(out, "config.json", "defender_pretrained.pt")
     if not os.path.exists(os.path.join(out, "pretrain.json")):  # the mark that stage 1 finished, and its accuracies
-        raise RunFolderError(f"{out} lacks pretrain.json of stage 1, which stage 3 reads: {redo_from_stage_1(out)}")
+        made = [n for n in ("attack.json", "poisons.pt") if os.path.exists(os.path.join(out, n))]
+        raise RunFolderError(f"{out} lacks pretrain.json of stage 1, which stage 3 reads: " + (
+            redo_from_stage_1(out) if made else f"stage 1 did not finish; `tgda-attack pretrain --out {out} --resume` "
+                                                "with the run's settings continues it"))
     check_writable(out)
     cfg = _config_from(out)
     _pretrain_result(out, cfg)
-    check_made_with(out, cfg)
+    check_made_with(out, cfg, files=("pretrain.json",))  # attack.json is this stage's to write
     use_threads(cfg)
     attack_cls = ATTACKS[cfg.attack]
     splits = load_splits(cfg)
@@ -872,7 +878,8 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         recorded = read_json(path) if os.path.exists(path) else None
     except ValueError:
         recorded = None
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("defense_settings"), dict):
+    if (not isinstance(recorded, dict) or not isinstance(recorded.get("defense_settings"), dict)
+            or not isinstance(recorded.get("defended_accuracy"), (int, float))):
         recorded = None  # none, or damaged (truncated, edited): no result to keep or protect, computed again
     if recorded is not None:
         if recorded.get("defense_settings") == dcfg.own_settings() and resume:

@@ -323,9 +323,11 @@ def claimable(out, cfg, *, overwrite=False, resume=False):
     if resume and not changed:
         return True
     if resume:
-        shown = ["attack"] if "attack" in changed else changed  # the rest follows from it: the settings it reads
+        # with another attack, the settings only one of the two reads differ too: counted, not listed
+        shown = [k for k in changed if "attack" not in changed or k not in cfg.ATTACK_SPECIFIC]
         diff = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in shown) + (
-            f", and {len(changed) - 1} setting(s) only one of the two attacks reads" if len(changed) > len(shown) else "")
+            f", and {len(changed) - len(shown)} setting(s) only one of the two attacks reads"
+            if len(changed) > len(shown) else "")
         former = [f"--{k.replace('_', '-')} {recorded[k]}" for k in changed
                   if recorded.get(k) == cfg.FORMER_DEFAULTS.get(k) and wanted.get(k) == defaults.get(k)]
         hint = f" (add {' '.join(former)} to continue it: that was the default once)" if former else ""

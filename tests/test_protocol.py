@@ -414,6 +414,23 @@ def test_options_the_run_does_not_read_are_named_in_a_note(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("tgda-attack: note: this run ignores --gc-steps")
 
 
+def test_the_command_shows_a_warning_in_one_line_of_its_own(tmp_path):
+    """Python shows a warning with the file, line number and source line of the code that raised it."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "tgda_attack", "run", "--attack", "gradient-canceling", "--gc-steps", "2",
+                           "--out", str(tmp_path / "r"), *TINY_FLAGS], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(protocol.__file__))})
+    assert done.returncode == 0
+    assert "tgda-attack: warning: Gradient Canceling: no GradPC target within reach" in done.stderr
+    assert "UserWarning" not in done.stderr and "target = self._gradpc" not in done.stderr
+    assert cli.one_line_warning("m", UserWarning, "f.py", 3) == "tgda-attack: warning: m\n"
+    import warnings
+    before = warnings.formatwarning
+    assert cli.main(["run", "--attack", "label-flip", "--out", str(tmp_path / "f"), *TINY_FLAGS]) == 0
+    assert warnings.formatwarning is before  # called from Python: the caller's format is left as it was
+
+
 def test_a_device_name_torch_does_not_know_is_one_line_of_ours(tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "r"), "--device", "CPU"]) == 2
     err = capsys.readouterr().err.strip()

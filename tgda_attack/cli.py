@@ -22,6 +22,7 @@ import os
 import sys
 import tomllib
 import typing
+import warnings
 
 import torch
 
@@ -369,8 +370,17 @@ def _seed_folder(out, seed, several):
     return os.path.join(out, f"seed_{seed}") if several else out
 
 
+def one_line_warning(message, category, filename, lineno, line=None):
+    """A warning as the command shows it: one line, like its errors (Python's shows the file, line and source of
+    the code that warned; --debug keeps Python's)."""
+    return f"tgda-attack: warning: {message}\n"
+
+
 def main(argv=None):
     """The command: its exit status (0, 1 for a failed run, 2 for a usage error, 141 where stdout's reader has gone)."""
+    python_format = warnings.formatwarning
+    if "--debug" not in (sys.argv[1:] if argv is None else list(argv))[:1]:
+        warnings.formatwarning = one_line_warning
     try:
         status = _command(argv)
         sys.stdout.flush()  # a pipe holds stdout in a buffer: a reader gone shows here, not at Python's exit
@@ -378,6 +388,8 @@ def main(argv=None):
     except BrokenPipeError:  # stdout's reader has gone (`tgda-attack ... | head`): the results are in their files
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush raises it again
         return 141  # 128 + SIGPIPE, as a tool the pipe's end stops
+    finally:
+        warnings.formatwarning = python_format  # cli.main called from Python leaves the caller's format
 
 
 def _command(argv):

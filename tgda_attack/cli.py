@@ -16,7 +16,6 @@ with status 2 and one line.
 import argparse
 import atexit
 import dataclasses
-import difflib
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize, summarize_defense
 from .report import defense_summary_table, defense_table, metrics_table, summary_table, tested_defender
-from .rundir import RunFolderError, check_out, claimable, settings_of
+from .rundir import RunFolderError, check_out, claimable, seed_runs, settings_of
 
 
 class UsageError(Exception):
@@ -232,18 +231,11 @@ def _file_settings(args, defense):
 
 def config_from_args(args):
     values = _file_settings(args, defense=False)
-    known = [f.name for f in dataclasses.fields(Config)] + list(DEFENSE_KEYS)
-    unknown = sorted(set(values) - set(known))
-    if unknown:  # a typo: the nearest names, not the whole list of some eighty
-        guesses = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-        raise UsageError(f"config file {args.config}: unknown setting(s) " + ", ".join(
-            f"{k!r}" + (f" (did you mean {guesses[k][0]!r}?)" if guesses[k] else "") for k in unknown)
-            + "; `tgda-attack run --help` lists them (dashes there, underscores in a file)")
     for f in dataclasses.fields(Config):
         if getattr(args, f.name) is not None:
             values[f.name] = getattr(args, f.name)
     try:
-        return Config.from_dict(values).resolved()
+        return Config.from_dict(values, also_known=DEFENSE_KEYS).resolved()  # its defense's are defense_from_args's
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc))
 
@@ -349,11 +341,9 @@ def _check_layout(out, seeds, several):
     """UsageError where the run would mix the two layouts of an output folder: one run in it (config.json at its top;
     --seed) and one sub-folder a seed (seed_K/config.json, beside summary.md; --seeds, `several`). Either way a
     summary.md would then describe runs other than those beside it."""
-    if not os.path.isdir(out):
-        return
-    seed_runs = sorted(n for n in os.listdir(out) if n.startswith("seed_") and os.path.exists(os.path.join(out, n, "config.json")))
-    if not several and seed_runs:
-        raise UsageError(f"{out} holds the runs of several seeds ({', '.join(seed_runs[:3])}{' ...' if len(seed_runs) > 3 else ''}); "
+    seeds_there = seed_runs(out)
+    if not several and seeds_there:
+        raise UsageError(f"{out} holds the runs of several seeds ({', '.join(seeds_there[:3])}{' ...' if len(seeds_there) > 3 else ''}); "
                          f"one seed's run goes in its own folder: --out {os.path.join(out, f'seed_{seeds[0]}')}, or "
                          f"--seeds with every seed of the summary")
     if several and os.path.exists(os.path.join(out, "config.json")):

@@ -9,6 +9,7 @@ every registered attack's. CHOICES lists each setting's allowed values, taken fr
 owns them; the command line reads its choices and types from here.
 """
 import dataclasses
+import difflib
 import math
 import typing
 
@@ -155,12 +156,18 @@ class _ProtocolSettings:
         return filled
 
     @classmethod
-    def from_dict(cls, values):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
+    def from_dict(cls, values, also_known=()):
+        """The settings `values` ({name: value}); ValueError naming each unknown name and the nearest known one (a
+        typo), `also_known` counted among them (names a caller reads itself, as the command line its defense's)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        known = sorted(fields | set(also_known))
+        unknown = sorted(set(values) - set(known))
+        if unknown:  # the nearest names, not the whole list of some eighty
+            guesses = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            raise ValueError("unknown setting(s) " + ", ".join(
+                f"{k!r}" + (f" (did you mean {guesses[k][0]!r}?)" if guesses[k] else "") for k in unknown)
+                + "; `tgda-attack run --help` lists them (dashes there, underscores in a file)")
+        return cls(**{k: v for k, v in values.items() if k in fields})
 
     def identity(self):
         """identity_of this run's settings."""

@@ -205,13 +205,19 @@ def check_out(out):
         path = parent
 
 
+def seed_runs(out):
+    """The seed_K folders of `out` that hold a run (`tgda-attack run --seeds` writes one a seed), sorted by name."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n.startswith("seed_") and os.path.exists(os.path.join(out, n, "config.json")))
+
+
 def need(out, *names):
     check_out(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out {out} is a file, not a run folder; give the folder a run wrote")
     missing = [n for n in names if not os.path.exists(os.path.join(out, n))]
-    seeds = sorted(n for n in os.listdir(out) if n.startswith("seed_") and os.path.exists(os.path.join(out, n, "config.json"))
-                   ) if "config.json" in missing and os.path.isdir(out) else []
+    seeds = seed_runs(out) if "config.json" in missing else []
     if seeds:  # `run --seeds` wrote one folder a seed
         raise RunFolderError(f"{out} holds the runs of several seeds ({', '.join(seeds[:3])}{' ...' if len(seeds) > 3 else ''}), "
                              f"one folder each: give one of them, e.g. --out {os.path.join(out, seeds[0])}")

@@ -186,6 +186,17 @@ def test_resume_with_other_threads_sets_the_later_stages_threads(finished_run, t
     assert json.load(open(os.path.join(folder, "config.json")))["threads"] == 1
 
 
+def test_resume_with_other_threads_over_a_finished_run_keeps_the_threads_it_ran_with(finished_run, tmp_path):
+    """Nothing runs, so config.json keeps the threads its results were made with (a bench's title reads them)."""
+    folder = _copy(finished_run, tmp_path)
+    recorded = json.load(open(os.path.join(folder, "config.json")))["threads"]
+    assert cli.main([*RUN, "--out", folder, "--resume", "--threads", str(recorded + 1)]) == 0
+    assert json.load(open(os.path.join(folder, "config.json")))["threads"] == recorded
+    assert cli.main(["pretrain", "--attack", "label-flip", "--pretrain-epochs", "1", "--out", folder, "--quiet",
+                     "--resume", "--threads", str(recorded + 1)]) == 0  # stage 1 alone: for the stages that follow
+    assert json.load(open(os.path.join(folder, "config.json")))["threads"] == recorded + 1
+
+
 @pytest.mark.parametrize("content", ["[]", "null", "folder"])
 def test_a_config_json_that_holds_no_settings_is_one_line_and_overwrite_replaces_it(finished_run, tmp_path, capsys,
                                                                                     content):

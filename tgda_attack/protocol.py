@@ -332,13 +332,15 @@ def _kept_threads(out, cfg):
         write_json(path, {**recorded, "threads": cfg.threads})
 
 
-def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, shared=None):
+def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, shared=None, record_threads=True):
     """Stage 1: writes config.json, the pretrained models and pretrain.json (clean accuracy).
 
     `out` must be new or hold this run (`resume`, then a finished stage 1 is kept) or be cleared
     (`overwrite`): see tgda_attack.rundir.claim. `shared`, a folder, holds stage 1s by pretrain_key: one that
     another run made there is copied instead of trained again (pretrain.json then names it in
-    "pretrained_in"), and one trained here is stored there (tgda-attack bench: the cells of one seed)."""
+    "pretrained_in"), and one trained here is stored there (tgda-attack bench: the cells of one seed).
+    `record_threads`: a kept stage 1 records `cfg`'s threads for the later stages (run() records them itself,
+    only where a later stage runs: a finished run resumed with other threads keeps the threads it ran with)."""
     cfg = cfg.resolved()
     use_threads(cfg)
     needs_attacker = _needs_attacker_network(cfg)
@@ -352,7 +354,8 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
         if not missing:
             kept = _pretrain_result(out, cfg)
             check_made_with(out, cfg)
-            _kept_threads(out, cfg)
+            if record_threads:
+                _kept_threads(out, cfg)
             remove_training_checkpoints(out, "pretrain")
             return kept
         later = [n for n in ("attack.json", "poisons.pt", "attack_checkpoint.pt") if has(n)]
@@ -961,12 +964,15 @@ def run(cfg, out, verbose=False, *, overwrite=False, resume=False, shared_pretra
     (tgda_attack.data_parallel) stages 1 and 3 run on rank 0 and the attack on every process.
     `shared_pretraining`: stage_pretrain's `shared` folder."""
     data_parallel.on_main(stage_pretrain, cfg, out, verbose, overwrite=overwrite, resume=resume,
-                          shared=shared_pretraining)
+                          shared=shared_pretraining, record_threads=False)
     finished = lambda *names: resume and all(os.path.exists(os.path.join(out, n)) for n in names)  # noqa: E731
-    if not finished("attack.json", "poisons.pt"):
+    attack_kept = finished("attack.json", "poisons.pt")
+    kept = finished_evaluation(out) if attack_kept else None  # a damaged metrics.json: stage 3 runs again
+    if kept is None:  # a later stage runs, with this command's threads
+        data_parallel.on_main(_kept_threads, out, cfg.resolved())
+    if not attack_kept:
         stage_attack(out, verbose and data_parallel.is_main())
     data_parallel.barrier()
-    kept = finished_evaluation(out) if resume else None  # a damaged metrics.json: stage 3 runs again
     if kept is not None:  # kept, with the poisons it measured: a poisons.pt damaged since is an error
         poisons = load_state(os.path.join(out, "poisons.pt"), POISON_FILE)
         remove_training_checkpoints(out, "retrain")

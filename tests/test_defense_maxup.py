@@ -131,10 +131,11 @@ def test_settings_map_to_the_constructor_and_defaults_are_the_documented_ones():
     for setting in MaxUpTraining.settings:
         assert setting.problem(setting.default) is None
     assert MaxUpTraining.settings[0].problem(0) and MaxUpTraining.settings[1].problem(-0.1)
+    assert MaxUpTraining.settings[0].problem(64) is None and "from 1 to 64" in MaxUpTraining.settings[0].problem(65)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"copies": 0}, "copies is m"), ({"copies": 2.5}, "copies is m"), ({"copies": True}, "copies is m"),
+    ({"copies": 0}, "copies is m"), ({"copies": 65}, "from 1 to 64"), ({"copies": 2.5}, "copies is m"), ({"copies": True}, "copies is m"),
     ({"noise": -0.1}, "std of the Gaussian pixel noise"), ({"noise": math.nan}, "std of the Gaussian pixel noise"),
     ({"noise": math.inf}, "finite number >= 0"), ({"noise": "0.5"}, "std of the Gaussian pixel noise"),
 ])

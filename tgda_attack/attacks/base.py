@@ -30,6 +30,10 @@ from ..data import poison_budget, poison_sources, split_train_val
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
 SOURCE_POOLS = ("train", "val")  # the split an attack's source_indices_ index: D_tr, or the attacker's D_v
 
+# Copies of every batch a training holds in memory at once (MaxUp's m): beyond this the paper NN's batches of 1,000
+# reach gigabytes, and some thousands ran out of memory at the defended training's first batch, after the stages before
+MAX_BATCH_COPIES = 64
+
 # What Setting.check may name: a rule on the value, or a tuple of the allowed values.
 SETTING_CHECKS = {
     "count": (lambda v: v >= 0, "an integer >= 0"),
@@ -37,6 +41,8 @@ SETTING_CHECKS = {
     "positive": (lambda v: v > 0, "a number > 0"),
     "non-negative": (lambda v: v >= 0, "a number >= 0"),
     "fraction": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "batch-copies": (lambda v: 1 <= v <= MAX_BATCH_COPIES, f"an integer from 1 to {MAX_BATCH_COPIES} (the copies of "
+                                                           "every batch held in memory at once; MaxUp's own m is 4)"),
 }
 
 

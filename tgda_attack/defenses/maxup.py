@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..attacks.base import Setting
+from ..attacks.base import MAX_BATCH_COPIES, Setting
 from ..training import train_classifier
 from .base import RobustTraining
 
@@ -72,7 +72,7 @@ class MaxUpTraining(RobustTraining):
 
     name = "maxup"
     settings = (
-        Setting("maxup_copies", int, 4, "positive-count",
+        Setting("maxup_copies", int, 4, "batch-copies",
                 "maxup: m, the perturbed copies of every point whose largest loss is minimised"),
         Setting("maxup_noise", float, 0.5, "non-negative",
                 "maxup: sigma, the std of the Gaussian pixel noise of a copy, in the data's [-1, 1] pixel units"),
@@ -84,9 +84,9 @@ class MaxUpTraining(RobustTraining):
         self._check_params()
 
     def _check_params(self):
-        if not isinstance(self.copies, int) or isinstance(self.copies, bool) or self.copies < 1:
-            raise ValueError(f"copies is m, the number of perturbed copies of every point, an integer >= 1; "
-                             f"got {self.copies!r}")
+        if not isinstance(self.copies, int) or isinstance(self.copies, bool) or not 1 <= self.copies <= MAX_BATCH_COPIES:
+            raise ValueError(f"copies is m, the number of perturbed copies of every point, an integer from 1 to "
+                             f"{MAX_BATCH_COPIES} (the copies of a batch are held in memory at once); got {self.copies!r}")
         if (not isinstance(self.noise, (int, float)) or isinstance(self.noise, bool) or not math.isfinite(self.noise)
                 or self.noise < 0):
             raise ValueError(f"noise is the std of the Gaussian pixel noise, a finite number >= 0 (in the data's "

@@ -392,7 +392,8 @@ def test_an_out_that_names_no_folder_or_a_link_to_nothing_is_one_line(command, t
     flags = ([*TINY_FLAGS, "--attack", "label-flip"] if command in ("run", "pretrain") else ["--table", "2"]
              if command == "bench" else [])
     for out, message in (("", "names no folder"), (str(link), "which does not exist; create that folder"),
-                         (str(link / "run"), f"{link} is a link to")):
+                         (str(link / "run"), f"{link} is a link to"),
+                         (f"{link}/../run", f"{link} is a link to")):  # the system resolves link/.. through the link
         assert cli.main([command, *flags, "--out", out]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("tgda-attack: error: --out") and message in err and "\n" not in err
@@ -455,6 +456,18 @@ def test_one_seed_over_a_folder_of_seeds_or_seeds_over_a_single_run_is_refused(t
     assert sorted(os.listdir(seeds)) == ["seed_0", "seed_1", "summary.json", "summary.md"]
     assert not any(n.startswith("seed_") for n in os.listdir(single))
     assert cli.main(["run", *flags, "--seeds", "0", "1", "--out", str(seeds), "--resume"]) == 0  # the same layout resumes
+    table = tmp_path / "bench"
+    (table / "table_2").mkdir(parents=True)  # what a bench writes (its cells' runs are inside)
+    for argv in (["run", *flags, "--out", str(table)], ["run", *flags, "--seeds", "0", "1", "--out", str(table)],
+                 ["pretrain", *flags, "--out", str(table)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds the tables of `tgda-attack bench` (table_2)" in err and "\n" not in err
+    for folder, named in ((single, "config.json"), (seeds, "seed_0, seed_1")):
+        assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--out", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"holds the files of `tgda-attack run` ({named})" in err and "\n" not in err
+    assert os.listdir(table) == ["table_2"] and not any(n.startswith("table_") for n in os.listdir(single))
 
 
 def test_seeds_of_one_seed_write_the_seeds_layout_that_more_seeds_extend(tmp_path, capsys):

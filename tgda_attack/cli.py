@@ -32,7 +32,7 @@ from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize, summarize_defense
 from .report import defense_summary_table, defense_table, metrics_table, summary_table, tested_defender
-from .rundir import RunFolderError, check_out, claimable, seed_runs, settings_of
+from .rundir import RunFolderError, bench_tables, check_out, claimable, seed_runs, settings_of
 
 
 class UsageError(Exception):
@@ -132,6 +132,10 @@ def build_parser():
 
 def _bench(args):
     check_out(args.out)
+    runs = (["config.json"] if os.path.exists(os.path.join(args.out, "config.json")) else []) + seed_runs(args.out)
+    if runs:  # the bench's own runs go in table_N/ROW/COLUMN/seed_K: a table beside a run's files would mix them
+        raise UsageError(f"{args.out} holds the files of `tgda-attack run` ({', '.join(runs[:3])}"
+                         f"{' ...' if len(runs) > 3 else ''}); a bench goes in a folder of its own: choose another --out")
     if not 1 <= args.seeds <= 2 ** 32:
         raise UsageError(f"--seeds is the number of seeds (0 .. K-1, each below 2**32), from 1 to 2**32; got {args.seeds}")
     if args.data_root and args.scale != "paper":
@@ -341,6 +345,10 @@ def _check_layout(out, seeds, several):
     """UsageError where the run would mix the two layouts of an output folder: one run in it (config.json at its top;
     --seed) and one sub-folder a seed (seed_K/config.json, beside summary.md; --seeds, `several`). Either way a
     summary.md would then describe runs other than those beside it."""
+    tables = bench_tables(out)
+    if tables:
+        raise UsageError(f"{out} holds the tables of `tgda-attack bench` ({', '.join(tables[:3])}"
+                         f"{' ...' if len(tables) > 3 else ''}); a run goes in a folder of its own: choose another --out")
     seeds_there = seed_runs(out)
     if not several and seeds_there:
         raise UsageError(f"{out} holds the runs of several seeds ({', '.join(seeds_there[:3])}{' ...' if len(seeds_there) > 3 else ''}); "

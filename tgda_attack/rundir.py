@@ -189,8 +189,12 @@ def check_out(out):
     makedirs of a run would fail with "File exists")."""
     if not out.strip():
         raise RunFolderError(f"--out {out!r} names no folder; give the run's output folder")
-    path = os.path.abspath(out)
-    while True:
+    # Every prefix of the path as written, not normalised: the system resolves "link/.." through the link.
+    path = os.sep if os.path.isabs(out) else os.getcwd()
+    for part in out.split(os.sep):
+        if not part:
+            continue
+        path = os.path.join(path, part)
         if os.path.islink(path):
             try:
                 os.stat(path)
@@ -199,10 +203,6 @@ def check_out(out):
                                      "create that folder, or choose another --out") from None
             except OSError:  # a link into a folder this user cannot read: the stage's own error names it
                 pass
-        parent = os.path.dirname(path)
-        if parent == path:
-            return
-        path = parent
 
 
 def seed_runs(out):
@@ -210,6 +210,13 @@ def seed_runs(out):
     if not os.path.isdir(out):
         return []
     return sorted(n for n in os.listdir(out) if n.startswith("seed_") and os.path.exists(os.path.join(out, n, "config.json")))
+
+
+def bench_tables(out):
+    """What `tgda-attack bench` wrote in `out` (its table_N folders and files), sorted by name."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n.startswith("table_"))
 
 
 def need(out, *names):

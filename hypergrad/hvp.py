@@ -11,9 +11,30 @@ Two modes compute the same H v:
 Batched products (v of shape [B, n]) run as one vectorised backward (is_grads_batched / vmap)
 where the model's operations allow it and fall back to a loop over the rows otherwise.
 """
+import functools
+import warnings
+
 import torch
 
 MODES = ("reverse", "forward")
+
+
+@functools.cache
+def _forward_mode_loaded():
+    """Loads forward-mode autodiff's decompositions once, without the FutureWarning torch itself gives then: torch
+    (2.14) compiles them with its deprecated torch.jit.script at a process's first jvp, and the warning, about
+    torch's code, reached our users as theirs (one jvp of a scalar, under a filter of that one message)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        torch.func.jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
+    return True
+
+
+def jvp(fn, primals, tangents):
+    """torch.func.jvp(fn, primals, tangents), forward-mode autodiff (its first call loads torch's decompositions
+    without their FutureWarning: _forward_mode_loaded)."""
+    _forward_mode_loaded()
+    return torch.func.jvp(fn, primals, tangents)
 
 
 def as_tuple(params, what="params"):
@@ -103,6 +124,7 @@ class HessianOperator:
         params = as_tuple(params)
         if not callable(loss_fn):
             raise TypeError("forward mode needs the loss as a function of the parameters: loss_fn(*params)")
+        _forward_mode_loaded()
         primals = tuple(p.detach() for p in params)
         argnums = tuple(range(len(params)))
         grad_fn = torch.func.grad(loss_fn, argnums=argnums)

@@ -98,3 +98,22 @@ def test_bad_arguments():
         hypergrad.hessian_operator((w ** 2).sum(), w)(torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="torch.float64 but the parameters are torch.float32"):
         hypergrad.solve(hypergrad.hessian_operator((w ** 2).sum(), w), torch.ones(3, dtype=torch.float64), damping=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["forward-hvp", "jvp"])
+def test_forward_mode_gives_no_warning_of_torchs_own_code(mode):
+    """torch (2.14) compiles forward-mode autodiff's decompositions with its deprecated torch.jit.script at a process's
+    first jvp; that FutureWarning, about torch's code, reached `--defense sever` users as theirs. A fresh process, with
+    every warning an error: the first forward-mode product is quiet and equals the closed form."""
+    import subprocess
+    import sys
+    code = {
+        "forward-hvp": "w = torch.tensor([1.0, 2.0]); "
+                       "op = hypergrad.hessian_operator(lambda w: (w ** 3).sum(), w, mode='forward'); "
+                       "assert torch.allclose(op.matvec(torch.ones(2)), 6 * w)",
+        "jvp": "from hypergrad.hvp import jvp; "
+               "assert torch.allclose(jvp(torch.sin, (torch.zeros(3),), (torch.ones(3),))[1], torch.ones(3))",
+    }[mode]
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", f"import torch, hypergrad; {code}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -3,9 +3,9 @@ points by their gradients (influence, Sever): the directional derivative of ever
 direction of the parameters is one forward-mode torch.func.jvp a batch, with no per-example gradient stored."""
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
-from hypergrad import unflatten
+from hypergrad.hvp import jvp, unflatten
 
 
 def batches(x, y, batch_size, like):

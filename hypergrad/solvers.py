@@ -33,6 +33,7 @@ info.residual_norm reports the true residual r of the original system.
 A Solver holds every setting of a solve (method, maxiter, rtol, atol, damping, preconditioner and the
 options of one method) as one value, passed whole to hypergrad.total_grad and SolveGraphCache.
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,7 @@ import torch
 from . import _ops
 
 METHODS = ("cg", "cgnr", "minres", "neumann")
+LSQ_FLOOR = 64  # MINRES's least-squares test stops at ||A r|| <= max(rtol, LSQ_FLOOR eps) ||A|| ||r|| (rounding's scale)
 
 
 @dataclass
@@ -146,7 +148,7 @@ def _iterate(matvec, b, *, method, x0, maxiter, rtol, atol, damping, check_every
     r = b - A(x) if x0 is not None else b.clone()
     bnorm = _ops.row_dot(b, b).sqrt()
     tol2 = torch.clamp(bnorm * rtol, min=atol) ** 2
-    run = {"cg": _cg, "cgnr": _cgnr, "minres": _minres, "neumann": _neumann}[method]
+    run = {"cg": _cg, "cgnr": _cgnr, "minres": functools.partial(_minres, rtol=rtol), "neumann": _neumann}[method]
     iterations, _, negative = run(A, b, x, r, tol2, maxiter, check_every, neumann_scale)
     r = b - A(x)
     rr = _ops.row_dot(r, r)
@@ -284,7 +286,7 @@ def _cgnr(A, b, x, r, tol2, maxiter, check_every, _):
     return iterations, rs, torch.zeros(rows, dtype=torch.bool, device=b.device)
 
 
-def _minres(A, b, x, r, tol2, maxiter, check_every, _):
+def _minres(A, b, x, r, tol2, maxiter, check_every, _, rtol=0.0):
     # Paige & Saunders' MINRES without preconditioner, every scalar a float64 tensor per row.
     rows = b.shape[:-1]
     zeros = torch.zeros(rows, dtype=torch.float64, device=b.device)
@@ -297,6 +299,8 @@ def _minres(A, b, x, r, tol2, maxiter, check_every, _):
     cs = torch.full(rows, -1.0, dtype=torch.float64, device=b.device)
     w, w2 = torch.zeros_like(b), torch.zeros_like(b)
     tiny = torch.finfo(torch.float64).tiny
+    eps = torch.finfo(b.dtype).eps
+    tnorm2 = zeros.clone()  # ||T_k||_F^2, the Lanczos matrix's: an estimate of ||A|| (as in Paige & Saunders)
     for k in range(maxiter):
         if _all_done(k, active, check_every):
             break
@@ -308,20 +312,27 @@ def _minres(A, b, x, r, tol2, maxiter, check_every, _):
         y = y - _col(torch.where(beta > 0, alfa / beta.clamp(min=tiny), zeros), b) * r2
         r1, r2 = r2, y
         oldb, beta = beta, _ops.row_dot(y, y).sqrt()
+        tnorm2 = tnorm2 + alfa ** 2 + oldb ** 2 + beta ** 2
         oldeps = epsln
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
         epsln = sn * beta
         dbar = -cs * beta
-        gamma = torch.hypot(gbar, beta).clamp(min=tiny)
+        anorm = tnorm2.sqrt()
+        # ||A r|| / (||A|| ||r||) of the current x, Paige & Saunders' least-squares test: at or below the tolerance
+        # (at least LSQ_FLOOR eps) x solves min ||b - A x|| (a singular, inconsistent system), and the next step's
+        # direction, divided by a gamma of rounding noise, would send x to infinity. The row stops without it.
+        step = active & (torch.hypot(gbar, dbar) > torch.clamp(anorm * rtol, min=LSQ_FLOOR * eps * anorm))
+        gamma = torch.hypot(gbar, beta)
+        gamma = torch.where(step, gamma.clamp(min=tiny), torch.ones_like(gamma))
         cs, sn = gbar / gamma, beta / gamma
         phi = cs * phibar
-        phibar = torch.where(active, sn * phibar, phibar)
+        phibar = torch.where(step, sn * phibar, phibar)
         w1, w2 = w2, w
         w = (v - _col(oldeps, b) * w1 - _col(delta, b) * w2) * _col(1.0 / gamma, b)
-        x.add_(_col(torch.where(active, phi, zeros), b) * w)
-        iterations += active
-        active = active & (phibar ** 2 > tol2) & (beta > 0)
+        x.add_(_col(torch.where(step, phi, zeros), b) * w)
+        iterations += step
+        active = step & (phibar ** 2 > tol2) & (beta > 0)
     return iterations, phibar ** 2, torch.zeros(rows, dtype=torch.bool, device=b.device)
 
 

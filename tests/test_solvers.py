@@ -66,6 +66,27 @@ def test_indefinite_solve_matches_dense(method, use_ext):
 
 
 @pytest.mark.parametrize("use_ext", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rtol", [1e-10, 0.0])
+def test_minres_on_a_singular_inconsistent_system_returns_a_least_squares_solution(rtol, dtype, use_ext):
+    """No x solves it; MINRES's answer is a minimiser of ||b - A x||, as numpy's lstsq finds. Once the Krylov space
+    held one, a further step divided rounding noise by a gamma of 1e-14 and x left for 1e16 (residual 7e15)."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    eig = torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0, 0.5, -1.0, 0.0], dtype=torch.float64)  # null space of three
+    exact = (q * eig) @ q.T
+    A, b = exact.to(dtype), _rhs((2, 8), dtype=dtype)
+    least = b.double() @ torch.linalg.pinv(exact, hermitian=True)  # rows: a minimiser of ||b - A x|| each
+    best = (b.double() - least @ exact).norm(dim=-1)
+    with hypergrad.use_extension(use_ext):
+        x, info = hypergrad.solve(lambda v: v @ A, b, method="minres", rtol=rtol, maxiter=200)
+    residual = (b.double() - x.double() @ exact.T).norm(dim=-1)
+    assert torch.allclose(residual, best, rtol=1e-10 if dtype == torch.float64 else 1e-4)
+    assert torch.allclose(info.residual_norm.double(), residual, rtol=1e-4) and not bool(info.converged.any())
+    assert int(info.iterations.max()) <= 5  # the distinct eigenvalues: the Krylov space's largest dimension
+
+
+@pytest.mark.parametrize("use_ext", BACKENDS)
 def test_cg_stops_and_reports_negative_curvature(use_ext):
     A = -_spd(20)  # negative definite: the first direction already has p.Ap < 0
     b = torch.stack([_rhs(20), torch.zeros(20, dtype=torch.float64)])

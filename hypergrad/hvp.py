@@ -61,7 +61,7 @@ def unflatten(flat, like):
     """Splits a flat vector [n] (or [B, n]) into tensors shaped like `like` (with a leading B)."""
     sizes = [p.numel() for p in like]
     lead = flat.shape[:-1]
-    return tuple(chunk.reshape(*lead, *p.shape) for chunk, p in zip(flat.split(sizes, dim=-1), like))
+    return tuple(chunk.reshape((*lead, *p.shape)) for chunk, p in zip(flat.split(sizes, dim=-1), like))  # p 0-d too
 
 
 def _zeros_for_unused(grads, params):
@@ -84,26 +84,32 @@ class HessianOperator:
         self._product = product
 
     @classmethod
-    def from_gradient(cls, grads, params):
-        """Reverse-over-reverse operator on an existing gradient graph (create_graph=True)."""
+    def from_gradient(cls, grads, params, *, constant_ok=False):
+        """Reverse-over-reverse operator on an existing gradient graph (create_graph=True). `constant_ok`: a
+        gradient tensor without a graph is constant (the loss is linear in those parameters: its rows of H are
+        zero), not a gradient taken without create_graph."""
         grads, params = as_tuple(grads, "grads"), as_tuple(params)
-        if any(not g.requires_grad for g in grads):
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        if len(live) < len(grads) and not constant_ok:
             raise ValueError("the gradient has no graph: compute it with torch.autograd.grad(..., create_graph=True)")
         batching = {"vectorised": True}
 
         def product(v):
             batched = v.dim() == 2
             outs = unflatten(v, params)
+            if not live:  # H = 0
+                return torch.zeros_like(v)
+            live_grads, live_outs = [grads[i] for i in live], [outs[i] for i in live]
             if batched and batching["vectorised"]:
                 try:
-                    hv = torch.autograd.grad(grads, params, outs, retain_graph=True, allow_unused=True,
+                    hv = torch.autograd.grad(live_grads, params, live_outs, retain_graph=True, allow_unused=True,
                                              is_grads_batched=True)
                     return flatten(_zeros_for_unused_batched(hv, params, v.shape[0]), batched=True)
                 except RuntimeError:
                     batching["vectorised"] = False  # an op without a batching rule: loop instead
             if batched:
                 return torch.stack([product(row) for row in v])
-            hv = torch.autograd.grad(grads, params, outs, retain_graph=True, allow_unused=True)
+            hv = torch.autograd.grad(live_grads, params, live_outs, retain_graph=True, allow_unused=True)
             return flatten(_zeros_for_unused(hv, params))
 
         return cls(params, product)
@@ -116,7 +122,7 @@ class HessianOperator:
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         if any(g is None for g in grads):
             raise ValueError("the loss does not depend on every tensor in params")
-        return cls.from_gradient(grads, params)
+        return cls.from_gradient(grads, params, constant_ok=True)  # a loss linear in a tensor: its rows of H are 0
 
     @classmethod
     def forward(cls, loss_fn, params):

@@ -17,7 +17,7 @@ torch.func.functional_call (README, "Implicit differentiation").
 import torch
 
 from .hvp import HessianOperator, as_tuple, flatten, unflatten
-from .solvers import Solver
+from .solvers import Solver, warn_negative_curvature
 
 
 class _ImplicitSolution(torch.autograd.Function):
@@ -41,7 +41,9 @@ class _ImplicitSolution(torch.autograd.Function):
             g_w = torch.autograd.grad(f, w, create_graph=True)
             hessian = HessianOperator.from_gradient(g_w, w)
             b = flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grad_w, w)])
-            v, _ = ctx.solver(hessian, b)
+            v, info = ctx.solver(hessian, b)
+            warn_negative_curvature(info, "implicit_argmin", "grad2_ww f + damping I",
+                                    "w_star is not at a minimum of inner_loss", stacklevel=4)
             mixed = torch.autograd.grad(g_w, th, unflatten(v, w), allow_unused=True)
         grads = tuple(None if m is None else -m for m in mixed)
         return (None, None, None, *([None] * ctx.n_w), *grads)

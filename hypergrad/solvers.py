@@ -30,10 +30,15 @@ from Hutchinson products) is applied to any method by symmetric scaling, S = M^-
 S (A + damping I) S y = S b, x = S y; the tolerances then apply to the scaled residual S r, and
 info.residual_norm reports the true residual r of the original system.
 
+The solution is not differentiable through the iterations (b and the products are detached): differentiate
+through a solve with hypergrad.total_grad or hypergrad.implicit_argmin, which apply the implicit function theorem.
+
 A Solver holds every setting of a solve (method, maxiter, rtol, atol, damping, preconditioner and the
 options of one method) as one value, passed whole to hypergrad.total_grad and SolveGraphCache.
 """
 import functools
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -77,9 +82,12 @@ class _Counted:
     def __call__(self, v):
         self.calls += 1
         out = self.matvec(v)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"matvec returned a {type(out).__name__}; it must return A v as a tensor shaped like v")
         if out.shape != v.shape:
             raise ValueError(f"matvec returned shape {list(out.shape)} for input {list(v.shape)}; "
                              "it must return A v shaped like v")
+        out = out.detach()  # a matrix that requires grad: the solve is not differentiated (module docstring)
         return out + self.damping * v if self.damping else out
 
 
@@ -117,26 +125,44 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not callable(matvec):
+        raise TypeError(f"matvec must be a callable v -> A v (e.g. lambda v: v @ A for a symmetric matrix A), "
+                        f"got {type(matvec).__name__}")
     if not isinstance(b, torch.Tensor) or b.dim() not in (1, 2):
         raise ValueError("b must be a tensor of shape [n] or [B, n]")
     if b.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"b must be float32 or float64, got {b.dtype}")
-    if x0 is not None and (x0.shape != b.shape):
-        raise ValueError(f"x0 must be shaped like b {list(b.shape)}, got {list(x0.shape)}")
-    if rtol < 0 or atol < 0 or damping < 0:
-        raise ValueError("rtol, atol and damping must be non-negative")
-    if check_every < 1:
-        raise ValueError("check_every must be at least 1")
+    if x0 is not None and (not isinstance(x0, torch.Tensor) or x0.shape != b.shape):
+        raise ValueError(f"x0 must be a tensor shaped like b {list(b.shape)}, got "
+                         f"{list(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
+    for name, value in (("rtol", rtol), ("atol", atol), ("damping", damping)):
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if neumann_scale is not None and (not _is_number(neumann_scale) or not math.isfinite(neumann_scale)
+                                      or neumann_scale <= 0):
+        raise ValueError(f"neumann_scale must be a finite number > 0 (below 2 / the largest eigenvalue of A for the "
+                         f"series to converge), or None to estimate one; got {neumann_scale!r}")
+    if not _is_count(check_every) or check_every < 1:
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
     if maxiter is None:
         maxiter = 100 if method == "neumann" else b.shape[-1]
-    if maxiter < 0:
-        raise ValueError(f"maxiter must be non-negative, got {maxiter}")
+    if not _is_count(maxiter) or maxiter < 0:
+        raise ValueError(f"maxiter must be an integer >= 0, got {maxiter!r}")
+    b = b.detach()  # A is an operator here, not differentiated: total_grad and implicit_argmin differentiate solves
     if preconditioner is not None:
         return _scaled_solve(matvec, b, preconditioner, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
                              damping=damping, check_every=check_every, neumann_scale=neumann_scale)
     x, info, _ = _iterate(matvec, b, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol, damping=damping,
                           check_every=check_every, neumann_scale=neumann_scale)
     return x, info
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _iterate(matvec, b, *, method, x0, maxiter, rtol, atol, damping, check_every, neumann_scale):
@@ -159,9 +185,14 @@ def _iterate(matvec, b, *, method, x0, maxiter, rtol, atol, damping, check_every
 
 def _scaled_solve(matvec, b, diagonal, *, method, x0, maxiter, rtol, atol, damping, check_every, neumann_scale):
     """solve with a diagonal preconditioner by symmetric scaling (module docstring)."""
+    if isinstance(diagonal, str):
+        raise ValueError(f"preconditioner must be a diagonal tensor; {diagonal!r} names one that a hypergrad.Solver "
+                         f"estimates (Solver(preconditioner={diagonal!r})(matvec, b)), or make it with "
+                         "hypergrad.preconditioners.jacobi(matvec, n, dtype=b.dtype)")
+    shapes = " or ".join(dict.fromkeys(str(list(shape)) for shape in (b.shape[-1:], b.shape)))
     if not isinstance(diagonal, torch.Tensor) or diagonal.shape not in (b.shape[-1:], b.shape):
-        raise ValueError(f"preconditioner must be a tensor of shape [{b.shape[-1]}] or {list(b.shape)} (a diagonal), "
-                         f"got {getattr(diagonal, 'shape', type(diagonal).__name__)}")
+        raise ValueError(f"preconditioner must be a tensor of shape {shapes} (a diagonal), "
+                         f"got {list(diagonal.shape) if isinstance(diagonal, torch.Tensor) else type(diagonal).__name__}")
     if not bool((diagonal > 0).all()) or not bool(torch.isfinite(diagonal).all()):
         raise ValueError("preconditioner must be a positive, finite diagonal (hypergrad.preconditioners.jacobi "
                          "makes one)")
@@ -206,10 +237,13 @@ class Solver:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.maxiter is not None and (not isinstance(self.maxiter, int) or self.maxiter < 0):
+        if self.maxiter is not None and (not _is_count(self.maxiter) or self.maxiter < 0):
             raise ValueError(f"maxiter must be a non-negative integer or None, got {self.maxiter!r}")
-        if not all(isinstance(v, (int, float)) and v >= 0 for v in (self.rtol, self.atol, self.damping)):
-            raise ValueError("rtol, atol and damping must be non-negative numbers")
+        if not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in (self.rtol, self.atol, self.damping)):
+            raise ValueError("rtol, atol and damping must be finite numbers >= 0")
+        check_every = self.options.get("check_every", 4)
+        if not _is_count(check_every) or check_every < 1:
+            raise ValueError(f"options check_every must be an integer >= 1, got {check_every!r}")
         if not (self.preconditioner is None or self.preconditioner == "jacobi"
                 or isinstance(self.preconditioner, torch.Tensor)):
             raise ValueError(f"preconditioner must be None, 'jacobi' or a positive diagonal tensor, "
@@ -231,6 +265,15 @@ class Solver:
         return solve(matvec, b, method=self.method, x0=x0, maxiter=self.maxiter, rtol=self.rtol, atol=self.atol,
                      damping=self.damping, check_every=self.options.get("check_every", 4),
                      neumann_scale=self.options.get("neumann_scale"), preconditioner=self.diagonal(matvec, b))
+
+
+def warn_negative_curvature(info, caller, matrix, cause, stacklevel=3):
+    """A RuntimeWarning where CG met non-positive curvature (info.negative_curvature): its solve stopped there, so an
+    implicit term built from it is incomplete (one host synchronisation)."""
+    if info.method == "cg" and bool(info.negative_curvature.any()):
+        warnings.warn(f"{caller}: CG met non-positive curvature in {matrix} ({cause}, or the damping is too small), so "
+                      f"its solve stopped early and the implicit term is incomplete; use method='minres' or 'cgnr' for "
+                      f"an indefinite Hessian, or more damping", RuntimeWarning, stacklevel=stacklevel)
 
 
 def _all_done(k, active, check_every):

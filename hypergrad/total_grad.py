@@ -18,13 +18,11 @@ Flow of one call (shared/DESIGN.md, "one TGDA leader step"):
   4. the mixed term grad_theta <g_w, v> is one more backward pass through g_w;
   5. D_theta l = grad_theta l - mixed.
 """
-import warnings
-
 import torch
 
 from .hvp import HessianOperator, as_tuple, flatten, unflatten
 from .mlp_hvp import structured_hessian
-from .solvers import Solver
+from .solvers import Solver, warn_negative_curvature
 
 HVP_MODES = ("auto", "structured", "reverse", "forward")
 _KEYWORD_DEFAULTS = {"method": "cg", "maxiter": 100, "rtol": 1e-6, "atol": 0.0, "damping": 0.0, "check_every": 4}
@@ -32,9 +30,9 @@ _STRUCTURED = ("follower_loss to be a hypergrad.ClassifierLoss of a chain of lin
                "(hypergrad.mlp_hvp) with follower_params its parameters in order")
 
 
-def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method="cg", maxiter=100,
-               rtol=1e-6, atol=0.0, damping=0.0, hvp_mode="auto", x0=None, return_info=False,
-               check_every=4, graphs=None, check_finite=True, sharded=None, solver=None):
+def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, method=None, maxiter=None,
+               rtol=None, atol=None, damping=None, hvp_mode="auto", x0=None, return_info=False,
+               check_every=None, graphs=None, check_finite=True, sharded=None, solver=None):
     """D_theta l: the derivative of the leader loss through the follower's optimum.
 
     Args:
@@ -78,14 +76,21 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         A tuple of tensors shaped like leader_params holding D_theta l (no sign flipped: an
         attacker ascends along it), and the SolveInfo when return_info is True.
     """
-    given = {"method": method, "maxiter": maxiter, "rtol": rtol, "atol": atol, "damping": damping,
-             "check_every": check_every}
+    given = {k: v for k, v in (("method", method), ("maxiter", maxiter), ("rtol", rtol), ("atol", atol),
+                                ("damping", damping), ("check_every", check_every)) if v is not None}
     if solver is None:
-        solver = Solver(method=method, maxiter=maxiter, rtol=rtol, atol=atol, damping=damping,
-                        options={"check_every": check_every})
-    elif given != _KEYWORD_DEFAULTS:
-        raise ValueError("pass the solve's settings either as solver=hypergrad.Solver(...) or as the keywords method, "
-                         "maxiter, rtol, atol, damping, check_every, not both")
+        settings = {**_KEYWORD_DEFAULTS, **given}
+        solver = Solver(**{k: v for k, v in settings.items() if k != "check_every"},
+                        options={"check_every": settings["check_every"]})
+    elif not isinstance(solver, Solver):
+        raise ValueError(f"solver must be a hypergrad.Solver (e.g. hypergrad.Solver(method='minres')), got {solver!r}")
+    elif given:  # even at their defaults: method="cg" beside a MINRES Solver was silently MINRES
+        raise ValueError(f"pass the solve's settings either as solver=hypergrad.Solver(...) or as the keywords method, "
+                         f"maxiter, rtol, atol, damping, check_every, not both (given: {', '.join(given)})")
+    for name, loss in (("leader_loss", leader_loss), ("follower_loss", follower_loss)):
+        if not callable(loss):  # a loss computed once cannot be evaluated again at the follower's parameters
+            raise TypeError(f"{name} must be a callable returning the scalar loss (e.g. lambda: loss_fn(model(x), y)), "
+                            f"got {type(loss).__name__}")
     theta = as_tuple(leader_params, "leader_params")
     w = as_tuple(follower_params, "follower_params")
     if hvp_mode not in HVP_MODES:
@@ -125,6 +130,9 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         local_hessian = hessian
         hessian = lambda v: sharded.follower(local_hessian(v))  # noqa: E731
     if x0 is not None:
+        if not isinstance(x0, torch.Tensor) or x0.numel() != b.numel():
+            raise ValueError(f"x0 must be a flat tensor of the follower's {b.numel()} parameter entries (info.x of an "
+                             f"earlier call), got {list(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
         x0 = x0.detach().reshape(b.shape).to(b.dtype)
     if graphs is not None:
         v, info = graphs.solve(hessian, b, solver=solver, x0=x0)
@@ -139,11 +147,7 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     out = tuple(d if m is None else d - m for d, m in zip(dl_theta, mixed))
     if check_finite:
         _check_finite(None if sharded is not None else l, b, v, info.residual_norm, out)  # l: this rank's alone
-        if info.method == "cg" and bool(info.negative_curvature.any()):
-            warnings.warn("total_grad: CG met non-positive curvature in H_ww + damping I (w is not at a minimum of the "
-                          "follower loss, or the damping is too small), so its solve stopped early and the implicit "
-                          "term is incomplete; use method='minres' or 'cgnr' for an indefinite Hessian, or more damping",
-                          RuntimeWarning, stacklevel=2)
+        warn_negative_curvature(info, "total_grad", "H_ww + damping I", "w is not at a minimum of the follower loss")
     return (out, info) if return_info else out
 
 

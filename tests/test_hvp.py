@@ -117,3 +117,33 @@ def test_forward_mode_gives_no_warning_of_torchs_own_code(mode):
     proc = subprocess.run([sys.executable, "-W", "error", "-c", f"import torch, hypergrad; {code}"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_scalar_parameter_is_a_parameter():
+    """0-d tensors (a temperature, a log-regularisation weight) failed in unflatten: reshape() of no shape."""
+    s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    loss = s ** 3 + s * (w ** 2).sum()  # H = [[6 s, 2 w], [2 w, 2 s I]]
+    hs, hw = hypergrad.hvp(loss, (s, w), (torch.tensor(1.0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)))
+    assert hs.shape == () and hs.item() == 12.0 and torch.equal(hw, 2 * w.detach())
+    (theta,) = hypergrad.total_grad(lambda: (s - 3.0) ** 2, lambda: (s - 0.5 * w.sum()) ** 2 + (w ** 2).sum(), w, s,
+                                    method="minres", rtol=1e-12)
+    # s*(w) = 0.5 (w1 + w2): dl/dw = 2 (s* - 3) * 0.5 for each entry
+    torch.testing.assert_close(theta, torch.full((2,), (s.detach() - 3.0).item(), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_loss_linear_in_some_parameters_has_zero_rows_in_its_hessian(batched):
+    """Its gradient in those parameters is a constant without a graph: H v was an error telling the user to pass
+    create_graph=True, which they had not called. Against the dense Hessian."""
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([0.5, -1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    v = (torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    v = v if batched else (v[0][0], v[1][0])
+    got = hypergrad.hvp((a ** 3).sum() + (2 * c).sum(), (a, c), v)
+    dense = torch.autograd.functional.hessian(lambda x: (x[:2] ** 3).sum() + (2 * x[2:]).sum(),
+                                              torch.cat([a, c]).detach())
+    flat_v = torch.cat(v, dim=-1)
+    torch.testing.assert_close(torch.cat(got, dim=-1), flat_v @ dense)
+    (only_linear,) = (hypergrad.hvp((2 * c).sum(), c, v[1]),)
+    assert not only_linear.any() and only_linear.shape == v[1].shape

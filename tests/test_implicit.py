@@ -107,3 +107,24 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="Solver"):
         hypergrad.implicit_argmin(lambda w, t: w[0].sum(), torch.zeros(4), torch.zeros(4, requires_grad=True),
                                   solver="cg")
+
+
+def test_cg_warns_when_the_inner_hessian_is_not_positive_definite():
+    """At a maximum of the inner loss CG stops at its first direction and the hypergradient came back exactly 0,
+    with no word (total_grad warned); MINRES solves the indefinite system: the closed form."""
+    X, y, Xv, yv = _ridge()
+    log_lam = torch.tensor([0.1, -0.5, 1.0, 0.3], dtype=torch.float64, requires_grad=True)
+
+    def concave(w, theta):  # the ridge loss negated: the same stationary point, now a maximum
+        return -(0.5 * ((X @ w[0] - y) ** 2).sum() + 0.5 * (theta[0].exp() * w[0] ** 2).sum())
+
+    w_star = _ridge_solution(X, y, log_lam.detach())
+    (w,) = hypergrad.implicit_argmin(concave, w_star, log_lam)
+    with pytest.warns(RuntimeWarning, match="implicit_argmin: CG met non-positive curvature"):
+        (cut,) = torch.autograd.grad(0.5 * ((Xv @ w - yv) ** 2).sum(), log_lam)
+    assert not cut.any()
+    (w,) = hypergrad.implicit_argmin(concave, w_star, log_lam, solver=hypergrad.Solver(method="minres", rtol=1e-12))
+    (got,) = torch.autograd.grad(0.5 * ((Xv @ w - yv) ** 2).sum(), log_lam)
+    exact_log_lam = log_lam.detach().requires_grad_()
+    (exact,) = torch.autograd.grad(0.5 * ((Xv @ _ridge_solution(X, y, exact_log_lam) - yv) ** 2).sum(), exact_log_lam)
+    torch.testing.assert_close(got, exact, rtol=1e-7, atol=1e-10)

@@ -153,6 +153,26 @@ def test_a_non_finite_term_is_named_instead_of_returned():
     assert torch.isnan(unchecked).all()
 
 
+def test_a_solver_with_solve_keywords_is_refused_even_at_their_defaults():
+    """method="cg" beside a MINRES Solver was silently MINRES: an explicit keyword equal to its default went
+    unnoticed."""
+    X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem(seed=6)
+    minres = hypergrad.Solver(method="minres", rtol=1e-12)
+    for keywords in ({"method": "cg"}, {"maxiter": 100}, {"damping": 0.0}):
+        with pytest.raises(ValueError, match=f"not both \\(given: {next(iter(keywords))}\\)"):
+            hypergrad.total_grad(leader, follower, theta, w, solver=minres, **keywords)
+    with pytest.raises(ValueError, match="solver must be a hypergrad.Solver"):
+        hypergrad.total_grad(leader, follower, theta, w, solver="minres")
+    with pytest.raises(TypeError, match="leader_loss must be a callable"):
+        hypergrad.total_grad(leader(), follower, theta, w)
+    for x0 in ((torch.zeros_like(w),), torch.zeros(w.numel() + 1, dtype=w.dtype)):
+        with pytest.raises(ValueError, match=f"x0 must be a flat tensor of the follower's {w.numel()} parameter"):
+            hypergrad.total_grad(leader, follower, theta, w, solver=minres, x0=x0)
+    (by_solver,) = hypergrad.total_grad(leader, follower, theta, w, solver=minres)
+    (by_keywords,) = hypergrad.total_grad(leader, follower, theta, w, method="minres", rtol=1e-12)
+    torch.testing.assert_close(by_solver, by_keywords)
+
+
 def test_cg_warns_when_negative_curvature_cuts_its_solve_short():
     X, y, Xv, yv, yp, theta, w, follower, leader = _ridge_problem(seed=5)
     concave = lambda: -follower()  # noqa: E731  (w at a maximum: H_ww negative definite)

@@ -233,6 +233,9 @@ def test_figure_4_is_drawn(tmp_path):
     (["--set", "pretrain_attacker=maybe"], "yes or no"), (["--table", "7", "--set", "follower_steps=2"], "sets follower_steps itself"),
     (["--attacks", "min-max", "--rows", "min-max_long", "tgda"], "no row tgda among the chosen attacks' rows; choose "
                                                                   "from min-max_sanitized, min-max, min-max_sanitized_long"),
+    (["--table", "5", "--attacks", "label-flip"], "table 5 studies tgda, not label-flip: drop those from --attacks"),
+    (["--table", "13", "--attacks", "label-flip"], "table 13 studies emn, not label-flip"),
+    (["--table", "3", "--attacks", "gradient-canceling"], "table 3 studies label-flip, metapoison, tgda, not gradient"),
 ])
 def test_usage_errors_are_one_line_before_any_run(argv, message, tmp_path, capsys):
     args = ["bench", "--table", "2", "--out", str(tmp_path / "b"), *argv]
@@ -356,6 +359,23 @@ def test_the_paper_cells_are_transcribed_consistently():
             if abs(clean - paper.accuracy - paper.drop) > 0.011:
                 inconsistent.add(key)
     assert inconsistent == PAPER_AS_PRINTED
+
+
+def test_a_name_given_twice_is_one_row_or_column_and_attacks_choose_the_studied_rows():
+    """--defenders lr lr once ran one run as two seeds' worth ("seeds 2", std 0); --attacks was silently ignored by
+    the tables that study one attack's variants, and by tables 3 and 12, which ran all three of their attacks."""
+    once = bench.plan(bench.TABLES["2"], "smoke", [0], defenders=["lr"], attacks=["label-flip"])
+    twice = bench.plan(bench.TABLES["2"], "smoke", [0], defenders=["lr", "lr"], attacks=["label-flip", "label-flip"])
+    assert [(c.key, s) for c, s, _ in twice] == [(c.key, s) for c, s, _ in once]
+    defended = bench.plan(bench.TABLES["10"], "smoke", [0], defenders=["lr"], attacks=["label-flip"],
+                          defenses=["loss", "loss"])
+    assert len(defended) == len(bench.plan(bench.TABLES["10"], "smoke", [0], defenders=["lr"], attacks=["label-flip"],
+                                           defenses=["loss"]))
+    for key in ("3", "12"):
+        table = bench.TABLES[key]
+        chosen = bench.plan(table, "smoke" if key == "3" else "sample", [0], attacks=["tgda"])
+        assert {cfg.attack for _, _, cfg in chosen} == {"tgda"}
+        assert len({cfg.attack for _, _, cfg in bench.plan(table, "smoke", [0])}) == 3
 
 
 def test_rows_keep_only_the_named_rows_of_the_chosen_attacks():

@@ -237,7 +237,7 @@ TABLES = {t.key: t for t in (
         **{(GC_AUTHORS_ROW, d): Paper(None, drop, source="GC paper") for d, drop in GC_PAPER_DROPS.items()},
     }, MNIST_CLEAN),
     Table("3", "CIFAR-10, epsilon = 3%: label flip, MetaPoison and TGDA", True,
-          lambda defenders, attacks, defenses: _attack_rows(defenders, ("label-flip", "metapoison", "tgda")), {
+          lambda defenders, attacks, defenses: _attack_rows(defenders, _among(("label-flip", "metapoison", "tgda"), attacks)), {
               **CIFAR_LABEL_FLIP_AND_TGDA,
               ("metapoison", "cifar-cnn"): _p(68.14, 1.13, 35), ("metapoison", "resnet18"): _p(92.90, 2.05, 108),
           }, CIFAR_CLEAN),
@@ -287,7 +287,7 @@ TABLES = {t.key: t for t in (
           lambda defenders, attacks, defenses: _defended(defenders, ("tgda",), defenses), TGDA_UNDER_DEFENSES,
           MNIST_CLEAN, attacks=("tgda",), defenses=("influence", "sever", "maxup")),
     Table("12", "CIFAR-10, epsilon = 3%: error-minimising noise against label flip and TGDA", True,
-          lambda defenders, attacks, defenses: _attack_rows(defenders, ("label-flip", "emn", "tgda")), {
+          lambda defenders, attacks, defenses: _attack_rows(defenders, _among(("label-flip", "emn", "tgda"), attacks)), {
               **CIFAR_LABEL_FLIP_AND_TGDA,
               ("emn", "cifar-cnn"): _p(69.00, 0.44, 2.2), ("emn", "resnet18"): _p(94.76, 0.19, 8.4),
           }, CIFAR_CLEAN),
@@ -356,6 +356,10 @@ def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, a
     """[(cell, seed, resolved Config)] of a table at a scale, every setting checked before anything runs.
     `overrides` ({setting: value}, `--set`) replace the scale's settings in every cell (a shortened schedule);
     `rows` (row folder names, `--rows`) keeps only those rows of the chosen attacks."""
+    # a name given twice is one column / row (its runs counted twice made "seeds 2" of one run, with a std of 0)
+    defenders, attacks, defenses = (tuple(dict.fromkeys(names)) if names else names
+                                    for names in (defenders, attacks, defenses))
+    chosen_attacks = attacks
     defenders = tuple(defenders or default_defenders(table, scale))
     dataset = "CIFAR-10" if table.cifar and scale == "paper" else "MNIST"
     allowed = CIFAR_DEFENDERS if dataset == "CIFAR-10" else MNIST_DEFENDERS["paper"]
@@ -381,6 +385,13 @@ def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, a
     cells = table.cells(defenders, attacks, defenses)
     if overrides.get("perfect_knowledge"):  # the rows whose poisons are D_v's points would take them from D_test
         cells = [cell for cell in cells if cell.settings.get("flip_pool") != "val"]
+    ignored = [a for a in chosen_attacks or () if a not in {cell.settings["attack"] for cell in cells}]
+    if ignored:  # tables 4-9, 11 and 13 run the attack they study, whatever --attacks says
+        ran = sorted({cell.settings["attack"] for cell in table.cells(defenders, table.attacks or tuple(ATTACKS),
+                                                                       defenses)})
+        raise ValueError(f"table {table.key} studies {', '.join(ran)}, not {', '.join(ignored)}: drop those from "
+                         "--attacks (it chooses among the rows of tables " + ", ".join(
+                             t.key for t in TABLES.values() if _chooses_attacks(t)) + ")")
     if rows:
         folders = list(dict.fromkeys(cell.row_folder for cell in cells))
         unknown = [r for r in rows if r not in folders]
@@ -407,6 +418,17 @@ def plan(table, scale, seeds, *, data_root=None, device="cpu", defenders=None, a
                 raise ValueError(f"{where}: {exc}") from None
             runs.append((cell, seed, cfg))
     return runs
+
+
+def _among(studied, chosen):
+    """The attacks of a table that studies `studied`, in its order, kept to those --attacks chose (all without)."""
+    return tuple(a for a in studied if chosen is None or a in chosen)
+
+
+def _chooses_attacks(table):
+    """Whether --attacks chooses `table`'s rows (it does not where the table studies one attack's variants)."""
+    defenders = default_defenders(table, "smoke")[:1]
+    return len({c.settings["attack"] for c in table.cells(defenders, tuple(ATTACKS), table.defenses)}) > 1
 
 
 def _slug(text):

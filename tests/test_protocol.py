@@ -338,6 +338,8 @@ def test_bad_settings_stop_before_any_work(argv, message, tmp_path, capsys):
     ('{"flip_rule": "sideways"}', "unknown flip-rule"), ('{"gc_lr": -1}', "gc-lr must be a number > 0"),
     ('{"gc_steps": "many"}', "gc_steps must be int"), ('[1, 2]', "must hold an object of settings"),
     ('{"defence": "loss"}', "unknown setting(s) 'defence' (did you mean 'defense'?)"),
+    ('{"defense": ["loss"]}', "setting defense must be one defense's name (a string), got ['loss']"),
+    ('{"defense": {"a": 1}}', "setting defense must be one defense's name"),
     ('{"epsilom": 0.1, "zzz": 1}', "unknown setting(s) 'epsilom' (did you mean 'epsilon'?), 'zzz'; `tgda-attack run --help`"),
 ])
 def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):

@@ -229,8 +229,9 @@ DEFENSE_KEYS = ("defense", *(s.name for s in DEFENSE_SETTINGS))  # a config file
 def _file_settings(args, defense):
     """The --config file's settings of the run (defense False) or of its defense (True); {} without a file. A file
     may hold both: the defense's are read by `run` (`pretrain` leaves them to the run that follows)."""
-    values = _read_config_file(args.config) if getattr(args, "config", None) else {}
-    return {k: v for k, v in values.items() if (k in DEFENSE_KEYS) == defense}
+    if not hasattr(args, "config_values"):  # read once: the run's and the defense's settings are of one reading
+        args.config_values = _read_config_file(args.config) if getattr(args, "config", None) else {}
+    return {k: v for k, v in args.config_values.items() if (k in DEFENSE_KEYS) == defense}
 
 
 def config_from_args(args):
@@ -259,6 +260,9 @@ def defense_from_args(args):
         if given:
             raise UsageError(f"{named(given)} set(s) a defense; add --defense NAME")
         return None
+    if not isinstance(name, str):  # a list or table in a config file (["loss"]: one defense a run)
+        raise UsageError(f"setting defense must be one defense's name (a string), got {name!r} (from {args.config}); "
+                         f"choose one of {', '.join(DEFENSES)}")
     if name not in DEFENSES:  # from a config file (the command line's choices are checked by argparse)
         raise UsageError(f"unknown defense {name!r} (from {args.config}); choose one of {', '.join(DEFENSES)}")
     unread = sorted(set(given) - {s.name for s in DEFENSES[name].settings})

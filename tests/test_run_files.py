@@ -319,3 +319,30 @@ def test_debug_shows_the_error_itself_instead_of_its_one_line(tmp_path):
     assert cli.main(["run", "--epsilon", "2", "--out", out]) == 2
     with pytest.raises(cli.UsageError, match="epsilon"):
         cli.main(["--debug", "run", "--epsilon", "2", "--out", out])
+
+
+def test_a_gpu_runs_folder_is_evaluated_on_a_cpu_as_the_error_advises(finished_run, tmp_path, capsys):
+    """A folder a GPU made (config.json "device": "cuda"), copied to a machine without one: the error advised
+    --device cpu, which `evaluate` did not take and `run --resume` refused as another run's settings."""
+    folder = _copy(finished_run, tmp_path)
+    path = os.path.join(folder, "config.json")
+    with open(path) as fh:
+        recorded = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({**recorded, "device": "cuda"}, fh)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the folder runs as it is")
+    assert cli.main(["evaluate", "--out", folder, "--quiet"]) == 2
+    assert "use --device cpu" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--out", folder, "--quiet", "--device", "cpu", "--threads", "1"]) == 0
+    with open(path) as fh:
+        now = json.load(fh)
+    assert (now["device"], now["threads"]) == ("cpu", 1) and {k: v for k, v in now.items() if k not in ("device", "threads")} \
+        == {k: v for k, v in recorded.items() if k not in ("device", "threads")}
+    with open(path, "w") as fh:
+        json.dump({**now, "device": "cuda"}, fh)
+    os.remove(os.path.join(folder, "metrics.json"))
+    assert cli.main([*RUN, "--out", folder, "--resume", "--device", "cpu"]) == 0  # the device is not the run's identity
+    for argv, message in ((["--device", "tpu"], "is not a device name"), (["--threads", "-1"], "--threads must be from 0")):
+        assert cli.main(["attack", "--out", folder, *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -27,7 +27,8 @@ import torch
 
 from . import bench, cluster, data_parallel, protocol
 from .attacks import ATTACKS
-from .config import ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, PROTOCOL_HELP, TGDA_ONLY, Config, DefenseConfig
+from .config import (ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, MAX_THREADS, PROTOCOL_HELP, TGDA_ONLY, Config,
+                     DefenseConfig, check_device)
 from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize, summarize_defense
@@ -99,6 +100,9 @@ def build_parser():
         p = sub.add_parser(name, help=text)
         p.add_argument("--out", required=True, help="folder holding the earlier stages' files")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--device", help="run this stage on this device, recorded in the folder's config.json for the "
+                                        "stages after it (a GPU run's folder evaluated on a CPU: --device cpu)")
+        p.add_argument("--threads", type=int, help="CPU threads of this stage and those after it, recorded likewise")
         if name == "evaluate":
             _add_defense_options(p)
     p = sub.add_parser("bench", help="the paper's tables: every run in its own folder, complete runs kept")
@@ -329,6 +333,22 @@ def busy_cpu_note(threads):
             "threads) avoids that. A seed fixes a run's bits for one thread count.")
 
 
+def _record_execution_options(args):
+    """`attack`/`evaluate --device D --threads N`: checked, then written to the folder's config.json, which the stage
+    reads (how a run executes is not what it computes: config.EXECUTION)."""
+    if args.device is None and args.threads is None:
+        return
+    try:
+        if args.device is not None:
+            check_device(args.device)
+        if args.threads is not None and not 0 <= args.threads <= MAX_THREADS:
+            raise ValueError(f"--threads must be from 0 (torch's choice) to {MAX_THREADS}, got {args.threads}")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    check_out(args.out)
+    protocol.record_execution(args.out, device=args.device, threads=args.threads)
+
+
 def _checked_seeds(cfg, seeds, seed_flag=None):
     """The seeds of a run (--seeds, else the config's), each checked as the config checks its seed, before any runs."""
     if not seeds:
@@ -454,6 +474,7 @@ def _command(argv):
                     fh.write(table + "\n")
                 print("\nmean ± std over seeds:\n" + table)
             return 0
+        _record_execution_options(args)
         if args.command == "attack":
             result = protocol.stage_attack(args.out, verbose)
             print(f"{result['n_poison']} poisons in {result['attack_seconds']:.1f} s -> {os.path.join(args.out, 'poisons.pt')}")

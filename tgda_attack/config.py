@@ -56,7 +56,7 @@ ATTACK_SETTINGS = registered_settings(ATTACKS)  # the settings the registered at
 # for instance, a label-flip folder resumes whatever the solver's default has become since it was written.
 TGDA_ONLY = ("alpha", "leader_steps", "solver", "solver_iterations", "damping", "cuda_graphs", "warm_start", "leader",
              "formulation", "attacker", "pretrain_attacker", "attacker_epochs", "attacker_batch_size")
-EXECUTION = ("threads",)
+EXECUTION = ("threads", "device")  # a run resumes, or is evaluated, with others (a GPU run's folder on a CPU)
 # Defaults changed since runs were first written: by setting, the value that says what a folder written before the
 # change ran. A config.json without the setting (written before it existed) is read with this value, not today's
 # default: a folder of plain gradient descent is not a run with the bound of 5.

@@ -323,24 +323,31 @@ def _shared_copy(entry, key, files, out, cfg):
         return None
 
 
-def _kept_threads(out, cfg):
-    """Records `cfg`'s thread count in the config.json of the run it resumes (not part of a run's identity): the
-    stages after a kept stage 1 read their threads from there, so --resume --threads N sets them."""
+def record_execution(out, *, device=None, threads=None):
+    """Records how the next stages of the run in `out` execute (config.EXECUTION: its device and CPU threads, not
+    part of what it computes) in its config.json, which they read: `--resume --threads N`, `evaluate --device cpu`
+    on a GPU run's folder. None: kept."""
+    need(out, "config.json")
     path = os.path.join(out, "config.json")
     recorded = read_json_object(path, {})
-    if recorded.get("threads") != cfg.threads:
-        write_json(path, {**recorded, "threads": cfg.threads})
+    changed = {k: v for k, v in (("device", device), ("threads", threads)) if v is not None and recorded.get(k) != v}
+    if changed:
+        write_json(path, {**recorded, **changed})
 
 
-def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, shared=None, record_threads=True):
+def _kept_execution(out, cfg):
+    record_execution(out, device=cfg.device, threads=cfg.threads)
+
+
+def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, shared=None, keep_execution=True):
     """Stage 1: writes config.json, the pretrained models and pretrain.json (clean accuracy).
 
     `out` must be new or hold this run (`resume`, then a finished stage 1 is kept) or be cleared
     (`overwrite`): see tgda_attack.rundir.claim. `shared`, a folder, holds stage 1s by pretrain_key: one that
     another run made there is copied instead of trained again (pretrain.json then names it in
     "pretrained_in"), and one trained here is stored there (tgda-attack bench: the cells of one seed).
-    `record_threads`: a kept stage 1 records `cfg`'s threads for the later stages (run() records them itself,
-    only where a later stage runs: a finished run resumed with other threads keeps the threads it ran with)."""
+    `keep_execution`: a kept stage 1 records `cfg`'s threads and device for the later stages (run() records them
+    itself, only where a later stage runs: a finished run resumed with other threads keeps those it ran with)."""
     cfg = cfg.resolved()
     use_threads(cfg)
     needs_attacker = _needs_attacker_network(cfg)
@@ -354,8 +361,8 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
         if not missing:
             kept = _pretrain_result(out, cfg)
             check_made_with(out, cfg)
-            if record_threads:
-                _kept_threads(out, cfg)
+            if keep_execution:
+                _kept_execution(out, cfg)
             remove_training_checkpoints(out, "pretrain")
             return kept
         later = [n for n in ("attack.json", "poisons.pt", "attack_checkpoint.pt") if has(n)]
@@ -964,12 +971,12 @@ def run(cfg, out, verbose=False, *, overwrite=False, resume=False, shared_pretra
     (tgda_attack.data_parallel) stages 1 and 3 run on rank 0 and the attack on every process.
     `shared_pretraining`: stage_pretrain's `shared` folder."""
     data_parallel.on_main(stage_pretrain, cfg, out, verbose, overwrite=overwrite, resume=resume,
-                          shared=shared_pretraining, record_threads=False)
+                          shared=shared_pretraining, keep_execution=False)
     finished = lambda *names: resume and all(os.path.exists(os.path.join(out, n)) for n in names)  # noqa: E731
     attack_kept = finished("attack.json", "poisons.pt")
     kept = finished_evaluation(out) if attack_kept else None  # a damaged metrics.json: stage 3 runs again
     if kept is None:  # a later stage runs, with this command's threads
-        data_parallel.on_main(_kept_threads, out, cfg.resolved())
+        data_parallel.on_main(_kept_execution, out, cfg.resolved())
     if not attack_kept:
         stage_attack(out, verbose and data_parallel.is_main())
     data_parallel.barrier()

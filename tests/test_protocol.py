@@ -481,7 +481,17 @@ def test_seeds_of_one_seed_write_the_seeds_layout_that_more_seeds_extend(tmp_pat
     assert json.load(open(out / "summary.json"))["seeds"] == [3, 4]
     capsys.readouterr()
     assert cli.main(["evaluate", "--out", str(out / "seed_3"), "--quiet"]) == 0  # one seed's stage 3 again
-    assert f"note: {out / 'summary.md'} summarises the seeds as `run --seeds` left them" in capsys.readouterr().out
+    note = f"note: removed {out / 'summary.md'} and {out / 'summary.json'}, which summarised seed_3 as it was; " \
+           f"`tgda-attack run --seeds 3 4 --out {out} --resume`"
+    assert note in capsys.readouterr().out and not (out / "summary.md").exists() and not (out / "summary.json").exists()
+    assert cli.main(["run", *flags, "--seeds", "3", "4", "--out", str(out), "--resume"]) == 0  # the note's advice
+    assert json.load(open(out / "summary.json"))["seeds"] == [3, 4]
+    for argv in (["attack", "--out", str(out / "seed_4")], ["run", *flags, "--seed", "4", "--out", str(out / "seed_4"),
+                                                             "--overwrite"]):
+        assert cli.main(argv) == 0 and not (out / "summary.md").exists()  # its results changed
+        assert cli.main(["run", *flags, "--seeds", "3", "4", "--out", str(out), "--resume"]) == 0
+    assert cli.main(["run", *flags, "--seed", "4", "--out", str(out / "seed_4"), "--resume"]) == 0
+    assert (out / "summary.md").exists()  # a finished run resumed: nothing changed
     single = tmp_path / "one"  # as `--seeds 3` wrote it before: the run in the folder itself
     assert cli.main(["run", *flags, "--seed", "3", "--out", str(single)]) == 0
     capsys.readouterr()

@@ -33,7 +33,7 @@ from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize, summarize_defense
 from .report import defense_summary_table, defense_table, metrics_table, summary_table, tested_defender
-from .rundir import RunFolderError, bench_tables, check_out, claimable, seed_runs, settings_of
+from .rundir import RunFolderError, bench_tables, check_out, claimable, drop_stale_summary, seed_runs, settings_of
 
 
 class UsageError(Exception):
@@ -333,6 +333,12 @@ def busy_cpu_note(threads):
             "threads) avoids that. A seed fixes a run's bits for one thread count.")
 
 
+def _drop_stale_summary(out):
+    note = drop_stale_summary(out)
+    if note:
+        print(note)
+
+
 def _record_execution_options(args):
     """`attack`/`evaluate --device D --threads N`: checked, then written to the folder's config.json, which the stage
     reads (how a run executes is not what it computes: config.EXECUTION)."""
@@ -448,6 +454,8 @@ def _command(argv):
                     result = protocol.stage_pretrain(dataclasses.replace(cfg, seed=seed), out, verbose,
                                                      overwrite=args.overwrite, resume=args.resume)
                     print(f"clean accuracy {100 * result['clean_accuracy']:.2f}% -> {out}")
+                if not several and not args.resume:
+                    _drop_stale_summary(args.out)
                 return 0
             runs, defended = [], []
             for seed in seeds:
@@ -461,6 +469,8 @@ def _command(argv):
                     defended.append(protocol.stage_defend(out, defense, verbose, overwrite=args.overwrite or not args.resume,
                                                           resume=args.resume))
                     _print_defense(defended[-1], out)
+            if not several and data_parallel.is_main() and (defense or not args.resume):  # one seed of `--seeds`
+                _drop_stale_summary(args.out)  # run again (a finished run resumed without a defense is unchanged)
             if several and data_parallel.is_main():
                 summary = summarize(runs)
                 table = summary_table([summary])
@@ -478,6 +488,7 @@ def _command(argv):
         if args.command == "attack":
             result = protocol.stage_attack(args.out, verbose)
             print(f"{result['n_poison']} poisons in {result['attack_seconds']:.1f} s -> {os.path.join(args.out, 'poisons.pt')}")
+            _drop_stale_summary(args.out)
             return 0
         finished = protocol.finished_evaluation(args.out) if defense else None
         if finished is not None:
@@ -486,10 +497,7 @@ def _command(argv):
         _print_run(finished or protocol.stage_evaluate(args.out, verbose), args.out)
         if defense:
             _print_defense(protocol.stage_defend(args.out, defense, verbose, overwrite=True), args.out)
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if os.path.basename(os.path.abspath(args.out)).startswith("seed_") and os.path.exists(os.path.join(parent, "summary.md")):
-            print(f"note: {os.path.join(parent, 'summary.md')} summarises the seeds as `run --seeds` left them: rerun "
-                  f"that command with --resume (and these settings) to bring it up to date")
+        _drop_stale_summary(args.out)
         return 0
     # FileExistsError ... PermissionError: an --out that is a file, lies in a file or cannot be written
     except (UsageError, RunFolderError, DataNotFoundError, DataUnreadableError, DataTooSmallError,

@@ -212,6 +212,29 @@ def seed_runs(out):
     return sorted(n for n in os.listdir(out) if n.startswith("seed_") and os.path.exists(os.path.join(out, n, "config.json")))
 
 
+SUMMARY_FILES = ("summary.md", "summary.json")  # `run --seeds` writes them beside its seed_K folders
+
+
+def drop_stale_summary(out):
+    """After a command changed the results of `out`, a seed_K folder of `run --seeds`: removes the summary beside it,
+    which summarised that seed as it was, and returns a note saying how to write it again (None where there is none)."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    found = [n for n in SUMMARY_FILES if os.path.isfile(os.path.join(parent, n))]
+    if not os.path.basename(out).startswith("seed_") or not found:
+        return None
+    try:
+        seeds = read_json_object(os.path.join(parent, "summary.json"), {}).get("seeds") if "summary.json" in found else None
+    except RunFolderError:  # a damaged summary is removed all the same
+        seeds = None
+    for name in found:
+        os.remove(os.path.join(parent, name))
+    again = (f"--seeds {' '.join(map(str, seeds))} " if isinstance(seeds, list) and seeds else "--seeds ... ")
+    return (f"note: removed {' and '.join(os.path.join(parent, n) for n in found)}, which summarised "
+            f"{os.path.basename(out)} as it was; `tgda-attack run {again}--out {parent} --resume` (with the run's "
+            "settings, and --defense if it had one) writes them again from the seeds' folders")
+
+
 def bench_tables(out):
     """What `tgda-attack bench` wrote in `out` (its table_N folders and files), sorted by name."""
     if not os.path.isdir(out):

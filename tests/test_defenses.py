@@ -235,13 +235,19 @@ def test_seeds_under_a_defense_summarise_the_defense_too(tmp_path, capsys):
                      "--out", str(out), "--quiet"]) == 0
     per_seed = [json.load(open(out / f"seed_{s}" / "defense_slab" / "metrics.json")) for s in (0, 1)]
     summary = json.load(open(out / "summary.json"))["under_defense"]
-    for key in ("defended_accuracy", "attack_drop_under_defense", "poisons_removed", "precision"):
+    for key in ("defended_accuracy", "defended_drop", "attack_drop_under_defense", "poisons_removed", "precision"):
         values = [r[key] for r in per_seed]
         assert summary[key]["mean"] == pytest.approx(sum(values) / 2)
         assert summary[key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
     assert summary["defense_settings"] == {"defense_fraction": 0.03} and summary["seeds"] == [0, 1]
+    assert summary["units"].startswith("fractions") and json.load(open(out / "summary.json"))["units"] == summary["units"]
     table = (out / "summary.md").read_text()
     assert "Under the slab defense (defense-fraction 0.03), mean ± std over seeds" in table
+    # the two drops of the defended model under one name each, in the summary as in each run's table (the run's
+    # "drop with defense" was from the undefended clean accuracy, the summary's from the clean accuracy with defense)
+    printed = capsys.readouterr().out
+    for name in ("drop from the clean acc.", "drop under the defense: from the clean acc. with defense"):
+        assert name in table and name in printed
     assert f"| slab | 2 | {100 * summary['defended_accuracy']['mean']:.2f} ± " in table
 
 

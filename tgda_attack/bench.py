@@ -559,13 +559,18 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
 OUTSIDE_THE_PAPER = ("epsilon", "eval_defender", "perfect_knowledge")
 
 
+# A table's numbers are in the units it prints (a run's metrics.json and summary.json hold fractions: 0.857 is 85.7%)
+UNITS = ("percent: accuracies, drops (points), precision, recall; seconds: attack_seconds; pixel units of the data's "
+         "[-1, 1] range: perturbations; counts: seeds, removals")
+
+
 def _row(table, scale, cell, runs, overrides="", outside=()):
     row, column = cell.row, cell.column
     done = [r for r in runs if "diverged" not in r]
     failed = [r["diverged"] for r in runs if "diverged" in r]
     out = {"table": table.key, "scale": scale, "overrides": overrides, "outside_the_paper": ", ".join(outside),
            table.row_name: row, "column": column,
-           "seeds": len(runs), "diverged": len(failed), "diverged_messages": " | ".join(failed)}
+           "seeds": len(runs), "diverged": len(failed), "diverged_messages": " | ".join(failed), "units": UNITS}
     for key, scale_by in (("clean_accuracy", 100), ("poisoned_accuracy", 100), ("accuracy_drop", 100),
                           ("attack_seconds", 1), ("mean_perturbation_linf", 1)):
         mean, std = mean_std([scale_by * r[key] for r in done if key in r])

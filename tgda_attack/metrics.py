@@ -7,6 +7,9 @@ import torch
 
 SUMMARY_KEYS = ("clean_accuracy", "poisoned_accuracy", "accuracy_drop", "attack_seconds")
 MEDIAN_DROP = "accuracy_drop_median_last_epochs"  # protocol: between the medians of the trainings' last epochs
+# summary.json's numbers, as metrics.json's, are fractions (the tables print them in percent)
+SUMMARY_UNITS = ("fractions: accuracies, drops, precision, recall (0.857 is 85.7%); seconds: attack_seconds; pixel "
+                 "units of the data's [-1, 1] range: perturbations; counts: removals")
 POISON_KEYS = ("mean_perturbation_l2", "mean_perturbation_linf", "max_perturbation_linf", "poison_pairwise_l2",
                "source_pairwise_l2")
 
@@ -42,13 +45,14 @@ def summarize(runs):
     keys = SUMMARY_KEYS + tuple(k for k in POISON_KEYS + (MEDIAN_DROP,) if all(isinstance(r.get(k), (int, float))
                                                                               for r in runs))
     summary = {"seeds": [r["seed"] for r in runs], **{k: runs[0][k] for k in ("dataset", "defender", "attack", "epsilon")},
-               "eval_defender": runs[0].get("eval_defender") or runs[0]["defender"]}  # whose accuracies these are
+               "eval_defender": runs[0].get("eval_defender") or runs[0]["defender"],  # whose accuracies these are
+               "units": SUMMARY_UNITS}
     for k in keys:
         summary[k] = dict(zip(("mean", "std"), mean_std([r[k] for r in runs])))
     return summary
 
 
-DEFENSE_SUMMARY_KEYS = ("defended_accuracy", "clean_defended_accuracy", "attack_drop_under_defense",
+DEFENSE_SUMMARY_KEYS = ("defended_accuracy", "clean_defended_accuracy", "defended_drop", "attack_drop_under_defense",
                         "attack_drop_under_defense_median_last_epochs", "poisons_removed", "clean_removed", "precision",
                         "recall")
 
@@ -57,7 +61,8 @@ def summarize_defense(results):
     """Mean and sample standard deviation over seeds of several runs' results under one defense (protocol.stage_defend),
     each key where every run recorded a number (a filter's removals and precision; not a robust training's)."""
     summary = {"defense": results[0]["defense"], "kind": results[0]["kind"],
-               "defense_settings": results[0]["defense_settings"], "seeds": [r["seed"] for r in results]}
+               "defense_settings": results[0]["defense_settings"], "seeds": [r["seed"] for r in results],
+               "units": SUMMARY_UNITS}
     for k in DEFENSE_SUMMARY_KEYS:
         if all(isinstance(r.get(k), (int, float)) for r in results):
             summary[k] = dict(zip(("mean", "std"), mean_std([r[k] for r in results])))

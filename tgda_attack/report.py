@@ -122,7 +122,8 @@ def defense_summary_table(summary):
     """A defense's results over seeds (metrics.summarize_defense) as a Markdown table: accuracies and drops in %
     (points), removals in points."""
     columns = [("defended acc. (%)", "defended_accuracy", 100.0), ("clean acc. with defense (%)", "clean_defended_accuracy", 100.0),
-               ("drop under the defense (points)", "attack_drop_under_defense", 100.0),
+               ("drop from the clean acc. (points)", "defended_drop", 100.0),
+               ("drop under the defense: from the clean acc. with defense (points)", "attack_drop_under_defense", 100.0),
                ("drop under it, medians of the last epochs", "attack_drop_under_defense_median_last_epochs", 100.0),
                ("poisons removed", "poisons_removed", 1.0), ("clean points removed", "clean_removed", 1.0),
                ("precision (%)", "precision", 100.0), ("recall (%)", "recall", 100.0)]
@@ -138,10 +139,13 @@ def defense_summary_table(summary):
 
 def defense_table(metrics):
     """One run under a defense (protocol.stage_defend) as a Markdown table."""
-    head = ("| clean acc. (%) | poisoned acc. (%) | defended acc. (%) | drop without / with defense (points) "
-            "| clean acc. with defense (%) |")
+    # two drops of the defended model: from the clean accuracy (what the user keeps against no attack and no
+    # defense), and from the clean accuracy with the defense (what the attack takes under it; the summaries' too)
+    head = ("| clean acc. (%) | poisoned acc. (%) | defended acc. (%) | drop from the clean acc., undefended / defended "
+            "(points) | clean acc. with defense (%) | drop under the defense: from the clean acc. with defense (points) |")
     row = (f"| {_pct(metrics['clean_accuracy'])} | {_pct(metrics['poisoned_accuracy'])} | {_pct(metrics['defended_accuracy'])} "
-           f"| {_pct(metrics['accuracy_drop'])} / {_pct(metrics['defended_drop'])} | {_pct(metrics['clean_defended_accuracy'])} |")
+           f"| {_pct(metrics['accuracy_drop'])} / {_pct(metrics['defended_drop'])} | {_pct(metrics['clean_defended_accuracy'])} "
+           f"| {_pct(metrics['attack_drop_under_defense'])} |")
     if metrics["kind"] == "filter":
         share = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         head += " removed: poisons / clean points | precision / recall |"

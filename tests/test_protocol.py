@@ -9,6 +9,7 @@ import torch
 
 from tgda_attack import cli, protocol
 from tgda_attack.attacks import ATTACKS
+from tgda_attack.config import MAX_RETRAININGS
 
 TINY = dict(dataset="mnist-sample", defender="lr", pretrain_epochs=1, pretrain_batch_size=1000,
             attacker_epochs=0, attack_epochs=1, attack_batch_size=1000, follower_steps=1, solver_iterations=2)
@@ -77,7 +78,7 @@ def test_retrainings_retrain_the_same_poisons_under_other_training_seeds_and_res
     with open(os.path.join(out, "metrics.json")) as fh:
         metrics = json.load(fh)
     r = metrics["retrainings"]
-    assert r["seeds"] == [4, 5, 6]
+    assert r["seeds"] == [4, 4 + 2 ** 20, 4 + 2 ** 21]
     assert [r["clean_accuracy"][0], r["poisoned_accuracy"][0]] == [metrics["clean_accuracy"], metrics["poisoned_accuracy"]]
     cfg = protocol.Config.from_dict({**TINY, "attack": "label-flip"}).resolved()
     splits = protocol.load_splits(cfg)
@@ -85,9 +86,9 @@ def test_retrainings_retrain_the_same_poisons_under_other_training_seeds_and_res
     x_all = torch.cat([splits.x_train, poisons["x_poison"]])
     y_all = torch.cat([splits.y_train, poisons["y_poison"]])
     for k, seed in enumerate(r["seeds"]):  # each pair: the pretrain procedure of that seed, on D_tr and on D_tr U D_p
-        other = dataclasses.replace(cfg, seed=seed)
-        clean = protocol.accuracy(protocol.train_defender(other, splits.x_train, splits.y_train), splits.x_test, splits.y_test)
-        poisoned = protocol.accuracy(protocol.train_defender(other, x_all, y_all), splits.x_test, splits.y_test)
+        clean = protocol.accuracy(protocol.train_defender(cfg, splits.x_train, splits.y_train, seed=seed), splits.x_test,
+                                  splits.y_test)
+        poisoned = protocol.accuracy(protocol.train_defender(cfg, x_all, y_all, seed=seed), splits.x_test, splits.y_test)
         assert (r["clean_accuracy"][k], r["poisoned_accuracy"][k]) == (clean, poisoned), seed
         assert r["accuracy_drop"][k] == pytest.approx(clean - poisoned)
     assert len(set(r["poisoned_accuracy"])) > 1  # the seeds do train differently
@@ -97,7 +98,7 @@ def test_retrainings_retrain_the_same_poisons_under_other_training_seeds_and_res
     assert r["accuracy_drop_median_last_epochs"][0] == metrics["accuracy_drop_median_last_epochs"]
     assert r["spiked_seeds"] == [] and r["accuracy_drop_median_last_epochs_mean"] == pytest.approx(r["accuracy_drop_mean"])
     printed = capsys.readouterr().out
-    assert "Drop over 3 retrainings (training seeds 4-6" in printed and "between the medians of the last epochs" in printed
+    assert "Drop over 3 retrainings (training seeds 4 + k * 2^20, k = 0 .. 2" in printed and "between the medians of the last epochs" in printed
     # pairs kept before the medians were recorded are read back without them
     kept = json.load(open(os.path.join(out, "retrainings.json")))
     del kept["last_epochs"]
@@ -124,18 +125,32 @@ def test_retrainings_retrain_the_same_poisons_under_other_training_seeds_and_res
     with open(os.path.join(out, "retrainings.json"), "w") as fh:
         fh.write("{not json")  # a damaged partial file: its pairs are trained again, nothing else happens
     calls.clear()
-    assert protocol.stage_evaluate(out)["retrainings"]["seeds"] == [4, 5, 6] and len(calls) == 5
+    assert protocol.stage_evaluate(out)["retrainings"]["seeds"] == [4, 4 + 2 ** 20, 4 + 2 ** 21] and len(calls) == 5
     # a retraining that diverges is that seed's result (None), not the end of the stage
     os.remove(os.path.join(out, "retrainings.json"))
 
     def diverging(cfg, x, y, *a, desc="", **k):
-        if desc == "retrain defender, seed 5":
+        if desc == f"retrain defender, seed {4 + 2 ** 20}":
             raise FloatingPointError("diverged")
         return original(cfg, x, y, *a, desc=desc, **k)
     monkeypatch.setattr(protocol, "train_defender", diverging)
     r = protocol.stage_evaluate(out)["retrainings"]
-    assert r["accuracy_drop"][1] is None and r["diverged_seeds"] == [5] and r["poisoned_accuracy"][1] is None
+    assert r["accuracy_drop"][1] is None and r["diverged_seeds"] == [4 + 2 ** 20] and r["poisoned_accuracy"][1] is None
     assert r["accuracy_drop_mean"] == pytest.approx((r["accuracy_drop"][0] + r["accuracy_drop"][2]) / 2)
+
+
+def test_no_two_run_seeds_share_a_retraining_seed():
+    """Under seeds s .. s+K-1 the blocks of neighbouring run seeds overlapped, and a label flip by a fixed rule gave
+    seed 0 and seed 1 the same pairs, counted twice in the bench's pooled drops."""
+    blocks = [protocol.retraining_seeds(s, 5) for s in range(200)] + [protocol.retraining_seeds(2 ** 20 - 1, 5)]
+    every = [t for block in blocks for t in block]
+    assert len(set(every)) == len(every) and all(block[0] == s for block, s in zip(blocks, range(200)))
+    most = protocol.retraining_seeds(0, MAX_RETRAININGS)
+    assert len(set(most)) == MAX_RETRAININGS and all(0 <= t < 2 ** 32 for t in most)  # a run's seed range
+    assert all(0 <= t < 2 ** 32 for t in protocol.retraining_seeds(2 ** 32 - 1, 3))
+    # torch's CPU generator seeds from the low 32 bits: seeds 2**32 apart would be one training
+    assert torch.equal(torch.rand(3, generator=torch.Generator().manual_seed(4)),
+                       torch.rand(3, generator=torch.Generator().manual_seed(4 + 2 ** 32)))
 
 
 def test_the_stage_helpers_fill_in_the_dataset_defaults_of_a_config():
@@ -243,7 +258,7 @@ def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     (["--seeds", "0", "-1"], "--seeds: seed must be in 0 .. 2**32 - 1, got -1"),  # once: seed 0 ran, then a traceback
     (["--seeds", "1", "1"], "--seeds lists a seed twice"),
     (["--seed", "-1"], "seed must be in 0 .. 2**32 - 1"),  # torch would wrap it onto seed 2**64 - 1
-    (["--split-seed", str(2 ** 32)], "split-seed must be in"),
+    (["--split-seed", str(2 ** 32)], "split-seed must be in"), (["--retrainings", "4097"], "retrainings must be at most 4096"),
 ])
 @pytest.mark.parametrize("command", ["run", "pretrain"])
 def test_bad_seeds_are_one_line_before_any_run(command, argv, message, tmp_path, capsys):
@@ -731,7 +746,7 @@ class _Stopped(Exception):
     pass
 
 
-@pytest.mark.parametrize("stopped", ["pretrain", "retrain", "retraining_1_poisoned", "defended", "clean_defended"])
+@pytest.mark.parametrize("stopped", ["pretrain", "retrain", f"retraining_{2 ** 20}_poisoned", "defended", "clean_defended"])
 def test_a_run_stopped_mid_training_continues_that_training_to_the_results_of_one_never_stopped(
         tmp_path, monkeypatch, stopped):
     """Every training of a run keeps its progress (protocol.training_checkpoint): stopped after epoch 2 of 4, the
@@ -769,8 +784,8 @@ def test_a_run_stopped_mid_training_continues_that_training_to_the_results_of_on
     assert made[stopped].resumed_at_epoch == 2
     # the others start afresh, or (a training finished before the stop whose result was not yet written) are read back
     assert all(each.resumed_at_epoch in (0, 4) for name, each in made.items() if name != stopped)
-    if stopped == "retraining_1_poisoned":
-        assert made["retraining_1_clean"].resumed_at_epoch == 4
+    if stopped == f"retraining_{2 ** 20}_poisoned":
+        assert made[f"retraining_{2 ** 20}_clean"].resumed_at_epoch == 4
     for name in ("defender_pretrained.pt", "defender_poisoned.pt", "defense_loss/defender_defended.pt"):
         a, b = (torch.load(os.path.join(d, name), weights_only=True) for d in (whole, cut))
         assert all(torch.equal(a[k], b[k]) for k in a), name

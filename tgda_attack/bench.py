@@ -744,11 +744,10 @@ def markdown(table, scale, rows):
                  "of the fewest (class, nearest class) pairs that hold the budget (`--flip-select confused-pairs`).\n\n")
     retrained = any(r.get("retrained_drops") for r in rows)
     if retrained:
-        head += ("\"drop over retrainings\": each seed's poisons retrained under the training seeds seed .. seed+K-1 "
-                 "(`retrainings` K), each beside a clean training of its seed; mean ± std of all those drops "
-                 "(their count in brackets): how much of a drop the defender's own training randomness decides. The seed "
-                 "blocks of neighbouring seeds overlap (seed 0's clean training under training seed 1 is seed 1's own "
-                 "clean model), so the clean side of these drops is shared between seeds: not independent samples.\n\n")
+        head += ("\"drop over retrainings\": each seed's poisons retrained under K training seeds (`retrainings` K: "
+                 "the seed's own and seed + k * 2^20, k = 1 .. K-1, no two seeds sharing one), each beside a clean "
+                 "training of its seed; mean ± std of all those drops (their count in brackets): how much of a drop the "
+                 "defender's own training randomness decides.\n\n")
     head += ("Ours: mean ± sample standard deviation (n - 1) over seeds; a cell of one seed shows its value alone. "
              "L∞ perturbation: the largest change of one pixel from a poison's source image, a mean over poisons, in "
              "the data's pixel units (pixels in [-1, 1]: 2 spans the whole range).\n\n")

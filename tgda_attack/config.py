@@ -89,6 +89,7 @@ SEEDS = ("seed", "split_seed")  # torch's generators take 0 .. 2**64 - 1 and wra
 POSITIVE_INTS = ("pretrain_epochs",  # 0: a defender at chance, and no retraining to measure a drop on
                  "pretrain_batch_size", "attacker_batch_size", "attack_batch_size", "retrainings")
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
+MAX_RETRAININGS = 4096  # protocol.retraining_seeds: K * 2**20 training seeds stay distinct below 2**32
 MAX_THREADS = 1024  # torch.set_num_threads: 10,000 hung and 100,000 crashed (segfault) on a 2-core machine
 
 
@@ -123,7 +124,7 @@ class _ProtocolSettings:
     pretrain_lr: float = 0.1
     pretrain_max_grad_norm: float = 5.0  # a step's gradient scaled down to this L2 norm (0: plain GD); training.py says why
     pretrain_attacker: bool = True
-    retrainings: int = 1  # stage 3 retrains the poisoned (and the clean) set under seeds seed .. seed+K-1 (protocol.py)
+    retrainings: int = 1  # stage 3 retrains the poisoned (and the clean) set under K training seeds (protocol.py)
     attacker_epochs: int = None
     attacker_batch_size: int = None
     attack_epochs: int = None
@@ -198,6 +199,9 @@ class _ProtocolSettings:
         for name in POSITIVE_INTS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.retrainings > MAX_RETRAININGS:
+            raise ValueError(f"retrainings must be at most {MAX_RETRAININGS} (each a training of the defender; their "
+                             f"training seeds stay distinct up to there), got {self.retrainings}")
         for name in POSITIVE_FLOATS:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

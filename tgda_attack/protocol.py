@@ -8,7 +8,7 @@
   3. evaluate: the defender is retrained from scratch on D_tr U D_p with exactly the pretrain
      procedure (same initialisation seed, epochs, batch size, learning rate) and tested: acc2
      (poisoned_accuracy); the accuracy drop is acc1 - acc2. With `retrainings` K > 1 the poisoned set is
-     also retrained, each beside a clean training, under the training seeds seed+1 .. seed+K-1 (a seed
+     also retrained, each beside a clean training, under K-1 training seeds of its own (a seed
      fixes the initialisation and the batch order): the poisons stay, so the spread of the K drops is
      the part of a reported drop that the defender's own training randomness decides (retrainings.json
      keeps each finished pair, so an interrupted stage 3 continues).
@@ -87,10 +87,10 @@ def load_splits(cfg):
     return splits.hold_out_defender_val(cfg.defender_val_fraction)
 
 
-def new_defender(cfg, image_shape, name=None):
+def new_defender(cfg, image_shape, name=None, seed=None):
     """The defender (or another architecture `name`) at its seeded initialisation: the same for pretraining
-    and retraining."""
-    torch.manual_seed(cfg.seed)
+    and retraining (`seed`: another training seed than the run's, a retraining's)."""
+    torch.manual_seed(cfg.seed if seed is None else seed)
     return make_defender(name or cfg.defender, image_shape).to(cfg.device, _torch_dtype(cfg))
 
 
@@ -102,15 +102,18 @@ def new_attacker(cfg, image_shape):
     return make_attacker(cfg.attacker, image_shape).to(cfg.device, _torch_dtype(cfg))
 
 
-def train_defender(cfg, x, y, verbose=False, desc="train defender", name=None, checkpoint=None, last_epochs=None):
+def train_defender(cfg, x, y, verbose=False, desc="train defender", name=None, checkpoint=None, last_epochs=None,
+                   seed=None):
     """The pretrain procedure: a fresh defender (or architecture `name`) trained on (x, y). Retraining calls it
     again. `cfg` may be a Config whose dataset defaults are not filled in yet. `checkpoint`: a TrainingCheckpoint
     (training_checkpoint) that keeps the training's progress and continues a kept one; `last_epochs`: a LastEpochs
-    (accuracy_record) that records the last epochs' test accuracy."""
+    (accuracy_record) that records the last epochs' test accuracy; `seed`: the training seed (initialisation and
+    batch order), the run's by default (a retraining's: retraining_seeds)."""
     cfg = cfg.resolved()
-    model = new_defender(cfg, tuple(x.shape[1:]), name)
+    seed = cfg.seed if seed is None else seed
+    model = new_defender(cfg, tuple(x.shape[1:]), name, seed)
     return train_classifier(model, x, y, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
-                            lr=cfg.pretrain_lr, seed=cfg.seed, verbose=verbose, desc=desc,
+                            lr=cfg.pretrain_lr, seed=seed, verbose=verbose, desc=desc,
                             max_grad_norm=cfg.pretrain_max_grad_norm, checkpoint=checkpoint, last_epochs=last_epochs)
 
 
@@ -626,8 +629,22 @@ def _file_digest(path):
         return hashlib.sha256(fh.read()).hexdigest()
 
 
+# Retraining k of the run of seed s trains under the training seed s + k * RETRAINING_SEED_STRIDE (mod 2**32: torch's
+# CPU generator seeds from the low 32 bits, so 4 and 4 + 2**32 are one stream): no two run seeds below the stride (the
+# bench's 0 .. K-1, `--seeds`) share one, for up to config.MAX_RETRAININGS retrainings. Under seeds s + k the blocks of
+# neighbouring run seeds overlapped: seed 1's clean model was seed 0's second clean retraining, and with poisons that do
+# not depend on the seed (a label flip by a fixed rule) seed 0's pairs 1..K-1 were seed 1's 0..K-2, counted twice in a
+# pooled mean and std.
+RETRAINING_SEED_STRIDE = 2 ** 20
+
+
+def retraining_seeds(seed, k):
+    """The training seeds of a run's `k` retrainings, the run's own seed first."""
+    return [(seed + i * RETRAINING_SEED_STRIDE) % 2 ** 32 for i in range(k)]
+
+
 def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, verbose):
-    """Stage 3 under the training seeds seed .. seed+K-1 (K = cfg.retrainings): for each, the tested defender
+    """Stage 3 under the training seeds retraining_seeds(seed, K) (K = cfg.retrainings): for each, the tested defender
     trained on D_tr and on D_tr U D_p (the first pair is the run's own: `clean` and `poisoned`, each (accuracy,
     last-epochs entry)); a training that diverges is recorded as None (and its seed in "diverged_seeds"), not the
     end of the stage. Every finished pair is kept in retrainings.json with the digest of the poisons it was trained
@@ -644,16 +661,16 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
         if isinstance(kept, dict) and kept.get("poisons_sha256") == digest and isinstance(kept.get("pairs"), dict):
             done = kept["pairs"]
             tails = kept.get("last_epochs") if isinstance(kept.get("last_epochs"), dict) else {}
-    seeds = [cfg.seed + k for k in range(cfg.retrainings)]
+    seeds = retraining_seeds(cfg.seed, cfg.retrainings)
     done[str(cfg.seed)] = [clean[0], poisoned[0]]
     tails[str(cfg.seed)] = [clean[1], poisoned[1]]
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
 
-    def tested_accuracy(other, x, y, desc, kept):
-        """(accuracy, last-epochs entry) of a training, (None, None) for one that diverged."""
-        record = accuracy_record(other, splits)
+    def tested_accuracy(seed, x, y, desc, kept):
+        """(accuracy, last-epochs entry) of a training under training seed `seed`, (None, None) for one that diverged."""
+        record = accuracy_record(cfg, splits)
         try:
-            model = train_defender(other, x, y, desc=desc, name=tested, checkpoint=kept, last_epochs=record)
+            model = train_defender(cfg, x, y, desc=desc, name=tested, checkpoint=kept, last_epochs=record, seed=seed)
         except FloatingPointError:
             return None, None
         return _tested(model, record, splits, desc)
@@ -662,10 +679,9 @@ def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, v
         pair = done.get(str(seed))
         if not (isinstance(pair, list) and len(pair) == 2
                 and all(a is None or isinstance(a, (int, float)) for a in pair)):
-            other = dataclasses.replace(cfg, seed=seed)
             kept = [training_checkpoint(out, f"retraining_{seed}_{side}") for side in ("clean", "poisoned")]
-            pair = [tested_accuracy(other, splits.x_train, splits.y_train, f"train clean, seed {seed}", kept[0]),
-                    tested_accuracy(other, x_all, y_all, f"retrain defender, seed {seed}", kept[1])]
+            pair = [tested_accuracy(seed, splits.x_train, splits.y_train, f"train clean, seed {seed}", kept[0]),
+                    tested_accuracy(seed, x_all, y_all, f"retrain defender, seed {seed}", kept[1])]
             done[str(seed)], tails[str(seed)] = [acc for acc, _ in pair], [entry for _, entry in pair]
             write_json(path, {"poisons_sha256": digest, "pairs": done, "last_epochs": tails})
             for each in kept:

@@ -83,9 +83,18 @@ def _retrainings_line(metrics):
         medians = (f"; between the medians of the last epochs {pct(r['accuracy_drop_median_last_epochs_mean'])} ± "
                    f"{pct(r['accuracy_drop_median_last_epochs_std'])} (per seed "
                    + " / ".join(pct(d) for d in r["accuracy_drop_median_last_epochs"]) + spiked + ")")
-    return (f"\n\nDrop over {len(r['seeds'])} retrainings (training seeds {r['seeds'][0]}-{r['seeds'][-1]}, the poisons "
+    return (f"\n\nDrop over {len(r['seeds'])} retrainings (training seeds {_seeds_text(r['seeds'])}, the poisons "
             f"fixed): {pct(r['accuracy_drop_mean'])} ± {pct(r['accuracy_drop_std'])} points (per seed "
             + " / ".join("diverged" if d is None else _pct(d) for d in r["accuracy_drop"]) + diverged + ")" + medians)
+
+
+def _seeds_text(seeds):
+    """Retraining seeds as a run records them: "0 + k * 2^20, k = 0 .. 4" (the stride of protocol.retraining_seeds),
+    or listed (a run of the code before it: seed .. seed+K-1)."""
+    stride = 2 ** 20
+    if len(seeds) > 1 and all((b - a) % 2 ** 64 == stride for a, b in zip(seeds, seeds[1:])):
+        return f"{seeds[0]} + k * 2^20, k = 0 .. {len(seeds) - 1}"
+    return f"{seeds[0]}-{seeds[-1]}"
 
 
 def tested_defender(metrics):

@@ -174,6 +174,8 @@ def test_a_budget_other_than_the_paper_s_shows_no_paper_figures_beside_ours(tmp_
                      for name in ("paper", "other"))
     assert beside["paper_drop"] is not None and alone["paper_drop"] is None  # the paper's 3% is not this 10%
     assert "epsilon other than the paper's" in open(os.path.join(out, "other", "table_2.md")).read()
+    assert cli.main([*flags, "--out", os.path.join(out, "same"), "--set", "epsilon=0.03"]) == 0  # the paper's own
+    assert "other than the paper's" not in open(os.path.join(out, "same", "table_2.md")).read()
 
 
 def test_retrainings_pool_into_a_column_of_the_table(tmp_path):
@@ -294,7 +296,7 @@ def test_set_changes_every_run_and_the_tables_say_so(tmp_path, capsys):
     out = str(tmp_path)
     flags = ["bench", "--table", "figure-4", "--attacks", "label-flip", "--out", out, "--quiet"]
     assert cli.main([*flags, "--set", "pretrain_epochs=2", "--set", "pretrain-lr=0.05"]) == 0
-    assert "(smoke scale, with pretrain_epochs=2, pretrain_lr=0.05)" in capsys.readouterr().out
+    assert "(smoke scale, with pretrain_epochs=2, pretrain_lr=0.05, poisons made with " in capsys.readouterr().out
     folders = [os.path.join(out, "table_2", "label-flip", "lr", "seed_0")] + [  # epsilon 3%: Table 2's run
         os.path.join(out, "table_figure-4", "label-flip", f"lr_eps={eps}", "seed_0") for eps in bench.FIGURE_EPSILONS[1:]]
     for eps, folder in zip(bench.FIGURE_EPSILONS, folders):
@@ -359,6 +361,18 @@ def test_the_paper_cells_are_transcribed_consistently():
             if abs(clean - paper.accuracy - paper.drop) > 0.011:
                 inconsistent.add(key)
     assert inconsistent == PAPER_AS_PRINTED
+
+
+def test_the_title_names_the_threads_the_kept_runs_were_made_with(tmp_path, capsys):
+    """--set threads=1 over runs made with 2 threads keeps them (threads are not a run's identity): the title said
+    "with threads=1", though a seed fixes a run's bits for one thread count."""
+    flags = ["bench", "--table", "2", "--attacks", "label-flip", "--out", str(tmp_path), "--quiet"]
+    assert cli.main([*flags, "--set", "threads=2"]) == 0
+    assert "(smoke scale, poisons made with 2 CPU threads)" in capsys.readouterr().out
+    assert cli.main([*flags, "--set", "threads=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "(smoke scale, poisons made with 2 CPU threads)" in printed and "threads=1" not in printed
+    assert {r["threads"] for r in json.load(open(tmp_path / "table_2.json"))} == {"2"}
 
 
 def test_a_name_given_twice_is_one_row_or_column_and_attacks_choose_the_studied_rows():

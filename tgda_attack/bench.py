@@ -37,12 +37,12 @@ from .progress import progress_bar
 
 from . import cluster, protocol
 from .attacks import ATTACKS
-from .config import Config, DefenseConfig
+from .config import EXECUTION, Config, DefenseConfig
 from .data import check_readable
 from .defenses import DEFENSES
 from .metrics import mean_std
 from .report import mean_std_text as _fmt
-from .rundir import OtherSettingsError, RunFolderError, exclusive, write_json
+from .rundir import OtherSettingsError, RunFolderError, exclusive, read_json, write_json
 
 SCALES = ("smoke", "sample", "paper")
 SMOKE = {"pretrain_epochs": 3, "pretrain_batch_size": 100, "attacker_epochs": 0, "attack_epochs": 1,
@@ -543,13 +543,17 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
         outcomes = cluster.run_jobs(executor, folder_job, [(items, scale, overwrite, shared) for items in groups], jobs=jobs,
                                     on_done=lambda i, result: bar.update(len(result)))
     bar.close()
-    results = {}
+    results, threads = {}, {}
     for items, metrics_list in zip(groups, outcomes):
-        for (cell, _, _), metrics in zip(items, metrics_list):
+        for (cell, _, folder), metrics in zip(items, metrics_list):
             results.setdefault(cell.key, []).append(metrics)
+            threads.setdefault(cell.key, set()).add(_attack_threads(folder))
     cells = {cell.key: cell for cell, _, _ in runs}
-    outside = [k for k in OUTSIDE_THE_PAPER if k in (overrides or {})]
-    rows = [_row(table, scale, cells[key], runs_, overrides_text(overrides), outside) for key, runs_ in results.items()]
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # the paper's own (epsilon 0.03 ...)
+    outside = [k for k in OUTSIDE_THE_PAPER if k in (overrides or {}) and overrides[k] != defaults[k]]
+    made = {k: v for k, v in (overrides or {}).items() if k not in EXECUTION}  # how runs executed: their own record
+    rows = [_row(table, scale, cells[key], runs_, overrides_text(made), outside, threads[key] - {None})
+            for key, runs_ in results.items()]
     write_outputs(table, scale, rows, out)
     return rows
 
@@ -564,11 +568,21 @@ UNITS = ("percent: accuracies, drops (points), precision, recall; seconds: attac
          "[-1, 1] range: perturbations; counts: seeds, removals")
 
 
-def _row(table, scale, cell, runs, overrides="", outside=()):
+def _attack_threads(folder):
+    """The CPU threads the run in `folder` made its poisons with (attack.json), None where it does not say."""
+    try:
+        threads = read_json(os.path.join(folder, "attack.json")).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) else None
+
+
+def _row(table, scale, cell, runs, overrides="", outside=(), threads=()):
     row, column = cell.row, cell.column
     done = [r for r in runs if "diverged" not in r]
     failed = [r["diverged"] for r in runs if "diverged" in r]
     out = {"table": table.key, "scale": scale, "overrides": overrides, "outside_the_paper": ", ".join(outside),
+           "threads": ", ".join(map(str, sorted(threads))),  # a seed fixes a run's bits for one thread count
            table.row_name: row, "column": column,
            "seeds": len(runs), "diverged": len(failed), "diverged_messages": " | ".join(failed), "units": UNITS}
     for key, scale_by in (("clean_accuracy", 100), ("poisoned_accuracy", 100), ("accuracy_drop", 100),
@@ -715,7 +729,9 @@ def _time(seconds):
 def _scale_label(scale, rows):
     overrides = rows[0].get("overrides") if rows else ""
     outside = rows[0].get("outside_the_paper") if rows else ""
+    threads = sorted({t for r in rows for t in str(r.get("threads") or "").split(", ") if t}, key=int)
     return (f"{scale} scale" + (f", with {overrides}" if overrides else "")
+            + (f", poisons made with {' or '.join(threads)} CPU thread{'s' if threads != ['1'] else ''}" if threads else "")
             + (f"; {outside} other than the paper's: its figures are not shown beside ours" if outside else ""))
 
 

@@ -346,3 +346,32 @@ def test_a_gpu_runs_folder_is_evaluated_on_a_cpu_as_the_error_advises(finished_r
     for argv, message in ((["--device", "tpu"], "is not a device name"), (["--threads", "-1"], "--threads must be from 0")):
         assert cli.main(["attack", "--out", folder, *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, edit", [
+    ("metrics.json", lambda m: m.pop("mean_perturbation_l2")),
+    ("metrics.json", lambda m: m.pop("accuracy_drop_median_last_epochs")),
+    ("metrics.json", lambda m: m["clean_accuracy_last_epochs"].update(accuracy=[])),
+    ("metrics.json", lambda m: m.update(clean_accuracy_last_epochs="x")),
+    ("defense_loss/metrics.json", lambda m: m.pop("clean_defended_accuracy")),
+    ("defense_loss/metrics.json", lambda m: m.update(precision="x")),
+    ("defense_loss/metrics.json", lambda m: m.update(defended_accuracy_last_epochs="x")),
+])
+def test_a_results_file_edited_in_part_is_computed_again_not_a_traceback(finished_run, tmp_path, capsys, name, edit):
+    """A key its printout or the seeds' summary reads deleted, a list emptied, a string for a number: KeyError,
+    ValueError or TypeError after the run; as a damaged file, the stage computes it again (the same seed, the
+    same result)."""
+    folder = _copy(finished_run, tmp_path)
+    assert cli.main(["evaluate", "--out", folder, "--quiet", "--defense", "loss"]) == 0
+    path = os.path.join(folder, name)
+    whole = json.load(open(path))
+    damaged = json.loads(json.dumps(whole))
+    edit(damaged)
+    with open(path, "w") as fh:
+        json.dump(damaged, fh)
+    capsys.readouterr()
+    assert cli.main([*RUN, "--out", folder, "--resume", "--defense", "loss"]) == 0
+    again = json.load(open(path))
+    for key in ("clean_accuracy", "poisoned_accuracy", "defended_accuracy", "clean_defended_accuracy", "precision"):
+        assert again.get(key) == whole.get(key), key
+    assert again == {**whole, **{k: again[k] for k in again if k.endswith("_seconds")}}

@@ -49,6 +49,7 @@ from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
 from .progress import progress_bar
+from .report import readable_defense, readable_run
 from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, check_writable, claim, clear_defenses,
                      clear_evaluation, copy_atomic, load_state, load_weights, need, read_json, read_json_object,
                      redo_from_stage_1, remove_training_checkpoints, save_atomic, settings_of, write_json)
@@ -718,9 +719,10 @@ def finished_evaluation(out):
         return None
     try:
         load_state(os.path.join(out, "defender_poisoned.pt"))  # the defenses score points with it
-        return read_json_object(os.path.join(out, "metrics.json"), FINISHED_METRICS)
+        metrics = read_json_object(os.path.join(out, "metrics.json"), FINISHED_METRICS)
     except RunFolderError:
         return None
+    return metrics if readable_run(metrics) else None  # edited: a key its printout reads deleted, a list emptied
 
 
 def _poison_mask(n, poisons):
@@ -905,7 +907,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     except ValueError:
         recorded = None
     if (not isinstance(recorded, dict) or not isinstance(recorded.get("defense_settings"), dict)
-            or not isinstance(recorded.get("defended_accuracy"), (int, float))):
+            or not isinstance(recorded.get("defended_accuracy"), (int, float)) or not readable_defense(recorded)):
         recorded = None  # none, or damaged (truncated, edited): no result to keep or protect, computed again
     if recorded is not None:
         if recorded.get("defense_settings") == dcfg.own_settings() and resume:

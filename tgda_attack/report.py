@@ -4,7 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .metrics import MEDIAN_DROP  # noqa: E402
+from .metrics import MEDIAN_DROP, summarize, summarize_defense  # noqa: E402
 
 
 def save_poison_figure(x_clean, x_poison, y_clean, y_poison, path, k=8):
@@ -26,6 +26,32 @@ def save_poison_figure(x_clean, x_poison, y_clean, y_poison, path, k=8):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# What an edited or damaged results file raises in the readers below (a key deleted, a list emptied, a string
+# where a number was)
+_UNREADABLE = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError)
+
+
+def readable_run(metrics):
+    """Whether a run's metrics.json holds everything its printout and the seeds' summary read (protocol.finished_
+    evaluation computes one that does not again, as a damaged file)."""
+    try:
+        metrics_table(metrics)
+        summarize([metrics])
+    except _UNREADABLE:
+        return False
+    return True
+
+
+def readable_defense(metrics):
+    """Whether a defense's metrics.json holds everything its printout and the seeds' summary read."""
+    try:
+        defense_table(metrics)
+        summarize_defense([metrics])
+    except _UNREADABLE:
+        return False
+    return True
 
 
 def _pct(x):

@@ -375,3 +375,13 @@ def test_a_results_file_edited_in_part_is_computed_again_not_a_traceback(finishe
     for key in ("clean_accuracy", "poisoned_accuracy", "defended_accuracy", "clean_defended_accuracy", "precision"):
         assert again.get(key) == whole.get(key), key
     assert again == {**whole, **{k: again[k] for k in again if k.endswith("_seconds")}}
+
+
+def test_a_resume_under_other_defense_settings_stops_before_the_runs_printout(finished_run, tmp_path, capsys):
+    folder = _copy(finished_run, tmp_path)
+    assert cli.main(["evaluate", "--out", folder, "--quiet", "--defense", "loss"]) == 0
+    capsys.readouterr()
+    assert cli.main([*RUN, "--out", folder, "--resume", "--defense", "loss", "--defense-fraction", "0.05"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "holds results of defense settings {'defense_fraction': 0.03}" in captured.err
+    assert cli.main([*RUN, "--out", folder, "--resume", "--defense", "loss"]) == 0  # the same settings: kept

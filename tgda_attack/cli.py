@@ -443,6 +443,8 @@ def _command(argv):
             for seed in seeds:  # every seed's folder before the first seed's work
                 claimable(_seed_folder(args.out, seed, several), dataclasses.replace(cfg, seed=seed),
                           overwrite=args.overwrite, resume=args.resume)
+                if defense and args.resume:  # its defense's results too (they stopped it after the run's printout)
+                    protocol.kept_defense(_seed_folder(args.out, seed, several), defense.checked(), resume=True)
             if defense:
                 protocol.check_defense_size(cfg, defense)
             notes = [] if data_parallel.launched() else [unread_options_note(args, cfg), busy_cpu_note(cfg.threads)]

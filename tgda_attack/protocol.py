@@ -891,6 +891,30 @@ def check_defense_size(cfg, dcfg):
     DEFENSES[dcfg.defense].from_config(dcfg).check_size(n_train + data_mod.poison_budget(n_train, cfg.epsilon))
 
 
+def kept_defense(out, dcfg, *, overwrite=False, resume=False):
+    """The results of the defense `dcfg` that `out` holds and a resume keeps (the same settings), or None where there
+    are none to keep (none, damaged: computed again; `overwrite`: replaced); OtherSettingsError where it holds
+    another settings' results and neither `overwrite` nor the same settings allow going on. Reads, writes nothing:
+    the command line asks it of every seed's folder before the first run."""
+    path = os.path.join(out, f"defense_{dcfg.defense}", "metrics.json")
+    try:
+        recorded = read_json(path) if os.path.exists(path) else None
+    except ValueError:
+        recorded = None
+    if (not isinstance(recorded, dict) or not isinstance(recorded.get("defense_settings"), dict)
+            or not isinstance(recorded.get("defended_accuracy"), (int, float)) or not readable_defense(recorded)):
+        return None  # none, or damaged (truncated, edited): no result to keep or protect, computed again
+    if recorded.get("defense_settings") == dcfg.own_settings() and resume:
+        return recorded
+    if not overwrite:
+        raise OtherSettingsError(f"{os.path.dirname(path)} holds results of defense settings "
+                                 f"{recorded.get('defense_settings')}; `tgda-attack evaluate --out {out} --defense "
+                                 f"{dcfg.defense} ...` replaces them (keeping the run's stages 1-3), --resume keeps "
+                                 "results of the same settings",
+                                 f"defense settings {recorded.get('defense_settings')} -> {dcfg.own_settings()}")
+    return None
+
+
 def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     """Stage 3 under a defense (a DefenseConfig): writes out/defense_NAME/{metrics.json,defender_defended.pt}.
 
@@ -902,22 +926,10 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     defense = DEFENSES[dcfg.defense].from_config(dcfg)  # its own checks, before any work
     folder = os.path.join(out, f"defense_{dcfg.defense}")
     path = os.path.join(folder, "metrics.json")
-    try:
-        recorded = read_json(path) if os.path.exists(path) else None
-    except ValueError:
-        recorded = None
-    if (not isinstance(recorded, dict) or not isinstance(recorded.get("defense_settings"), dict)
-            or not isinstance(recorded.get("defended_accuracy"), (int, float)) or not readable_defense(recorded)):
-        recorded = None  # none, or damaged (truncated, edited): no result to keep or protect, computed again
+    recorded = kept_defense(out, dcfg, overwrite=overwrite, resume=resume)
     if recorded is not None:
-        if recorded.get("defense_settings") == dcfg.own_settings() and resume:
-            remove_training_checkpoints(folder)
-            return recorded
-        if not overwrite:
-            raise OtherSettingsError(f"{folder} holds results of defense settings {recorded.get('defense_settings')}; "
-                                     f"`tgda-attack evaluate --out {out} --defense {dcfg.defense} ...` replaces them "
-                                     "(keeping the run's stages 1-3), --resume keeps results of the same settings",
-                                     f"defense settings {recorded.get('defense_settings')} -> {dcfg.own_settings()}")
+        remove_training_checkpoints(folder)
+        return recorded
     check_writable(out)  # after the kept results above: reading them from a read-only folder writes nothing
     cfg = _config_from(out)
     check_made_with(out, cfg)

@@ -36,7 +36,6 @@ through a solve with hypergrad.total_grad or hypergrad.implicit_argmin, which ap
 A Solver holds every setting of a solve (method, maxiter, rtol, atol, damping, preconditioner and the
 options of one method) as one value, passed whole to hypergrad.total_grad and SolveGraphCache.
 """
-import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ import torch
 from . import _ops
 
 METHODS = ("cg", "cgnr", "minres", "neumann")
-LSQ_FLOOR = 64  # MINRES's least-squares test stops at ||A r|| <= max(rtol, LSQ_FLOOR eps) ||A|| ||r|| (rounding's scale)
+LSQ_FLOOR = 64  # MINRES's least-squares test stops at ||A r|| <= LSQ_FLOOR eps ||A|| ||r|| (rounding's scale)
 
 
 @dataclass
@@ -174,7 +173,7 @@ def _iterate(matvec, b, *, method, x0, maxiter, rtol, atol, damping, check_every
     r = b - A(x) if x0 is not None else b.clone()
     bnorm = _ops.row_dot(b, b).sqrt()
     tol2 = torch.clamp(bnorm * rtol, min=atol) ** 2
-    run = {"cg": _cg, "cgnr": _cgnr, "minres": functools.partial(_minres, rtol=rtol), "neumann": _neumann}[method]
+    run = {"cg": _cg, "cgnr": _cgnr, "minres": _minres, "neumann": _neumann}[method]
     iterations, _, negative = run(A, b, x, r, tol2, maxiter, check_every, neumann_scale)
     r = b - A(x)
     rr = _ops.row_dot(r, r)
@@ -329,7 +328,7 @@ def _cgnr(A, b, x, r, tol2, maxiter, check_every, _):
     return iterations, rs, torch.zeros(rows, dtype=torch.bool, device=b.device)
 
 
-def _minres(A, b, x, r, tol2, maxiter, check_every, _, rtol=0.0):
+def _minres(A, b, x, r, tol2, maxiter, check_every, _):
     # Paige & Saunders' MINRES without preconditioner, every scalar a float64 tensor per row.
     rows = b.shape[:-1]
     zeros = torch.zeros(rows, dtype=torch.float64, device=b.device)
@@ -362,18 +361,20 @@ def _minres(A, b, x, r, tol2, maxiter, check_every, _, rtol=0.0):
         epsln = sn * beta
         dbar = -cs * beta
         anorm = tnorm2.sqrt()
-        # ||A r|| / (||A|| ||r||) of the current x, Paige & Saunders' least-squares test: at or below the tolerance
-        # (at least LSQ_FLOOR eps) x solves min ||b - A x|| (a singular, inconsistent system), and the next step's
-        # direction, divided by a gamma of rounding noise, would send x to infinity. The row stops without it.
-        step = active & (torch.hypot(gbar, dbar) > torch.clamp(anorm * rtol, min=LSQ_FLOOR * eps * anorm))
-        gamma = torch.hypot(gbar, beta)
-        gamma = torch.where(step, gamma.clamp(min=tiny), torch.ones_like(gamma))
+        # ||A r|| / (||A|| ||r||) of the current x, Paige & Saunders' least-squares test, at rounding's scale (LSQ_FLOOR
+        # eps: 4-22 eps measured at the breakdown, float32 and float64): x solves min ||b - A x|| (a singular,
+        # inconsistent system), and the next step's direction, divided by a gamma of rounding noise, would send x to
+        # infinity. The row stops without it. (At the user's rtol it stopped nonsingular solves of condition 1e4.)
+        step = active & (torch.hypot(gbar, dbar) > LSQ_FLOOR * eps * anorm)
+        gamma = torch.hypot(gbar, beta).clamp(min=tiny)  # every row's rotation stays normalised, stepping or not
         cs, sn = gbar / gamma, beta / gamma
         phi = cs * phibar
         phibar = torch.where(step, sn * phibar, phibar)
         w1, w2 = w2, w
         w = (v - _col(oldeps, b) * w1 - _col(delta, b) * w2) * _col(1.0 / gamma, b)
-        x.add_(_col(torch.where(step, phi, zeros), b) * w)
+        # where, not a product with 0: a stopped row's w may overflow as the loop runs on (a recorded solve runs
+        # every iteration), and 0 * inf would write NaN into its x
+        x.copy_(torch.where(step.unsqueeze(-1), x + _col(phi, b) * w, x))
         iterations += step
         active = step & (phibar ** 2 > tol2) & (beta > 0)
     return iterations, phibar ** 2, torch.zeros(rows, dtype=torch.bool, device=b.device)

@@ -507,6 +507,12 @@ def test_seeds_of_one_seed_write_the_seeds_layout_that_more_seeds_extend(tmp_pat
         assert cli.main(["run", *flags, "--seeds", "3", "4", "--out", str(out), "--resume"]) == 0
     assert cli.main(["run", *flags, "--seed", "4", "--out", str(out / "seed_4"), "--resume"]) == 0
     assert (out / "summary.md").exists()  # a finished run resumed: nothing changed
+    own = tmp_path / "study"  # a user's own summary beside a folder named seed_*: not `run --seeds`'s, left alone
+    own.mkdir()
+    (own / "summary.md").write_text("my notes")
+    (own / "summary.json").write_text('{"seeds": [7]}')
+    assert cli.main(["run", *flags, "--seed", "4", "--out", str(own / "seed_4")]) == 0
+    assert (own / "summary.md").read_text() == "my notes"
     single = tmp_path / "one"  # as `--seeds 3` wrote it before: the run in the folder itself
     assert cli.main(["run", *flags, "--seed", "3", "--out", str(single)]) == 0
     capsys.readouterr()

@@ -333,6 +333,19 @@ def busy_cpu_note(threads):
             "threads) avoids that. A seed fixes a run's bits for one thread count.")
 
 
+def _recorded_device(cfg, out):
+    """`cfg` on the device the run in `out` was made on, where --resume names none: a GPU run continues on the GPU,
+    not on the default cpu (a machine without one says so: --device cpu continues it there)."""
+    recorded = (settings_of(out) or {}).get("device") if os.path.isdir(out) else None
+    if not isinstance(recorded, str) or recorded == cfg.device:
+        return cfg
+    try:
+        check_device(recorded)
+    except ValueError as exc:
+        raise UsageError(f"{out} was made on {recorded} ({exc})") from None
+    return dataclasses.replace(cfg, device=recorded)
+
+
 def _drop_stale_summary(out):
     note = drop_stale_summary(out)
     if note:
@@ -440,6 +453,8 @@ def _command(argv):
                 verbose = verbose and data_parallel.is_main()
             seeds, several = _checked_seeds(cfg, args.seeds, args.seed), bool(args.seeds)
             _check_layout(args.out, seeds, several)
+            if args.resume and args.device is None and "device" not in args.config_values:
+                cfg = _recorded_device(cfg, _seed_folder(args.out, seeds[0], several))
             for seed in seeds:  # every seed's folder before the first seed's work
                 claimable(_seed_folder(args.out, seed, several), dataclasses.replace(cfg, seed=seed),
                           overwrite=args.overwrite, resume=args.resume)
@@ -460,6 +475,8 @@ def _command(argv):
                     _drop_stale_summary(args.out)
                 return 0
             runs, defended = [], []
+            unchanged = args.resume and protocol.finished_evaluation(args.out) is not None and (  # all of it kept
+                not defense or protocol.kept_defense(args.out, defense.checked(), resume=True) is not None)
             for seed in seeds:
                 out = _seed_folder(args.out, seed, several)
                 runs.append(protocol.run(dataclasses.replace(cfg, seed=seed), out, verbose,
@@ -471,8 +488,8 @@ def _command(argv):
                     defended.append(protocol.stage_defend(out, defense, verbose, overwrite=args.overwrite or not args.resume,
                                                           resume=args.resume))
                     _print_defense(defended[-1], out)
-            if not several and data_parallel.is_main() and (defense or not args.resume):  # one seed of `--seeds`
-                _drop_stale_summary(args.out)  # run again (a finished run resumed without a defense is unchanged)
+            if not several and data_parallel.is_main() and not unchanged:  # one seed of `--seeds` run again
+                _drop_stale_summary(args.out)
             if several and data_parallel.is_main():
                 summary = summarize(runs)
                 table = summary_table([summary])

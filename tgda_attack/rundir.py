@@ -219,17 +219,19 @@ def drop_stale_summary(out):
     """After a command changed the results of `out`, a seed_K folder of `run --seeds`: removes the summary beside it,
     which summarised that seed as it was, and returns a note saying how to write it again (None where there is none)."""
     out = os.path.abspath(out)
-    parent = os.path.dirname(out)
+    parent, name = os.path.dirname(out), os.path.basename(out)
     found = [n for n in SUMMARY_FILES if os.path.isfile(os.path.join(parent, n))]
-    if not os.path.basename(out).startswith("seed_") or not found:
+    if not name.startswith("seed_") or "summary.json" not in found:
         return None
     try:
-        seeds = read_json_object(os.path.join(parent, "summary.json"), {}).get("seeds") if "summary.json" in found else None
-    except RunFolderError:  # a damaged summary is removed all the same
+        seeds = read_json_object(os.path.join(parent, "summary.json"), {}).get("seeds")
+    except RunFolderError:
         seeds = None
-    for name in found:
-        os.remove(os.path.join(parent, name))
-    again = (f"--seeds {' '.join(map(str, seeds))} " if isinstance(seeds, list) and seeds else "--seeds ... ")
+    if not isinstance(seeds, list) or name not in {f"seed_{s}" for s in seeds}:
+        return None  # not the summary `run --seeds` wrote of this seed (a user's own file): left alone
+    for each in found:
+        os.remove(os.path.join(parent, each))
+    again = f"--seeds {' '.join(map(str, seeds))} "
     return (f"note: removed {' and '.join(os.path.join(parent, n) for n in found)}, which summarised "
             f"{os.path.basename(out)} as it was; `tgda-attack run {again}--out {parent} --resume` (with the run's "
             "settings, and --defense if it had one) writes them again from the seeds' folders")

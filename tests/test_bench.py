@@ -426,11 +426,13 @@ def test_the_drop_between_the_medians_of_the_last_epochs_is_a_column_and_a_spike
     assert row["accuracy_drop_last_epoch_spikes"] == 1
     text = open(os.path.join(out, "table_2.md")).read()
     assert "(1 spiked) |" in text and '"spiked"' in text
-    # a run made before the record existed: the median is over the other run, and says so
-    del runs[1]["accuracy_drop_median_last_epochs"]
+    # a run made before the record existed (none of its keys; one with some deleted is a damaged file, made again):
+    # the median is over the other run, and says so
+    for key in [k for k in runs[1] if "last_epochs" in k]:
+        del runs[1][key]
     with open(paths[1], "w") as fh:
         json.dump(runs[1], fh)
     assert cli.main(argv) == 0
     row = next(r for r in json.load(open(os.path.join(out, "table_2.json"))) if r["attack"] == "label-flip")
     assert row["accuracy_drop_median_last_epochs_mean"] == pytest.approx(100 * runs[0]["accuracy_drop_median_last_epochs"])
-    assert "(1 of 2 runs) (1 spiked) |" in open(os.path.join(out, "table_2.md")).read()
+    assert "(1 of 2 runs) |" in open(os.path.join(out, "table_2.md")).read()

@@ -37,6 +37,7 @@ A Solver holds every setting of a solve (method, maxiter, rtol, atol, damping, p
 options of one method) as one value, passed whole to hypergrad.total_grad and SolveGraphCache.
 """
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -157,11 +158,11 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
 
 
 def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's numbers too
 
 
 def _is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _iterate(matvec, b, *, method, x0, maxiter, rtol, atol, damping, check_every, neumann_scale):

@@ -224,6 +224,15 @@ def test_bad_arguments(kwargs, message):
         hypergrad.Solver(maxiter=True)
 
 
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+    A = torch.diag(torch.tensor([2.0, 4.0], dtype=torch.float64))
+    x, _ = hypergrad.solve(lambda v: v @ A, torch.ones(2, dtype=torch.float64), maxiter=np.int64(5),
+                           rtol=np.float32(1e-9))
+    assert torch.allclose(x, torch.tensor([0.5, 0.25], dtype=torch.float64))
+    assert hypergrad.Solver(maxiter=np.int64(4)).maxiter == 4
+
+
 def test_a_matrix_or_a_non_tensor_product_is_a_type_error():
     A = torch.eye(3, dtype=torch.float64)
     with pytest.raises(TypeError, match="matvec must be a callable v -> A v"):

@@ -1,5 +1,6 @@
 """The TGDA and label-flip attacks: invariants, determinism, resume, and one leader update
 against the total-derivative formula evaluated with a dense Hessian."""
+import re
 import warnings
 
 import pytest
@@ -350,3 +351,62 @@ def test_attack_settings_become_checked_config_fields_and_must_agree():
 
     with pytest.raises(ValueError, match="declare setting 'steps' differently"):
         registry(One, Two)
+
+
+def _bad_inputs(x, y):
+    """(name, x, y, x_val, y_val, message) of mistakes a user makes calling poison() or a defense from Python."""
+    nan = x.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    return [
+        ("0-255 images", (x + 1) * 127.5, y, None, None, "scale them to [-1, 1] (uint8 images: x / 127.5 - 1)"),
+        ("a label of 10", x, torch.cat([y[:-1], torch.tensor([10])]), None, None, "class indices 0 .. 9; got values"),
+        ("float labels", x, y.float(), None, None, "1-D tensor of integer class indices"),
+        ("one-hot labels", x, F.one_hot(y, 10), None, None, "(one-hot rows: y.argmax(1))"),
+        ("a NaN pixel", nan, y, None, None, "NaN or infinite pixels"),
+        ("fewer labels", x, y[:-5], None, None, f"{len(x)} images but {len(y) - 5} labels"),
+        ("x_val alone", x, y, x[:5], None, "as both x_val and y_val, or neither"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("attack", ["label-flip", "gradient-canceling", "min-max", "emn", "tgda"])
+def test_poison_checks_its_data_before_any_work(attack, case):
+    """0-255 images were taken as images in [-1, 1] (gradient canceling returned near-black poisons), a label of 10
+    was flipped to -1, x and y of other lengths gave 8 poisons for 300 points, a NaN pixel made every poison NaN,
+    x_val without y_val was dropped: each is now one ValueError naming it, from every attack (PoisoningAttack
+    wraps each subclass's poison)."""
+    from tgda_attack import data, models
+    from tgda_attack.attacks import ATTACKS
+    sample = data.load_mnist_sample()
+    x, y = sample.x_train[:60], sample.y_train[:60]
+    name, bx, by, bxv, byv, message = _bad_inputs(x, y)[case]
+    if attack == "label-flip" and name == "0-255 images":
+        pytest.skip("label flip moves no pixel: its poisons are copies in the scale given")
+    torch.manual_seed(0)
+    defender = models.make_defender("lr")
+    made = (LabelFlipAttack(0.1) if attack == "label-flip" else TGDAAttack(defender, None, epsilon=0.1, epochs=1)
+            if attack == "tgda" else ATTACKS[attack](defender, 0.1))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        made.poison(bx, by, x_val=bxv, y_val=byv)
+
+
+@pytest.mark.parametrize("case", [1, 2, 4, 5])
+@pytest.mark.parametrize("defense", ["loss", "sphere", "slab", "sever", "influence", "maxup"])
+def test_a_defense_checks_its_data_before_any_work(defense, case):
+    from tgda_attack import data, models
+    from tgda_attack.defenses import DEFENSES
+    from tgda_attack.training import train_classifier
+    sample = data.load_mnist_sample()
+    x, y = sample.x_train[:60], sample.y_train[:60]
+    name, bx, by, _, _, message = _bad_inputs(x, y)[case]
+    torch.manual_seed(0)
+    model = train_classifier(models.make_defender("lr"), x, y, epochs=1, batch_size=30, lr=0.1, seed=0)
+    made = DEFENSES[defense]()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if made.kind == "training":
+            made.train(models.make_defender("lr"), bx, by, epochs=1, batch_size=30, lr=0.1, seed=0)
+        else:
+            made.detect_poison(bx, by, model=model, x_val=sample.x_val[:20], y_val=sample.y_val[:20])
+    if defense == "maxup":  # it clamps its noisy copies to [-1, 1]: 0-255 images are refused too
+        with pytest.raises(ValueError, match="scale them to \\[-1, 1\\]"):
+            made.train(models.make_defender("lr"), (x + 1) * 127.5, y, epochs=1, batch_size=30, lr=0.1, seed=0)

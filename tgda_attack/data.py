@@ -142,13 +142,14 @@ def _scale_uint8(images):
 def from_tensors(name, x_train, y_train, x_test, y_test, *, val_fraction=VAL_FRACTION, seed=0):
     """Splits from tensors already scaled as the models expect ((N, C, H, W) floats, int labels)."""
     x_train, x_test = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_test, dtype=torch.float32)
-    y_train, y_test = torch.as_tensor(y_train, dtype=torch.int64), torch.as_tensor(y_test, dtype=torch.int64)
+    y_train, y_test = torch.as_tensor(y_train), torch.as_tensor(y_test)  # checked as given: 1.7 is no class 1
     if x_train.dim() != 4 or x_test.dim() != 4:
         raise ValueError("images must be shaped (N, C, H, W)")
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise ValueError("images and labels must have the same length")
-    check_points(x_train, y_train, "training")
+    check_points(x_train, y_train, "training", several_classes=True)
     check_points(x_test, y_test, "test")
+    y_train, y_test = y_train.long(), y_test.long()
     x_tr, y_tr, x_v, y_v = split_train_val(x_train, y_train, val_fraction, seed)
     return Splits(name, x_tr, y_tr, x_v, y_v, x_test, y_test,
                   info={"split_seed": seed, "val_fraction": val_fraction})
@@ -157,21 +158,30 @@ def from_tensors(name, x_train, y_train, x_test, y_test, *, val_fraction=VAL_FRA
 PIXEL_RANGE = (-1.0, 1.0)  # what the models, attackers and attacks expect: (x / 255 - 0.5) / 0.5
 
 
-def check_points(x, y, what, classes=NUM_CLASSES):
-    """ValueError naming what is wrong with a set of images (N, C, H, W) and labels: empty, non-finite or
-    out-of-range pixels, labels outside 0 .. classes-1, a training set of one class."""
+def check_points(x, y, what, classes=NUM_CLASSES, pixel_range=PIXEL_RANGE, several_classes=False):
+    """ValueError naming what is wrong with a set of images (N, C, H, W) and labels: not tensors, of other lengths,
+    empty, non-finite or out-of-range pixels (`pixel_range`; None: any), labels that are not integer class indices 0 ..
+    classes-1 (floats, one-hot rows), and with `several_classes` a set of one class."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"the {what} images and labels must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    if len(x) != len(y):
+        raise ValueError(f"the {what} set has {len(x)} images but {len(y)} labels")
     if len(y) == 0:
         raise ValueError(f"the {what} set is empty")
-    if not bool(torch.isfinite(x).all()):
+    if not bool(torch.isfinite(x.float() if not x.is_floating_point() else x).all()):
         raise ValueError(f"the {what} images hold NaN or infinite pixels")
     low, high = x.min().item(), x.max().item()
-    if low < PIXEL_RANGE[0] - 1e-6 or high > PIXEL_RANGE[1] + 1e-6:
-        raise ValueError(f"the {what} pixels range over [{low:.3g}, {high:.3g}]; scale them to [-1, 1] "
-                         "(uint8 images: x / 127.5 - 1)")
-    if y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= classes:
+    if pixel_range is not None and (low < pixel_range[0] - 1e-6 or high > pixel_range[1] + 1e-6):
+        advice = "scale them to [-1, 1] (uint8 images: x / 127.5 - 1)" if tuple(pixel_range) == PIXEL_RANGE else \
+            f"scale them to the pixel range [{pixel_range[0]:g}, {pixel_range[1]:g}] given"
+        raise ValueError(f"the {what} pixels range over [{low:.3g}, {high:.3g}]; {advice}")
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"the {what} labels must be a 1-D tensor of integer class indices 0 .. {classes - 1}, got "
+                         f"{y.dtype} of shape {list(y.shape)}" + (" (one-hot rows: y.argmax(1))" if y.dim() == 2 else ""))
+    if int(y.min()) < 0 or int(y.max()) >= classes:
         raise ValueError(f"the {what} labels must be class indices 0 .. {classes - 1}; got values from "
                          f"{y.min().item()} to {y.max().item()}")
-    if what == "training" and len(torch.unique(y)) < 2:
+    if several_classes and len(torch.unique(y)) < 2:  # a dataset to train a classifier on
         raise ValueError("the training set holds one class only: a classifier needs at least two")
 
 

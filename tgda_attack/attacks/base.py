@@ -22,10 +22,11 @@ other setting before any work starts.
 """
 import copy
 import dataclasses
+import functools
 
 import torch
 
-from ..data import poison_budget, poison_sources, split_train_val
+from ..data import NUM_CLASSES, check_points, poison_budget, poison_sources, split_train_val
 
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
 SOURCE_POOLS = ("train", "val")  # the split an attack's source_indices_ index: D_tr, or the attacker's D_v
@@ -87,6 +88,34 @@ class PoisoningAttack:
         self.history = []  # what the attack logged as it ran (a dict every few steps or epochs)
         self.info_ = {}  # what it reports about its result (attack.json "info"), e.g. its target parameters
         self.earlier_seconds_ = 0.0  # seconds spent before a resume, by the epochs restored from a checkpoint
+
+    def __init_subclass__(cls, **kwargs):
+        """Every attack's `poison` checks its inputs first (_check_inputs): the one place for it."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("poison")
+        if own is None or getattr(own, "checks_inputs", False):
+            return
+
+        @functools.wraps(own)
+        def poison(self, x, y, *, x_val=None, y_val=None):
+            self._check_inputs(x, y, x_val, y_val)
+            return own(self, x, y, x_val=x_val, y_val=y_val)
+        poison.checks_inputs = True
+        cls.poison = poison
+
+    def _check_inputs(self, x, y, x_val, y_val):
+        """ValueError (TypeError) naming what is wrong with poison()'s data, before any work: D_tr and D_v as
+        data.check_points checks a dataset (lengths, NaN, labels that are class indices of the attack's
+        `num_classes`), in the pixel range the attack clamps its poisons to (`pixel_range`: 0-255 images were
+        taken for images in [-1, 1] and poisons came back near-black), and D_v given whole or not at all."""
+        if (x_val is None) != (y_val is None):
+            raise ValueError("pass the attacker's D_v as both x_val and y_val, or neither (without it the attack "
+                             "holds out a part of x as its D_v)")
+        classes = getattr(self, "num_classes", NUM_CLASSES)
+        pixels = getattr(self, "pixel_range", None)  # None: an attack that moves no pixel (label flip) keeps them
+        check_points(x, y, "training", classes, pixels)
+        if x_val is not None:
+            check_points(x_val, y_val, "attacker's validation", classes, pixels)
 
     def _check_params(self):
         """Raises ValueError naming the first parameter that is out of range. Subclasses extend it."""

@@ -26,10 +26,12 @@ RobustTraining, and its class in the tuple of tgda_attack/defenses/__init__.py. 
 (`settings`, a tuple of tgda_attack.attacks.base.Setting) become fields of
 tgda_attack.config.DefenseConfig and options of `tgda-attack run|evaluate --defense NAME`.
 """
+import functools
+
 import torch
 
 from ..attacks.base import Setting
-from ..data import DataTooSmallError, smallest_share
+from ..data import DataTooSmallError, check_points, smallest_share
 from ..attacks.base import registry as _registry
 
 KINDS = ("filter", "training")
@@ -48,6 +50,24 @@ class Defense:
     validates = False  # whether it reads the defender's validation set (x_val, y_val of detect_poison)
     quick = {}  # DefenseConfig values that make it take seconds (the tests, `bench --scale smoke`)
 
+    pixel_range = None  # the pixel range a defense that makes images (MaxUp's noisy copies) clamps to
+
+    def __init_subclass__(cls, **kwargs):
+        """Every defense's detect_poison (x, y after nothing) and train (after the model) check their data first
+        (_check_inputs): the one place for it."""
+        super().__init_subclass__(**kwargs)
+        for method, position in (("detect_poison", 0), ("train", 1)):
+            own = cls.__dict__.get(method)
+            if own is not None and not getattr(own, "checks_inputs", False):
+                setattr(cls, method, _checking_inputs(own, position))
+
+    def _check_inputs(self, x, y, x_val=None, y_val=None):
+        """ValueError (TypeError) naming what is wrong with the data, before any work (data.check_points: lengths,
+        NaN pixels, labels that are class indices; the pixel range where the defense makes images of its own)."""
+        check_points(x, y, "training", pixel_range=self.pixel_range)
+        if x_val is not None and y_val is not None:
+            check_points(x_val, y_val, "defender's validation", pixel_range=self.pixel_range)
+
     def _check_params(self):
         """Raises ValueError naming the first parameter out of range. Subclasses extend it."""
 
@@ -62,6 +82,16 @@ class Defense:
         `<prefix>_<arg>` (or defense_fraction) is passed as the constructor's keyword `<arg>`."""
         kwargs = {s.name.split("_", 1)[1]: getattr(dcfg, s.name) for s in cls.settings}
         return cls(**kwargs)
+
+
+def _checking_inputs(method, position):
+    """`method` with its (x, y), the arguments at `position` and after, checked first by Defense._check_inputs."""
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        self._check_inputs(args[position], args[position + 1], kwargs.get("x_val"), kwargs.get("y_val"))
+        return method(self, *args, **kwargs)
+    checked.checks_inputs = True
+    return checked
 
 
 class PoisonFilter(Defense):

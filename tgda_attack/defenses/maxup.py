@@ -71,6 +71,7 @@ class MaxUpTraining(RobustTraining):
     docstring)."""
 
     name = "maxup"
+    pixel_range = PIXEL_RANGE  # its noisy copies are clamped to the data's range
     settings = (
         Setting("maxup_copies", int, 4, "batch-copies",
                 "maxup: m, the perturbed copies of every point whose largest loss is minimised"),

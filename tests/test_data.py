@@ -101,9 +101,15 @@ def test_a_cifar_batch_of_another_shape_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b"not a pickle at all", "not a pickle"),  # each read: its own error, named
     (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]})[:40], "truncated"),
-    (pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}), "not 2 images of 3 x 32 x 32"),
-    (pickle.dumps({"data": [[256] * 3072], "labels": [0]}), "not uint8 pixels"),
-    (pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": np.array("x")}), "'labels' not integers"),
+    (pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}), r"is \[2, 100\], not \[2, 3072\]"),
+    (pickle.dumps({"data": [[256] * 3072], "labels": [0]}), "must be uint8 pixels"),
+    (pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": np.array("x")}), "'labels' one integer a image"),
+    # what a cast once read silently: pixels in [0, 1] as black images, HWC arrays with their channels striped,
+    # a label 1.7 as 1; and labels beyond the ten classes
+    (pickle.dumps({"data": np.full((2, 3072), 0.5, np.float32), "labels": [0, 1]}), "got float32"),
+    (pickle.dumps({"data": np.zeros((2, 32, 32, 3), np.uint8), "labels": [0, 1]}), r"is \[2, 32, 32, 3\]"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0.0, 1.7]}), "got uint8 and float64"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), "labels run from 0 to 10"),
 ])
 def test_a_damaged_cifar_batch_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "data_batch_1"

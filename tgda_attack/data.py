@@ -354,14 +354,22 @@ def read_cifar_batch(path):
     if data is None or labels is None:
         raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: it has no 'data' and 'labels'")
     try:
-        images, labels = np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64).reshape(-1)
+        images, labels = np.asarray(data), np.asarray(labels)
     except (ValueError, TypeError, OverflowError):
-        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' is not uint8 pixels or its 'labels' "
-                                  "not integers") from None
-    if images.size != len(labels) * 3 * 32 * 32:
-        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' is not {len(labels)} images of "
-                                  "3 x 32 x 32 uint8 pixels, one a label")
-    return images.reshape(-1, 3, 32, 32), labels
+        images = labels = None
+    # as the batches hold them: uint8 pixels (N, 3072) in CHW order, integer labels 0-9; a cast would turn pixels in
+    # [0, 1] into black images, 999 into 231, a label 1.7 into 1, and an (N, 32, 32, 3) array's channels into stripes
+    if images is None or images.dtype != np.uint8 or labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' must be uint8 pixels and its 'labels' "
+                                  f"one integer a image (got {getattr(images, 'dtype', '?')} and "
+                                  f"{getattr(labels, 'dtype', '?')} of shape {list(getattr(labels, 'shape', []))})")
+    if images.shape != (len(labels), 3 * 32 * 32):
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' is {list(images.shape)}, not "
+                                  f"[{len(labels)}, 3072] (one row of 3 x 32 x 32 pixels, channel after channel, a label)")
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its labels run from {labels.min()} to "
+                                  f"{labels.max()}, not 0 .. {NUM_CLASSES - 1}")
+    return images.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def load_cifar10(root, download=False, seed=0, val_fraction=VAL_FRACTION):

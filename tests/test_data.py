@@ -149,6 +149,8 @@ def _write_mnist(raw, n_train=20, n_test=10):
 @pytest.mark.parametrize("damage, message", [
     ("garbage", "not an MNIST IDX file of images"), ("truncated", "bytes where its header promises"),
     ("labels", "20 x 28 x 28 images and train-labels-idx1-ubyte 19 labels"),
+    ("no images", "0 x 28 x 28 images"),  # torchvision's own traceback before
+    ("label 12", "do not make a dataset: the training labels must be class indices 0 .. 9"),  # a ValueError before
 ])
 def test_damaged_mnist_files_are_named_before_torchvision_reads_them(tmp_path, damage, message):
     raw = tmp_path / "MNIST" / "raw"
@@ -158,8 +160,13 @@ def test_damaged_mnist_files_are_named_before_torchvision_reads_them(tmp_path, d
         images.write_bytes(b"<html>not found</html>")
     elif damage == "truncated":
         images.write_bytes(images.read_bytes()[:1000])
-    else:
+    elif damage == "labels":
         write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(19) % 10)
+    elif damage == "no images":
+        write_idx(str(raw / "train-images-idx3-ubyte"), np.zeros((0, 28, 28), np.uint8))
+        write_idx(str(raw / "train-labels-idx1-ubyte"), np.zeros(0, np.uint8))
+    else:
+        write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(20) % 10 + 3)
     with pytest.raises(data.DataUnreadableError, match=message):
         data.load_dataset("mnist", data_root=str(tmp_path))
 

@@ -296,9 +296,9 @@ def _check_mnist_files(raw):
     for images, labels in (MNIST_FILES[:2], MNIST_FILES[2:]):
         shape = _idx_shape(os.path.join(raw, images), 3)
         n_labels = _idx_shape(os.path.join(raw, labels), 1)[0]
-        if shape[1:] != (28, 28) or shape[0] != n_labels:
+        if shape[1:] != (28, 28) or shape[0] != n_labels or n_labels == 0:
             raise DataUnreadableError(f"{raw}: {images} holds {' x '.join(map(str, shape))} images and {labels} "
-                                      f"{n_labels} labels; MNIST is as many 28 x 28 images as labels")
+                                      f"{n_labels} labels; MNIST is as many 28 x 28 images as labels, at least one")
 
 
 def load_mnist(root, download=False, seed=0, val_fraction=VAL_FRACTION):
@@ -398,4 +398,10 @@ def load_dataset(name, data_root=None, download=False, seed=0, val_fraction=VAL_
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     root = data_root or os.path.join(os.path.expanduser("~"), ".cache", "tgda_attack", "data")
     loader = load_mnist if name == "mnist" else load_cifar10
-    return loader(root, download=download, seed=seed, val_fraction=val_fraction)
+    try:
+        return loader(root, download=download, seed=seed, val_fraction=val_fraction)
+    except ValueError as exc:  # from_tensors on what the files hold (labels of 10, one class, no test image)
+        if isinstance(exc, (DataUnreadableError, DataNotFoundError, DataTooSmallError)):
+            raise
+        raise DataUnreadableError(f"the {name} files under {root} do not make a dataset: {exc}; fetch them "
+                                  "again") from None

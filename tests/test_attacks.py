@@ -410,3 +410,10 @@ def test_a_defense_checks_its_data_before_any_work(defense, case):
     if defense == "maxup":  # it clamps its noisy copies to [-1, 1]: 0-255 images are refused too
         with pytest.raises(ValueError, match="scale them to \\[-1, 1\\]"):
             made.train(models.make_defender("lr"), (x + 1) * 127.5, y, epochs=1, batch_size=30, lr=0.1, seed=0)
+
+
+def test_label_flip_of_no_poison_is_refused_as_every_attack_is():
+    x, y = torch.zeros(30, 1, 1, 5), torch.arange(30) % 3
+    for epsilon in (0.0, 0.01):  # 0 and below 1 / 30
+        with pytest.raises(ValueError, match="leaves no poison to flip"):
+            LabelFlipAttack(epsilon, num_classes=3).poison(x, y)

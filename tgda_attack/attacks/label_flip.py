@@ -114,6 +114,8 @@ class LabelFlipAttack(PoisoningAttack):
         """(x_poison, y_poison): epsilon*len(y) points of the pool, (x, y) or (x_val, y_val), with flipped labels.
         Sets `source_indices_` (indices into the pool)."""
         n_poison = poison_budget(len(y), self.epsilon)
+        if n_poison == 0:  # as every attack: no poison is no label-flip attack (an empty set came back)
+            raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to flip")
         if self.source_pool == "val":
             if x_val is None or y_val is None:
                 raise ValueError("pool 'val' takes the poisons from the attacker's D_v: pass x_val and y_val")

@@ -189,3 +189,15 @@ def test_missing_files_name_the_folder_and_the_files(tmp_path, name, expected):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="mnist-sample"):
         data.load_dataset("imagenet")
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_cifar_batch_of_any_pickle_protocol_is_read(tmp_path, protocol):
+    """Protocol 5 (an array from its buffer) and protocol 2's bytes of an empty array were "refusing to load
+    ... nothing in it ran", which read as if the file were malicious."""
+    path = tmp_path / "data_batch_1"
+    pixels = np.random.default_rng(protocol).integers(0, 256, (3, 3072)).astype(np.uint8)
+    for n in (3, 0):
+        path.write_bytes(pickle.dumps({"data": pixels[:n], "labels": list(range(n))}, protocol=protocol))
+        images, labels = data.read_cifar_batch(str(path))
+        assert np.array_equal(images.reshape(n, 3072), pixels[:n]) and labels.tolist() == list(range(n))

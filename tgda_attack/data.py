@@ -321,7 +321,10 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               # pickle protocol 5 (an array from its buffer) and protocol 2's bytes: constructors of data, no code
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("__builtin__", "bytes"), ("builtins", "bytes"), ("builtins", "bytearray")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -355,6 +358,7 @@ def read_cifar_batch(path):
         raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: it has no 'data' and 'labels'")
     try:
         images, labels = np.asarray(data), np.asarray(labels)
+        labels = labels.astype(np.int64) if labels.size == 0 else labels  # [] is float64 to numpy
     except (ValueError, TypeError, OverflowError):
         images = labels = None
     # as the batches hold them: uint8 pixels (N, 3072) in CHW order, integer labels 0-9; a cast would turn pixels in

@@ -7,7 +7,9 @@ or from a run's settings (`from_config`), and then called as
     x_poison, y_poison = attack.poison(x, y, x_val=None, y_val=None)
 
 with the same signature for every attack: (x, y) is D_tr, (x_val, y_val) the attacker's D_v where the
-attack uses one. It returns only the points to add to the training set, |D_p| = floor(epsilon |D_tr|),
+attack uses one. Every subclass's poison() checks that data first (PoisoningAttack._check_inputs, wrapped
+around it by __init_subclass__): lengths, NaN pixels, labels that are class indices, and the pixel range an
+attack that moves pixels clamps its poisons to. It returns only the points to add to the training set, |D_p| = floor(epsilon |D_tr|),
 and sets `source_indices_`, the indices into D_tr of the clean points D_p^0 the poisons start from.
 An attack that perturbs training points in place instead of adding points (unlearnable examples) sets
 `replaces_sources = True`: the defender is then retrained on D_tr with its source points replaced. An attack whose

@@ -201,3 +201,22 @@ def test_a_cifar_batch_of_any_pickle_protocol_is_read(tmp_path, protocol):
         path.write_bytes(pickle.dumps({"data": pixels[:n], "labels": list(range(n))}, protocol=protocol))
         images, labels = data.read_cifar_batch(str(path))
         assert np.array_equal(images.reshape(n, 3072), pixels[:n]) and labels.tolist() == list(range(n))
+
+
+def test_missing_files_are_named_one_by_one_and_a_root_one_level_too_deep_is_pointed_up(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist(raw)
+    os.remove(raw / "t10k-labels-idx1-ubyte")
+    with pytest.raises(data.DataNotFoundError, match="t10k-labels-idx1-ubyte missing") as err:
+        data.load_dataset("mnist", data_root=str(tmp_path))
+    assert "train-images" not in str(err.value)
+    _write_mnist(raw)
+    with pytest.raises(data.DataNotFoundError, match=f"--data-root is the folder above MNIST/raw: --data-root {tmp_path}$"):
+        data.load_dataset("mnist", data_root=str(raw))  # the files' own folder given
+    assert len(data.load_dataset("mnist", data_root=str(tmp_path)).y_test) == 10
+
+
+@pytest.mark.parametrize("epsilon", ["0.03", None, True, float("nan")])
+def test_an_epsilon_that_is_no_number_is_one_value_error(epsilon):
+    with pytest.raises(ValueError, match="a number in \\[0, 1\\]"):
+        data.poison_budget(100, epsilon)

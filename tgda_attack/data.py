@@ -17,6 +17,7 @@ seeded random choice.
 import functools
 import io
 import math
+import numbers
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -106,8 +107,8 @@ def smallest_share(n, points=1):
 
 def poison_budget(n_train, epsilon):
     """|D_p| = floor(epsilon * n_train) (a tolerance keeps 0.03 * 2800 at 84, not 83)."""
-    if not 0 <= epsilon <= 1:
-        raise ValueError(f"epsilon is a fraction of the training set, in [0, 1]; got {epsilon}")
+    if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool) or not 0 <= epsilon <= 1:
+        raise ValueError(f"epsilon is a fraction of the training set, a number in [0, 1]; got {epsilon!r}")
     return int(math.floor(epsilon * n_train + 1e-9))
 
 
@@ -222,18 +223,27 @@ CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 def check_available(name, root):
     """Raises DataNotFoundError unless the files of dataset `name` ("mnist", "cifar10") are in `root`."""
     if name == "mnist":
-        raw = os.path.join(root, "MNIST", "raw")
-        if not all(os.path.exists(os.path.join(raw, f)) or os.path.exists(os.path.join(raw, f + ".gz"))
-                   for f in MNIST_FILES):
-            raise DataNotFoundError(f"MNIST not found in {raw}: expected the files {', '.join(MNIST_FILES)} "
-                                    "(optionally .gz); fetch them with `tgda-attack run|pretrain --download`, or point --data-root "
-                                    "elsewhere")
+        folder, files = os.path.join(root, "MNIST", "raw"), MNIST_FILES
+        missing = [f for f in files if not (os.path.exists(os.path.join(folder, f))
+                                            or os.path.exists(os.path.join(folder, f + ".gz")))]
+        what, inner = "MNIST", os.path.join("MNIST", "raw")
     elif name == "cifar10":
-        folder = os.path.join(root, "cifar-10-batches-py")
-        if not all(os.path.exists(os.path.join(folder, f)) for f in CIFAR_FILES):
-            raise DataNotFoundError(f"CIFAR-10 not found in {folder}: expected the files {', '.join(CIFAR_FILES)}; "
-                                    "fetch them with `tgda-attack run|pretrain --download`, or point --data-root "
-                                    "elsewhere")
+        folder, files = os.path.join(root, "cifar-10-batches-py"), CIFAR_FILES
+        missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+        what, inner = "CIFAR-10", "cifar-10-batches-py"
+    else:
+        return
+    if not missing:
+        return
+    # --data-root pointed at the files' own folder (DIR/MNIST/raw instead of DIR): name the folder above
+    above = os.path.normpath(root)
+    for _ in inner.split(os.sep):
+        above = os.path.dirname(above)
+    here = all(os.path.exists(os.path.join(root, f)) or os.path.exists(os.path.join(root, f + ".gz")) for f in files)
+    hint = (f"; --data-root is the folder above {inner}: --data-root {above}" if here
+            else "; fetch them with `tgda-attack run|pretrain --download`, or point --data-root elsewhere")
+    raise DataNotFoundError(f"{what} not found in {folder}: {', '.join(missing)} missing"
+                            + (" (optionally .gz)" if name == "mnist" else "") + hint)
 
 
 def check_readable(name, root):

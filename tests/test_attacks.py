@@ -417,3 +417,25 @@ def test_label_flip_of_no_poison_is_refused_as_every_attack_is():
     for epsilon in (0.0, 0.01):  # 0 and below 1 / 30
         with pytest.raises(ValueError, match="leaves no poison to flip"):
             LabelFlipAttack(epsilon, num_classes=3).poison(x, y)
+
+
+@pytest.mark.parametrize("defense", ["loss", "sever", "maxup"])
+def test_a_defense_takes_images_of_another_float_dtype_than_its_model_and_refuses_integer_ones(defense):
+    from tgda_attack import data, models
+    from tgda_attack.defenses import DEFENSES
+    from tgda_attack.training import train_classifier
+    sample = data.load_mnist_sample()
+    x, y = sample.x_train[:60], sample.y_train[:60]
+    torch.manual_seed(0)
+    model = train_classifier(models.make_defender("lr"), x, y, epochs=1, batch_size=30, lr=0.1, seed=0)
+    made = DEFENSES[defense]()
+
+    def run(images):
+        if made.kind == "training":
+            torch.manual_seed(0)
+            trained = made.train(models.make_defender("lr"), images, y, epochs=1, batch_size=30, lr=0.1, seed=0)
+            return next(trained.parameters()).detach()
+        return made.detect_poison(images, y, model=model, fit=lambda a, b: model)[1]
+    assert torch.equal(run(x.double()), run(x))  # cast to the model's float32, as the attacks cast theirs
+    with pytest.raises(ValueError, match="a defense reads floating-point images"):
+        run(((x + 1) * 127.5).byte())

@@ -64,6 +64,9 @@ class Defense:
     def _check_inputs(self, x, y, x_val=None, y_val=None):
         """ValueError (TypeError) naming what is wrong with the data, before any work (data.check_points: lengths,
         NaN pixels, labels that are class indices; the pixel range where the defense makes images of its own)."""
+        if isinstance(x, torch.Tensor) and not x.is_floating_point():
+            raise ValueError(f"the training images are {x.dtype}; a defense reads floating-point images in the data's "
+                             "[-1, 1] range (uint8 images: x / 127.5 - 1)")
         check_points(x, y, "training", pixel_range=self.pixel_range)
         if x_val is not None and y_val is not None:
             check_points(x_val, y_val, "defender's validation", pixel_range=self.pixel_range)
@@ -85,10 +88,17 @@ class Defense:
 
 
 def _checking_inputs(method, position):
-    """`method` with its (x, y), the arguments at `position` and after, checked first by Defense._check_inputs."""
+    """`method` with its (x, y), the arguments at `position` and after, checked first by Defense._check_inputs, and
+    x in the floating dtype of the model it is given (the attacks cast their data so; a float64 x beside a float32
+    model was torch's "mat1 and mat2 must have the same dtype")."""
     @functools.wraps(method)
     def checked(self, *args, **kwargs):
-        self._check_inputs(args[position], args[position + 1], kwargs.get("x_val"), kwargs.get("y_val"))
+        x, y = args[position], args[position + 1]
+        self._check_inputs(x, y, kwargs.get("x_val"), kwargs.get("y_val"))
+        model = args[0] if position == 1 else kwargs.get("model")
+        ref = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        if ref is not None and ref.is_floating_point() and x.dtype != ref.dtype:
+            args = (*args[:position], x.to(ref.dtype), *args[position + 1:])
         return method(self, *args, **kwargs)
     checked.checks_inputs = True
     return checked

@@ -57,23 +57,33 @@ class ClassifierLoss:
         return F.cross_entropy(self.model(x), y, reduction="sum") / len(self.targets)
 
 
+# The activation modules by their exact type: a subclass may compute anything in its forward (tanh(2x) as a Tanh)
+_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
+                nn.Identity: "identity"}
+
+
 def _activation_of(module):
-    if isinstance(module, nn.ReLU):
-        return "relu", 0.0
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", float(module.negative_slope)
-    if isinstance(module, nn.Tanh):
-        return "tanh", 0.0
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid", 0.0
-    if isinstance(module, nn.Identity):
-        return "identity", 0.0
-    return None
+    kind = _ACTIVATIONS.get(type(module))
+    if kind is None:
+        return None
+    return kind, float(module.negative_slope) if kind == "leaky_relu" else 0.0
+
+
+def _hooked(model):
+    """Whether a forward hook (the model's, a layer's or a global one) may change what the model computes."""
+    from torch.nn.modules import module as torch_module
+    if any(getattr(torch_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def linear_chain(model):
-    """(linear layers, activation name, negative slope) when `model` is a supported chain, else None."""
-    modules = list(model) if isinstance(model, nn.Sequential) else [model]
+    """(linear layers, activation name, negative slope) when `model` is a supported chain, else None: an
+    nn.Sequential itself (a subclass may have a forward of its own: a residual connection), of exact nn.Linear
+    layers and activation types, with no forward hook."""
+    if not isinstance(model, nn.Module) or _hooked(model):
+        return None
+    modules = list(model) if type(model) is nn.Sequential else [model]
     if modules and isinstance(modules[0], nn.Flatten):
         if modules[0].start_dim != 1 or modules[0].end_dim != -1:
             return None
@@ -100,12 +110,21 @@ def structured_hessian(loss, params):
     if chain is None or loss.targets.dim() != 1 or loss.targets.dtype not in (torch.int64, torch.int32):
         return None
     linears, activation, slope = chain
-    flattens = isinstance(loss.model, nn.Sequential) and isinstance(loss.model[0], nn.Flatten)
+    flattens = type(loss.model) is nn.Sequential and type(loss.model[0]) is nn.Flatten
     if loss.inputs.dim() != 2 and not flattens:
         return None
+    params = list(params)
     expected = [p for m in linears for p in (m.weight, m.bias)]
     if len(params) != len(expected) or any(p is not q for p, q in zip(params, expected)):
         return None
+    classes = linears[-1].out_features
+    if len(loss.targets) != len(loss.inputs) or (len(loss.targets) and (int(loss.targets.min()) < 0
+                                                                          or int(loss.targets.max()) >= classes)):
+        # cross-entropy would refuse them where it runs: a short part, or -1 as class C-1, read silently here
+        raise ValueError(f"the ClassifierLoss targets must be one class index 0 .. {classes - 1} per input row; got "
+                         f"{len(loss.targets)} targets for {len(loss.inputs)} rows, from "
+                         f"{loss.targets.min().item() if len(loss.targets) else '-'} to "
+                         f"{loss.targets.max().item() if len(loss.targets) else '-'}")
     inputs, pre, grads, deltas, probs = _forward_backward(linears, activation, slope, loss.inputs.detach(),
                                                           loss.targets)
     weights = [m.weight.detach() for m in linears]
@@ -126,8 +145,15 @@ class StructuredHessian(HessianOperator):
         self.weights, self.inputs, self.pre_activations = list(weights), list(inputs), list(pre_activations)
         self.grad_activations, self.deltas, self.probs = list(grad_activations), list(deltas), probs
         self.activation, self.negative_slope = activation, negative_slope
+        self._versions = self._weight_versions()
+
+    def _weight_versions(self):
+        return [w._version for w in self.weights]  # a detached view shares its parameter's version counter
 
     def _structured_product(self, v):
+        if self._weight_versions() != self._versions:  # its cached forward pass is of the weights before
+            raise RuntimeError("the model's weights changed in place since this structured Hessian was built (an "
+                               "optimizer step): build it again (hypergrad.structured_hessian) for the new weights")
         return _ops.mlp_ce_hvp(self.weights, self.inputs, self.pre_activations, self.grad_activations, self.deltas,
                                self.probs, v.contiguous(), self.activation, self.negative_slope)
 
@@ -156,6 +182,7 @@ class StructuredHessian(HessianOperator):
         with torch.no_grad():
             for mine, theirs in zip(self.state(), other.state()):
                 mine.copy_(theirs)
+        self._versions = self._weight_versions()  # its own copies, written here
 
 
 def _forward_backward(linears, activation, slope, x, targets):

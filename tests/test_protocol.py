@@ -883,3 +883,45 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(tmp_path):
                                "PYTHONPATH": os.path.dirname(os.path.dirname(protocol.__file__))})  # as in a shell
     os.close(write)
     assert done.returncode == 141 and done.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "evaluate"])
+def test_ctrl_c_says_how_to_continue_the_command_it_stopped(command, tmp_path, capsys, monkeypatch):
+    """It said "`tgda-attack attack --out DIR` resumes an attack from its checkpoint" after any command: no DIR, and
+    a bench is simply run again."""
+    from tgda_attack import bench
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(protocol, "run", stop)
+    monkeypatch.setattr(protocol, "stage_evaluate", stop)
+    monkeypatch.setattr(bench, "folder_job", stop)
+    out = str(tmp_path / "r")
+    argv = {"run": ["run", "--attack", "label-flip", *TINY_FLAGS, "--out", out],
+            "bench": ["bench", "--table", "2", "--attacks", "label-flip", "--out", out, "--quiet"],
+            "evaluate": ["evaluate", "--out", out]}[command]
+    if command == "evaluate":
+        os.makedirs(out)
+        with open(os.path.join(out, "config.json"), "w") as fh:
+            fh.write("{}")
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    expected = {"run": f"the same command with --resume continues the run in {out}",
+                "bench": "the same bench command again continues it",
+                "evaluate": f"`tgda-attack evaluate --out {out}` again continues it"}[command]
+    assert err.startswith("tgda-attack: interrupted; ") and expected in err and "DIR" not in err
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from tgda_attack import report
+    path = str(tmp_path / "f.png")
+    fig, _ = report.plt.subplots()
+    report.save_figure(fig, path)
+    with open(path, "rb") as fh:
+        before = fh.read()
+    assert before[:8] == b"\x89PNG\r\n\x1a\n"
+    fig, _ = report.plt.subplots()
+    monkeypatch.setattr(fig, "savefig", lambda target, **kw: open(target, "wb").close() or 1 / 0)  # killed midway
+    with pytest.raises(ZeroDivisionError):
+        report.save_figure(fig, path)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["f.png"]

@@ -828,7 +828,7 @@ def epsilon_curves(rows):
 def save_epsilon_figure(rows, path):
     """Figure 4: the accuracy drop against epsilon, one panel a defender, one line an attack; a point some of
     whose seeds diverged (the defender could not be trained on the poisoned set) says so beside it."""
-    from .report import plt
+    from .report import plt, save_figure
 
     curves = epsilon_curves(rows)
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
@@ -852,6 +852,5 @@ def save_epsilon_figure(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 

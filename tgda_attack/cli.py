@@ -346,6 +346,20 @@ def _recorded_device(cfg, out):
     return dataclasses.replace(cfg, device=recorded)
 
 
+def _how_to_continue(args):
+    """What continues a command interrupted by Ctrl-C: its finished stages, runs and checkpoints are kept."""
+    command = getattr(args, "command", None)
+    if command == "bench":
+        return "the same bench command again continues it (its finished runs are kept, the interrupted one resumes)"
+    if command in ("run", "pretrain"):
+        return (f"the same command with --resume continues the run in {args.out} (its finished stages are kept; "
+                "TGDA's attack and the trainings resume from their checkpoints)")
+    if command in ("attack", "evaluate"):
+        return f"`tgda-attack {command} --out {args.out}` again continues it (TGDA's attack and the trainings resume " \
+               "from their checkpoints)"
+    return "nothing was run"
+
+
 def _drop_stale_summary(out):
     note = drop_stale_summary(out)
     if note:
@@ -437,6 +451,7 @@ def _command(argv):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv[:1]  # before the command, as argparse reads it
+    args = None
     try:
         args = parser.parse_args(argv)
         verbose = not args.quiet
@@ -531,8 +546,7 @@ def _command(argv):
         print(f"tgda-attack: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("tgda-attack: interrupted; `tgda-attack attack --out DIR` resumes an attack from its checkpoint",
-              file=sys.stderr)
+        print(f"tgda-attack: interrupted; {_how_to_continue(args)}", file=sys.stderr)
         return 130
 
 

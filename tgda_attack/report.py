@@ -1,4 +1,6 @@
 """Files a person reads: the figure of clean points beside their poisons, and Markdown tables."""
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -24,8 +26,20 @@ def save_poison_figure(x_clean, x_poison, y_clean, y_poison, path, k=8):
     axes[1][0].text(-0.3, 0.5, "poison", transform=axes[1][0].transAxes, rotation=90, va="center", ha="right")
     fig.suptitle("Clean starting points (top) and their poisons (bottom), largest pixel change first", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """The figure as a PNG at `path`, written whole or not at all (a kill while it was written left a 0-byte PNG
+    beside tables of the new runs), then closed."""
+    tmp = path + ".tmp"
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # What an edited or damaged results file raises in the readers below (a key deleted, a list emptied, a string

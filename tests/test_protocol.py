@@ -427,6 +427,12 @@ def test_options_the_run_does_not_read_are_named_in_a_note(tmp_path, capsys):
     for argv in (["--attack", "gradient-canceling", "--gc-steps", "5"], ["--alpha", "0.5", "--solver", "cgnr"]):
         args = parse(["run", "--out", "x", *argv])
         assert cli.unread_options_note(args, cli.config_from_args(args)) is None
+    # the authors' recipe of gradient canceling has its own schedule, step and radius (their --gc-* were silent)
+    args = parse(["run", "--out", "x", "--attack", "gradient-canceling", "--gc-recipe", "authors", "--defender",
+                  "gc-lr", "--gc-steps", "6", "--gc-lr", "0.5"])
+    assert cli.unread_options_note(args, cli.config_from_args(args)) == (
+        "tgda-attack: note: this run ignores --gc-steps (this run's gradient-canceling recipe sets it itself), --gc-lr "
+        "(this run's gradient-canceling recipe sets it itself)")
     out = str(tmp_path / "r")  # the note comes first, on stdout, and the run goes on
     assert cli.main(["run", "--attack", "label-flip", "--gc-steps", "5", "--out", out, *TINY_FLAGS]) == 0
     assert capsys.readouterr().out.startswith("tgda-attack: note: this run ignores --gc-steps")

@@ -306,6 +306,8 @@ def unread_options_note(args, cfg):
     unread = {name: f"read by attack {', '.join(owners[name])}" for name in given
               if name in owners and cfg.attack not in owners[name]}
     unread.update({name: "read by attack tgda only" for name in given if name in TGDA_ONLY and cfg.attack != "tgda"})
+    unread.update({name: f"this run's {cfg.attack} recipe sets it itself" for name in given
+                   if name in ATTACKS[cfg.attack].unread_settings(cfg)})
     if cfg.dataset == "mnist-sample":
         unread.update({name: "mnist-sample is embedded: no files are read" for name in given
                        if name in ("data_root", "download")})

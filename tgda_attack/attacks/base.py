@@ -173,6 +173,12 @@ class PoisoningAttack:
         other setting, before any work); each setting alone is checked by its Setting."""
 
     @classmethod
+    def unread_settings(cls, cfg):
+        """The names of this attack's own settings that a run of `cfg` does not read (a recipe of its own): the
+        command line notes them when given."""
+        return ()
+
+    @classmethod
     def check_data(cls, cfg, n_train, n_val):
         """Raises data.DataTooSmallError if a run's data, once loaded (n_train points of D_tr, n_val of the attacker's
         D_v), cannot serve its settings; the protocol asks before any training."""

@@ -180,6 +180,11 @@ class GradientCancelingAttack(PoisoningAttack):
                              f"dataset {cfg.dataset} needs --gc-recipe valid")
 
     @classmethod
+    def unread_settings(cls, cfg):
+        """The authors' recipe has its own schedule, step and radius (AUTHORS_SCHEDULE, AUTHORS_RADIUS)."""
+        return ("gc_steps", "gc_lr", "gc_radius") if cfg.gc_recipe == "authors" else ()
+
+    @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
         return cls(defender, cfg.epsilon, target_kind=cfg.gc_target, radius=cfg.gc_radius, labels=cfg.gc_labels,
                    target_epsilon=cfg.target_epsilon, target_epochs=cfg.target_epochs,

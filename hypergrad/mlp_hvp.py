@@ -151,7 +151,8 @@ class StructuredHessian(HessianOperator):
         return [w._version for w in self.weights]  # a detached view shares its parameter's version counter
 
     def _structured_product(self, v):
-        if self._weight_versions() != self._versions:  # its cached forward pass is of the weights before
+        if not torch.compiler.is_compiling() and self._weight_versions() != self._versions:  # (no guard on versions
+            # inside a torch.compile graph) its cached forward pass is of the weights before
             raise RuntimeError("the model's weights changed in place since this structured Hessian was built (an "
                                "optimizer step): build it again (hypergrad.structured_hessian) for the new weights")
         return _ops.mlp_ce_hvp(self.weights, self.inputs, self.pre_activations, self.grad_activations, self.deltas,

@@ -83,7 +83,7 @@ def test_sigterm_mid_epoch_saves_the_batch_and_resumes_to_the_same_poisons(tmp_p
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)  # after batch 3 of 28 in epoch 1
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "resumes" in err, err
+    assert proc.returncode == 130 and f"`tgda-attack attack --out {stopped}` again continues it" in err, err
     state = torch.load(checkpoint, weights_only=True)
     assert state["epoch"] == 0 and 3 <= state["batch"] < 28  # saved mid-epoch, at the batch boundary
     assert cli.main(["attack", "--out", stopped, "--quiet"]) == 0

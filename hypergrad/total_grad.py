@@ -116,7 +116,8 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         raise ValueError("follower_loss does not depend on every follower parameter")
     l = leader_loss()
     _check_scalar("leader_loss", l)
-    dl = torch.autograd.grad(l, theta + w, allow_unused=True)
+    # the leader loss may share a graph with the follower's inputs (a penalty on the poisons): kept for the mixed term
+    dl = torch.autograd.grad(l, theta + w, allow_unused=True, retain_graph=g_w is not None)
     dl = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(dl, theta + w))
     dl_theta, dl_w = dl[:len(theta)], dl[len(theta):]
 

@@ -185,3 +185,27 @@ def test_cg_warns_when_negative_curvature_cuts_its_solve_short():
         (exact,) = hypergrad.total_grad(leader, concave, theta, w, method="minres", rtol=1e-13)
     expected = _ridge_closed_form(X, y, Xv, yv, yp, theta, w)  # f -> -f flips H and the mixed term: D is the same
     assert ((exact - expected).norm() / expected.norm()).item() < 1e-9
+
+
+def test_a_leader_loss_that_shares_a_graph_with_the_followers_inputs():
+    """A penalty on the poisons in the leader's loss: its backward freed the graph the mixed term needs ("backward
+    through the graph a second time"). The penalty's own gradient is the only difference it makes."""
+    import torch.nn.functional as F
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    xv, yv = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    theta = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    w = list(model.parameters())
+    results = {}
+    for mode in ("auto", "reverse"):
+        for penalty in (0.0, 0.1):
+            poisons = torch.tanh(theta)  # the follower's inputs and the leader's penalty, one graph
+            follower = hypergrad.ClassifierLoss(model, (x, poisons), (y, torch.tensor([0, 1])))
+            (results[mode, penalty],) = hypergrad.total_grad(
+                lambda: F.cross_entropy(model(xv), yv) + penalty * poisons.pow(2).sum(), follower, theta, w,
+                hvp_mode=mode, method="minres", rtol=1e-13)
+    torch.testing.assert_close(results["auto", 0.1], results["reverse", 0.1])
+    t = torch.tanh(theta.detach())
+    torch.testing.assert_close(results["auto", 0.1] - results["auto", 0.0], 0.1 * 2 * t * (1 - t ** 2))

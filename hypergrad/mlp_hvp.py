@@ -39,6 +39,8 @@ class ClassifierLoss:
                 raise ValueError("inputs given as a sequence of parts need targets as a sequence of as many parts")
             self.parts = list(zip(inputs, targets))
             inputs, targets = torch.cat(list(inputs)), torch.cat(list(targets))
+        if isinstance(targets, torch.Tensor) and targets.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+            targets = targets.long()  # cross-entropy reads int64 class indices (int32 ones: "expected Long")
         self.model, self.inputs, self.targets = model, inputs, targets
 
     def __call__(self):

@@ -21,7 +21,7 @@ Flow of one call (shared/DESIGN.md, "one TGDA leader step"):
 import torch
 
 from .hvp import HessianOperator, as_tuple, flatten, unflatten
-from .mlp_hvp import structured_hessian
+from .mlp_hvp import ClassifierLoss, structured_hessian
 from .solvers import Solver, warn_negative_curvature
 
 HVP_MODES = ("auto", "structured", "reverse", "forward")
@@ -95,6 +95,9 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     w = as_tuple(follower_params, "follower_params")
     if hvp_mode not in HVP_MODES:
         raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
+    if hvp_mode == "forward" and isinstance(follower_loss, ClassifierLoss):
+        raise ValueError("hvp_mode='forward' calls follower_loss(*w) with the follower's parameters; a ClassifierLoss "
+                         "takes none (it reads its model's): use hvp_mode 'auto' (its structured product) or 'reverse'")
     for name, group in (("leader_params", theta), ("follower_params", w)):
         if not all(p.requires_grad for p in group):
             raise ValueError(f"every tensor of {name} must require grad")

@@ -331,3 +331,18 @@ def test_total_grad_through_parts_equals_the_whole_batch_and_autograd():
     assert ((parts[0] - reverse[0]).norm() / reverse[0].norm()).item() < 1e-8
     fixed = hypergrad.total_grad(leader, ClassifierLoss(model, (x_c, x_p), (y_c, y_p)), theta, w, **kwargs)
     assert torch.equal(fixed[0], torch.zeros_like(theta))  # nothing depends on theta: no mixed term
+
+
+def test_int32_targets_and_a_generator_of_parameters_are_taken():
+    model, x, y = _chain("tanh")
+    loss = ClassifierLoss(model, x, y.int())
+    assert loss.targets.dtype == torch.int64 and torch.isfinite(loss())
+    assert structured_hessian(loss, model.parameters()) is not None  # a generator: a TypeError before
+
+
+def test_forward_mode_with_a_classifier_loss_says_what_to_use():
+    model, x, y = _chain("tanh")
+    theta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="a ClassifierLoss takes none"):
+        hypergrad.total_grad(lambda: (theta * 0).sum() + model(x).sum(), ClassifierLoss(model, x, y), theta,
+                             list(model.parameters()), hvp_mode="forward")

@@ -89,7 +89,8 @@ SEEDS = ("seed", "split_seed")  # torch's generators take 0 .. 2**64 - 1 and wra
 POSITIVE_INTS = ("pretrain_epochs",  # 0: a defender at chance, and no retraining to measure a drop on
                  "pretrain_batch_size", "attacker_batch_size", "attack_batch_size", "retrainings")
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
-MAX_RETRAININGS = 4096  # protocol.retraining_seeds: K * 2**20 training seeds stay distinct below 2**32
+RETRAINING_SEED_STRIDE = 2 ** 20  # retraining k of run seed s trains under s + k * stride (protocol.retraining_seeds)
+MAX_RETRAININGS = 2 ** 32 // RETRAINING_SEED_STRIDE  # 4096: that many training seeds stay distinct below 2**32
 MAX_THREADS = 1024  # torch.set_num_threads: 10,000 hung and 100,000 crashed (segfault) on a 2-core machine
 
 

@@ -44,7 +44,8 @@ from . import data as data_mod
 from . import data_parallel
 from .attacks import ATTACKS
 from .attacks.base import SOURCE_POOLS
-from .config import ATTACKER_NAMES, DATASET_DEFAULTS, EXECUTION, Config, DefenseConfig  # noqa: F401  (re-exported for callers)
+from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # noqa: F401  (re-exported for callers)
+from .config import EXECUTION, RETRAINING_SEED_STRIDE
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
@@ -270,7 +271,7 @@ def _to_shared(entry, key, files, out):
 
 # Settings a run folder's config.json may change without outdating its files: where the run executes (a folder made
 # on a GPU is evaluated on a CPU by editing "device"; the data may lie elsewhere there), and stage 3's own retrainings.
-NOT_MADE_WITH = ("split", "device", "data_root", "download", "retrainings", *EXECUTION)
+NOT_MADE_WITH = ("split", "data_root", "download", "retrainings", *EXECUTION)
 
 
 def _made_with(values):
@@ -630,13 +631,12 @@ def _file_digest(path):
         return hashlib.sha256(fh.read()).hexdigest()
 
 
-# Retraining k of the run of seed s trains under the training seed s + k * RETRAINING_SEED_STRIDE (mod 2**32: torch's
+# Retraining k of the run of seed s trains under the training seed s + k * config.RETRAINING_SEED_STRIDE (mod 2**32: torch's
 # CPU generator seeds from the low 32 bits, so 4 and 4 + 2**32 are one stream): no two run seeds below the stride (the
 # bench's 0 .. K-1, `--seeds`) share one, for up to config.MAX_RETRAININGS retrainings. Under seeds s + k the blocks of
 # neighbouring run seeds overlapped: seed 1's clean model was seed 0's second clean retraining, and with poisons that do
 # not depend on the seed (a label flip by a fixed rule) seed 0's pairs 1..K-1 were seed 1's 0..K-2, counted twice in a
 # pooled mean and std.
-RETRAINING_SEED_STRIDE = 2 ** 20
 
 
 def retraining_seeds(seed, k):

@@ -25,6 +25,7 @@ other setting before any work starts.
 import copy
 import dataclasses
 import functools
+import inspect
 
 import torch
 
@@ -94,20 +95,11 @@ class PoisoningAttack:
     def __init_subclass__(cls, **kwargs):
         """Every attack's `poison` checks its inputs first (_check_inputs): the one place for it."""
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("poison")
-        if own is None or getattr(own, "checks_inputs", False):
-            return
+        check_inputs_first(cls, ("poison",))
 
-        @functools.wraps(own)
-        def poison(self, x, y, *, x_val=None, y_val=None):
-            self._check_inputs(x, y, x_val, y_val)
-            return own(self, x, y, x_val=x_val, y_val=y_val)
-        poison.checks_inputs = True
-        cls.poison = poison
-
-    def _check_inputs(self, x, y, x_val, y_val):
-        """ValueError (TypeError) naming what is wrong with poison()'s data, before any work: D_tr and D_v as
-        data.check_points checks a dataset (lengths, NaN, labels that are class indices of the attack's
+    def _check_inputs(self, x, y, x_val, y_val, model=None):
+        """x, once poison()'s data is checked: ValueError (TypeError) naming what is wrong, before any work: D_tr and
+        D_v as data.check_points checks a dataset (lengths, NaN, labels that are class indices of the attack's
         `num_classes`), in the pixel range the attack clamps its poisons to (`pixel_range`: 0-255 images were
         taken for images in [-1, 1] and poisons came back near-black), and D_v given whole or not at all."""
         if (x_val is None) != (y_val is None):
@@ -118,6 +110,7 @@ class PoisoningAttack:
         check_points(x, y, "training", classes, pixels)
         if x_val is not None:
             check_points(x_val, y_val, "attacker's validation", classes, pixels)
+        return x
 
     def _check_params(self):
         """Raises ValueError naming the first parameter that is out of range. Subclasses extend it."""
@@ -190,6 +183,31 @@ class PoisoningAttack:
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         raise NotImplementedError
+
+
+def check_inputs_first(cls, names):
+    """Wraps each method of `names` that `cls` defines itself so that it first calls self._check_inputs(x, y, x_val,
+    y_val, model) with its arguments of those names (None where it has none) and goes on with the x that returns
+    (PoisoningAttack's poison, Defense's detect_poison and train: the one place every attack's and defense's data is
+    checked, from __init_subclass__)."""
+    for name in names:
+        own = cls.__dict__.get(name)
+        if own is not None and not getattr(own, "checks_inputs", False):
+            setattr(cls, name, _checking_inputs(own))
+
+
+def _checking_inputs(method):
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        given = bound.arguments
+        given["x"] = self._check_inputs(given["x"], given["y"], given.get("x_val"), given.get("y_val"),
+                                        given.get("model"))
+        return method(*bound.args, **bound.kwargs)
+    checked.checks_inputs = True
+    return checked
 
 
 def registry(*classes, base=None, kind="attack"):

@@ -26,11 +26,9 @@ RobustTraining, and its class in the tuple of tgda_attack/defenses/__init__.py. 
 (`settings`, a tuple of tgda_attack.attacks.base.Setting) become fields of
 tgda_attack.config.DefenseConfig and options of `tgda-attack run|evaluate --defense NAME`.
 """
-import functools
-
 import torch
 
-from ..attacks.base import Setting
+from ..attacks.base import Setting, check_inputs_first
 from ..data import DataTooSmallError, check_points, smallest_share
 from ..attacks.base import registry as _registry
 
@@ -53,23 +51,23 @@ class Defense:
     pixel_range = None  # the pixel range a defense that makes images (MaxUp's noisy copies) clamps to
 
     def __init_subclass__(cls, **kwargs):
-        """Every defense's detect_poison (x, y after nothing) and train (after the model) check their data first
-        (_check_inputs): the one place for it."""
+        """Every defense's detect_poison and train check their data first (_check_inputs): the one place for it."""
         super().__init_subclass__(**kwargs)
-        for method, position in (("detect_poison", 0), ("train", 1)):
-            own = cls.__dict__.get(method)
-            if own is not None and not getattr(own, "checks_inputs", False):
-                setattr(cls, method, _checking_inputs(own, position))
+        check_inputs_first(cls, ("detect_poison", "train"))
 
-    def _check_inputs(self, x, y, x_val=None, y_val=None):
-        """ValueError (TypeError) naming what is wrong with the data, before any work (data.check_points: lengths,
-        NaN pixels, labels that are class indices; the pixel range where the defense makes images of its own)."""
+    def _check_inputs(self, x, y, x_val=None, y_val=None, model=None):
+        """x once checked, in the floating dtype of the `model` given (the attacks cast their data so; a float64 x
+        beside a float32 model was torch's "mat1 and mat2 must have the same dtype"): ValueError (TypeError) naming
+        what is wrong, before any work (data.check_points: lengths, NaN pixels, labels that are class indices; the
+        pixel range where the defense makes images of its own)."""
         if isinstance(x, torch.Tensor) and not x.is_floating_point():
             raise ValueError(f"the training images are {x.dtype}; a defense reads floating-point images in the data's "
                              "[-1, 1] range (uint8 images: x / 127.5 - 1)")
         check_points(x, y, "training", pixel_range=self.pixel_range)
         if x_val is not None and y_val is not None:
             check_points(x_val, y_val, "defender's validation", pixel_range=self.pixel_range)
+        ref = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        return x.to(ref.dtype) if ref is not None and ref.is_floating_point() else x
 
     def _check_params(self):
         """Raises ValueError naming the first parameter out of range. Subclasses extend it."""
@@ -85,23 +83,6 @@ class Defense:
         `<prefix>_<arg>` (or defense_fraction) is passed as the constructor's keyword `<arg>`."""
         kwargs = {s.name.split("_", 1)[1]: getattr(dcfg, s.name) for s in cls.settings}
         return cls(**kwargs)
-
-
-def _checking_inputs(method, position):
-    """`method` with its (x, y), the arguments at `position` and after, checked first by Defense._check_inputs, and
-    x in the floating dtype of the model it is given (the attacks cast their data so; a float64 x beside a float32
-    model was torch's "mat1 and mat2 must have the same dtype")."""
-    @functools.wraps(method)
-    def checked(self, *args, **kwargs):
-        x, y = args[position], args[position + 1]
-        self._check_inputs(x, y, kwargs.get("x_val"), kwargs.get("y_val"))
-        model = args[0] if position == 1 else kwargs.get("model")
-        ref = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-        if ref is not None and ref.is_floating_point() and x.dtype != ref.dtype:
-            args = (*args[:position], x.to(ref.dtype), *args[position + 1:])
-        return method(self, *args, **kwargs)
-    checked.checks_inputs = True
-    return checked
 
 
 class PoisonFilter(Defense):

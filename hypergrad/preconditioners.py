@@ -16,7 +16,32 @@ def hutchinson_diagonal(matvec, n, *, samples=32, dtype=torch.float64, device="c
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     z = (torch.randint(0, 2, (samples, n), generator=generator) * 2 - 1).to(device=device, dtype=dtype)
-    return (z * matvec(z)).mean(0)
+    products = matvec(z)
+    if not torch.is_tensor(products) or products.shape != z.shape:
+        raise ValueError(f"matvec must map a batch of row vectors [{samples}, {n}] to their products A v, one a row, "
+                         f"of the same shape; it returned {_shape(products)} (for a symmetric matrix A: lambda v: v @ A)")
+    if samples == n and not _rows_are_products(matvec, z, products):
+        raise ValueError(f"matvec does not take row vectors: the products of a batch [{samples}, {n}] differ from those "
+                         "of its rows one at a time (lambda v: A @ v multiplies columns; for a symmetric matrix A use "
+                         "lambda v: v @ A)")
+    return (z * products).mean(0)
+
+
+def _shape(value):
+    return list(value.shape) if torch.is_tensor(value) else type(value).__name__
+
+
+def _rows_are_products(matvec, z, products):
+    """Whether matvec(z) is matvec of each row of z, checked on the first row: with as many samples as unknowns a
+    column-wise A @ z has the shape of the row-wise z @ A and only this tells them apart (otherwise the shapes do)."""
+    try:
+        first = matvec(z[:1])
+    except RuntimeError:  # A @ v of a [1, n] row: matmul's shape error
+        return False
+    if not torch.is_tensor(first) or first.shape != z[:1].shape:
+        return False
+    scale = products[0].norm() + first[0].norm()
+    return bool((first[0] - products[0]).norm() <= 1e-4 * scale + torch.finfo(z.dtype).tiny)
 
 
 def jacobi(matvec, n, *, samples=32, floor=1e-2, damping=0.0, dtype=torch.float64, device="cpu", seed=0):

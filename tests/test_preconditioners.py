@@ -83,3 +83,22 @@ def test_a_preconditioner_must_be_a_positive_diagonal_of_the_right_size():
         hypergrad.solve(lambda v: v @ A, b, preconditioner=torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="no preconditioner"):
         hypergrad.SolveGraphCache().solve(None, b, solver=hypergrad.Solver(maxiter=4, preconditioner="jacobi"))
+
+
+def test_hutchinson_refuses_a_matvec_of_columns_where_the_shapes_cannot_tell():
+    """lambda v: A @ v multiplies the columns of a batch: with as many samples as unknowns its result has the right
+    shape and would be a silently wrong diagonal; with other counts the shapes differ. Both are refused by name."""
+    A = torch.randn(8, 8, dtype=torch.float64)
+    A = A + A.T
+    with pytest.raises(ValueError, match="does not take row vectors"):
+        hutchinson_diagonal(lambda v: A @ v, 8, samples=8)
+    with pytest.raises(ValueError, match="does not take row vectors"):
+        jacobi(lambda v: A @ v.T, 8, samples=8)  # a [n, k] result: the shape is right only when k == n
+    with pytest.raises((ValueError, RuntimeError)):
+        hutchinson_diagonal(lambda v: A @ v, 8, samples=5)
+    with pytest.raises(ValueError, match=r"returned \[8\]"):
+        hutchinson_diagonal(lambda v: v.sum(0), 8, samples=3)
+    # row-wise, at samples == n too: the estimate of the checked path equals the unchecked one's
+    assert torch.allclose(hutchinson_diagonal(lambda v: v @ A, 8, samples=8),
+                          (lambda z: (z * (z @ A)).mean(0))((torch.randint(0, 2, (8, 8), generator=torch.Generator()
+                                                                           .manual_seed(0)) * 2 - 1).double()))

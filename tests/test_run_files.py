@@ -346,7 +346,7 @@ def test_a_gpu_runs_folder_is_evaluated_on_a_cpu_as_the_error_advises(finished_r
     assert cli.main([*RUN, "--out", folder, "--resume"]) == 2  # a resume goes on on the run's device, not on cpu
     assert f"{folder} was made on cuda (" in capsys.readouterr().err
     assert cli.main([*RUN, "--out", folder, "--resume", "--device", "cpu"]) == 0  # the device is not the run's identity
-    for argv, message in ((["--device", "tpu"], "is not a device name"), (["--threads", "-1"], "--threads must be from 0")):
+    for argv, message in ((["--device", "tpu"], "is not a device name"), (["--threads", "-1"], "threads must be 0")):
         assert cli.main(["attack", "--out", folder, *argv]) == 2
         assert message in capsys.readouterr().err
 

@@ -27,8 +27,8 @@ import torch
 
 from . import bench, cluster, data_parallel, protocol
 from .attacks import ATTACKS
-from .config import (ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, MAX_THREADS, PROTOCOL_HELP, TGDA_ONLY, Config,
-                     DefenseConfig, check_device)
+from .config import (ATTACK_SETTINGS, CHOICES, DEFENSE_SETTINGS, PROTOCOL_HELP, TGDA_ONLY, Config,
+                     DefenseConfig, check_device, check_threads)
 from .defenses import DEFENSES
 from .data import DataNotFoundError, DataTooSmallError, DataUnreadableError
 from .metrics import summarize, summarize_defense
@@ -376,8 +376,8 @@ def _record_execution_options(args):
     try:
         if args.device is not None:
             check_device(args.device)
-        if args.threads is not None and not 0 <= args.threads <= MAX_THREADS:
-            raise ValueError(f"--threads must be from 0 (torch's choice) to {MAX_THREADS}, got {args.threads}")
+        if args.threads is not None:
+            check_threads(args.threads)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_out(args.out)

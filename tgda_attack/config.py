@@ -206,9 +206,7 @@ class _ProtocolSettings:
         for name in POSITIVE_FLOATS:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.threads > MAX_THREADS:
-            raise ValueError(f"threads {self.threads}: at most {MAX_THREADS} (OpenMP hangs or crashes on many thousands "
-                             "of threads); 0 lets torch choose, the cores of this machine")
+        check_threads(self.threads)
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
         if not 0 <= self.defender_val_fraction < 1:
@@ -304,6 +302,13 @@ DefenseConfig = dataclasses.make_dataclass(
 DefenseConfig.__module__, DefenseConfig.__doc__ = __name__, (
     "A defense of the test stage (tgda_attack.defenses.DEFENSES) and the settings the registered defenses read "
     "(Defense.settings); checked() checks them.")
+
+
+def check_threads(threads):
+    """Raises ValueError unless `threads` is a thread count a run can take (0: torch's choice)."""
+    if not 0 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be 0 (torch's choice: the cores of this machine) to at most {MAX_THREADS} "
+                         f"(OpenMP hangs or crashes on many thousands of threads), got {threads}")
 
 
 def check_device(device):

@@ -436,3 +436,19 @@ def test_the_drop_between_the_medians_of_the_last_epochs_is_a_column_and_a_spike
     row = next(r for r in json.load(open(os.path.join(out, "table_2.json"))) if r["attack"] == "label-flip")
     assert row["accuracy_drop_median_last_epochs_mean"] == pytest.approx(100 * runs[0]["accuracy_drop_median_last_epochs"])
     assert "(1 of 2 runs) |" in open(os.path.join(out, "table_2.md")).read()
+
+
+def test_a_set_setting_the_authors_recipe_does_not_read_is_said_under_the_table(tmp_path, capsys):
+    """--set gc_steps=2 titles the whole table; the authors' Gradient Canceling runs its own schedule: the table says
+    which rows did not read it, and their rows' JSON hold the names."""
+    out = str(tmp_path / "bench")
+    assert cli.main(["bench", "--table", "2", "--scale", "smoke", "--attacks", "gradient-canceling", "--rows",
+                     "gradient-canceling", "gradient-canceling_authors", "--set", "gc_steps=2", "--out", out,
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "with gc_steps=2" in printed
+    assert "Not read by gradient-canceling (authors) (lr): gc_steps" in printed
+    rows = {r["attack"]: r for r in json.load(open(os.path.join(out, "table_2.json")))}
+    assert rows["gradient-canceling (authors)"]["overrides_not_read"] == "gc_steps"
+    assert rows["gradient-canceling"]["overrides_not_read"] == ""
+    assert json.load(open(os.path.join(out, "table_2", "gradient-canceling", "lr", "seed_0", "config.json")))["gc_steps"] == 2

@@ -552,7 +552,8 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # the paper's own (epsilon 0.03 ...)
     outside = [k for k in OUTSIDE_THE_PAPER if k in (overrides or {}) and overrides[k] != defaults[k]]
     made = {k: v for k, v in (overrides or {}).items() if k not in EXECUTION}  # how runs executed: their own record
-    rows = [_row(table, scale, cells[key], runs_, overrides_text(made), outside, threads[key] - {None})
+    unread = {cell.key: [k for k in made if k in ATTACKS[cfg.attack].unread_settings(cfg)] for cell, _, cfg in runs}
+    rows = [_row(table, scale, cells[key], runs_, overrides_text(made), outside, threads[key] - {None}, unread[key])
             for key, runs_ in results.items()]
     write_outputs(table, scale, rows, out)
     return rows
@@ -577,11 +578,12 @@ def _attack_threads(folder):
     return threads if isinstance(threads, int) and not isinstance(threads, bool) else None
 
 
-def _row(table, scale, cell, runs, overrides="", outside=(), threads=()):
+def _row(table, scale, cell, runs, overrides="", outside=(), threads=(), unread=()):
     row, column = cell.row, cell.column
     done = [r for r in runs if "diverged" not in r]
     failed = [r["diverged"] for r in runs if "diverged" in r]
     out = {"table": table.key, "scale": scale, "overrides": overrides, "outside_the_paper": ", ".join(outside),
+           "overrides_not_read": ", ".join(unread),  # --set settings of a recipe of its own (the authors' GC)
            "threads": ", ".join(map(str, sorted(threads))),  # a seed fixes a run's bits for one thread count
            table.row_name: row, "column": column,
            "seeds": len(runs), "diverged": len(failed), "diverged_messages": " | ".join(failed), "units": UNITS}
@@ -675,7 +677,7 @@ def defense_markdown(table, scale, rows):
                      f"| {_fmt(r['attack_drop_under_defense_mean'], r['attack_drop_under_defense_std'])}"
                      + _last_epochs_cells(r, "attack_drop_under_defense", medians)
                      + f"| {removed} | {prec} | {paper} |")
-    return "\n".join(lines) + "\n" + _diverged_footnote(rows) + _spike_footnote(rows)
+    return "\n".join(lines) + "\n" + _diverged_footnote(rows) + _spike_footnote(rows) + _unread_footnote(table, rows)
 
 
 def _has_medians(rows, drop):
@@ -708,6 +710,17 @@ def _spike_footnote(rows):
             "record existed hold none); \"spiked\": runs one of whose trainings reads, after its last epoch, more than "
             f"{100 * protocol.SPIKE:g} point from the median of its last epochs (one epoch's reading, not where the "
             "training stood over its last epochs: read the median column for them).\n")
+
+
+def _unread_footnote(table, rows):
+    """The sentence under a table whose title names `--set` settings that some of its rows do not read ("" when every
+    row reads them): those rows run a recipe of their own (the authors' Gradient Canceling)."""
+    unread = {}
+    for r in rows:
+        if r.get("overrides_not_read"):
+            unread.setdefault(r["overrides_not_read"], []).append(f"{r[table.row_name]} ({r['column']})")
+    return "".join(f"\nNot read by {', '.join(names)}: {settings} (a recipe of its own; its runs used their recipe's "
+                   "values).\n" for settings, names in unread.items())
 
 
 def _diverged_footnote(rows):
@@ -789,7 +802,8 @@ def markdown(table, scale, rows):
                         if retrained else "")
                      + f"| {_time(r['attack_seconds_mean'])} "
                      f"| {_fmt(r['mean_perturbation_linf_mean'], r['mean_perturbation_linf_std'], 3)} | {paper} | {hours} |")
-    return head + "\n".join(lines) + "\n" + _diverged_footnote(rows) + _spike_footnote(rows)
+    return (head + "\n".join(lines) + "\n" + _diverged_footnote(rows) + _spike_footnote(rows)
+            + _unread_footnote(table, rows))
 
 
 def write_outputs(table, scale, rows, out):

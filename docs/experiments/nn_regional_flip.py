@@ -9,7 +9,13 @@ labelled `b`, so that near the a/b boundary the poisons outnumber the clean a's.
 training seeds 0 .. R-1 by the protocol's training, and the drop is read at the last epoch and between the medians of
 the last epochs (protocol.accuracy_record). Prints one JSON line a (poison set, training seed).
 
-    python docs/experiments/nn_regional_flip.py --data-root DIR [--defender gc-nn] [--retrainings 2]
+Sets: `spread` (label flip from D_v, nearest labels), `conflict` (each image twice, two labels), `pairNxK` (above),
+`influence` (the images and wrong labels whose gradient step raises the attacker's loss on D_v most to first order, at
+the trained defender), `trajectory` (the same summed over the clean training's models after 1, 3, 10, 30 and 100
+epochs, as TracIn sums checkpoints), `iterated` (influence at the model trained on D_tr U the last round's poisons,
+three rounds).
+
+    python docs/experiments/nn_regional_flip.py --data-root DIR [--defender gc-nn] [--retrainings 2] [--sets ...]
 """
 import argparse
 import dataclasses
@@ -87,6 +93,33 @@ def conflicting(model, x_val, y_val, budget, generator):
     return torch.cat([x_val[take], x_val[take]]), torch.cat([top2[:, 0], top2[:, 1]])
 
 
+def influence_scores(model, x_val, y_val):
+    """[i, c]: grad l(x_i, c) . grad L_val at `model`, l the cross-entropy of D_v's image i labelled c and L_val the
+    attacker's mean loss on D_v. One gradient step on the poison (x_i, c) moves the parameters by -lr grad l(x_i, c),
+    which changes L_val by -lr times this product to first order; grad l(x, c) . v = (softmax(f(x)) - e_c) . (J_f(x)
+    v), J_f(x) v the logits' derivative along v (one forward-mode pass for every image and class). True classes: inf."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    with torch.enable_grad():
+        live = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+        loss = F.cross_entropy(torch.func.functional_call(model, live, (x_val,)), y_val)
+        v = dict(zip(live, torch.autograd.grad(loss, list(live.values()))))
+    with torch.no_grad():
+        logits, u = torch.func.jvp(lambda p: torch.func.functional_call(model, p, (x_val,)), (params,), (v,))
+        score = (F.softmax(logits, 1) * u).sum(1, keepdim=True) - u
+        score[torch.arange(len(y_val)), y_val] = float("inf")
+    return score
+
+
+def influence(models, x_val, y_val, budget):
+    """The budget's D_v images whose wrong label, learnt by gradient steps at `models` (one model, or the checkpoints
+    of a training, as TracIn sums them), raises the attacker's loss on D_v the most to first order: each image takes
+    its wrong class of most negative summed product, and the budget's most negative images are the poisons."""
+    score = sum(influence_scores(model, x_val, y_val) for model in models)
+    best, label = score.min(1)
+    take = best.argsort()[:budget]
+    return x_val[take], label[take]
+
+
 def recorded_training(cfg, seed, splits, x, y):
     """(model, test accuracy after the last epoch, median of the last epochs' test accuracies) of the protocol's
     training on (x, y) under training seed `seed`."""
@@ -96,7 +129,7 @@ def recorded_training(cfg, seed, splits, x, y):
     return model, accuracy(model, splits.x_test, splits.y_test), statistics.median(record.values.values()), record
 
 
-SET_NAME = re.compile(r"spread|conflict|pair([1-9])x([1-9][0-9]*)")
+SET_NAME = re.compile(r"spread|conflict|influence|trajectory|iterated|pair([1-9])x([1-9][0-9]*)")
 
 
 def main():
@@ -109,7 +142,7 @@ def main():
     args = parser.parse_args()
     bad = [name for name in args.sets if not SET_NAME.fullmatch(name)]
     if bad:
-        parser.error(f"unknown set(s) {', '.join(bad)}: spread, conflict or pairNxK (N pairs, K variants, e.g. pair1x3)")
+        parser.error(f"unknown set(s) {', '.join(bad)}: spread, conflict, influence, trajectory, iterated or pairNxK (N pairs, K variants, e.g. pair1x3)")
     if args.retrainings < 1:
         parser.error(f"--retrainings must be at least 1, got {args.retrainings}")
     torch.set_num_threads(2)
@@ -140,12 +173,26 @@ def main():
         g = torch.Generator().manual_seed(0)
         if name == "spread":
             x_p, y_p = nearest_spread(defender, splits.x_val, splits.y_val, budget, g)
+        elif name == "influence":
+            x_p, y_p = influence([defender], splits.x_val, splits.y_val, budget)
+        elif name == "iterated":  # influence at the model trained on D_tr U the last round's poisons, 3 rounds
+            model = defender
+            for _ in range(3):
+                x_p, y_p = influence([model], splits.x_val, splits.y_val, budget)
+                model = protocol.train_defender(cfg, torch.cat([x_tr, x_p.to(x_tr.dtype)]), torch.cat([y_tr, y_p]), seed=0)
+                print(json.dumps({"set": name, "round_labels": torch.bincount(y_p, minlength=10).tolist(),
+                                  "round_model_test": accuracy(model, splits.x_test, splits.y_test)}), flush=True)
+        elif name == "trajectory":  # the clean training of seed 0 after 1, 3, 10 and 30 epochs, and at its end
+            checkpoints = [protocol.train_defender(dataclasses.replace(cfg, pretrain_epochs=e), x_tr, y_tr, seed=0)
+                           for e in (1, 3, 10, 30)]
+            x_p, y_p = influence(checkpoints + [defender], splits.x_val, splits.y_val, budget)
         elif name == "conflict":
             x_p, y_p = conflicting(defender, splits.x_val, splits.y_val, budget, g)
         else:
             npairs, copies = (int(v) for v in SET_NAME.fullmatch(name).groups())
             x_p, y_p = regional(defender, splits.x_val, splits.y_val, budget, copies, pairs[:npairs], g)
         x_p = x_p.to(x_tr.dtype)
+        print(json.dumps({"set": name, "labels": torch.bincount(y_p, minlength=10).tolist()}), flush=True)
         for t in range(args.retrainings):
             model, last, median, record = recorded_training(cfg, t, splits, torch.cat([x_tr, x_p]), torch.cat([y_tr, y_p]))
             with torch.no_grad():

@@ -8,7 +8,7 @@
 #   paper-nn   label flip, then TGDA against the paper's NN (its solver: CGNR, 16 iterations; CUDA graphs), for
 #              seed SEED (default 0); the run folders (metrics, settings, poisons) come back under OUT/paper-nn-*;
 #              a TGDA run the time limit cut comes back whole: carry it as benchmarks/gpu-runs/ to continue it;
-#   paper-cnn  bench Table 2's rows of PAPER_CNN_ATTACKS (default: label-flip, its three rows) against the paper's
+#   paper-cnn  bench Table 2's rows of PAPER_CNN_ATTACKS (default: label-flip, its four rows) against the paper's
 #              CNN, BENCH_SEEDS (default 3) seeds, into OUT/bench-paper-cnn, within PAPER_CNN_LIMIT_S (300).
 #              PAPER_CNN_ATTACKS="label-flip gradient-canceling" adds Gradient Canceling's three rows (valid
 #              pixels, cancel labels, and the authors' recipe against their CNN, gc-cnn, in float64: about 5 hours

@@ -1,5 +1,6 @@
 """The TGDA and label-flip attacks: invariants, determinism, resume, and one leader update
 against the total-derivative formula evaluated with a dense Hessian."""
+import copy
 import re
 import warnings
 
@@ -313,6 +314,66 @@ def test_confused_pairs_take_the_fewest_most_frequent_class_pairs_that_hold_the_
     assert len(poison(0.375)[2]) == 11  # the advised epsilon fits
     with pytest.raises(ValueError, match="needs rule 'nearest'"):
         LabelFlipAttack(0.1, defender=defender, select="confused-pairs")
+
+
+def _per_sample_oracle(defender, x_i, c, x_val, y_val):
+    """grad l(x_i, c) . grad L_val by reverse mode, parameter by parameter: the influence rule's independent twin."""
+    params = list(defender.parameters())
+    g_val = torch.autograd.grad(F.cross_entropy(defender(x_val), y_val), params)
+    g_p = torch.autograd.grad(F.cross_entropy(defender(x_i[None]), torch.tensor([c])), params)
+    return sum((a * b).sum() for a, b in zip(g_p, g_val)).item()
+
+
+@pytest.mark.parametrize("arch", ["linear", "cnn"])
+def test_the_influence_rule_scores_each_wrong_label_by_its_gradient_steps_effect_on_the_loss_on_d_v(arch):
+    x, y, xv, yv, defender, _ = _tiny()
+    if arch == "cnn":  # a convolution, an activation and pooling: the forward-mode product through each
+        torch.manual_seed(1)
+        defender = nn.Sequential(nn.Conv2d(1, 3, 2, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                 nn.Linear(3, 3)).double()
+    flip = LabelFlipAttack(0.25, rule="influence", defender=defender, num_classes=3)
+    score = flip._influence_scores(x, y, xv, yv, batch_size=7)  # batches that do not divide the points
+    for i in range(6):
+        for c in range(3):
+            if c == y[i]:
+                assert score[i, c] == float("inf")
+            else:
+                assert score[i, c].item() == pytest.approx(_per_sample_oracle(defender, x[i], c, xv, yv), rel=1e-9,
+                                                           abs=1e-12)
+    # what the score means: one small gradient step on (x_i, c) changes the loss on D_v by -lr times it
+    i, c = 0, int(score[0].argmin())
+    lr = 1e-5
+    step = copy.deepcopy(defender)
+    grads = torch.autograd.grad(F.cross_entropy(step(x[i:i + 1]), torch.tensor([c])), list(step.parameters()))
+    with torch.no_grad():
+        before = F.cross_entropy(step(xv), yv).item()
+        for p, g in zip(step.parameters(), grads):
+            p -= lr * g
+        after = F.cross_entropy(step(xv), yv).item()
+    assert (after - before) / lr == pytest.approx(-score[0, c].item(), rel=1e-3)
+    # labels: each point's wrong class of most negative score; select "influence" takes the most negative points
+    x_p, y_p = flip.poison(x, y, x_val=xv, y_val=yv)  # select "spread": D_tr's first 10 points
+    assert torch.equal(x_p, x[:10]) and torch.equal(y_p, score[:10].argmin(1))
+    chosen = LabelFlipAttack(0.25, rule="influence", select="influence", defender=defender, num_classes=3)
+    x_p, y_p = chosen.poison(x, y, x_val=xv, y_val=yv)
+    best = score.min(1).values
+    assert torch.equal(chosen.source_indices_, best.argsort(stable=True)[:10])
+    assert best[chosen.source_indices_].max() <= best.sort().values[9]
+    assert torch.equal(x_p, x[chosen.source_indices_]) and torch.equal(y_p, score[chosen.source_indices_].argmin(1))
+    assert sum(count for _, _, count in chosen.info_["pairs"]) == 10 and (y_p != y[chosen.source_indices_]).all()
+
+
+def test_the_influence_rule_and_selection_say_what_they_need():
+    x, y, xv, yv, defender, _ = _tiny()
+    with pytest.raises(ValueError, match="needs rule 'influence'"):
+        LabelFlipAttack(0.1, rule="nearest", defender=defender, select="influence")
+    with pytest.raises(ValueError, match="needs the trained defender"):
+        LabelFlipAttack(0.1, rule="influence")
+    with pytest.raises(ValueError, match="rule 'influence' scores each label .* pass x_val and y_val"):
+        LabelFlipAttack(0.25, rule="influence", defender=defender, num_classes=3).poison(x, y)
+    from tgda_attack.config import Config
+    with pytest.raises(ValueError, match="--flip-select influence .* needs --flip-rule influence"):
+        LabelFlipAttack.check_config(Config(attack="label-flip", flip_select="influence", flip_rule="nearest"))
 
 
 def test_every_attack_follows_the_one_interface():

@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from tgda_attack.attacks import LabelFlipAttack
+
 from tgda_attack import cli
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "experiments")
@@ -59,3 +61,7 @@ def test_nn_regional_flip_poison_sets_keep_the_pixel_range_and_their_labels():
     assert torch.equal(x_c[:5], x_c[5:]) and (y_c[:5] != y_c[5:]).all()
     sources = [next(i for i in range(40) if torch.equal(x[i], xi)) for xi in x_c[:5]]
     assert all(int(y[i]) not in (int(a), int(b)) for i, a, b in zip(sources, y_c[:5], y_c[5:]))
+    x_i, y_i = regional_flip.influence([model], x, y, 6)  # one model: the library's rule and selection
+    flip = LabelFlipAttack(0.5, rule="influence", select="influence", pool="val", defender=model, num_classes=4)
+    x_l, y_l = flip.poison(x[:12], y[:12], x_val=x, y_val=y)
+    assert torch.equal(x_i, x_l) and torch.equal(y_i, y_l)

@@ -135,11 +135,14 @@ GC_ROWS = {"gradient-canceling (cancel labels)": ("gradient-canceling_cancel", l
 
 # Label flip beyond the paper's (copies of D_tr[0:eps N], labels 9 - y): the attacker's own D_v points, each labelled
 # with the wrong class the trained defender finds most probable, of every class or of the fewest confused class pairs
-# that hold the budget (attacks/label_flip.py). {row: (folder, settings)}
+# that hold the budget, or the points and labels whose gradient step raises the loss on D_v most to first order
+# (attacks/label_flip.py). {row: (folder, settings)}
 LABEL_FLIP_ROWS = {
     "label-flip (nearest, D_v)": ("label-flip_nearest_val", {"flip_rule": "nearest", "flip_pool": "val"}),
     "label-flip (confused pairs, D_v)": ("label-flip_pairs_val", {"flip_rule": "nearest", "flip_pool": "val",
                                                                   "flip_select": "confused-pairs"}),
+    "label-flip (influence, D_v)": ("label-flip_influence_val", {"flip_rule": "influence", "flip_pool": "val",
+                                                                 "flip_select": "influence"}),
 }
 
 
@@ -770,7 +773,10 @@ def markdown(table, scale, rows):
         head += ("\"label-flip (nearest, D_v)\": label flip whose poisons are points of the attacker's D_v (real images "
                  "the defender does not train on), each labelled with the wrong class the trained defender finds most "
                  "probable (`--flip-rule nearest --flip-pool val`); \"(confused pairs, D_v)\": the same, its points only "
-                 "of the fewest (class, nearest class) pairs that hold the budget (`--flip-select confused-pairs`).\n\n")
+                 "of the fewest (class, nearest class) pairs that hold the budget (`--flip-select confused-pairs`); "
+                 "\"(influence, D_v)\": the points of D_v and wrong labels whose gradient step under the trained "
+                 "defender raises its loss on D_v the most to first order (`--flip-rule influence --flip-select "
+                 "influence`).\n\n")
     retrained = any(r.get("retrained_drops") for r in rows)
     if retrained:
         head += ("\"drop over retrainings\": each seed's poisons retrained under K training seeds (`retrainings` K: "

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tgda_attack import protocol
+from tgda_attack.attacks import LabelFlipAttack
 from tgda_attack.config import Config
 from tgda_attack.data import poison_budget
 from tgda_attack.training import accuracy
@@ -93,30 +94,17 @@ def conflicting(model, x_val, y_val, budget, generator):
     return torch.cat([x_val[take], x_val[take]]), torch.cat([top2[:, 0], top2[:, 1]])
 
 
-def influence_scores(model, x_val, y_val):
-    """[i, c]: grad l(x_i, c) . grad L_val at `model`, l the cross-entropy of D_v's image i labelled c and L_val the
-    attacker's mean loss on D_v. One gradient step on the poison (x_i, c) moves the parameters by -lr grad l(x_i, c),
-    which changes L_val by -lr times this product to first order; grad l(x, c) . v = (softmax(f(x)) - e_c) . (J_f(x)
-    v), J_f(x) v the logits' derivative along v (one forward-mode pass for every image and class). True classes: inf."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    with torch.enable_grad():
-        live = {name: p.clone().requires_grad_(True) for name, p in params.items()}
-        loss = F.cross_entropy(torch.func.functional_call(model, live, (x_val,)), y_val)
-        v = dict(zip(live, torch.autograd.grad(loss, list(live.values()))))
-    with torch.no_grad():
-        logits, u = torch.func.jvp(lambda p: torch.func.functional_call(model, p, (x_val,)), (params,), (v,))
-        score = (F.softmax(logits, 1) * u).sum(1, keepdim=True) - u
-        score[torch.arange(len(y_val)), y_val] = float("inf")
-    return score
-
-
 def influence(models, x_val, y_val, budget):
     """The budget's D_v images whose wrong label, learnt by gradient steps at `models` (one model, or the checkpoints
-    of a training, as TracIn sums them), raises the attacker's loss on D_v the most to first order: each image takes
-    its wrong class of most negative summed product, and the budget's most negative images are the poisons."""
-    score = sum(influence_scores(model, x_val, y_val) for model in models)
+    of a training, as TracIn sums them), raises the attacker's loss on D_v the most to first order: the library's
+    label flip rule "influence" (LabelFlipAttack._influence_scores) summed over the models; each image takes its wrong
+    class of most negative summed product, and the budget's most negative images are the poisons."""
+    classes = int(y_val.max()) + 1
+    score = sum(LabelFlipAttack(rule="influence", defender=model, num_classes=classes)
+                ._influence_scores(x_val, y_val, x_val, y_val)
+                for model in models)
     best, label = score.min(1)
-    take = best.argsort()[:budget]
+    take = best.argsort(stable=True)[:budget]
     return x_val[take], label[take]
 
 

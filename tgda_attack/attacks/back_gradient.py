@@ -136,7 +136,7 @@ class BackGradientAttack(PoisoningAttack):
         self._craft_sources(len(y))
         flip = LabelFlipAttack(self.epsilon, self.flip_rule, defender=model, init=self.init,
                                num_classes=self.num_classes, seed=self.seed)
-        x_p, y_p = flip.poison(x, y)
+        x_p, y_p = flip.poison(x, y, x_val=x_val, y_val=y_val)  # D_v: the influence rule scores labels on it
         model.train()
         y_p = y_p.to(ref.device)
         self.feasible_ = make_feasible_set(self.feasible_set, x, y, quantile=self.feasible_quantile,

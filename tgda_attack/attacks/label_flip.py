@@ -7,34 +7,49 @@ changed by one of four rules:
   * "largest-loss": the class with the largest cross-entropy loss under the trained defender, i.e. the
     other class to which it gives the smallest probability (Appendix A.4);
   * "nearest" (beyond the paper): the other class to which the trained defender gives the largest
-    probability, the wrong class the point is closest to.
+    probability, the wrong class the point is closest to;
+  * "influence" (beyond the paper): the other class whose gradient step raises the attacker's loss on D_v most to
+    first order under the trained defender: one step of learning rate lr on a poison (x, c) moves the parameters by
+    -lr grad l(x, c) and the loss on D_v by -lr grad l(x, c) . grad L_val, and grad l(x, c) . v is
+    (softmax(f(x)) - e_c) . (J_f(x) v), J_f(x) v the logits' derivative along v = grad L_val: one forward-mode pass
+    (a Jacobian-vector product) scores every point of the pool and every class, as influence-function and TracIn
+    attacks score training points.
 
 The images come from one of two pools (beyond the paper, which copies D_tr[0:eps N]):
   * "train": copies of points of D_tr, each beside its original with the true label;
   * "val": points of the attacker's own D_v, images the defender never trains on.
-and are chosen from it in one of two ways:
+and are chosen from it in one of three ways:
   * "spread": the pool's first (or, with init "random", seeded random) epsilon*N points, every class alike;
   * "confused-pairs" (with rule "nearest"): points of the fewest (class y, nearest wrong class y') pairs that hold
     the budget, the pairs the trained defender gives most often first and never both (a, b) and (b, a), so that
     every poison pushes one of few class boundaries, each one way (4 -> 9 and 9 -> 4 together undo each other:
-    on the paper's NN, seed 0, 0.21 points where 4 -> 9 with 7 -> 9 gives 1.14).
+    on the paper's NN, seed 0, 0.21 points where 4 -> 9 with 7 -> 9 gives 1.14);
+  * "influence" (with rule "influence"): the pool's epsilon*N points of most negative product (the largest first-order
+    rise of the loss on D_v), each with its class of most negative product.
 Against the paper's NN on full MNIST, D_v's points with "nearest" labels are the strongest valid-image attack of this
 library (1.71 +- 0.31 points at epoch 100 against the paper's label flip's 0.57 +- 0.39; docs/RESULTS.md, "Label flip
 from D_v"): the retrained network fits few of them, and those it does not fit keep its training from settling, so
 about half of that is the last epoch's swing (1.07 +- 0.15 between the medians of the last 10 epochs). Confused pairs
-make that oscillation larger and the drop at one epoch more a matter of luck (0.63 +- 0.45 on the same NN).
+make that oscillation larger and the drop at one epoch more a matter of luck (0.63 +- 0.45 on the same NN). On the
+GC paper's 784-128-10, "influence" points and labels doubled the drop between the medians of spread label flip from
+D_v (1.25 / 1.76 against 0.88 / 0.76, one seed's poisons under two training seeds; docs/RESULTS.md, "Poisons chosen for
+their first-order effect").
 """
 import math
 import warnings
 
 import torch
+import torch.nn.functional as F
+
+from hypergrad.hvp import jvp
 
 from ..data import DataTooSmallError, initial_poison_indices, poison_budget
 from .base import SOURCE_POOLS, PoisoningAttack, Setting
 
-FLIP_RULES = ("reverse", "random", "largest-loss", "nearest")
+FLIP_RULES = ("reverse", "random", "largest-loss", "nearest", "influence")
 FLIP_POOLS = SOURCE_POOLS
-FLIP_SELECTIONS = ("spread", "confused-pairs")
+FLIP_SELECTIONS = ("spread", "confused-pairs", "influence")
+DEFENDER_RULES = ("largest-loss", "nearest", "influence")  # the rules that read the trained defender
 
 
 class LabelFlipAttack(PoisoningAttack):
@@ -43,12 +58,12 @@ class LabelFlipAttack(PoisoningAttack):
     Args:
         epsilon: poison budget as a fraction of the training set. (default: 0.03)
         rule: one of FLIP_RULES. (default: "reverse")
-        defender: the trained defender; needed by rule "largest-loss". (default: None)
+        defender: the trained defender; needed by rules "largest-loss", "nearest" and "influence". (default: None)
         init: which points of the pool are taken: "first" (the paper's D_tr[0:eps N]) or "random". (default: "first")
         pool: where the images come from, one of FLIP_POOLS: "train" (D_tr, the paper's) or "val" (the attacker's
             D_v, given to `poison` as x_val, y_val). (default: "train")
         select: how the points are chosen from the pool, one of FLIP_SELECTIONS; "confused-pairs" needs rule
-            "nearest". (default: "spread")
+            "nearest", "influence" rule "influence". (default: "spread")
         num_classes: K. (default: 10)
         seed: seed of the random choices. (default: 0)
     """
@@ -59,9 +74,10 @@ class LabelFlipAttack(PoisoningAttack):
                         "of the attacker's D_v, which the defender never trains on)"),
                 Setting("flip_select", str, "spread", FLIP_SELECTIONS,
                         "how label flip chooses its points from the pool: spread (the first, or random with "
-                        "--poison-init random, of every class) or confused-pairs (only the fewest (class, nearest wrong "
+                        "--poison-init random, of every class), confused-pairs (only the fewest (class, nearest wrong "
                         "class) pairs that hold the budget, the defender's most frequent first; needs --flip-rule "
-                        "nearest)"))
+                        "nearest) or influence (the points whose flipped label raises the attacker's loss on D_v most "
+                        "to first order; needs --flip-rule influence)"))
     quick = {"flip_rule": "largest-loss"}  # the rule that needs the trained defender
 
     def __init__(self, epsilon=0.03, rule="reverse", *, defender=None, init="first", pool="train", select="spread",
@@ -77,7 +93,7 @@ class LabelFlipAttack(PoisoningAttack):
             raise ValueError(f"rule must be one of {FLIP_RULES}, got {self.rule!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"num_classes must be an integer of at least 2, got {self.num_classes!r}")
-        if self.rule in ("largest-loss", "nearest") and self.defender is None:
+        if self.rule in DEFENDER_RULES and self.defender is None:
             raise ValueError(f"rule {self.rule!r} needs the trained defender (defender=...)")
         if self.source_pool not in FLIP_POOLS:
             raise ValueError(f"pool must be one of {FLIP_POOLS}, got {self.source_pool!r}")
@@ -86,6 +102,9 @@ class LabelFlipAttack(PoisoningAttack):
         if self.select == "confused-pairs" and self.rule != "nearest":
             raise ValueError(f"select 'confused-pairs' labels each point with its nearest wrong class: it needs rule "
                              f"'nearest', got {self.rule!r}")
+        if self.select == "influence" and self.rule != "influence":
+            raise ValueError(f"select 'influence' takes the points whose influence-rule label raises the loss on D_v "
+                             f"most: it needs rule 'influence', got {self.rule!r}")
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
@@ -97,6 +116,9 @@ class LabelFlipAttack(PoisoningAttack):
         if cfg.flip_select == "confused-pairs" and cfg.flip_rule != "nearest":
             raise ValueError(f"--flip-select confused-pairs labels each point with its nearest wrong class: it needs "
                              f"--flip-rule nearest, got {cfg.flip_rule!r}")
+        if cfg.flip_select == "influence" and cfg.flip_rule != "influence":
+            raise ValueError(f"--flip-select influence takes the points whose --flip-rule influence label raises the "
+                             f"loss on D_v most: it needs --flip-rule influence, got {cfg.flip_rule!r}")
         if cfg.flip_pool == "val" and cfg.perfect_knowledge:
             raise ValueError("--flip-pool val with --perfect-knowledge would take the poisons from D_test (the attacker's "
                              "D_v under perfect knowledge): the defender would train on test images with wrong labels "
@@ -111,8 +133,9 @@ class LabelFlipAttack(PoisoningAttack):
                 f"{n_train} training points asks for {n_poison}; use --flip-pool train or --epsilon <= {n_val / n_train:.3f}")
 
     def poison(self, x, y, *, x_val=None, y_val=None):
-        """(x_poison, y_poison): epsilon*len(y) points of the pool, (x, y) or (x_val, y_val), with flipped labels.
-        Sets `source_indices_` (indices into the pool)."""
+        """(x_poison, y_poison): epsilon*len(y) points of the pool, (x, y) or (x_val, y_val), with flipped labels
+        (rule "influence" scores them on (x_val, y_val) whatever the pool). Sets `source_indices_` (indices into the
+        pool)."""
         n_poison = poison_budget(len(y), self.epsilon)
         if n_poison == 0:  # as every attack: no poison is no label-flip attack (an empty set came back)
             raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to flip")
@@ -123,8 +146,21 @@ class LabelFlipAttack(PoisoningAttack):
                 raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points asks for {n_poison} poisons, but "
                                  f"D_v has only {len(y_val)} points: use pool 'train' or a smaller epsilon")
             x, y = x_val, y_val
+        elif self.rule == "influence" and (x_val is None or y_val is None):
+            raise ValueError("rule 'influence' scores each label by its effect on the attacker's loss on D_v: pass "
+                             "x_val and y_val")
         if self.select == "confused-pairs":
             return self._confused_pairs(x, y, n_poison)
+        if self.rule == "influence":
+            score = self._influence_scores(x, y, x_val, y_val)
+            best, labels = score.min(1)
+            if self.select == "influence":
+                idx = self.source_indices_ = best.argsort(stable=True)[:n_poison].cpu()
+            else:
+                idx = self.source_indices_ = initial_poison_indices(len(y), n_poison, self.init, self.seed)
+            idx, labels = idx.to(y.device), labels.to(y.device)
+            self.info_["pairs"] = self._pair_counts(y[idx], labels[idx])
+            return x[idx].clone(), labels[idx]
         idx = self.source_indices_ = initial_poison_indices(len(y), n_poison, self.init, self.seed)
         idx = idx.to(y.device)
         y_p = y[idx].clone()
@@ -169,6 +205,40 @@ class LabelFlipAttack(PoisoningAttack):
         self.info_["pairs"] = [[p // k, p % k, int(counts[p])] for p in chosen]
         idx = idx.to(y.device)
         return x[idx].clone(), nearest[idx]
+
+    def _pair_counts(self, y, labels):
+        """[[class, label, count], ...] of the poisons, the most frequent first."""
+        counts = torch.bincount(y.cpu() * self.num_classes + labels.cpu(), minlength=self.num_classes ** 2)
+        order = torch.sort(counts, descending=True, stable=True).indices.tolist()
+        return [[p // self.num_classes, p % self.num_classes, int(counts[p])] for p in order if counts[p]]
+
+    def _influence_scores(self, x, y, x_val, y_val, batch_size=2000):
+        """[len(y), K]: grad l(x_i, c) . grad L_val under the trained defender (rule "influence"), l the cross-entropy
+        of point i labelled c and L_val the mean cross-entropy on D_v; +inf at each point's true class. Computed as
+        (softmax(f(x_i)) - e_c) . (J_f(x_i) v), v = grad L_val, by one Jacobian-vector product a batch."""
+        model = self.defender
+        model.eval()
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        ref = next(iter(params.values()))
+        v = {name: torch.zeros_like(p) for name, p in params.items()}
+        for i in range(0, len(y_val), batch_size):
+            live = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+            with torch.enable_grad():
+                logits = torch.func.functional_call(model, live, (x_val[i:i + batch_size].to(ref.device, ref.dtype),))
+                loss = F.cross_entropy(logits, y_val[i:i + batch_size].to(ref.device), reduction="sum") / len(y_val)
+                for name, g in zip(live, torch.autograd.grad(loss, list(live.values()))):
+                    v[name] += g
+        scores = []
+        with torch.no_grad():
+            for i in range(0, len(y), batch_size):
+                xb = x[i:i + batch_size].to(ref.device, ref.dtype)
+                logits, u = jvp(lambda p: torch.func.functional_call(model, p, (xb,)), (params,), (v,))
+                if logits.shape[1] != self.num_classes:
+                    raise ValueError(f"the defender gives {logits.shape[1]} classes, not num_classes={self.num_classes}")
+                score = (F.softmax(logits, 1) * u).sum(1, keepdim=True) - u
+                score[torch.arange(len(xb)), y[i:i + batch_size].to(score.device)] = float("inf")  # never the true label
+                scores.append(score)
+        return torch.cat(scores)
 
     @torch.no_grad()
     def _defender_labels(self, x_p, y_p, batch_size=2000):

@@ -16,7 +16,11 @@ def hutchinson_diagonal(matvec, n, *, samples=32, dtype=torch.float64, device="c
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     z = (torch.randint(0, 2, (samples, n), generator=generator) * 2 - 1).to(device=device, dtype=dtype)
-    products = matvec(z)
+    try:
+        products = matvec(z)
+    except RuntimeError as exc:  # A @ v of a [samples, n] batch: matmul's shape error, named with what to do
+        raise ValueError(f"matvec failed on a batch of row vectors [{samples}, {n}] ({exc}); it must map each row v to "
+                         "A v (for a symmetric matrix A: lambda v: v @ A)") from exc
     if not torch.is_tensor(products) or products.shape != z.shape:
         raise ValueError(f"matvec must map a batch of row vectors [{samples}, {n}] to their products A v, one a row, "
                          f"of the same shape; it returned {_shape(products)} (for a symmetric matrix A: lambda v: v @ A)")

@@ -363,6 +363,39 @@ def test_the_influence_rule_scores_each_wrong_label_by_its_gradient_steps_effect
     assert sum(count for _, _, count in chosen.info_["pairs"]) == 10 and (y_p != y[chosen.source_indices_]).all()
 
 
+def test_the_influence_rule_scores_d_v_points_against_the_half_of_d_v_that_does_not_hold_them():
+    """With the pool D_v, a point's own loss is part of L_val: each point is scored against the other parity's half.
+    The defender here has BatchNorm, Dropout and a frozen layer: scores are of eval mode and the trainable parameters,
+    and the defender's mode is left as it was."""
+    x, y, xv, yv, _, _ = _tiny(n=40)
+    torch.manual_seed(2)
+    defender = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.5),
+                             nn.Linear(5, 3)).double()
+    defender[1].requires_grad_(False)
+    with torch.no_grad():
+        defender(torch.randn(64, 4, dtype=torch.float64) * 3)  # running statistics of its own (train mode)
+    flip = LabelFlipAttack(0.25, rule="influence", select="influence", pool="val", defender=defender, num_classes=3)
+    x_p, y_p = flip.poison(x, y, x_val=xv, y_val=yv)
+    assert defender.training  # as it was given
+    defender.eval()
+    trainable = [p for p in defender.parameters() if p.requires_grad]
+
+    def oracle(i, c):
+        other = torch.arange(1 - i % 2, len(yv), 2)
+        g_val = torch.autograd.grad(F.cross_entropy(defender(xv[other]), yv[other]), trainable)
+        g_p = torch.autograd.grad(F.cross_entropy(defender(xv[i:i + 1]), torch.tensor([c])), trainable)
+        return sum((a * b).sum() for a, b in zip(g_p, g_val)).item()
+
+    expected = torch.tensor([[oracle(i, c) if c != yv[i] else float("inf") for c in range(3)] for i in range(len(yv))],
+                            dtype=torch.float64)
+    best = expected.min(1).values
+    assert torch.equal(flip.source_indices_, best.argsort(stable=True)[:10])
+    assert torch.equal(x_p, xv[flip.source_indices_]) and torch.equal(y_p, expected[flip.source_indices_].argmin(1))
+    defender.train()
+    score = flip._influence_scores(xv, yv, xv, yv, pool_is_val=True, batch_size=3)
+    assert torch.allclose(score[torch.isfinite(score)], expected[torch.isfinite(expected)], rtol=1e-9, atol=1e-13)
+
+
 def test_the_influence_rule_and_selection_say_what_they_need():
     x, y, xv, yv, defender, _ = _tiny()
     with pytest.raises(ValueError, match="needs rule 'influence'"):

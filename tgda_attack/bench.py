@@ -716,8 +716,9 @@ def _spike_footnote(rows):
 
 
 def _unread_footnote(table, rows):
-    """The sentence under a table whose title names `--set` settings that some of its rows do not read ("" when every
-    row reads them): those rows run a recipe of their own (the authors' Gradient Canceling)."""
+    """The sentence under a table whose title names `--set` settings of an attack that some of that attack's rows do
+    not read, running a recipe of their own (the authors' Gradient Canceling: Attack.unread_settings); "" when none.
+    Settings of another attack (gc_steps beside label flip) are not named: a row reads only its own attack's."""
     unread = {}
     for r in rows:
         if r.get("overrides_not_read"):

@@ -477,7 +477,10 @@ def stage_attack(out, verbose=False):
         x_p, y_p = attack.poison(splits.x_train, splits.y_train, x_val=x_val, y_val=y_val)
         sources, history = attack.source_indices_.cpu(), attack.history
     seconds = time.perf_counter() - start + attack.earlier_seconds_  # a resumed attack's earlier epochs count
-    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": history, "info": attack.info_,
+    info = dict(attack.info_)
+    if partitions:  # each process chose from its own partition; rank 0 writes what it reported of its own
+        info["partition"] = f"rank 0 of {world}: what the attack reported of its own partition of D_tr and D_v"
+    result = {"attack_seconds": seconds, "n_poison": len(y_p), "history": history, "info": info,
               "processes": world, "dp_mode": cfg.dp_mode if world > 1 else None,
               "threads": torch.get_num_threads(),  # a seed fixes a run's bits for one thread count
               "settings": _made_with(settings_of(out))}  # what check_made_with compares config.json with

@@ -98,7 +98,9 @@ def influence(models, x_val, y_val, budget):
     """The budget's D_v images whose wrong label, learnt by gradient steps at `models` (one model, or the checkpoints
     of a training, as TracIn sums them), raises the attacker's loss on D_v the most to first order: the library's
     label flip rule "influence" (LabelFlipAttack._influence_scores) summed over the models; each image takes its wrong
-    class of most negative summed product, and the budget's most negative images are the poisons."""
+    class of most negative summed product, and the budget's most negative images are the poisons. Each image is scored
+    against all of D_v, itself included, as the exploration's runs were (the library's rule with --flip-pool val
+    scores it against the half of D_v that does not hold it)."""
     classes = int(y_val.max()) + 1
     score = sum(LabelFlipAttack(rule="influence", defender=model, num_classes=classes)
                 ._influence_scores(x_val, y_val, x_val, y_val)

@@ -13,7 +13,7 @@ changed by one of four rules:
     -lr grad l(x, c) and the loss on D_v by -lr grad l(x, c) . grad L_val, and grad l(x, c) . v is
     (softmax(f(x)) - e_c) . (J_f(x) v), J_f(x) v the logits' derivative along v = grad L_val: one forward-mode pass
     (a Jacobian-vector product) scores every point of the pool and every class, as influence-function and TracIn
-    attacks score training points.
+    attacks score training points (with the pool D_v, each point against the half of D_v that does not hold it).
 
 The images come from one of two pools (beyond the paper, which copies D_tr[0:eps N]):
   * "train": copies of points of D_tr, each beside its original with the true label;
@@ -31,9 +31,8 @@ library (1.71 +- 0.31 points at epoch 100 against the paper's label flip's 0.57 
 from D_v"): the retrained network fits few of them, and those it does not fit keep its training from settling, so
 about half of that is the last epoch's swing (1.07 +- 0.15 between the medians of the last 10 epochs). Confused pairs
 make that oscillation larger and the drop at one epoch more a matter of luck (0.63 +- 0.45 on the same NN). On the
-GC paper's 784-128-10, "influence" points and labels doubled the drop between the medians of spread label flip from
-D_v (1.25 / 1.76 against 0.88 / 0.76, one seed's poisons under two training seeds; docs/RESULTS.md, "Poisons chosen for
-their first-order effect").
+GC paper's 784-128-10, "influence" points and labels raised the drop between the medians of spread label flip from
+D_v by 1.4-2.3 times (docs/RESULTS.md, "Label flip by influence"), still under 2 points.
 """
 import math
 import warnings
@@ -152,7 +151,7 @@ class LabelFlipAttack(PoisoningAttack):
         if self.select == "confused-pairs":
             return self._confused_pairs(x, y, n_poison)
         if self.rule == "influence":
-            score = self._influence_scores(x, y, x_val, y_val)
+            score = self._influence_scores(x, y, x_val, y_val, pool_is_val=self.source_pool == "val")
             best, labels = score.min(1)
             if self.select == "influence":
                 idx = self.source_indices_ = best.argsort(stable=True)[:n_poison].cpu()
@@ -212,41 +211,71 @@ class LabelFlipAttack(PoisoningAttack):
         order = torch.sort(counts, descending=True, stable=True).indices.tolist()
         return [[p // self.num_classes, p % self.num_classes, int(counts[p])] for p in order if counts[p]]
 
-    def _influence_scores(self, x, y, x_val, y_val, batch_size=2000):
+    def _influence_scores(self, x, y, x_val, y_val, *, pool_is_val=False, batch_size=2000):
         """[len(y), K]: grad l(x_i, c) . grad L_val under the trained defender (rule "influence"), l the cross-entropy
         of point i labelled c and L_val the mean cross-entropy on D_v; +inf at each point's true class. Computed as
-        (softmax(f(x_i)) - e_c) . (J_f(x_i) v), v = grad L_val, by one Jacobian-vector product a batch."""
+        (softmax(f(x_i)) - e_c) . (J_f(x_i) v), v = grad L_val, by one Jacobian-vector product a batch, over the
+        defender's trainable parameters. `pool_is_val`: the points are D_v's own, and each is scored against the
+        gradient of the other half of D_v (the points of other parity), which does not hold its own loss: with it,
+        a point's score would count the rise of its own loss on D_v, which says nothing of unseen data."""
         model = self.defender
+        was_training = model.training
         model.eval()
-        params = {name: p.detach() for name, p in model.named_parameters()}
+        try:
+            params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+            if not pool_is_val:
+                return self._scores_along(params, x, y, self._val_gradient(params, x_val, y_val, batch_size), batch_size)
+            score = torch.empty(len(y), self.num_classes, dtype=next(iter(params.values())).dtype,
+                                device=next(iter(params.values())).device)
+            for half in (0, 1):
+                scored, other = torch.arange(half, len(y), 2), torch.arange(1 - half, len(y), 2)
+                v = self._val_gradient(params, x_val[other.to(x_val.device)], y_val[other.to(y_val.device)], batch_size)
+                score[scored.to(score.device)] = self._scores_along(params, x[scored.to(x.device)],
+                                                                    y[scored.to(y.device)], v, batch_size)
+            return score
+        finally:
+            model.train(was_training)
+
+    def _val_gradient(self, params, x_val, y_val, batch_size):
+        """{name: d L_val / d param}: the gradient of the defender's mean cross-entropy on (x_val, y_val)."""
         ref = next(iter(params.values()))
         v = {name: torch.zeros_like(p) for name, p in params.items()}
         for i in range(0, len(y_val), batch_size):
             live = {name: p.clone().requires_grad_(True) for name, p in params.items()}
             with torch.enable_grad():
-                logits = torch.func.functional_call(model, live, (x_val[i:i + batch_size].to(ref.device, ref.dtype),))
+                logits = torch.func.functional_call(self.defender, live,
+                                                    (x_val[i:i + batch_size].to(ref.device, ref.dtype),))
                 loss = F.cross_entropy(logits, y_val[i:i + batch_size].to(ref.device), reduction="sum") / len(y_val)
                 for name, g in zip(live, torch.autograd.grad(loss, list(live.values()))):
                     v[name] += g
+        return v
+
+    @torch.no_grad()
+    def _scores_along(self, params, x, y, v, batch_size):
+        """[len(y), K]: (softmax(f(x_i)) - e_c) . (J_f(x_i) v) = grad l(x_i, c) . v, +inf at the true classes."""
+        ref = next(iter(params.values()))
         scores = []
-        with torch.no_grad():
-            for i in range(0, len(y), batch_size):
-                xb = x[i:i + batch_size].to(ref.device, ref.dtype)
-                logits, u = jvp(lambda p: torch.func.functional_call(model, p, (xb,)), (params,), (v,))
-                if logits.shape[1] != self.num_classes:
-                    raise ValueError(f"the defender gives {logits.shape[1]} classes, not num_classes={self.num_classes}")
-                score = (F.softmax(logits, 1) * u).sum(1, keepdim=True) - u
-                score[torch.arange(len(xb)), y[i:i + batch_size].to(score.device)] = float("inf")  # never the true label
-                scores.append(score)
+        for i in range(0, len(y), batch_size):
+            xb = x[i:i + batch_size].to(ref.device, ref.dtype)
+            logits, u = jvp(lambda p: torch.func.functional_call(self.defender, p, (xb,)), (params,), (v,))
+            if logits.shape[1] != self.num_classes:
+                raise ValueError(f"the defender gives {logits.shape[1]} classes, not num_classes={self.num_classes}")
+            score = (F.softmax(logits, 1) * u).sum(1, keepdim=True) - u
+            score[torch.arange(len(xb)), y[i:i + batch_size].to(score.device)] = float("inf")  # never the true label
+            scores.append(score)
         return torch.cat(scores)
 
     @torch.no_grad()
     def _defender_labels(self, x_p, y_p, batch_size=2000):
         """The wrong class of the smallest logit ("largest-loss") or of the largest ("nearest") under the defender."""
         ref = next(self.defender.parameters())
+        was_training = self.defender.training
         self.defender.eval()
-        logits = torch.cat([self.defender(x_p[i:i + batch_size].to(ref.device, ref.dtype))
-                            for i in range(0, len(y_p), batch_size)])
+        try:
+            logits = torch.cat([self.defender(x_p[i:i + batch_size].to(ref.device, ref.dtype))
+                                for i in range(0, len(y_p), batch_size)])
+        finally:
+            self.defender.train(was_training)
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"the defender gives {logits.shape[1]} classes, not num_classes={self.num_classes}")
         rows = torch.arange(len(y_p))

@@ -34,6 +34,7 @@ make that oscillation larger and the drop at one epoch more a matter of luck (0.
 GC paper's 784-128-10, "influence" points and labels raised the drop between the medians of spread label flip from
 D_v by 1.4-2.3 times (docs/RESULTS.md, "Label flip by influence"), still under 2 points.
 """
+import contextlib
 import math
 import warnings
 
@@ -49,6 +50,31 @@ FLIP_RULES = ("reverse", "random", "largest-loss", "nearest", "influence")
 FLIP_POOLS = SOURCE_POOLS
 FLIP_SELECTIONS = ("spread", "confused-pairs", "influence")
 DEFENDER_RULES = ("largest-loss", "nearest", "influence")  # the rules that read the trained defender
+# the selections that choose by a rule's labels: {select: (its rule, what it takes)}
+SELECTION_RULES = {"confused-pairs": ("nearest", "labels each point with its nearest wrong class"),
+                   "influence": ("influence", "takes the points whose influence label raises the loss on D_v most")}
+
+
+def _selection_needs_rule(select, rule, flag=False):
+    """The error message where selection `select` needs another rule than `rule` (None where it does not); `flag`:
+    named as the command line's options."""
+    needed, why = SELECTION_RULES.get(select, (rule, ""))
+    if rule == needed:
+        return None
+    if flag:
+        return f"--flip-select {select} {why}: it needs --flip-rule {needed}, got {rule!r}"
+    return f"select {select!r} {why}: it needs rule {needed!r}, got {rule!r}"
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """`model` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class LabelFlipAttack(PoisoningAttack):
@@ -98,12 +124,9 @@ class LabelFlipAttack(PoisoningAttack):
             raise ValueError(f"pool must be one of {FLIP_POOLS}, got {self.source_pool!r}")
         if self.select not in FLIP_SELECTIONS:
             raise ValueError(f"select must be one of {FLIP_SELECTIONS}, got {self.select!r}")
-        if self.select == "confused-pairs" and self.rule != "nearest":
-            raise ValueError(f"select 'confused-pairs' labels each point with its nearest wrong class: it needs rule "
-                             f"'nearest', got {self.rule!r}")
-        if self.select == "influence" and self.rule != "influence":
-            raise ValueError(f"select 'influence' takes the points whose influence-rule label raises the loss on D_v "
-                             f"most: it needs rule 'influence', got {self.rule!r}")
+        mismatch = _selection_needs_rule(self.select, self.rule)
+        if mismatch:
+            raise ValueError(mismatch)
 
     @classmethod
     def from_config(cls, cfg, *, defender=None, attacker=None, checkpoint=None, verbose=False):
@@ -112,12 +135,9 @@ class LabelFlipAttack(PoisoningAttack):
 
     @classmethod
     def check_config(cls, cfg):
-        if cfg.flip_select == "confused-pairs" and cfg.flip_rule != "nearest":
-            raise ValueError(f"--flip-select confused-pairs labels each point with its nearest wrong class: it needs "
-                             f"--flip-rule nearest, got {cfg.flip_rule!r}")
-        if cfg.flip_select == "influence" and cfg.flip_rule != "influence":
-            raise ValueError(f"--flip-select influence takes the points whose --flip-rule influence label raises the "
-                             f"loss on D_v most: it needs --flip-rule influence, got {cfg.flip_rule!r}")
+        mismatch = _selection_needs_rule(cfg.flip_select, cfg.flip_rule, flag=True)
+        if mismatch:
+            raise ValueError(mismatch)
         if cfg.flip_pool == "val" and cfg.perfect_knowledge:
             raise ValueError("--flip-pool val with --perfect-knowledge would take the poisons from D_test (the attacker's "
                              "D_v under perfect knowledge): the defender would train on test images with wrong labels "
@@ -218,23 +238,18 @@ class LabelFlipAttack(PoisoningAttack):
         defender's trainable parameters. `pool_is_val`: the points are D_v's own, and each is scored against the
         gradient of the other half of D_v (the points of other parity), which does not hold its own loss: with it,
         a point's score would count the rise of its own loss on D_v, which says nothing of unseen data."""
-        model = self.defender
-        was_training = model.training
-        model.eval()
-        try:
+        with _eval_mode(self.defender) as model:
             params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
             if not pool_is_val:
                 return self._scores_along(params, x, y, self._val_gradient(params, x_val, y_val, batch_size), batch_size)
-            score = torch.empty(len(y), self.num_classes, dtype=next(iter(params.values())).dtype,
-                                device=next(iter(params.values())).device)
+            ref = next(iter(params.values()))
+            score = torch.empty(len(y), self.num_classes, dtype=ref.dtype, device=ref.device)
             for half in (0, 1):
                 scored, other = torch.arange(half, len(y), 2), torch.arange(1 - half, len(y), 2)
                 v = self._val_gradient(params, x_val[other.to(x_val.device)], y_val[other.to(y_val.device)], batch_size)
                 score[scored.to(score.device)] = self._scores_along(params, x[scored.to(x.device)],
                                                                     y[scored.to(y.device)], v, batch_size)
             return score
-        finally:
-            model.train(was_training)
 
     def _val_gradient(self, params, x_val, y_val, batch_size):
         """{name: d L_val / d param}: the gradient of the defender's mean cross-entropy on (x_val, y_val)."""
@@ -269,13 +284,9 @@ class LabelFlipAttack(PoisoningAttack):
     def _defender_labels(self, x_p, y_p, batch_size=2000):
         """The wrong class of the smallest logit ("largest-loss") or of the largest ("nearest") under the defender."""
         ref = next(self.defender.parameters())
-        was_training = self.defender.training
-        self.defender.eval()
-        try:
-            logits = torch.cat([self.defender(x_p[i:i + batch_size].to(ref.device, ref.dtype))
+        with _eval_mode(self.defender) as model:
+            logits = torch.cat([model(x_p[i:i + batch_size].to(ref.device, ref.dtype))
                                 for i in range(0, len(y_p), batch_size)])
-        finally:
-            self.defender.train(was_training)
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"the defender gives {logits.shape[1]} classes, not num_classes={self.num_classes}")
         rows = torch.arange(len(y_p))

@@ -375,7 +375,7 @@ def _minres(A, b, x, r, tol2, maxiter, check_every, _):
         w = (v - _col(oldeps, b) * w1 - _col(delta, b) * w2) * _col(1.0 / gamma, b)
         # where, not a product with 0: a stopped row's w may overflow as the loop runs on (a recorded solve runs
         # every iteration), and 0 * inf would write NaN into its x
-        x.copy_(torch.where(step.unsqueeze(-1), x + _col(phi, b) * w, x))
+        x.add_(torch.where(step.unsqueeze(-1), _col(phi, b) * w, 0.0))
         iterations += step
         active = step & (phibar ** 2 > tol2) & (beta > 0)
     return iterations, phibar ** 2, torch.zeros(rows, dtype=torch.bool, device=b.device)

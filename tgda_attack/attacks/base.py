@@ -145,10 +145,8 @@ class PoisoningAttack:
     def _defender_and_data(self, x, y, x_val, y_val):
         """(a copy of the defender, x, y, x_val, y_val on its device and dtype); without D_v, a seeded 30% of
         (x, y) serves as D_v, and the poisons are still epsilon * len(y) points of x (source_indices_ index x)."""
-        if x_val is None or y_val is None:
+        if x_val is None or y_val is None:  # check_inputs_first refused one without the other, and unequal lengths
             _, _, x_val, y_val = split_train_val(x, y, seed=self.seed)
-        if len(x) != len(y) or len(x_val) != len(y_val):
-            raise ValueError("images and labels must have the same length")
         model = copy.deepcopy(self.defender)
         ref = next(model.parameters())
         x, x_val = x.to(ref.device, ref.dtype), x_val.to(ref.device, ref.dtype)

@@ -89,7 +89,7 @@ SEEDS = ("seed", "split_seed")  # torch's generators take 0 .. 2**64 - 1 and wra
 POSITIVE_INTS = ("pretrain_epochs",  # 0: a defender at chance, and no retraining to measure a drop on
                  "pretrain_batch_size", "attacker_batch_size", "attack_batch_size", "retrainings")
 POSITIVE_FLOATS = ("pretrain_lr", "alpha", "beta")
-RETRAINING_SEED_STRIDE = 2 ** 20  # retraining k of run seed s trains under s + k * stride (protocol.retraining_seeds)
+RETRAINING_SEED_STRIDE = 2 ** 20  # retraining k of run seed s trains under s + k * stride (retraining_seeds)
 MAX_RETRAININGS = 2 ** 32 // RETRAINING_SEED_STRIDE  # 4096: that many training seeds stay distinct below 2**32
 MAX_THREADS = 1024  # torch.set_num_threads: 10,000 hung and 100,000 crashed (segfault) on a 2-core machine
 
@@ -302,6 +302,18 @@ DefenseConfig = dataclasses.make_dataclass(
 DefenseConfig.__module__, DefenseConfig.__doc__ = __name__, (
     "A defense of the test stage (tgda_attack.defenses.DEFENSES) and the settings the registered defenses read "
     "(Defense.settings); checked() checks them.")
+
+
+# Retraining k of the run of seed s trains under the training seed s + k * RETRAINING_SEED_STRIDE (mod 2**32: torch's
+# CPU generator seeds from the low 32 bits, so 4 and 4 + 2**32 are one stream): no two run seeds below the stride (the
+# bench's 0 .. K-1, `--seeds`) share one, for up to MAX_RETRAININGS retrainings. Under seeds s + k the blocks of
+# neighbouring run seeds overlapped: seed 1's clean model was seed 0's second clean retraining, and with poisons that
+# do not depend on the seed (a label flip by a fixed rule) seed 0's pairs 1..K-1 were seed 1's 0..K-2, counted twice
+# in a pooled mean and std.
+def retraining_seeds(seed, k):
+    """The training seeds of a run's `k` retrainings, the run's own seed first (protocol's stage 3; the report names
+    them)."""
+    return [(seed + i * RETRAINING_SEED_STRIDE) % 2 ** 32 for i in range(k)]
 
 
 def check_threads(threads):

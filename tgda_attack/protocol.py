@@ -45,12 +45,11 @@ from . import data_parallel
 from .attacks import ATTACKS
 from .attacks.base import SOURCE_POOLS
 from .config import ATTACKER_NAMES, DATASET_DEFAULTS, Config, DefenseConfig  # noqa: F401  (re-exported for callers)
-from .config import EXECUTION, RETRAINING_SEED_STRIDE
+from .config import EXECUTION, retraining_seeds  # noqa: F401  (retraining_seeds re-exported for callers)
 from .defenses import DEFENSES
 from .metrics import poison_statistics, summarize  # noqa: F401
 from .models import make_attacker, make_defender
 from .progress import progress_bar
-from .report import readable_defense, readable_run
 from .rundir import (TRAINING_CHECKPOINT, OtherSettingsError, RunFolderError, check_writable, claim, clear_defenses,
                      clear_evaluation, copy_atomic, load_state, load_weights, need, read_json, read_json_object,
                      redo_from_stage_1, remove_training_checkpoints, save_atomic, settings_of, write_json)
@@ -634,19 +633,6 @@ def _file_digest(path):
         return hashlib.sha256(fh.read()).hexdigest()
 
 
-# Retraining k of the run of seed s trains under the training seed s + k * config.RETRAINING_SEED_STRIDE (mod 2**32: torch's
-# CPU generator seeds from the low 32 bits, so 4 and 4 + 2**32 are one stream): no two run seeds below the stride (the
-# bench's 0 .. K-1, `--seeds`) share one, for up to config.MAX_RETRAININGS retrainings. Under seeds s + k the blocks of
-# neighbouring run seeds overlapped: seed 1's clean model was seed 0's second clean retraining, and with poisons that do
-# not depend on the seed (a label flip by a fixed rule) seed 0's pairs 1..K-1 were seed 1's 0..K-2, counted twice in a
-# pooled mean and std.
-
-
-def retraining_seeds(seed, k):
-    """The training seeds of a run's `k` retrainings, the run's own seed first."""
-    return [(seed + i * RETRAINING_SEED_STRIDE) % 2 ** 32 for i in range(k)]
-
-
 def _retrainings(cfg, out, splits, poisons, x_p, y_p, tested, clean, poisoned, verbose):
     """Stage 3 under the training seeds retraining_seeds(seed, K) (K = cfg.retrainings): for each, the tested defender
     trained on D_tr and on D_tr U D_p (the first pair is the run's own: `clean` and `poisoned`, each (accuracy,
@@ -725,6 +711,7 @@ def finished_evaluation(out):
         metrics = read_json_object(os.path.join(out, "metrics.json"), FINISHED_METRICS)
     except RunFolderError:
         return None
+    from .report import readable_run  # matplotlib loads with report: only where a results file is read
     return metrics if readable_run(metrics) else None  # edited: a key its printout reads deleted, a list emptied
 
 
@@ -904,6 +891,7 @@ def kept_defense(out, dcfg, *, overwrite=False, resume=False):
         recorded = read_json(path) if os.path.exists(path) else None
     except ValueError:
         recorded = None
+    from .report import readable_defense  # matplotlib loads with report: only where a results file is read
     if (not isinstance(recorded, dict) or not isinstance(recorded.get("defense_settings"), dict)
             or not isinstance(recorded.get("defended_accuracy"), (int, float)) or not readable_defense(recorded)):
         return None  # none, or damaged (truncated, edited): no result to keep or protect, computed again

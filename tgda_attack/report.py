@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .config import RETRAINING_SEED_STRIDE  # noqa: E402
+from .config import RETRAINING_SEED_STRIDE, retraining_seeds  # noqa: E402
 from .metrics import MEDIAN_DROP, summarize, summarize_defense  # noqa: E402
 
 
@@ -130,9 +130,9 @@ def _retrainings_line(metrics):
 
 
 def _seeds_text(seeds):
-    """Retraining seeds as a run records them: "0 + k * 2^20, k = 0 .. 4" (the stride of protocol.retraining_seeds),
-    or listed (a run of the code before it: seed .. seed+K-1)."""
-    if len(seeds) > 1 and all((b - a) % 2 ** 32 == RETRAINING_SEED_STRIDE for a, b in zip(seeds, seeds[1:])):
+    """Retraining seeds as a run records them: "0 + k * 2^20, k = 0 .. 4" (config.retraining_seeds), or listed (a run
+    of the code before it: seed .. seed+K-1)."""
+    if len(seeds) > 1 and list(seeds) == retraining_seeds(seeds[0], len(seeds)):
         return f"{seeds[0]} + k * 2^{RETRAINING_SEED_STRIDE.bit_length() - 1}, k = 0 .. {len(seeds) - 1}"
     return f"{seeds[0]}-{seeds[-1]}"
 

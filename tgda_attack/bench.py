@@ -548,9 +548,10 @@ def run_table(table, scale, seeds, out, *, data_root=None, device="cpu", defende
     bar.close()
     results, threads = {}, {}
     for items, metrics_list in zip(groups, outcomes):
-        for (cell, _, folder), metrics in zip(items, metrics_list):
+        made_with = _attack_threads(items[0][2])  # one run folder a group: its cells (a defense table's) share it
+        for (cell, _, _), metrics in zip(items, metrics_list):
             results.setdefault(cell.key, []).append(metrics)
-            threads.setdefault(cell.key, set()).add(_attack_threads(folder))
+            threads.setdefault(cell.key, set()).add(made_with)
     cells = {cell.key: cell for cell, _, _ in runs}
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # the paper's own (epsilon 0.03 ...)
     outside = [k for k in OUTSIDE_THE_PAPER if k in (overrides or {}) and overrides[k] != defaults[k]]

@@ -82,7 +82,6 @@ class PoisoningAttack:
     needs_attacker = False
     settings = ()  # Setting(...) for each run setting only this attack reads
     quick = {}  # Config values that make a run of this attack take seconds (the tests, `bench --scale smoke`)
-    poisons_by = "craft"  # what the attack does to its poisons, in the error of a budget of none
 
     def __init__(self, epsilon=0.03, *, init="first", seed=0):
         self.epsilon, self.init, self.seed = epsilon, init, seed
@@ -102,8 +101,7 @@ class PoisoningAttack:
         """x, once poison()'s data is checked: ValueError (TypeError) naming what is wrong, before any work: D_tr and
         D_v as data.check_points checks a dataset (lengths, NaN, labels that are class indices of the attack's
         `num_classes`), in the pixel range the attack clamps its poisons to (`pixel_range`: 0-255 images were
-        taken for images in [-1, 1] and poisons came back near-black), D_v given whole or not at all, and a budget of
-        at least one poison (before an attack's target or defender is trained)."""
+        taken for images in [-1, 1] and poisons came back near-black), and D_v given whole or not at all."""
         if (x_val is None) != (y_val is None):
             raise ValueError("pass the attacker's D_v as both x_val and y_val, or neither (without it the attack "
                              "holds out a part of x as its D_v)")
@@ -112,8 +110,6 @@ class PoisoningAttack:
         check_points(x, y, "training", classes, pixels)
         if x_val is not None:
             check_points(x_val, y_val, "attacker's validation", classes, pixels)
-        if poison_budget(len(y), self.epsilon) == 0:
-            raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to {self.poisons_by}")
         return x
 
     def _check_params(self):
@@ -141,7 +137,9 @@ class PoisoningAttack:
     def _craft_sources(self, n):
         """D_p^0 for a training set of n points: sets and returns `source_indices_`; an attack that crafts
         poisons needs at least one."""
-        self.source_indices_ = poison_sources(n, self.epsilon, self.init, self.seed)  # poison() checked n's budget
+        self.source_indices_ = poison_sources(n, self.epsilon, self.init, self.seed)
+        if len(self.source_indices_) == 0:
+            raise ValueError(f"epsilon={self.epsilon} of {n} training points leaves no poison to craft")
         return self.source_indices_
 
     def _defender_and_data(self, x, y, x_val, y_val):

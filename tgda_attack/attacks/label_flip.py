@@ -104,7 +104,6 @@ class LabelFlipAttack(PoisoningAttack):
                         "nearest) or influence (the points whose flipped label raises the attacker's loss on D_v most "
                         "to first order; needs --flip-rule influence)"))
     quick = {"flip_rule": "largest-loss"}  # the rule that needs the trained defender
-    poisons_by = "flip"
 
     def __init__(self, epsilon=0.03, rule="reverse", *, defender=None, init="first", pool="train", select="spread",
                  num_classes=10, seed=0):
@@ -156,7 +155,9 @@ class LabelFlipAttack(PoisoningAttack):
         """(x_poison, y_poison): epsilon*len(y) points of the pool, (x, y) or (x_val, y_val), with flipped labels
         (rule "influence" scores them on (x_val, y_val) whatever the pool). Sets `source_indices_` (indices into the
         pool)."""
-        n_poison = poison_budget(len(y), self.epsilon)  # at least one: checked first, as for every attack
+        n_poison = poison_budget(len(y), self.epsilon)
+        if n_poison == 0:  # as every attack: no poison is no label-flip attack (an empty set came back)
+            raise ValueError(f"epsilon={self.epsilon} of {len(y)} training points leaves no poison to flip")
         if self.source_pool == "val":
             if x_val is None or y_val is None:
                 raise ValueError("pool 'val' takes the poisons from the attacker's D_v: pass x_val and y_val")

@@ -96,6 +96,23 @@ def _col(s, like):
     return s.to(like.dtype).unsqueeze(-1)
 
 
+def _check_settings(*, method, maxiter, rtol, atol, damping, check_every, neumann_scale):
+    """The checks of solve's settings, shared by solve and Solver (which makes them when it is built)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if maxiter is not None and (not _is_count(maxiter) or maxiter < 0):
+        raise ValueError(f"maxiter must be an integer >= 0, or None for the method's default; got {maxiter!r}")
+    for name, value in (("rtol", rtol), ("atol", atol), ("damping", damping)):
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not _is_count(check_every) or check_every < 1:
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+    if neumann_scale is not None and (not _is_number(neumann_scale) or not math.isfinite(neumann_scale)
+                                      or neumann_scale <= 0):
+        raise ValueError(f"neumann_scale must be a finite number > 0 (below 2 / the largest eigenvalue of A for the "
+                         f"series to converge), or None to estimate one; got {neumann_scale!r}")
+
+
 def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0, damping=0.0,
           check_every=4, neumann_scale=None, preconditioner=None):
     """Solves (A + damping I) x = b for one or a batch of right-hand sides.
@@ -123,8 +140,8 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> x, info = solve(lambda v: v @ A, torch.tensor([1.0, 2.0], dtype=torch.float64))
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_settings(method=method, maxiter=maxiter, rtol=rtol, atol=atol, damping=damping, check_every=check_every,
+                    neumann_scale=neumann_scale)
     if not callable(matvec):
         raise TypeError(f"matvec must be a callable v -> A v (e.g. lambda v: v @ A for a symmetric matrix A), "
                         f"got {type(matvec).__name__}")
@@ -135,19 +152,8 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
     if x0 is not None and (not isinstance(x0, torch.Tensor) or x0.shape != b.shape):
         raise ValueError(f"x0 must be a tensor shaped like b {list(b.shape)}, got "
                          f"{list(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
-    for name, value in (("rtol", rtol), ("atol", atol), ("damping", damping)):
-        if not _is_number(value) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if neumann_scale is not None and (not _is_number(neumann_scale) or not math.isfinite(neumann_scale)
-                                      or neumann_scale <= 0):
-        raise ValueError(f"neumann_scale must be a finite number > 0 (below 2 / the largest eigenvalue of A for the "
-                         f"series to converge), or None to estimate one; got {neumann_scale!r}")
-    if not _is_count(check_every) or check_every < 1:
-        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
     if maxiter is None:
         maxiter = 100 if method == "neumann" else b.shape[-1]
-    if not _is_count(maxiter) or maxiter < 0:
-        raise ValueError(f"maxiter must be an integer >= 0, got {maxiter!r}")
     b = b.detach()  # A is an operator here, not differentiated: total_grad and implicit_argmin differentiate solves
     if preconditioner is not None:
         return _scaled_solve(matvec, b, preconditioner, method=method, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol,
@@ -235,22 +241,16 @@ class Solver:
     OPTIONS = ("check_every", "neumann_scale", "jacobi_samples", "jacobi_floor", "jacobi_seed")
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.maxiter is not None and (not _is_count(self.maxiter) or self.maxiter < 0):
-            raise ValueError(f"maxiter must be a non-negative integer or None, got {self.maxiter!r}")
-        if not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in (self.rtol, self.atol, self.damping)):
-            raise ValueError("rtol, atol and damping must be finite numbers >= 0")
-        check_every = self.options.get("check_every", 4)
-        if not _is_count(check_every) or check_every < 1:
-            raise ValueError(f"options check_every must be an integer >= 1, got {check_every!r}")
+        unknown = sorted(set(self.options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown solver option(s) {', '.join(unknown)}; known: {', '.join(self.OPTIONS)}")
+        _check_settings(method=self.method, maxiter=self.maxiter, rtol=self.rtol, atol=self.atol, damping=self.damping,
+                        check_every=self.options.get("check_every", 4),
+                        neumann_scale=self.options.get("neumann_scale"))
         if not (self.preconditioner is None or self.preconditioner == "jacobi"
                 or isinstance(self.preconditioner, torch.Tensor)):
             raise ValueError(f"preconditioner must be None, 'jacobi' or a positive diagonal tensor, "
                              f"got {self.preconditioner!r}")
-        unknown = sorted(set(self.options) - set(self.OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown solver option(s) {', '.join(unknown)}; known: {', '.join(self.OPTIONS)}")
 
     def diagonal(self, matvec, b):
         """The preconditioner's diagonal for this system (None without one)."""

@@ -67,7 +67,7 @@ def test_the_attack_takes_a_solver_value():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "lu"}, "method"), ({"rtol": -1.0}, "finite numbers >= 0"), ({"preconditioner": "ilu"}, "preconditioner"),
+    ({"method": "lu"}, "method"), ({"rtol": -1.0}, "rtol must be a finite number >= 0"), ({"preconditioner": "ilu"}, "preconditioner"),
     ({"options": {"restart": 5}}, "unknown solver option"),
 ])
 def test_bad_solver_settings_are_named(kwargs, message):

@@ -216,8 +216,10 @@ def test_bad_arguments(kwargs, message):
     """NaN tolerances once passed `rtol < 0` and returned x = 0 after no iteration, as if converged."""
     with pytest.raises(ValueError, match=message):
         hypergrad.solve(lambda v: v, torch.ones(4, dtype=torch.float64), **kwargs)
-    with pytest.raises(ValueError, match="rtol, atol and damping must be finite"):
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
         hypergrad.Solver(rtol=float("nan"))
+    with pytest.raises(ValueError, match="neumann_scale must be a finite number > 0"):  # when it is built, not solving
+        hypergrad.Solver("neumann", options={"neumann_scale": -1.0})
     with pytest.raises(ValueError, match="check_every must be an integer >= 1"):
         hypergrad.Solver(options={"check_every": 0})
     with pytest.raises(ValueError, match="maxiter"):

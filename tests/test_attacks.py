@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergrad
-from tgda_attack.attacks import LabelFlipAttack, TGDAAttack
+from tgda_attack.attacks import GradientCancelingAttack, LabelFlipAttack, TGDAAttack
 from tgda_attack.data import DataTooSmallError
 
 
@@ -511,6 +511,20 @@ def test_label_flip_of_no_poison_is_refused_as_every_attack_is():
     for epsilon in (0.0, 0.01):  # 0 and below 1 / 30
         with pytest.raises(ValueError, match="leaves no poison to flip"):
             LabelFlipAttack(epsilon, num_classes=3).poison(x, y)
+
+
+@pytest.mark.parametrize("recipe", ["valid", "authors"])
+def test_gradient_canceling_of_no_poison_is_refused_before_its_target_is_trained(recipe, monkeypatch):
+    from tgda_attack import models
+    from tgda_attack.attacks import gradient_canceling
+    trained = []
+    monkeypatch.setattr(GradientCancelingAttack, "_target_parameters", lambda *a: trained.append(1))
+    monkeypatch.setattr(gradient_canceling, "authors_gradpc_target", lambda *a, **k: trained.append(1))
+    x, y = torch.zeros(30, 1, 28, 28), torch.arange(30) % 10
+    defender = models.make_defender("gc-lr" if recipe == "authors" else "lr")
+    with pytest.raises(ValueError, match="leaves no poison to craft"):
+        GradientCancelingAttack(defender, epsilon=0.01, recipe=recipe).poison(x, y)
+    assert not trained
 
 
 @pytest.mark.parametrize("defense", ["loss", "sever", "maxup"])

@@ -198,14 +198,14 @@ class GradientCancelingAttack(PoisoningAttack):
         model = copy.deepcopy(self.defender)
         ref = next(model.parameters())
         x, y = x.to(ref.device, ref.dtype), y.to(ref.device)
+        idx = self._craft_sources(len(y)).to(ref.device)  # a budget of no poison is refused before any training
         if self.recipe == "authors":
-            return self._poison_as_authors(model, x, y)
+            return self._poison_as_authors(model, x, y, idx)
         self.target_ = self._target_parameters(model, x, y)
         model.load_state_dict(self.target_)
         model.eval()
         params = {k: v.detach() for k, v in model.named_parameters()}
 
-        idx = self._craft_sources(len(y)).to(ref.device)
         self.feasible_ = make_feasible_set(self.feasible_set, x, y, quantile=self.feasible_quantile,
                                            pixel_range=self.pixel_range, num_classes=self.num_classes)
         self.info_["feasible_set"] = self.feasible_.describe()
@@ -237,9 +237,9 @@ class GradientCancelingAttack(PoisoningAttack):
                 x_p.copy_(self._project(x_p, y_p))
         return x_p.detach()
 
-    def _poison_as_authors(self, model, x, y):
+    def _poison_as_authors(self, model, x, y, idx):
         """The authors' recipe (watml/plim): their GradPC target (targets.authors_gradpc_target, radius 0.5);
-        the first epsilon*N points of D_tr with their true labels; the objective ||g_clean + g_poison||_2 of
+        the first epsilon*N points of D_tr (idx, poison's D_p^0) with their true labels; the objective ||g_clean + g_poison||_2 of
         sum-reduced cross-entropy gradients of the *first parameter tensor* only (for LR its weight, for the
         NN the first layer's weight, for the CNN conv1's weight); full-batch gradient descent on the poisons
         in their input coordinates (z = (x01 - 0.1307) / 0.3081, models.MnistStandardize) with the step
@@ -261,7 +261,6 @@ class GradientCancelingAttack(PoisoningAttack):
         model.eval()
         name = next(iter(model.named_parameters()))[0]
         params = {k: v.detach() for k, v in model.named_parameters()}
-        idx = self._craft_sources(len(y)).to(x.device)
         y_p = y[idx].clone()
         a, c = MnistStandardize.SCALE, MnistStandardize.SHIFT
         z = (x[idx] * a + c).detach().clone()  # the poisons in the authors' coordinates

@@ -13,12 +13,19 @@ Sets: `spread` (label flip from D_v, nearest labels), `conflict` (each image twi
 `influence` (the images and wrong labels whose gradient step raises the attacker's loss on D_v most to first order, at
 the trained defender), `trajectory` (the same summed over the clean training's models after 1, 3, 10, 30 and 100
 epochs, as TracIn sums checkpoints), `iterated` (influence at the model trained on D_tr U the last round's poisons,
-three rounds).
+three rounds), `hubs` (the D_v images that become the nearest training point of the most other D_v images, chosen
+greedily, each labelled with the class of its nearest D_tr image of another class: the poisons that hurt a 1-nearest-
+neighbour learner most), `majority` (the D_v images chosen greedily to turn the 5-nearest-neighbour vote of the most
+other D_v digits, labelled as hubs: the poisons that hurt a local-majority learner most, on the attacker's data). For
+every set it also prints the drop of k-nearest-neighbour classifiers (pixel distance,
+k = 1 and 5) trained on D_tr and on D_tr U poisons: how a learner that labels by the single nearest point, and one that
+labels by a local majority, respond to the same poisons.
 
     python docs/experiments/nn_regional_flip.py --data-root DIR [--defender gc-nn] [--retrainings 2] [--sets ...]
 """
 import argparse
 import dataclasses
+import heapq
 import json
 import math
 import re
@@ -110,6 +117,115 @@ def influence(models, x_val, y_val, budget):
     return x_val[take], label[take]
 
 
+def _squared_distances(a, b):
+    return (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]
+
+
+def knn_predict(x_train, y_train, x, k, chunk=1000):
+    """The majority label of each point of x among its k nearest points of x_train (Euclidean, pixels)."""
+    x_train, x = x_train.flatten(1).float(), x.flatten(1).float()
+    classes = int(y_train.max()) + 1
+    out = []
+    for i in range(0, len(x), chunk):
+        labels = y_train[_squared_distances(x[i:i + chunk], x_train).topk(k, largest=False).indices]
+        out.append(torch.zeros(len(labels), classes).scatter_add_(1, labels, torch.ones(labels.shape)).argmax(1))
+    return torch.cat(out)
+
+
+def knn_drops(splits, x_p, y_p, ks=(1, 5)):
+    """{k: test accuracy drop in points} of the k-nearest-neighbour classifier on D_tr U poisons against D_tr."""
+    drops = {}
+    for k in ks:
+        clean = (knn_predict(splits.x_train, splits.y_train, splits.x_test, k) == splits.y_test).float().mean()
+        poisoned = knn_predict(torch.cat([splits.x_train, x_p]), torch.cat([splits.y_train, y_p]), splits.x_test, k)
+        drops[k] = round(100 * (clean - (poisoned == splits.y_test).float().mean()).item(), 2)
+    return drops
+
+
+def hubs(x_train, y_train, x_val, y_val, budget, chunk=1000):
+    """The budget's D_v images chosen greedily to become the nearest training point of the most other D_v images of
+    their own class (D_v standing in for test digits: image v takes u where |u - v| < u's distance to D_tr), each
+    labelled with the class of its nearest D_tr image of another class."""
+    xt, xv = x_train.flatten(1).float(), x_val.flatten(1).float()
+    reach = torch.cat([_squared_distances(xv[i:i + chunk], xt).min(1).values for i in range(0, len(xv), chunk)])
+    takes = [set() for _ in range(len(xv))]
+    for i in range(0, len(xv), chunk):
+        d = _squared_distances(xv[i:i + chunk], xv)
+        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = float("inf")
+        for u, v in zip(*(t.tolist() for t in (d < reach[i:i + chunk, None]).nonzero(as_tuple=True))):
+            if y_val[u + i] == y_val[v]:
+                takes[v].add(u + i)
+    chosen, taken = [], set()
+    heap = [(-len(t), v) for v, t in enumerate(takes)]  # greedy maximum coverage, gains updated lazily
+    heapq.heapify(heap)
+    while len(chosen) < budget:
+        _, v = heapq.heappop(heap)
+        gain = len(takes[v] - taken)
+        if heap and gain < -heap[0][0]:
+            heapq.heappush(heap, (-gain, v))
+            continue
+        chosen.append(v)
+        taken |= takes[v]
+    chosen = torch.tensor(chosen)
+    return x_val[chosen], _other_class_labels(xt, y_train, xv[chosen], y_val[chosen])
+
+
+def _other_class_labels(x_train, y_train, x, y, chunk=1000):
+    """The class of each image's nearest D_tr image of another class than its own."""
+    out = []
+    for i in range(0, len(x), chunk):
+        d = _squared_distances(x[i:i + chunk], x_train)
+        d[y_train[None].expand_as(d) == y[i:i + chunk, None]] = float("inf")
+        out.append(y_train[d.argmin(1)])
+    return torch.cat(out)
+
+
+def majority(x_train, y_train, x_val, y_val, budget, k=5, chunk=1000):
+    """The budget's D_v images chosen greedily to turn the k-nearest-neighbour vote of the most other D_v digits (D_v
+    standing in for the test set), each labelled as in `hubs`. A poison closer to a digit u than u's k-th nearest D_tr
+    image replaces that neighbour in u's vote; need[u, c] poisons of label c turn it. The greedy gain of an image is
+    the progress it adds, sum over the digits it enters of min(1, n / need), so that the first poisons of a
+    neighbourhood count before it turns."""
+    xt, xv = x_train.flatten(1).float(), x_val.flatten(1).float()
+    classes = int(y_train.max()) + 1
+    nearest = [_squared_distances(xv[i:i + chunk], xt).topk(k, largest=False) for i in range(0, len(xv), chunk)]
+    radius = torch.cat([d[:, -1] for d, _ in nearest])
+    near_y = y_train[torch.cat([idx for _, idx in nearest])]  # nearest first
+    need = torch.full((len(xv), classes), float("inf"))
+    for n in range(k, 0, -1):  # n poisons of class c in place of the n farthest neighbours
+        votes = torch.zeros(len(xv), classes).scatter_add_(1, near_y[:, :k - n], torch.ones(len(xv), k - n))
+        for c in range(classes):
+            turned = (votes + n * F.one_hot(torch.tensor(c), classes)).argmax(1) != y_val
+            need[turned, c] = n
+    need[torch.arange(len(xv)), y_val] = float("inf")
+    label = _other_class_labels(xt, y_train, xv, y_val)
+    us, vs = [], []
+    for i in range(0, len(xv), chunk):
+        d = _squared_distances(xv[i:i + chunk], xv)
+        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = float("inf")
+        u, v = (d < radius[i:i + chunk, None]).nonzero(as_tuple=True)
+        us.append(u + i)
+        vs.append(v)
+    u, v = torch.cat(us), torch.cat(vs)
+    c = label[v]
+    entry_need = need[u, c]
+    keep = torch.isfinite(entry_need)
+    u, v, c, entry_need = u[keep], v[keep], c[keep], entry_need[keep]
+    count = torch.zeros(len(xv), classes)
+    chosen = torch.zeros(len(xv), dtype=torch.bool)
+    for _ in range(budget):
+        now = count[u, c]
+        gain = torch.zeros(len(xv)).index_add_(0, v, ((now + 1) / entry_need).clamp(max=1) - (now / entry_need).clamp(max=1))
+        gain[chosen] = -1
+        best = int(gain.argmax())
+        chosen[best] = True
+        mine = v == best
+        count.index_put_((u[mine], c[mine]), torch.ones(int(mine.sum())), accumulate=True)
+    turned = torch.unique(u[count[u, c] >= entry_need]).numel()
+    picks = chosen.nonzero().squeeze(1)
+    return x_val[picks], label[picks], turned
+
+
 def recorded_training(cfg, seed, splits, x, y):
     """(model, test accuracy after the last epoch, median of the last epochs' test accuracies) of the protocol's
     training on (x, y) under training seed `seed`."""
@@ -119,7 +235,7 @@ def recorded_training(cfg, seed, splits, x, y):
     return model, accuracy(model, splits.x_test, splits.y_test), statistics.median(record.values.values()), record
 
 
-SET_NAME = re.compile(r"spread|conflict|influence|trajectory|iterated|pair([1-9])x([1-9][0-9]*)")
+SET_NAME = re.compile(r"spread|conflict|influence|trajectory|iterated|hubs|majority|pair([1-9])x([1-9][0-9]*)")
 
 
 def main():
@@ -132,7 +248,7 @@ def main():
     args = parser.parse_args()
     bad = [name for name in args.sets if not SET_NAME.fullmatch(name)]
     if bad:
-        parser.error(f"unknown set(s) {', '.join(bad)}: spread, conflict, influence, trajectory, iterated or pairNxK (N pairs, K variants, e.g. pair1x3)")
+        parser.error(f"unknown set(s) {', '.join(bad)}: spread, conflict, influence, trajectory, iterated, hubs, majority or pairNxK (N pairs, K variants, e.g. pair1x3)")
     if args.retrainings < 1:
         parser.error(f"--retrainings must be at least 1, got {args.retrainings}")
     torch.set_num_threads(2)
@@ -176,13 +292,19 @@ def main():
             checkpoints = [protocol.train_defender(dataclasses.replace(cfg, pretrain_epochs=e), x_tr, y_tr, seed=0)
                            for e in (1, 3, 10, 30)]
             x_p, y_p = influence(checkpoints + [defender], splits.x_val, splits.y_val, budget)
+        elif name == "hubs":
+            x_p, y_p = hubs(x_tr, y_tr, splits.x_val, splits.y_val, budget)
+        elif name == "majority":
+            x_p, y_p, turned = majority(x_tr, y_tr, splits.x_val, splits.y_val, budget)
+            print(json.dumps({"set": name, "val_digits_turned": turned}), flush=True)
         elif name == "conflict":
             x_p, y_p = conflicting(defender, splits.x_val, splits.y_val, budget, g)
         else:
             npairs, copies = (int(v) for v in SET_NAME.fullmatch(name).groups())
             x_p, y_p = regional(defender, splits.x_val, splits.y_val, budget, copies, pairs[:npairs], g)
         x_p = x_p.to(x_tr.dtype)
-        print(json.dumps({"set": name, "labels": torch.bincount(y_p, minlength=10).tolist()}), flush=True)
+        print(json.dumps({"set": name, "labels": torch.bincount(y_p, minlength=10).tolist(),
+                          "knn_drop": knn_drops(splits, x_p, y_p)}), flush=True)
         for t in range(args.retrainings):
             model, last, median, record = recorded_training(cfg, t, splits, torch.cat([x_tr, x_p]), torch.cat([y_tr, y_p]))
             with torch.no_grad():

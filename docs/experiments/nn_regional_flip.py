@@ -13,13 +13,14 @@ Sets: `spread` (label flip from D_v, nearest labels), `conflict` (each image twi
 `influence` (the images and wrong labels whose gradient step raises the attacker's loss on D_v most to first order, at
 the trained defender), `trajectory` (the same summed over the clean training's models after 1, 3, 10, 30 and 100
 epochs, as TracIn sums checkpoints), `iterated` (influence at the model trained on D_tr U the last round's poisons,
-three rounds), `hubs` (the D_v images that become the nearest training point of the most other D_v images, chosen
-greedily, each labelled with the class of its nearest D_tr image of another class: the poisons that hurt a 1-nearest-
-neighbour learner most), `majority` (the D_v images chosen greedily to turn the 5-nearest-neighbour vote of the most
-other D_v digits, labelled as hubs: the poisons that hurt a local-majority learner most, on the attacker's data). For
-every set it also prints the drop of k-nearest-neighbour classifiers (pixel distance,
-k = 1 and 5) trained on D_tr and on D_tr U poisons: how a learner that labels by the single nearest point, and one that
-labels by a local majority, respond to the same poisons.
+three rounds), `hubs` (the D_v images that become the nearest training point of the most other D_v images of their
+class, chosen greedily, each labelled with the class of its nearest D_tr image of another class: chosen against a
+1-nearest-neighbour learner, on the attacker's data), `majority` (the D_v images chosen greedily to turn the
+5-nearest-neighbour vote of the most other D_v digits, labelled as hubs: chosen against a local-majority learner, on
+the attacker's data). For every set it also prints the drop of k-nearest-neighbour classifiers (pixel distance,
+k = 1 and 5) on D_tr U poisons against D_tr and the number of test digits whose nearest training point is a poison:
+how a learner that labels by the single nearest point, and one that labels by a local majority, respond to the same
+poisons.
 
     python docs/experiments/nn_regional_flip.py --data-root DIR [--defender gc-nn] [--retrainings 2] [--sets ...]
 """
@@ -133,8 +134,12 @@ def knn_predict(x_train, y_train, x, k, chunk=1000):
 
 
 def knn_drops(splits, x_p, y_p, ks=(1, 5)):
-    """{k: test accuracy drop in points} of the k-nearest-neighbour classifier on D_tr U poisons against D_tr."""
-    drops = {}
+    """{k: test accuracy drop in points} of the k-nearest-neighbour classifier on D_tr U poisons against D_tr, and
+    under "test_nearest_is_poison" the number of test digits whose nearest point of D_tr U poisons is a poison."""
+    xa = torch.cat([splits.x_train, x_p]).flatten(1).float()
+    nearest = torch.cat([_squared_distances(q, xa).argmin(1)
+                         for q in splits.x_test.flatten(1).float().split(1000)])
+    drops = {"test_nearest_is_poison": int((nearest >= len(splits.y_train)).sum())}
     for k in ks:
         clean = (knn_predict(splits.x_train, splits.y_train, splits.x_test, k) == splits.y_test).float().mean()
         poisoned = knn_predict(torch.cat([splits.x_train, x_p]), torch.cat([splits.y_train, y_p]), splits.x_test, k)
@@ -183,9 +188,11 @@ def _other_class_labels(x_train, y_train, x, y, chunk=1000):
 def majority(x_train, y_train, x_val, y_val, budget, k=5, chunk=1000):
     """The budget's D_v images chosen greedily to turn the k-nearest-neighbour vote of the most other D_v digits (D_v
     standing in for the test set), each labelled as in `hubs`. A poison closer to a digit u than u's k-th nearest D_tr
-    image replaces that neighbour in u's vote; need[u, c] poisons of label c turn it. The greedy gain of an image is
-    the progress it adds, sum over the digits it enters of min(1, n / need), so that the first poisons of a
-    neighbourhood count before it turns."""
+    image enters u's vote, taken to replace the farthest clean neighbour; need[u, c] poisons of label c then turn it
+    (infinite for a digit the clean vote already gets wrong). The greedy gain of an image is the progress it adds, sum
+    over the digits it enters of min(1, n / need), so that the first poisons of a neighbourhood count before it turns.
+    That model of a vote is approximate; the third value returned is the number of D_v digits (the poisons left out)
+    whose k-NN vote the poisons really turn from right to wrong."""
     xt, xv = x_train.flatten(1).float(), x_val.flatten(1).float()
     classes = int(y_train.max()) + 1
     nearest = [_squared_distances(xv[i:i + chunk], xt).topk(k, largest=False) for i in range(0, len(xv), chunk)]
@@ -198,6 +205,8 @@ def majority(x_train, y_train, x_val, y_val, budget, k=5, chunk=1000):
             turned = (votes + n * F.one_hot(torch.tensor(c), classes)).argmax(1) != y_val
             need[turned, c] = n
     need[torch.arange(len(xv)), y_val] = float("inf")
+    clean_votes = torch.zeros(len(xv), classes).scatter_add_(1, near_y, torch.ones(near_y.shape))
+    need[clean_votes.argmax(1) != y_val] = float("inf")  # a digit the clean vote gets wrong is no gain
     label = _other_class_labels(xt, y_train, xv, y_val)
     us, vs = [], []
     for i in range(0, len(xv), chunk):
@@ -221,8 +230,12 @@ def majority(x_train, y_train, x_val, y_val, budget, k=5, chunk=1000):
         chosen[best] = True
         mine = v == best
         count.index_put_((u[mine], c[mine]), torch.ones(int(mine.sum())), accumulate=True)
-    turned = torch.unique(u[count[u, c] >= entry_need]).numel()
-    picks = chosen.nonzero().squeeze(1)
+    picks, rest = chosen.nonzero().squeeze(1), (~chosen).nonzero().squeeze(1)
+    # the greedy's model of a vote is approximate (a poison enters at any rank, poisons of two classes split a
+    # vote): count the digits of D_v outside the poisons that the k-NN vote really turns from right to wrong
+    before = knn_predict(x_train, y_train, x_val[rest], k) == y_val[rest]
+    after = knn_predict(torch.cat([x_train, x_val[picks]]), torch.cat([y_train, label[picks]]), x_val[rest], k)
+    turned = int((before & (after != y_val[rest])).sum())
     return x_val[picks], label[picks], turned
 
 

@@ -122,28 +122,34 @@ def _squared_distances(a, b):
     return (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]
 
 
-def knn_predict(x_train, y_train, x, k, chunk=1000):
-    """The majority label of each point of x among its k nearest points of x_train (Euclidean, pixels)."""
+def _nearest_indices(x_train, x, k, chunk=1000):
+    """[len(x), k]: the indices of each point's k nearest points of x_train (Euclidean, pixels), nearest first."""
     x_train, x = x_train.flatten(1).float(), x.flatten(1).float()
-    classes = int(y_train.max()) + 1
-    out = []
-    for i in range(0, len(x), chunk):
-        labels = y_train[_squared_distances(x[i:i + chunk], x_train).topk(k, largest=False).indices]
-        out.append(torch.zeros(len(labels), classes).scatter_add_(1, labels, torch.ones(labels.shape)).argmax(1))
-    return torch.cat(out)
+    return torch.cat([_squared_distances(q, x_train).topk(k, largest=False).indices for q in x.split(chunk)])
+
+
+def _vote(labels, classes):
+    """The majority of each row of labels (ties to the smaller class)."""
+    return torch.zeros(len(labels), classes).scatter_add_(1, labels, torch.ones(labels.shape)).argmax(1)
+
+
+def knn_predict(x_train, y_train, x, k):
+    """The majority label of each point of x among its k nearest points of x_train (Euclidean, pixels)."""
+    return _vote(y_train[_nearest_indices(x_train, x, k)], int(y_train.max()) + 1)
 
 
 def knn_drops(splits, x_p, y_p, ks=(1, 5)):
     """{k: test accuracy drop in points} of the k-nearest-neighbour classifier on D_tr U poisons against D_tr, and
     under "test_nearest_is_poison" the number of test digits whose nearest point of D_tr U poisons is a poison."""
-    xa = torch.cat([splits.x_train, x_p]).flatten(1).float()
-    nearest = torch.cat([_squared_distances(q, xa).argmin(1)
-                         for q in splits.x_test.flatten(1).float().split(1000)])
-    drops = {"test_nearest_is_poison": int((nearest >= len(splits.y_train)).sum())}
+    classes, n = int(splits.y_train.max()) + 1, len(splits.y_train)
+    y_all = torch.cat([splits.y_train, y_p])
+    clean = _nearest_indices(splits.x_train, splits.x_test, max(ks))  # the k nearest of the largest k serve every k
+    poisoned = _nearest_indices(torch.cat([splits.x_train, x_p]), splits.x_test, max(ks))
+    drops = {"test_nearest_is_poison": int((poisoned[:, 0] >= n).sum())}
     for k in ks:
-        clean = (knn_predict(splits.x_train, splits.y_train, splits.x_test, k) == splits.y_test).float().mean()
-        poisoned = knn_predict(torch.cat([splits.x_train, x_p]), torch.cat([splits.y_train, y_p]), splits.x_test, k)
-        drops[k] = round(100 * (clean - (poisoned == splits.y_test).float().mean()).item(), 2)
+        right = [(_vote(labels[:, :k], classes) == splits.y_test).float().mean()
+                 for labels in (splits.y_train[clean], y_all[poisoned])]
+        drops[k] = round(100 * (right[0] - right[1]).item(), 2)
     return drops
 
 
@@ -224,7 +230,8 @@ def majority(x_train, y_train, x_val, y_val, budget, k=5, chunk=1000):
     chosen = torch.zeros(len(xv), dtype=torch.bool)
     for _ in range(budget):
         now = count[u, c]
-        gain = torch.zeros(len(xv)).index_add_(0, v, ((now + 1) / entry_need).clamp(max=1) - (now / entry_need).clamp(max=1))
+        progress = ((now + 1) / entry_need).clamp(max=1) - (now / entry_need).clamp(max=1)
+        gain = torch.zeros(len(xv)).index_add_(0, v, progress)
         gain[chosen] = -1
         best = int(gain.argmax())
         chosen[best] = True

@@ -239,11 +239,11 @@ class GradientCancelingAttack(PoisoningAttack):
 
     def _poison_as_authors(self, model, x, y, idx):
         """The authors' recipe (watml/plim): their GradPC target (targets.authors_gradpc_target, radius 0.5);
-        the first epsilon*N points of D_tr (idx, poison's D_p^0) with their true labels; the objective ||g_clean + g_poison||_2 of
-        sum-reduced cross-entropy gradients of the *first parameter tensor* only (for LR its weight, for the
-        NN the first layer's weight, for the CNN conv1's weight); full-batch gradient descent on the poisons
-        in their input coordinates (z = (x01 - 0.1307) / 0.3081, models.MnistStandardize) with the step
-        lr0 * (1 + cos(pi e / E)) / 2 for E epochs (AUTHORS_SCHEDULE), stopping once the objective is below 1,
+        the first epsilon*N points of D_tr (idx, poison's D_p^0) with their true labels; the objective
+        ||g_clean + g_poison||_2 of sum-reduced cross-entropy gradients of the *first parameter tensor* only (for
+        LR its weight, for the NN the first layer's weight, for the CNN conv1's weight); full-batch gradient descent
+        on the poisons in their input coordinates (z = (x01 - 0.1307) / 0.3081, models.MnistStandardize) with the
+        step lr0 * (1 + cos(pi e / E)) / 2 for E epochs (AUTHORS_SCHEDULE), stopping once the objective is below 1,
         and no projection: the poisons may leave the pixel range (info_["pixels"] says how far).
 
         The objective is the norm, as in their first upload of the scripts (90dadc3); the commit a minute later

@@ -74,3 +74,50 @@ def test_nn_regional_flip_poison_sets_keep_the_pixel_range_and_their_labels():
                            for c in range(4)] for i in range(40)])
     take = score.min(1).values.argsort()[:6]
     assert torch.equal(x_i, x[take]) and torch.equal(y_i, score[take].argmin(1))
+
+
+def test_nn_regional_flip_nearest_neighbour_sets_against_brute_force():
+    """k-NN votes, the nearest-poison count, hubs' greedy coverage and majority's turned digits, each against a
+    plain recount with torch.cdist."""
+    from types import SimpleNamespace
+    regional_flip = experiment("nn_regional_flip")
+    g = torch.Generator().manual_seed(0)
+    x_tr, y_tr = torch.randn(120, 1, 3, 3, generator=g), torch.randint(0, 3, (120,), generator=g)
+    x_v, y_v = torch.randn(80, 1, 3, 3, generator=g), torch.randint(0, 3, (80,), generator=g)
+    x_te, y_te = torch.randn(60, 1, 3, 3, generator=g), torch.randint(0, 3, (60,), generator=g)
+
+    def vote(xt, yt, x, k):
+        idx = torch.cdist(x.flatten(1), xt.flatten(1)).topk(k, largest=False).indices
+        return torch.stack([torch.bincount(yt[i], minlength=3).argmax() for i in idx])
+
+    for k in (1, 5):
+        assert torch.equal(regional_flip.knn_predict(x_tr, y_tr, x_te, k), vote(x_tr, y_tr, x_te, k))
+    x_p, y_p = x_v[:10], (y_v[:10] + 1) % 3
+    drops = regional_flip.knn_drops(SimpleNamespace(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te), x_p, y_p)
+    x_all, y_all = torch.cat([x_tr, x_p]), torch.cat([y_tr, y_p])
+    for k in (1, 5):
+        right = [(vote(a, b, x_te, k) == y_te).float().mean() for a, b in ((x_tr, y_tr), (x_all, y_all))]
+        assert drops[k] == round(100 * (right[0] - right[1]).item(), 2)
+    nearest = torch.cdist(x_te.flatten(1), x_all.flatten(1)).argmin(1)
+    assert drops["test_nearest_is_poison"] == int((nearest >= len(y_tr)).sum())
+
+    # hubs: the first image taken is one of those that become the nearest training point of the most D_v digits of
+    # their class, and its label is the class of its nearest D_tr image of another class
+    x_h, y_h = regional_flip.hubs(x_tr, y_tr, x_v, y_v, 5)
+    d_vv = torch.cdist(x_v.flatten(1), x_v.flatten(1)).fill_diagonal_(float("inf"))
+    reach = torch.cdist(x_v.flatten(1), x_tr.flatten(1)).min(1).values
+    takes = ((d_vv < reach[:, None]) & (y_v[:, None] == y_v[None])).sum(0)  # [v]: the digits u that v takes
+    first = next(i for i in range(80) if torch.equal(x_v[i], x_h[0]))
+    assert takes[first] == takes.max() > 0
+    d_other = torch.cdist(x_h.flatten(1), x_tr.flatten(1))
+    d_other[y_tr[None] == torch.tensor([y_v[next(i for i in range(80) if torch.equal(x_v[i], xh))]
+                                         for xh in x_h])[:, None]] = float("inf")
+    assert torch.equal(y_h, y_tr[d_other.argmin(1)])
+
+    # majority: the digits it says it turns are those of D_v (the poisons left out) whose 5-NN vote its poisons turn
+    x_m, y_m, turned = regional_flip.majority(x_tr, y_tr, x_v, y_v, 8)
+    taken = torch.tensor([any(torch.equal(x_v[i], xm) for xm in x_m) for i in range(80)])
+    rest = (~taken).nonzero().squeeze(1)
+    before = vote(x_tr, y_tr, x_v[rest], 5) == y_v[rest]
+    after = vote(torch.cat([x_tr, x_m]), torch.cat([y_tr, y_m]), x_v[rest], 5) != y_v[rest]
+    assert len(y_m) == 8 and int(taken.sum()) == 8 and turned == int((before & after).sum())

@@ -1,6 +1,7 @@
 """Bad input a user can give, each a clear error before any work: data (empty, one class, NaN or out-of-range
 pixels, labels outside the classes), a defender whose output does not fit the labels; and a TGDA attack
-killed with SIGKILL mid-epoch resumes to the very poisons of an uninterrupted run."""
+killed with SIGKILL mid-epoch resumes to the very poisons of an uninterrupted run, and a Gradient Canceling descent
+stopped by Ctrl-C continues to them."""
 import os
 import signal
 import subprocess
@@ -66,6 +67,33 @@ def test_an_attack_killed_mid_epoch_resumes_to_the_poisons_of_an_uninterrupted_r
     assert torch.load(checkpoint, weights_only=True)["epoch"] < 4
     assert cli.main(["attack", "--out", killed, "--quiet"]) == 0  # continues from the checkpoint
     a, b = (torch.load(os.path.join(d, "poisons.pt"), weights_only=True) for d in (whole, killed))
+    assert torch.equal(a["x_poison"], b["x_poison"]) and torch.equal(a["y_poison"], b["y_poison"])
+
+
+def test_gradient_canceling_stopped_by_ctrl_c_continues_with_attack_again(tmp_path, monkeypatch, capsys):
+    import tgda_attack.attacks.gradient_canceling as gc
+
+    flags = ["--attack", "gradient-canceling", "--gc-steps", "8", "--gc-radius", "0.1", "--pretrain-epochs", "2", "--quiet"]
+    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    assert cli.main(["run", *flags, "--out", whole]) == 0
+    assert cli.main(["pretrain", *flags, "--out", stopped]) == 0
+    monkeypatch.setattr(gc, "CHECKPOINT_SECONDS", 1e9)  # saved only because of the signal
+    objective, calls = gc.GradientCancelingAttack.objective, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in step 3: it ends, then the attack saves and stops
+        return objective(self, *args)
+    monkeypatch.setattr(gc.GradientCancelingAttack, "objective", interrupted)
+    capsys.readouterr()
+    assert cli.main(["attack", "--out", stopped, "--quiet"]) == 130
+    assert f"`tgda-attack attack --out {stopped}` again continues it" in capsys.readouterr().err
+    assert torch.load(os.path.join(stopped, "attack_checkpoint.pt"), weights_only=True)["step"] == 4
+    assert not os.path.exists(os.path.join(stopped, "poisons.pt"))
+    monkeypatch.setattr(gc.GradientCancelingAttack, "objective", objective)
+    assert cli.main(["attack", "--out", stopped, "--quiet"]) == 0
+    a, b = (torch.load(os.path.join(d, "poisons.pt"), weights_only=True) for d in (whole, stopped))
     assert torch.equal(a["x_poison"], b["x_poison"]) and torch.equal(a["y_poison"], b["y_poison"])
 
 

@@ -386,3 +386,95 @@ def test_canceling_labels_are_the_greedy_minimiser_of_the_objective(monkeypatch)
     chosen, true, flipped = (attack.objective(target, params, g_clean, x_p, labels, scale).item()
                              for labels in (y_p, y[attack.source_indices_], 2 - y[attack.source_indices_]))
     assert chosen < true and chosen < flipped  # on this problem the chosen labels cancel best at the start
+
+
+class _Killed(Exception):
+    """Stands for a kill right after a checkpoint was written (nothing after it runs)."""
+
+
+def _kill_after_save(monkeypatch, at_step):
+    """Saves at every step (CHECKPOINT_SECONDS 0) and stops the process's attack right after the save at `at_step`."""
+    import tgda_attack.attacks.gradient_canceling as gc
+
+    monkeypatch.setattr(gc, "CHECKPOINT_SECONDS", 0.0)
+    save = gc._Saver.at_step
+
+    def save_then_die(self, step, first, *args):
+        save(self, step, first, *args)
+        if step == at_step:
+            raise _Killed
+    monkeypatch.setattr(gc._Saver, "at_step", save_then_die)
+    return lambda: monkeypatch.setattr(gc._Saver, "at_step", save)
+
+
+@pytest.mark.parametrize("recipe", ["valid", "authors"])
+def test_a_descent_killed_midway_resumes_to_the_poisons_of_an_uninterrupted_one(tmp_path, monkeypatch, recipe):
+    import tgda_attack.attacks.gradient_canceling as gc
+    from tgda_attack.models import MnistStandardize
+
+    monkeypatch.setitem(gc.AUTHORS_SCHEDULE, "lr", (20, 10.0))
+    x, y, defender = _tiny(n=60)
+    if recipe == "authors":
+        torch.manual_seed(0)
+        defender = nn.Sequential(MnistStandardize(), nn.Flatten(), nn.Linear(4, 3)).double()
+    options = dict(recipe=recipe, steps=20, lr=0.05, num_classes=3, labels="true", radius=0.1)
+    whole = GradientCancelingAttack(defender, 0.1, **options)
+    x_whole, y_whole = whole.poison(x, y)
+    checkpoint = str(tmp_path / "attack_checkpoint.pt")
+    revive = _kill_after_save(monkeypatch, at_step=7)
+    with pytest.raises(_Killed):
+        GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options).poison(x, y)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == 7 and [h["step"] for h in state["history"]] == [0]  # the history of the steps before
+    revive()
+    resumed = GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options)
+    x_p, y_p = resumed.poison(x, y)
+    assert torch.equal(x_p, x_whole) and torch.equal(y_p, y_whole)  # the same trajectory, Adam's state included
+    assert resumed.history == whole.history and resumed.earlier_seconds_ == state["seconds"] > 0
+    assert resumed.info_.keys() == whole.info_.keys()
+
+
+def test_a_signal_stops_the_descent_at_a_step_end_with_its_progress_saved(tmp_path, monkeypatch):
+    import signal
+
+    import tgda_attack.attacks.gradient_canceling as gc
+
+    x, y, defender = _tiny(n=60)
+    options = dict(steps=12, lr=0.05, num_classes=3, labels="cancel", radius=0.1)
+    whole = GradientCancelingAttack(defender, 0.1, **options).poison(x, y)
+    objective, calls = GradientCancelingAttack.objective, []
+
+    def signalled(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGTERM)  # in the middle of step 4: it ends, then the attack saves and stops
+        return objective(self, *args)
+    monkeypatch.setattr(GradientCancelingAttack, "objective", signalled)
+    checkpoint = str(tmp_path / "attack_checkpoint.pt")
+    with pytest.raises(KeyboardInterrupt, match="step 5 of 12 of Gradient Canceling; the checkpoint holds it"):
+        GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options).poison(x, y)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before is back
+    monkeypatch.setattr(GradientCancelingAttack, "objective", objective)
+    resumed = GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options).poison(x, y)
+    assert torch.equal(resumed[0], whole[0]) and torch.equal(resumed[1], whole[1])  # the chosen labels kept
+
+
+def test_a_descent_checkpoint_is_resumed_only_by_the_attack_that_wrote_it(tmp_path, monkeypatch):
+    from tgda_attack.rundir import RunFolderError
+
+    x, y, defender = _tiny(n=60)
+    checkpoint = str(tmp_path / "attack_checkpoint.pt")
+    _kill_after_save(monkeypatch, at_step=3)
+    with pytest.raises(_Killed):
+        GradientCancelingAttack(defender, 0.1, radius=0.1, steps=10, checkpoint=checkpoint, num_classes=3).poison(x, y)
+    with pytest.raises(RunFolderError, match=r"other settings \(lr\); it is resumed only by the settings that wrote it"):
+        GradientCancelingAttack(defender, 0.1, radius=0.1, steps=10, lr=0.02, checkpoint=checkpoint, num_classes=3).poison(x, y)
+    _, _, other = _tiny(seed=5, n=60)
+    with pytest.raises(RunFolderError, match=r"start \(the pretrained models or the data"):
+        GradientCancelingAttack(other, 0.1, radius=0.1, steps=10, checkpoint=checkpoint, num_classes=3).poison(x, y)
+    with pytest.raises(RunFolderError, match=r"other settings \(recipe"):
+        GradientCancelingAttack(defender, 0.1, recipe="authors", checkpoint=checkpoint, num_classes=3).poison(x, y)
+    torch.save({"step": "3"}, checkpoint)
+    with pytest.raises(RunFolderError, match="lacks 'step'"):
+        GradientCancelingAttack(defender, 0.1, radius=0.1, steps=10, checkpoint=checkpoint, num_classes=3).poison(x, y)

@@ -355,10 +355,10 @@ def _how_to_continue(args):
         return "the same bench command again continues it (its finished runs are kept, the interrupted one resumes)"
     if command in ("run", "pretrain"):
         return (f"the same command with --resume continues the run in {args.out} (its finished stages are kept; "
-                "TGDA's attack and the trainings resume from their checkpoints)")
+                "TGDA's and Gradient Canceling's attacks and the trainings resume from their checkpoints)")
     if command in ("attack", "evaluate"):
-        return f"`tgda-attack {command} --out {args.out}` again continues it (TGDA's attack and the trainings resume " \
-               "from their checkpoints)"
+        return f"`tgda-attack {command} --out {args.out}` again continues it (TGDA's and Gradient Canceling's attacks " \
+               "and the trainings resume from their checkpoints)"
     return "nothing was run"
 
 

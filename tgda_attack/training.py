@@ -93,9 +93,9 @@ def tensor_digest(t):
 
 
 def weights_digest(model):
-    """sha256 of a module's state (tensor_digest of each entry, with its name)."""
-    return hashlib.sha256("".join(f"{name}:{tensor_digest(t)};" for name, t in model.state_dict().items())
-                          .encode()).hexdigest()
+    """sha256 of a module's state, or of a state_dict (tensor_digest of each entry, with its name)."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    return hashlib.sha256("".join(f"{name}:{tensor_digest(t)};" for name, t in state.items()).encode()).hexdigest()
 
 
 class LastEpochs:

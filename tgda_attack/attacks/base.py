@@ -26,10 +26,14 @@ import copy
 import dataclasses
 import functools
 import inspect
+import os
+import signal
+import threading
 
 import torch
 
 from ..data import NUM_CLASSES, check_points, poison_budget, poison_sources, split_train_val
+from ..rundir import RunFolderError, load_state
 
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
 SOURCE_POOLS = ("train", "val")  # the split an attack's source_indices_ index: D_tr, or the attacker's D_v
@@ -248,3 +252,54 @@ def fresh_model(model, seed):
             if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
     return model
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM (in the main thread) only ask a resumable attack to stop at its next step
+    boundary (TGDA's batch, Gradient Canceling's step), after saving its checkpoint; a second signal acts at once
+    (the handlers before are restored)."""
+
+    def __enter__(self):
+        self.flag, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+        for sig, handler in self.previous.items():  # a second signal is not deferred
+            signal.signal(sig, handler)
+
+    def requested(self, world):
+        """Whether to stop now; with several processes, whether any of them was asked to (they stop together)."""
+        if world == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def kept_progress(path, settings, required):
+    """The attack checkpoint at `path` (read by rundir.load_state, which checks its `required` entries), or None where
+    there is none. `settings` is what the attack's trajectory depends on (a dict, stored in the checkpoint as
+    "settings"): a checkpoint written under others is refused (RunFolderError naming them), since resuming it would
+    mix two attacks' progress. The entry "start" holds digests of what the attack began from (the pretrained models,
+    the data); a checkpoint written before it was recorded, or one without settings at all, is not compared on it."""
+    if not path or not os.path.exists(path):
+        return None
+    state = load_state(path, required)
+    recorded, settings = state.get("settings"), dict(settings)
+    if isinstance(recorded, dict) and "start" not in recorded:  # written before the start was recorded
+        settings.pop("start", None)
+    if recorded is not None and recorded != settings:
+        changed = sorted(k for k in settings if not isinstance(recorded, dict) or recorded.get(k) != settings[k])
+        named = [k if k != "start" else "start (the pretrained models or the data it began from)" for k in changed]
+        raise RunFolderError(f"{path} was written by an attack with other settings ({', '.join(named)}); it is resumed "
+                             "only by the settings that wrote it: remove it to start afresh")
+    return state

@@ -43,7 +43,9 @@ Two recipes (`recipe`, --gc-recipe):
     ran it".
 """
 import copy
+import logging
 import math
+import time
 import warnings
 
 import torch
@@ -52,8 +54,9 @@ from torch.func import functional_call, grad, vmap
 
 from ..models import MnistStandardize
 from ..progress import progress_bar
-from ..training import accuracy
-from .base import PoisoningAttack, Setting
+from ..rundir import RunFolderError, save_atomic
+from ..training import accuracy, tensor_digest, weights_digest
+from .base import PoisoningAttack, Setting, StopSignals, kept_progress
 from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
 from .targets import (TARGET_SETTINGS, authors_gradpc_target, gradpc_target, label_flip_target, logits_layer,
                       necessary_epsilon)
@@ -63,6 +66,9 @@ LABELS = ("true", "reverse", "cancel")
 CANCEL_CHUNK_FLOATS = 2 ** 24  # per-example, per-class gradients held at once when labels are chosen
 RECIPES = ("valid", "authors")  # valid pixels (ours, the default) or the authors' code as they ran it
 DEFAULT_RELATIVE_RADIUS = 0.1  # GradPC radius / ||w|| where no reachability bound applies (no final linear layer)
+CHECKPOINT_SECONDS = 60.0  # with a checkpoint, the descent saves its progress at least this often (and when stopped)
+
+logger = logging.getLogger(__name__)
 
 # The authors' recipe (watml/plim GC/mnist_{lr,nn,cnn}-0.03*.py): by defender kind, the epochs of full-batch
 # gradient descent on the poisons and its initial step (cosine-decayed), in their input coordinates.
@@ -108,6 +114,9 @@ class GradientCancelingAttack(PoisoningAttack):
         pixel_range: the poisons are clamped to it. (default: (-1.0, 1.0))
         seed: seed of the random choices. (default: 0)
         verbose: show a progress bar. (default: False)
+        checkpoint: file to keep the descent's progress in (the target, the labels, the poisons, Adam's state) and to
+            resume from: written every CHECKPOINT_SECONDS, at the end and when SIGINT/SIGTERM stops the attack at a
+            step's end (KeyboardInterrupt); a resume continues the same trajectory. (default: None)
 
     After `poison`, `target_` holds the target state_dict and `history` the objective's square root
     (the norm of the mean gradient at w_t) every `log_every` steps, from step 0.
@@ -132,9 +141,9 @@ class GradientCancelingAttack(PoisoningAttack):
     def __init__(self, defender, epsilon=0.03, *, target=None, target_kind="gradpc", radius=0.0, labels="true",
                  target_epsilon=0.1, target_epochs=10, target_lr=0.1, steps=500, lr=0.01, batch_size=1000,
                  num_classes=10, init="first", pixel_range=(-1.0, 1.0), seed=0, verbose=False, recipe="valid",
-                 feasible_set="box", feasible_quantile=0.9, target_max_grad_norm=0.0):
+                 feasible_set="box", feasible_quantile=0.9, target_max_grad_norm=0.0, checkpoint=None):
         super().__init__(epsilon, init=init, seed=seed)
-        self.defender, self.target, self.recipe = defender, target, recipe
+        self.defender, self.target, self.recipe, self.checkpoint = defender, target, recipe, checkpoint
         self.feasible_set, self.feasible_quantile, self.feasible_ = feasible_set, feasible_quantile, None
         self.target_kind, self.radius, self.labels = target_kind, radius, labels
         self.target_epsilon, self.target_epochs, self.target_lr = target_epsilon, target_epochs, target_lr
@@ -191,7 +200,7 @@ class GradientCancelingAttack(PoisoningAttack):
                    target_lr=cfg.pretrain_lr, steps=cfg.gc_steps, lr=cfg.gc_lr, batch_size=cfg.pretrain_batch_size,
                    init=cfg.poison_init, seed=cfg.seed, verbose=verbose, recipe=cfg.gc_recipe,
                    feasible_set=cfg.feasible_set, feasible_quantile=cfg.feasible_quantile,
-                   target_max_grad_norm=cfg.pretrain_max_grad_norm)
+                   target_max_grad_norm=cfg.pretrain_max_grad_norm, checkpoint=checkpoint)
 
     def poison(self, x, y, *, x_val=None, y_val=None):
         """(x_poison, y_poison) minimising (GC) at the target parameters. D_v is not used."""
@@ -199,9 +208,15 @@ class GradientCancelingAttack(PoisoningAttack):
         ref = next(model.parameters())
         x, y = x.to(ref.device, ref.dtype), y.to(ref.device)
         idx = self._craft_sources(len(y)).to(ref.device)  # a budget of no poison is refused before any training
+        self._start, self._began = [weights_digest(model), tensor_digest(x), tensor_digest(y)], time.perf_counter()
+        kept = self._resume(model)
         if self.recipe == "authors":
-            return self._poison_as_authors(model, x, y, idx)
-        self.target_ = self._target_parameters(model, x, y)
+            return self._poison_as_authors(model, x, y, idx, kept)
+        if kept is None:
+            self.target_ = self._target_parameters(model, x, y)
+        else:  # the target (and what was measured of it) as the interrupted attack made it
+            self.target_, self.info_ = {k: v.to(ref.device) for k, v in kept["target"].items()}, dict(kept["info"])
+            self.target_info_ = self.info_["target"]
         model.load_state_dict(self.target_)
         model.eval()
         params = {k: v.detach() for k, v in model.named_parameters()}
@@ -210,34 +225,74 @@ class GradientCancelingAttack(PoisoningAttack):
                                            pixel_range=self.pixel_range, num_classes=self.num_classes)
         self.info_["feasible_set"] = self.feasible_.describe()
         g_clean = self.clean_gradient(model, params, x, y)
-        if self.labels == "cancel":
+        if kept is not None:
+            y_p = kept["labels"].to(ref.device)
+        elif self.labels == "cancel":
             y_p = self.canceling_labels(model, params, g_clean, x[idx])
         else:
             y_p = y[idx].clone() if self.labels == "true" else (self.num_classes - 1) - y[idx]
         self.info_["label_counts"] = torch.bincount(y_p, minlength=self.num_classes).tolist()
-        return self.descend(model, params, g_clean, self._project(x[idx], y_p), y_p, len(y)), y_p
+        return self.descend(model, params, g_clean, self._project(x[idx], y_p), y_p, len(y), kept), y_p
 
-    def descend(self, model, params, g_clean, x_start, y_p, n_clean):
+    def descend(self, model, params, g_clean, x_start, y_p, n_clean, kept=None):
         """Projected Adam on the poisons' pixels from x_start (`steps` steps of `lr`) minimising (GC) at the
-        target loaded in `model`, D_tr's gradient sum g_clean over n_clean points; logs `history`. The poisons."""
-        x_p = x_start.clone().requires_grad_(True)
+        target loaded in `model`, D_tr's gradient sum g_clean over n_clean points; logs `history`. The poisons.
+        `kept`: a checkpoint's progress (_resume) to continue from."""
+        x_p = (x_start if kept is None else kept["poisons"].to(x_start)).clone().requires_grad_(True)
         scale = 1.0 / (n_clean + len(y_p))
         optimizer = torch.optim.Adam([x_p], lr=self.lr)
-        self.history = []
-        for step in progress_bar(range(self.steps + 1), desc="gradient canceling", disable=not self.verbose):
-            objective = self.objective(model, params, g_clean, x_p, y_p, scale)
-            if step % self.log_every == 0 or step == self.steps:
-                self.history.append({"step": step, "gradient_norm": objective.detach().sqrt().item()})
-            if step == self.steps:
-                break
-            optimizer.zero_grad()
-            objective.backward()
-            optimizer.step()
-            with torch.no_grad():
-                x_p.copy_(self._project(x_p, y_p))
+        if kept is not None:
+            optimizer.load_state_dict(kept["optimizer"])
+        self.history = [] if kept is None else list(kept["history"])
+        first = 0 if kept is None else kept["step"]
+        with _Saver(self, y_p, self.steps) as saver:
+            for step in progress_bar(range(first, self.steps + 1), desc="gradient canceling", disable=not self.verbose,
+                                     initial=first, total=self.steps + 1):
+                saver.at_step(step, first, x_p, optimizer)
+                objective = self.objective(model, params, g_clean, x_p, y_p, scale)
+                if step % self.log_every == 0 or step == self.steps:
+                    self.history.append({"step": step, "gradient_norm": objective.detach().sqrt().item()})
+                if step == self.steps:
+                    break
+                optimizer.zero_grad()
+                objective.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    x_p.copy_(self._project(x_p, y_p))
         return x_p.detach()
 
-    def _poison_as_authors(self, model, x, y, idx):
+    def _settings(self):
+        """What the descent's trajectory depends on, stored in its checkpoint (a resume under others is refused)."""
+        settings = {"recipe": self.recipe, "epsilon": self.epsilon, "init": self.init, "seed": self.seed,
+                    "given_target": None if self.target is None else weights_digest(self.target),
+                    "batch_size": self.batch_size, "start": getattr(self, "_start", None)}
+        if self.recipe == "authors":
+            return settings
+        return {**settings, "target_kind": self.target_kind, "radius": self.radius, "labels": self.labels,
+                "target_epsilon": self.target_epsilon, "target_epochs": self.target_epochs, "target_lr": self.target_lr,
+                "target_max_grad_norm": self.target_max_grad_norm, "steps": self.steps, "lr": self.lr,
+                "num_classes": self.num_classes, "pixel_range": list(self.pixel_range),
+                "feasible_set": self.feasible_set, "feasible_quantile": self.feasible_quantile}
+
+    def _resume(self, model):
+        """The kept progress of an interrupted attack under these settings (its `target`, `info`, `labels`,
+        `poisons`, `step`, `history`, `seconds` and, for the valid recipe, Adam's `optimizer` state), or None."""
+        required = {"step": int, "target": dict, "info": dict, "labels": torch.Tensor, "poisons": torch.Tensor,
+                    "history": list, "seconds": float}
+        state = kept_progress(self.checkpoint, self._settings(),
+                              {**required, **({"optimizer": dict} if self.recipe == "valid" else {})})
+        if state is None:
+            return None
+        try:
+            copy.deepcopy(model).load_state_dict(state["target"])
+        except RuntimeError as exc:
+            raise RunFolderError(f"{self.checkpoint} holds the target of another model ({str(exc).splitlines()[0]}); "
+                                 "remove it to restart the attack") from None
+        self.earlier_seconds_ = state["seconds"]
+        logger.info("resuming Gradient Canceling from %s at step %d", self.checkpoint, state["step"])
+        return state
+
+    def _poison_as_authors(self, model, x, y, idx, kept=None):
         """The authors' recipe (watml/plim): their GradPC target (targets.authors_gradpc_target, radius 0.5);
         the first epsilon*N points of D_tr (idx, poison's D_p^0) with their true labels; the objective
         ||g_clean + g_poison||_2 of sum-reduced cross-entropy gradients of the *first parameter tensor* only (for
@@ -249,10 +304,13 @@ class GradientCancelingAttack(PoisoningAttack):
         The objective is the norm, as in their first upload of the scripts (90dadc3); the commit a minute later
         (bd328e2, their HEAD) squares it, and with lr 10 the squared objective's first steps (gradients of
         order 2 ||g|| = 7e4 a poison) overflow to nan in float32 and float64 alike (measured on mnist-sample,
-        gc-lr: 1.3e9, 4.5e69, 1.4e130 at steps 0, 10, 20), so no result can come from it."""
+        gc-lr: 1.3e9, 4.5e69, 1.4e130 at steps 0, 10, 20), so no result can come from it.
+        `kept`: a checkpoint's progress (_resume) to continue from."""
         kind = defender_kind(model)
         epochs, lr0 = AUTHORS_SCHEDULE[kind]
-        if self.target is not None:
+        if kept is not None:
+            self.target_ = {k: v.to(x.device) for k, v in kept["target"].items()}
+        elif self.target is not None:
             self.target_ = {k: v.to(x.device) for k, v in self.target.items()}
         else:
             self.target_ = authors_gradpc_target(model, x, y, radius=AUTHORS_RADIUS,
@@ -263,24 +321,28 @@ class GradientCancelingAttack(PoisoningAttack):
         params = {k: v.detach() for k, v in model.named_parameters()}
         y_p = y[idx].clone()
         a, c = MnistStandardize.SCALE, MnistStandardize.SHIFT
-        z = (x[idx] * a + c).detach().clone()  # the poisons in the authors' coordinates
+        z = (x[idx] * a + c if kept is None else kept["poisons"].to(x)).detach().clone()  # in the authors' coordinates
         g_clean = self._first_gradient(model, params, name, x, y, create_graph=False)
-        self.history, reached = [], None
-        for epoch in progress_bar(range(epochs + 1), desc="gradient canceling (authors)", disable=not self.verbose):
-            z.requires_grad_(True)
-            objective = (g_clean + self._first_gradient(model, params, name, (z - c) / a, y_p, create_graph=True)
-                         ).norm()
-            if not math.isfinite(objective.item()):
-                raise FloatingPointError(f"gradient canceling (the authors' recipe) diverged at epoch {epoch} of {epochs}: "
-                                         f"the objective became {objective.item()}; no poisons were returned")
-            if epoch % self.log_every == 0 or epoch == epochs or objective.item() < AUTHORS_STOP:
-                self.history.append({"step": epoch, "objective": objective.item()})
-            if objective.item() < AUTHORS_STOP or epoch == epochs:
-                reached = objective.item()
-                break
-            (grad,) = torch.autograd.grad(objective, z)
-            with torch.no_grad():
-                z = z - lr0 * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) * grad
+        self.history, reached = ([] if kept is None else list(kept["history"])), None
+        first = 0 if kept is None else kept["step"]
+        with _Saver(self, y_p, epochs) as saver:
+            for epoch in progress_bar(range(first, epochs + 1), desc="gradient canceling (authors)",
+                                      disable=not self.verbose, initial=first, total=epochs + 1):
+                saver.at_step(epoch, first, z)
+                z.requires_grad_(True)
+                objective = (g_clean + self._first_gradient(model, params, name, (z - c) / a, y_p, create_graph=True)
+                             ).norm()
+                if not math.isfinite(objective.item()):
+                    raise FloatingPointError(f"gradient canceling (the authors' recipe) diverged at epoch {epoch} of "
+                                             f"{epochs}: the objective became {objective.item()}; no poisons were returned")
+                if epoch % self.log_every == 0 or epoch == epochs or objective.item() < AUTHORS_STOP:
+                    self.history.append({"step": epoch, "objective": objective.item()})
+                if objective.item() < AUTHORS_STOP or epoch == epochs:
+                    reached = objective.item()
+                    break
+                (grad,) = torch.autograd.grad(objective, z)
+                with torch.no_grad():
+                    z = z - lr0 * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) * grad
         x_p = ((z.detach() - c) / a)
         image = (x_p + 1) / 2  # the poisons as images in [0, 1]
         self.info_ = {"recipe": "authors", "target": {"kind": "gradpc (authors)", "radius": AUTHORS_RADIUS,
@@ -401,3 +463,43 @@ class GradientCancelingAttack(PoisoningAttack):
         loss = F.cross_entropy(functional_call(model, leaves, (x,)), y, reduction="sum")
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
         return torch.cat([g.reshape(-1) for g in grads])
+
+
+class _Saver:
+    """Keeps a Gradient Canceling descent's progress in the attack's checkpoint (none: does nothing). Called at the
+    start of each step, before its objective: saves the poisons (and Adam's state) as they enter the step once
+    CHECKPOINT_SECONDS have passed since the last save, or when SIGINT/SIGTERM asked the attack to stop; then raises
+    KeyboardInterrupt (a second signal acts at once). The history kept is that of the earlier steps, so that a resume
+    continues the same trajectory and record."""
+
+    def __init__(self, attack, labels, steps):
+        self.attack, self.labels, self.steps = attack, labels, steps
+
+    def __enter__(self):
+        self.signals = StopSignals() if self.attack.checkpoint else None
+        if self.signals is not None:
+            self.signals.__enter__()
+        self.last = time.perf_counter()
+        return self
+
+    def at_step(self, step, first, poisons, optimizer=None):
+        if self.signals is None or step == first:
+            return
+        stopping = self.signals.flag
+        if stopping or time.perf_counter() - self.last >= CHECKPOINT_SECONDS:
+            attack = self.attack
+            seconds = attack.earlier_seconds_ + time.perf_counter() - attack._began
+            save_atomic({"step": step, "settings": attack._settings(), "target": attack.target_,
+                         "info": attack.info_ if attack.recipe == "valid" else {}, "labels": self.labels,
+                         "poisons": poisons.detach(), "history": list(attack.history), "seconds": seconds,
+                         **({} if optimizer is None else {"optimizer": optimizer.state_dict()})},
+                        attack.checkpoint)  # never a half-written checkpoint
+            self.last = time.perf_counter()
+        if stopping:
+            raise KeyboardInterrupt(f"stopped by a signal at step {step} of {self.steps} of Gradient Canceling; the "
+                                    "checkpoint holds it")
+
+    def __exit__(self, *exc):
+        if self.signals is not None:
+            self.signals.__exit__(*exc)
+        return False

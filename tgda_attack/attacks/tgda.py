@@ -58,9 +58,6 @@ by the curvature, so beta = 1 is its natural value (eq. 51's eta), to be set exp
 import copy
 import logging
 import math
-import os
-import signal
-import threading
 import time
 
 import torch
@@ -71,9 +68,9 @@ from hypergrad.distributed import strided_shard
 
 from .. import data_parallel
 from ..progress import progress_bar
-from ..rundir import RunFolderError, load_state, save_atomic
+from ..rundir import RunFolderError, save_atomic
 from ..training import tensor_digest, weights_digest
-from .base import PoisoningAttack, Setting
+from .base import PoisoningAttack, Setting, StopSignals, kept_progress
 from .feasible import FEASIBLE_SETTINGS, check_feasible, make_feasible_set
 
 logger = logging.getLogger(__name__)
@@ -271,7 +268,7 @@ class TGDAAttack(PoisoningAttack):
                              "larger batch or fewer processes")
         bar = progress_bar(range(start_epoch, self.epochs), desc="TGDA attack", disable=not self.verbose,
                    initial=start_epoch, total=self.epochs)
-        with _StopSignals() as stop:  # SIGINT/SIGTERM: save at the next batch boundary, then stop
+        with StopSignals() as stop:  # SIGINT/SIGTERM: save at the next batch boundary, then stop
             for epoch in bar:
                 first = start_batch if epoch == start_epoch else 0
                 done_stats, done_seconds = partial if epoch == start_epoch else ([], 0.0)
@@ -419,17 +416,10 @@ class TGDAAttack(PoisoningAttack):
 
     def _resume(self, defender, attacker):
         """(epoch, batch, (stats, seconds) of that epoch's batches so far) from the checkpoint, or from the start."""
-        if not self.checkpoint or not os.path.exists(self.checkpoint):
+        state = kept_progress(self.checkpoint, self._settings(),
+                              {"epoch": int, "defender": dict, "attacker": dict, "history": list})
+        if state is None:
             return 0, 0, ([], 0.0)
-        state = load_state(self.checkpoint, {"epoch": int, "defender": dict, "attacker": dict, "history": list})
-        recorded, settings = state.get("settings"), self._settings()
-        if isinstance(recorded, dict) and "start" not in recorded:  # written before the start was recorded
-            settings.pop("start")
-        if recorded is not None and recorded != settings:
-            changed = sorted(k for k in settings if not isinstance(recorded, dict) or recorded.get(k) != settings[k])
-            named = [k if k != "start" else "start (the pretrained models or the data it began from)" for k in changed]
-            raise RunFolderError(f"{self.checkpoint} was written by an attack with other settings ({', '.join(named)}); "
-                                 "it is resumed only by the settings that wrote it: remove it to start afresh")
         try:
             defender.load_state_dict(state["defender"])
             attacker.load_state_dict(state["attacker"])
@@ -464,36 +454,6 @@ class TGDAAttack(PoisoningAttack):
                      "defender": defender.state_dict(), "attacker": attacker.state_dict(),
                      "history": self.history, "partial_stats": list(partial[0]), "partial_seconds": partial[1]},
                     self.checkpoint)  # never a half-written checkpoint
-
-
-class _StopSignals:
-    """While active, SIGINT and SIGTERM (in the main thread) only ask the attack to stop at the next batch
-    boundary, after saving its checkpoint; a second signal acts at once (the handlers before are restored)."""
-
-    def __enter__(self):
-        self.flag, self.previous = False, {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-        for sig, handler in self.previous.items():  # a second signal is not deferred
-            signal.signal(sig, handler)
-
-    def requested(self, world):
-        """Whether to stop now; with several processes, whether any of them was asked to (they stop together)."""
-        if world == 1:
-            return self.flag
-        flag = torch.tensor([float(self.flag)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 class _DirectPoisons(torch.nn.Module):

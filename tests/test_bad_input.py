@@ -91,8 +91,14 @@ def test_gradient_canceling_stopped_by_ctrl_c_continues_with_attack_again(tmp_pa
     assert f"`tgda-attack attack --out {stopped}` again continues it" in capsys.readouterr().err
     assert torch.load(os.path.join(stopped, "attack_checkpoint.pt"), weights_only=True)["step"] == 4
     assert not os.path.exists(os.path.join(stopped, "poisons.pt"))
-    monkeypatch.setattr(gc.GradientCancelingAttack, "objective", objective)
+    again = []
+
+    def counted(self, *args):
+        again.append(1)
+        return objective(self, *args)
+    monkeypatch.setattr(gc.GradientCancelingAttack, "objective", counted)
     assert cli.main(["attack", "--out", stopped, "--quiet"]) == 0
+    assert len(again) == 9 - 4  # steps 4 to 8: continued from the checkpoint
     a, b = (torch.load(os.path.join(d, "poisons.pt"), weights_only=True) for d in (whole, stopped))
     assert torch.equal(a["x_poison"], b["x_poison"]) and torch.equal(a["y_poison"], b["y_poison"])
 

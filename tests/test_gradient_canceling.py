@@ -399,8 +399,8 @@ def _kill_after_save(monkeypatch, at_step):
     monkeypatch.setattr(gc, "CHECKPOINT_SECONDS", 0.0)
     save = gc._Saver.at_step
 
-    def save_then_die(self, step, first, *args):
-        save(self, step, first, *args)
+    def save_then_die(self, step, *args):
+        save(self, step, *args)
         if step == at_step:
             raise _Killed
     monkeypatch.setattr(gc._Saver, "at_step", save_then_die)
@@ -427,11 +427,37 @@ def test_a_descent_killed_midway_resumes_to_the_poisons_of_an_uninterrupted_one(
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] == 7 and [h["step"] for h in state["history"]] == [0]  # the history of the steps before
     revive()
+    evaluations = _count_objectives(monkeypatch, recipe)
     resumed = GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options)
     x_p, y_p = resumed.poison(x, y)
+    assert len(evaluations) == 21 - 7  # steps 7 to 20: continued, not started again
     assert torch.equal(x_p, x_whole) and torch.equal(y_p, y_whole)  # the same trajectory, Adam's state included
     assert resumed.history == whole.history and resumed.earlier_seconds_ == state["seconds"] > 0
-    assert resumed.info_.keys() == whole.info_.keys()
+    assert resumed.info_ == whole.info_
+    assert torch.load(checkpoint, weights_only=True)["step"] == 20  # saved at the end: a rerun returns at once
+    evaluations.clear()
+    again = GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options)
+    assert torch.equal(again.poison(x, y)[0], x_whole) and len(evaluations) == 1 and again.history == whole.history
+
+
+def _count_objectives(monkeypatch, recipe):
+    """A list that grows by one at each evaluation of the descent's objective (with a graph to the poisons)."""
+    calls = []
+    if recipe == "valid":
+        objective = GradientCancelingAttack.objective
+
+        def counted(self, *args):
+            calls.append(1)
+            return objective(self, *args)
+        monkeypatch.setattr(GradientCancelingAttack, "objective", counted)
+    else:
+        first_gradient = GradientCancelingAttack._first_gradient
+
+        def counted(self, *args, create_graph):
+            calls.extend([1] if create_graph else [])
+            return first_gradient(self, *args, create_graph=create_graph)
+        monkeypatch.setattr(GradientCancelingAttack, "_first_gradient", counted)
+    return calls
 
 
 def test_a_signal_stops_the_descent_at_a_step_end_with_its_progress_saved(tmp_path, monkeypatch):
@@ -456,8 +482,10 @@ def test_a_signal_stops_the_descent_at_a_step_end_with_its_progress_saved(tmp_pa
     assert torch.load(checkpoint, weights_only=True)["step"] == 5
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before is back
     monkeypatch.setattr(GradientCancelingAttack, "objective", objective)
+    evaluations = _count_objectives(monkeypatch, "valid")
     resumed = GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options).poison(x, y)
     assert torch.equal(resumed[0], whole[0]) and torch.equal(resumed[1], whole[1])  # the chosen labels kept
+    assert len(evaluations) == 13 - 5
 
 
 def test_a_descent_checkpoint_is_resumed_only_by_the_attack_that_wrote_it(tmp_path, monkeypatch):
@@ -473,7 +501,7 @@ def test_a_descent_checkpoint_is_resumed_only_by_the_attack_that_wrote_it(tmp_pa
     _, _, other = _tiny(seed=5, n=60)
     with pytest.raises(RunFolderError, match=r"start \(the pretrained models or the data"):
         GradientCancelingAttack(other, 0.1, radius=0.1, steps=10, checkpoint=checkpoint, num_classes=3).poison(x, y)
-    with pytest.raises(RunFolderError, match=r"other settings \(recipe"):
+    with pytest.raises(RunFolderError, match=r"other settings \(radius, recipe, schedule, stop\)"):
         GradientCancelingAttack(defender, 0.1, recipe="authors", checkpoint=checkpoint, num_classes=3).poison(x, y)
     torch.save({"step": "3"}, checkpoint)
     with pytest.raises(RunFolderError, match="lacks 'step'"):

@@ -115,8 +115,9 @@ class GradientCancelingAttack(PoisoningAttack):
         seed: seed of the random choices. (default: 0)
         verbose: show a progress bar. (default: False)
         checkpoint: file to keep the descent's progress in (the target, the labels, the poisons, Adam's state) and to
-            resume from: written every CHECKPOINT_SECONDS, at the end and when SIGINT/SIGTERM stops the attack at a
-            step's end (KeyboardInterrupt); a resume continues the same trajectory. (default: None)
+            resume from: written when the descent starts, every CHECKPOINT_SECONDS, at its end and when SIGINT/SIGTERM
+            stops it at a step's end (KeyboardInterrupt; before the descent a signal acts at once); a resume
+            continues the same trajectory. (default: None)
 
     After `poison`, `target_` holds the target state_dict and `history` the objective's square root
     (the norm of the mean gradient at w_t) every `log_every` steps, from step 0.
@@ -208,7 +209,9 @@ class GradientCancelingAttack(PoisoningAttack):
         ref = next(model.parameters())
         x, y = x.to(ref.device, ref.dtype), y.to(ref.device)
         idx = self._craft_sources(len(y)).to(ref.device)  # a budget of no poison is refused before any training
-        self._start, self._began = [weights_digest(model), tensor_digest(x), tensor_digest(y)], time.perf_counter()
+        self._start = [weights_digest(model), tensor_digest(x), tensor_digest(y),  # a given target: part of the start
+                       None if self.target is None else weights_digest(self.target)]
+        self._began = time.perf_counter()
         kept = self._resume(model)
         if self.recipe == "authors":
             return self._poison_as_authors(model, x, y, idx, kept)
@@ -245,10 +248,10 @@ class GradientCancelingAttack(PoisoningAttack):
             optimizer.load_state_dict(kept["optimizer"])
         self.history = [] if kept is None else list(kept["history"])
         first = 0 if kept is None else kept["step"]
-        with _Saver(self, y_p, self.steps) as saver:
+        with _Saver(self, y_p, self.steps, first, fresh=kept is None) as saver:
             for step in progress_bar(range(first, self.steps + 1), desc="gradient canceling", disable=not self.verbose,
                                      initial=first, total=self.steps + 1):
-                saver.at_step(step, first, x_p, optimizer)
+                saver.at_step(step, x_p, optimizer)
                 objective = self.objective(model, params, g_clean, x_p, y_p, scale)
                 if step % self.log_every == 0 or step == self.steps:
                     self.history.append({"step": step, "gradient_norm": objective.detach().sqrt().item()})
@@ -259,20 +262,24 @@ class GradientCancelingAttack(PoisoningAttack):
                 optimizer.step()
                 with torch.no_grad():
                     x_p.copy_(self._project(x_p, y_p))
+            saver.finish(step, x_p, optimizer)
         return x_p.detach()
 
     def _settings(self):
         """What the descent's trajectory depends on, stored in its checkpoint (a resume under others is refused)."""
         settings = {"recipe": self.recipe, "epsilon": self.epsilon, "init": self.init, "seed": self.seed,
-                    "given_target": None if self.target is None else weights_digest(self.target),
-                    "batch_size": self.batch_size, "start": getattr(self, "_start", None)}
+                    "batch_size": self.batch_size, "log_every": self.log_every, "start": getattr(self, "_start", None)}
         if self.recipe == "authors":
-            return settings
-        return {**settings, "target_kind": self.target_kind, "radius": self.radius, "labels": self.labels,
-                "target_epsilon": self.target_epsilon, "target_epochs": self.target_epochs, "target_lr": self.target_lr,
-                "target_max_grad_norm": self.target_max_grad_norm, "steps": self.steps, "lr": self.lr,
-                "num_classes": self.num_classes, "pixel_range": list(self.pixel_range),
-                "feasible_set": self.feasible_set, "feasible_quantile": self.feasible_quantile}
+            return {**settings, "schedule": {k: list(v) for k, v in AUTHORS_SCHEDULE.items()},
+                    "radius": AUTHORS_RADIUS, "stop": AUTHORS_STOP}
+        if self.target is None:  # how the target is made
+            settings.update(target_kind=self.target_kind, radius=self.radius, target_epsilon=self.target_epsilon,
+                            target_epochs=self.target_epochs, target_lr=self.target_lr,
+                            target_max_grad_norm=self.target_max_grad_norm)
+        if self.feasible_set != "box":
+            settings.update(feasible_set=self.feasible_set, feasible_quantile=self.feasible_quantile)
+        return {**settings, "labels": self.labels, "steps": self.steps, "lr": self.lr, "num_classes": self.num_classes,
+                "pixel_range": list(self.pixel_range)}
 
     def _resume(self, model):
         """The kept progress of an interrupted attack under these settings (its `target`, `info`, `labels`,
@@ -325,10 +332,10 @@ class GradientCancelingAttack(PoisoningAttack):
         g_clean = self._first_gradient(model, params, name, x, y, create_graph=False)
         self.history, reached = ([] if kept is None else list(kept["history"])), None
         first = 0 if kept is None else kept["step"]
-        with _Saver(self, y_p, epochs) as saver:
+        with _Saver(self, y_p, epochs, first, fresh=kept is None) as saver:
             for epoch in progress_bar(range(first, epochs + 1), desc="gradient canceling (authors)",
                                       disable=not self.verbose, initial=first, total=epochs + 1):
-                saver.at_step(epoch, first, z)
+                saver.at_step(epoch, z)
                 z.requires_grad_(True)
                 objective = (g_clean + self._first_gradient(model, params, name, (z - c) / a, y_p, create_graph=True)
                              ).norm()
@@ -343,6 +350,7 @@ class GradientCancelingAttack(PoisoningAttack):
                 (grad,) = torch.autograd.grad(objective, z)
                 with torch.no_grad():
                     z = z - lr0 * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) * grad
+            saver.finish(epoch, z)
         x_p = ((z.detach() - c) / a)
         image = (x_p + 1) / 2  # the poisons as images in [0, 1]
         self.info_ = {"recipe": "authors", "target": {"kind": "gradpc (authors)", "radius": AUTHORS_RADIUS,
@@ -466,14 +474,16 @@ class GradientCancelingAttack(PoisoningAttack):
 
 
 class _Saver:
-    """Keeps a Gradient Canceling descent's progress in the attack's checkpoint (none: does nothing). Called at the
-    start of each step, before its objective: saves the poisons (and Adam's state) as they enter the step once
-    CHECKPOINT_SECONDS have passed since the last save, or when SIGINT/SIGTERM asked the attack to stop; then raises
-    KeyboardInterrupt (a second signal acts at once). The history kept is that of the earlier steps, so that a resume
-    continues the same trajectory and record."""
+    """Keeps a Gradient Canceling descent's progress in the attack's checkpoint (none: does nothing). `at_step` is
+    called at the start of each step, before its objective, with the poisons (and Adam) as they enter it: it saves
+    them at the descent's first step (the target and labels made, the work before the descent), once
+    CHECKPOINT_SECONDS have passed since the last save, or when SIGINT/SIGTERM asked the attack to stop, and then
+    raises KeyboardInterrupt (a second signal acts at once). `finish` saves the step the descent ended at, so that a
+    rerun returns its poisons at once. The history kept is that of the steps before the saved one: a resume continues
+    the same trajectory and record."""
 
-    def __init__(self, attack, labels, steps):
-        self.attack, self.labels, self.steps = attack, labels, steps
+    def __init__(self, attack, labels, steps, first, fresh):
+        self.attack, self.labels, self.steps, self.first, self.fresh = attack, labels, steps, first, fresh
 
     def __enter__(self):
         self.signals = StopSignals() if self.attack.checkpoint else None
@@ -482,22 +492,30 @@ class _Saver:
         self.last = time.perf_counter()
         return self
 
-    def at_step(self, step, first, poisons, optimizer=None):
-        if self.signals is None or step == first:
+    def at_step(self, step, poisons, optimizer=None):
+        if self.signals is None:
             return
         stopping = self.signals.flag
-        if stopping or time.perf_counter() - self.last >= CHECKPOINT_SECONDS:
-            attack = self.attack
-            seconds = attack.earlier_seconds_ + time.perf_counter() - attack._began
-            save_atomic({"step": step, "settings": attack._settings(), "target": attack.target_,
-                         "info": attack.info_ if attack.recipe == "valid" else {}, "labels": self.labels,
-                         "poisons": poisons.detach(), "history": list(attack.history), "seconds": seconds,
-                         **({} if optimizer is None else {"optimizer": optimizer.state_dict()})},
-                        attack.checkpoint)  # never a half-written checkpoint
-            self.last = time.perf_counter()
+        if stopping or (step == self.first and self.fresh) or (
+                step > self.first and time.perf_counter() - self.last >= CHECKPOINT_SECONDS):
+            self._save(step, poisons, optimizer)
         if stopping:
             raise KeyboardInterrupt(f"stopped by a signal at step {step} of {self.steps} of Gradient Canceling; the "
                                     "checkpoint holds it")
+
+    def finish(self, step, poisons, optimizer=None):
+        if self.signals is not None:
+            self._save(step, poisons, optimizer)
+
+    def _save(self, step, poisons, optimizer):
+        attack = self.attack
+        seconds = attack.earlier_seconds_ + time.perf_counter() - attack._began
+        save_atomic({"step": step, "settings": attack._settings(), "target": attack.target_,
+                     "info": attack.info_ if attack.recipe == "valid" else {}, "labels": self.labels,
+                     "poisons": poisons.detach(), "history": [h for h in attack.history if h["step"] < step],
+                     "seconds": seconds, **({} if optimizer is None else {"optimizer": optimizer.state_dict()})},
+                    attack.checkpoint)  # never a half-written checkpoint
+        self.last = time.perf_counter()
 
     def __exit__(self, *exc):
         if self.signals is not None:

@@ -476,7 +476,7 @@ def test_a_signal_stops_the_descent_at_a_step_end_with_its_progress_saved(tmp_pa
             signal.raise_signal(signal.SIGTERM)  # in the middle of step 4: it ends, then the attack saves and stops
         return objective(self, *args)
     monkeypatch.setattr(GradientCancelingAttack, "objective", signalled)
-    checkpoint = str(tmp_path / "attack_checkpoint.pt")
+    checkpoint = tmp_path / "attack_checkpoint.pt"  # a pathlib.Path, as a Python caller may pass it
     with pytest.raises(KeyboardInterrupt, match="step 5 of 12 of Gradient Canceling; the checkpoint holds it"):
         GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options).poison(x, y)
     assert torch.load(checkpoint, weights_only=True)["step"] == 5

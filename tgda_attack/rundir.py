@@ -103,7 +103,7 @@ def exclusive(out):
 def write_json(path, obj):
     """Written to a temporary file, flushed to disk, then renamed: a kill at any instant leaves the old file or
     the new one, never half of one."""
-    tmp = path + ".tmp"
+    tmp = os.fspath(path) + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2)
         fh.flush()
@@ -112,8 +112,8 @@ def write_json(path, obj):
 
 
 def save_atomic(obj, path):
-    """torch.save through a temporary file, fsync and a rename (as write_json)."""
-    tmp = path + ".tmp"
+    """torch.save through a temporary file, fsync and a rename (as write_json); `path` a str or a pathlib.Path."""
+    tmp = os.fspath(path) + ".tmp"
     with open(tmp, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()

@@ -132,6 +132,7 @@ class HessianOperator:
             raise TypeError("forward mode needs the loss as a function of the parameters: loss_fn(*params)")
         _forward_mode_loaded()
         primals = tuple(p.detach() for p in params)
+        _check_reads_its_arguments(loss_fn, primals)
         argnums = tuple(range(len(params)))
         grad_fn = torch.func.grad(loss_fn, argnums=argnums)
 
@@ -154,6 +155,25 @@ class HessianOperator:
         return self._product(v)
 
     __call__ = matvec
+
+
+def _check_reads_its_arguments(loss_fn, primals):
+    """ValueError unless loss_fn(*primals) depends on every tensor passed to it. Forward mode differentiates the
+    loss w.r.t. the tensors it is called with: one computed from a module's own parameters (loss_fn ignoring its
+    arguments) has, to torch.func, a zero gradient, and every product came back 0 without a word. One evaluation
+    with a backward pass, when the operator is built."""
+    leaves = tuple(p.detach().requires_grad_(True) for p in primals)
+    with torch.enable_grad():
+        loss = loss_fn(*leaves)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn(*params) must return a scalar tensor (one element)")
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else (None,) * len(leaves)
+    unused = [i for i, g in enumerate(grads) if g is None]
+    if unused:
+        raise ValueError(f"loss_fn(*params) does not depend on the tensor(s) at position {unused} of params: forward "
+                         "mode differentiates the loss w.r.t. the tensors it is called with, so compute it from them "
+                         "(e.g. torch.func.functional_call(model, dict(zip(names, params)), x)), not from a module's "
+                         "own parameters")
 
 
 def _zeros_for_unused_batched(grads, params, batch):

@@ -55,7 +55,7 @@ class ClassifierLoss:
         parts = [(x, y) for x, y in self.parts if x.requires_grad]
         if not parts:
             return None
-        x, y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        x, y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]).to(self.targets.dtype)
         return F.cross_entropy(self.model(x), y, reduction="sum") / len(self.targets)
 
 

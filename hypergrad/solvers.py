@@ -87,6 +87,9 @@ class _Counted:
         if out.shape != v.shape:
             raise ValueError(f"matvec returned shape {list(out.shape)} for input {list(v.shape)}; "
                              "it must return A v shaped like v")
+        if out.dtype != v.dtype or out.device != v.device:
+            raise ValueError(f"matvec returned a {out.dtype} tensor on {out.device} for a {v.dtype} input on {v.device}; "
+                             "it must return A v in v's dtype and on its device (the solve runs in b's)")
         out = out.detach()  # a matrix that requires grad: the solve is not differentiated (module docstring)
         return out + self.damping * v if self.damping else out
 

@@ -110,6 +110,15 @@ def test_resume_from_checkpoint_gives_the_same_result(tmp_path):
     assert resumed_attack.earlier_seconds_ == resumed_attack.history[0]["seconds"] > 0  # counted in attack_seconds
 
 
+def test_a_second_poison_call_keeps_a_record_of_its_own():
+    x, y, xv, yv, defender, attacker = _tiny(seed=2)
+    attack = _attack(defender, attacker, epochs=2)
+    first = attack.poison(x, y, x_val=xv, y_val=yv)
+    second = attack.poison(x, y, x_val=xv, y_val=yv)
+    assert [h["epoch"] for h in attack.history] == [1, 2]  # was [1, 2, 1, 2]
+    torch.testing.assert_close(first[0], second[0])
+
+
 def test_a_checkpoint_is_resumed_only_by_the_settings_that_wrote_it(tmp_path):
     from tgda_attack.rundir import RunFolderError
     x, y, xv, yv, defender, attacker = _tiny(seed=2)
@@ -260,9 +269,20 @@ def test_reverse_on_an_odd_number_of_classes_says_how_many_poisons_keep_their_la
     with pytest.warns(RuntimeWarning, match=f"maps class 1 onto itself: {middle} of 10 poisons keep their true label"):
         _, y_p = LabelFlipAttack(0.25, rule="reverse", num_classes=3).poison(x, y)
     assert int((y_p == y[:10]).sum()) == middle > 0
+    with pytest.warns(RuntimeWarning, match="labels up to 3, which no point of the data has") as caught:
+        LabelFlipAttack(0.25, rule="reverse", num_classes=4).poison(x, y)  # even K: every label flips (to a class 3
+    assert not any("onto itself" in str(w.message) for w in caught)  # the data lack: said so too)
+
+
+def test_labels_the_data_lack_are_said_and_all_the_classes_give_none():
+    x, y = torch.rand(20, 1, 2, 2) * 2 - 1, torch.arange(20) % 2  # binary data, num_classes left at 10
+    with pytest.warns(RuntimeWarning, match=r"up to 9, which no point of the data has \(its labels are 0 .. 1; "
+                                            r"num_classes is 10\).*pass num_classes=2"):
+        LabelFlipAttack(0.2).poison(x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LabelFlipAttack(0.25, rule="reverse", num_classes=4).poison(x, y)  # even K: every label flips
+        _, y_p = LabelFlipAttack(0.2, num_classes=2).poison(x, y)
+    assert torch.equal(y_p, 1 - y[:4])
 
 
 def test_the_validation_pool_takes_the_poisons_from_d_v_with_the_budget_of_d_tr():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tgda_attack import cli
-from tgda_attack.attacks import TGDAAttack
+from tgda_attack.attacks import (BackGradientAttack, ErrorMinimizingNoiseAttack, GradientCancelingAttack, MetaPoisonAttack,
+                                 MinMaxAttack, TGDAAttack)
 from tgda_attack.data import from_tensors
 
 def _data(n=30):
@@ -36,12 +37,36 @@ def test_bad_data_is_named_before_any_work(damage, message):
         from_tensors("mine", bad_x, bad_y, x, y)
 
 
-def test_a_defender_with_too_few_outputs_is_named():
+ATTACKS_ON_A_DEFENDER = {  # each attack that trains or differentiates through a defender, at a size of seconds
+    "tgda": lambda d: TGDAAttack(d, None, 0.1, epochs=1, batch_size=10, alpha=1.0),
+    "gradient-canceling": lambda d: GradientCancelingAttack(d, 0.1, steps=1, radius=0.1),
+    "min-max": lambda d: MinMaxAttack(d, 0.1, rounds=1, steps=1, follower_steps=1, batch_size=10, num_classes=3),
+    "emn": lambda d: ErrorMinimizingNoiseAttack(d, 0.1, pgd_steps=1, train_steps=1, max_rounds=1, batch_size=10),
+    "metapoison": lambda d: MetaPoisonAttack(d, 0.1, models=1, steps=1, train_epochs=1, batch_size=10,
+                                             train_batch_size=10),
+    "back-gradient": lambda d: BackGradientAttack(d, 0.1, unroll_steps=1, epochs=1, batch_size=10, num_classes=3),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS_ON_A_DEFENDER))
+def test_a_defender_with_too_few_outputs_or_frozen_is_named_before_any_work(attack):
     x, y = _data()
-    defender = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
-    attack = TGDAAttack(defender, None, epochs=1, batch_size=10, alpha=1.0)
-    with pytest.raises(ValueError, match="one score per class"):
-        attack.poison(x, y)
+    make = ATTACKS_ON_A_DEFENDER[attack]
+    with pytest.raises(ValueError, match="outputs \\[2\\] for one image, but the labels need 3 class scores"):
+        make(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))).poison(x, y)
+    frozen = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).requires_grad_(False)
+    with pytest.raises(ValueError, match="none of the defender's parameters requires grad"):  # MetaPoison returned
+        make(frozen).poison(x, y)  # its sources unchanged, the others stopped inside torch
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS_ON_A_DEFENDER))
+def test_int32_labels_and_a_batch_norm_defender_in_training_mode_are_taken(attack):
+    x, y = _data()
+    torch.manual_seed(0)
+    defender = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x_p, y_p = ATTACKS_ON_A_DEFENDER[attack](defender).poison(x, y.int())  # cross-entropy: int64 only
+    assert y_p.dtype == torch.int64 and torch.isfinite(x_p).all() and defender.training  # its mode kept
 
 
 ATTACK = ["--pretrain-epochs", "2", "--attacker-epochs", "1", "--attack-epochs", "4", "--follower-steps", "2",

@@ -81,6 +81,19 @@ def test_loss_filter_removes_a_point_with_a_planted_huge_loss():
         LossFilter().detect_poison(x, y)
 
 
+@pytest.mark.parametrize("name", sorted(n for n, cls in DEFENSES.items() if getattr(cls, "uses_model", False)))
+def test_a_filter_gives_the_callers_model_back_in_the_mode_it_was_in(name):
+    x, y = _blobs()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).double()
+    model[2].eval()  # a mixed state: each module's own mode comes back
+    refit = {"fit": lambda xk, yk: model} if name == "sever" else {}  # its later rounds retrain: the same model here
+    reports = [DEFENSES[name](fraction=0.05).detect_poison(x, y, model=model, **refit)[1] for _ in range(2)]
+    assert model.training and not model[2].training and model[1].training  # was left in eval mode
+    assert torch.equal(reports[0], reports[1])  # evaluated with dropout off both times
+
+
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, "3%", True])
 def test_filters_refuse_a_share_outside_zero_one(fraction):
     with pytest.raises(ValueError, match="share of the training set"):

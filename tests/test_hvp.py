@@ -93,6 +93,12 @@ def test_bad_arguments():
         hypergrad.hvp(w ** 2, w, torch.ones(3))
     with pytest.raises(TypeError, match="function of the parameters"):
         hypergrad.hvp((w ** 2).sum(), w, torch.ones(3), mode="forward")
+    # a loss_fn that ignores its arguments (a module's own parameters) had a zero Hessian to forward mode: every
+    # product came back 0; reverse mode through the same closure gave the right one
+    with pytest.raises(ValueError, match="does not depend on the tensor\\(s\\) at position \\[0\\]"):
+        hypergrad.hvp(lambda v: (w ** 3).sum(), w, torch.ones(3), mode="forward")
+    with pytest.raises(ValueError, match="scalar"):
+        hypergrad.hvp(lambda v: v ** 2, w, torch.ones(3), mode="forward")
     # a float64 direction for float32 parameters is refused, not computed in float32 behind the caller's back
     with pytest.raises(ValueError, match="torch.float64 but the parameters are torch.float32"):
         hypergrad.hessian_operator((w ** 2).sum(), w)(torch.ones(3, dtype=torch.float64))

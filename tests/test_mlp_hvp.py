@@ -338,6 +338,9 @@ def test_int32_targets_and_a_generator_of_parameters_are_taken():
     loss = ClassifierLoss(model, x, y.int())
     assert loss.targets.dtype == torch.int64 and torch.isfinite(loss())
     assert structured_hessian(loss, model.parameters()) is not None  # a generator: a TypeError before
+    model, x_c, y_c, x_p, y_p, theta, _ = _parts_problem()  # in parts too: graph_part read the int32 parts
+    as_int = ClassifierLoss(model, (x_c, x_p + theta), (y_c.int(), y_p.int()))
+    torch.testing.assert_close(as_int.graph_part(), ClassifierLoss(model, (x_c, x_p + theta), (y_c, y_p)).graph_part())
 
 
 def test_forward_mode_with_a_classifier_loss_says_what_to_use():

@@ -257,3 +257,6 @@ def test_a_solve_is_not_differentiated_through_its_iterations(method):
 def test_matvec_of_wrong_shape_is_reported():
     with pytest.raises(ValueError, match="matvec returned shape"):
         hypergrad.solve(lambda v: v[:-1], torch.ones(4, dtype=torch.float64))
+    # a matvec that returns float32 for a float64 b: the matvec named, not the solver's kernels' view of b
+    with pytest.raises(ValueError, match="matvec returned a torch.float32 tensor on cpu for a torch.float64 input"):
+        hypergrad.solve(lambda v: (2 * v).float(), torch.ones(4, dtype=torch.float64))

@@ -280,12 +280,25 @@ def _diverged(desc, what, epoch, epochs, lr):
         "(--pretrain-max-grad-norm)")
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode for the block (dropout off, batch norm on its running statistics), then back in the
+    mode each of its modules was in: a caller's model is not left switched."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def accuracy(model, x, y, batch_size=2000):
-    """Fraction of correctly classified points."""
-    model.eval()
-    correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(y), batch_size))
+    """Fraction of correctly classified points (the model evaluated in eval mode, its mode kept)."""
+    with eval_mode(model):
+        correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+                      for i in range(0, len(y), batch_size))
     return correct / max(1, len(y))
 
 

@@ -43,8 +43,18 @@ from .label_flip import FLIP_RULES, LabelFlipAttack
 
 
 def classifier_loss(model, params, x, y):
-    """Mean cross-entropy of model(x) with the parameters `params` (a dict name -> tensor)."""
-    return F.cross_entropy(functional_call(model, params, (x,)), y)
+    """Mean cross-entropy of model(x) with the parameters `params` (a dict name -> tensor). A batch-norm layer in
+    training mode normalises by the batch's statistics, as in a training step, and updates no running statistics
+    (torch.func cannot differentiate a function that updates them in place: MetaPoison and back-gradient against a
+    network with batch norm, ResNet-18, stopped inside torch)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def unrolled_parameters(model, params, x, y, steps, lr):

@@ -29,11 +29,13 @@ import inspect
 import os
 import signal
 import threading
+import warnings
 
 import torch
 
 from ..data import NUM_CLASSES, check_points, poison_budget, poison_sources, split_train_val
 from ..rundir import RunFolderError, load_state
+from ..training import eval_mode
 
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
 SOURCE_POOLS = ("train", "val")  # the split an attack's source_indices_ index: D_tr, or the attacker's D_v
@@ -84,6 +86,7 @@ class PoisoningAttack:
 
     name = None
     needs_attacker = False
+    differentiates_defender = True  # whether the attack takes gradients through its defender's parameters
     settings = ()  # Setting(...) for each run setting only this attack reads
     quick = {}  # Config values that make a run of this attack take seconds (the tests, `bench --scale smoke`)
 
@@ -114,6 +117,15 @@ class PoisoningAttack:
         check_points(x, y, "training", classes, pixels)
         if x_val is not None:
             check_points(x_val, y_val, "attacker's validation", classes, pixels)
+        if pixels is not None and pixels[0] < 0 <= float(x.min()):
+            warnings.warn(f"the training images range over [{float(x.min()):.3g}, {float(x.max()):.3g}] but the attack "
+                          f"keeps its poisons in pixel_range [{pixels[0]:g}, {pixels[1]:g}]: images in [0, 1] get "
+                          "poisons with negative pixels; pass pixel_range=(0, 1) (or scale the images to [-1, 1])",
+                          stacklevel=3)
+        defender = getattr(self, "defender", None)
+        if isinstance(defender, torch.nn.Module):
+            labels = int(y.max() if y_val is None else max(y.max(), y_val.max())) + 1
+            check_defender(defender, x, labels, self.differentiates_defender)
         return x
 
     def _check_params(self):
@@ -154,12 +166,6 @@ class PoisoningAttack:
         model = copy.deepcopy(self.defender)
         ref = next(model.parameters())
         x, x_val = x.to(ref.device, ref.dtype), x_val.to(ref.device, ref.dtype)
-        with torch.no_grad():
-            out = model(x[:1])
-        labels = int(max(y.max(), y_val.max())) + 1 if len(y) and len(y_val) else 0
-        if out.dim() != 2 or out.shape[1] < labels:
-            raise ValueError(f"the defender outputs {list(out.shape[1:])} for one image, but the labels need "
-                             f"{labels} class scores: give it an output layer of one score per class")
         return model, x, y.to(ref.device), x_val, y_val.to(ref.device)
 
     @classmethod
@@ -189,8 +195,9 @@ class PoisoningAttack:
 
 def check_inputs_first(cls, names):
     """Wraps each method of `names` that `cls` defines itself so that it first calls self._check_inputs(x, y, x_val,
-    y_val, model) with its arguments of those names (None where it has none) and goes on with the x that returns
-    (PoisoningAttack's poison, Defense's detect_poison and train: the one place every attack's and defense's data is
+    y_val, model) with its arguments of those names (None where it has none) and goes on with the x that returns and
+    the labels as int64 (int32 or uint8 class indices pass the checks; cross-entropy reads int64 only); a `model`
+    given is left in the mode it was in (PoisoningAttack's poison, Defense's detect_poison and train: the one place every attack's and defense's data is
     checked, from __init_subclass__)."""
     for name in names:
         own = cls.__dict__.get(name)
@@ -207,7 +214,18 @@ def _checking_inputs(method):
         given = bound.arguments
         given["x"] = self._check_inputs(given["x"], given["y"], given.get("x_val"), given.get("y_val"),
                                         given.get("model"))
-        return method(*bound.args, **bound.kwargs)
+        for labels in ("y", "y_val"):  # class indices of any integer type, as cross-entropy reads them (int64)
+            if isinstance(given.get(labels), torch.Tensor):
+                given[labels] = given[labels].long()
+        model = given.get("model")
+        if not isinstance(model, torch.nn.Module):
+            return method(*bound.args, **bound.kwargs)
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            return method(*bound.args, **bound.kwargs)
+        finally:  # a defense evaluates the caller's model (eval mode) and gives it back in the mode it was in
+            for m, training in modes:
+                m.training = training
     checked.checks_inputs = True
     return checked
 
@@ -303,3 +321,21 @@ def kept_progress(path, settings, required):
         raise RunFolderError(f"{path} was written by an attack with other settings ({', '.join(named)}); it is resumed "
                              "only by the settings that wrote it: remove it to start afresh")
     return state
+
+
+def check_defender(model, x, labels, gradients=True):
+    """ValueError naming what makes `model` unfit to be attacked on images like x with class indices below `labels`:
+    no parameters, none that requires grad where the attack differentiates through them (`gradients`; MetaPoison
+    returned its sources unchanged, the others stopped inside torch), or an output that is not one score per class
+    (one image's forward, in eval mode: a batch-norm layer in training mode cannot take one image)."""
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the defender has no parameters: an attack needs a model that training changes")
+    if gradients and not any(p.requires_grad for p in params):
+        raise ValueError("none of the defender's parameters requires grad (is it frozen?): the attack differentiates "
+                         "the defender's training through them; call requires_grad_(True) on those it trains")
+    with torch.no_grad(), eval_mode(model):
+        out = model(x[:1].to(params[0].device, params[0].dtype))
+    if out.dim() != 2 or out.shape[1] < labels:
+        raise ValueError(f"the defender outputs {list(out.shape[1:])} for one image, but the labels need "
+                         f"{labels} class scores: give it an output layer of one score per class")

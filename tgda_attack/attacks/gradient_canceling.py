@@ -211,7 +211,7 @@ class GradientCancelingAttack(PoisoningAttack):
         idx = self._craft_sources(len(y)).to(ref.device)  # a budget of no poison is refused before any training
         self._start = [weights_digest(model), tensor_digest(x), tensor_digest(y),  # a given target: part of the start
                        None if self.target is None else weights_digest(self.target)]
-        self._began = time.perf_counter()
+        self._began, self.earlier_seconds_ = time.perf_counter(), 0.0
         kept = self._resume(model)
         if self.recipe == "authors":
             return self._poison_as_authors(model, x, y, idx, kept)

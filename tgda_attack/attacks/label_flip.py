@@ -34,7 +34,6 @@ make that oscillation larger and the drop at one epoch more a matter of luck (0.
 GC paper's 784-128-10, "influence" points and labels raised the drop between the medians of spread label flip from
 D_v by 1.4-2.3 times (docs/RESULTS.md, "Label flip by influence"), still under 2 points.
 """
-import contextlib
 import math
 import warnings
 
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from hypergrad.hvp import jvp
 
 from ..data import DataTooSmallError, initial_poison_indices, poison_budget
+from ..training import eval_mode
 from .base import SOURCE_POOLS, PoisoningAttack, Setting
 
 FLIP_RULES = ("reverse", "random", "largest-loss", "nearest", "influence")
@@ -66,17 +66,6 @@ def _selection_needs_rule(select, rule, flag=False):
     return f"select {select!r} {why}: it needs rule {needed!r}, got {rule!r}"
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """`model` in eval mode for the block, then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 class LabelFlipAttack(PoisoningAttack):
     """Adds copies of epsilon*N training points with flipped labels.
 
@@ -94,6 +83,7 @@ class LabelFlipAttack(PoisoningAttack):
     """
 
     name = "label-flip"
+    differentiates_defender = False  # it reads the defender's outputs (and their jvp), not gradients to its weights
     settings = (Setting("flip_pool", str, "train", FLIP_POOLS,
                         "where label flip's images come from: train (copies of D_tr points, the paper's) or val (points "
                         "of the attacker's D_v, which the defender never trains on)"),
@@ -195,6 +185,11 @@ class LabelFlipAttack(PoisoningAttack):
             y_p = (y_p + shift.to(y_p.device)) % self.num_classes
         else:
             y_p = self._defender_labels(x[idx], y_p)
+        if self.rule in ("reverse", "random") and int(y_p.max()) > int(y.max()):
+            warnings.warn(f"label flip {self.rule!r} gave poisons labels up to {int(y_p.max())}, which no point of the "
+                          f"data has (its labels are 0 .. {int(y.max())}; num_classes is {self.num_classes}): a model "
+                          f"of {int(y.max()) + 1} classes cannot train on them; pass num_classes={int(y.max()) + 1} if "
+                          "that is all the classes", RuntimeWarning, stacklevel=3)
         return x[idx].clone(), y_p
 
     def _confused_pairs(self, x, y, n_poison):
@@ -238,7 +233,7 @@ class LabelFlipAttack(PoisoningAttack):
         defender's trainable parameters. `pool_is_val`: the points are D_v's own, and each is scored against the
         gradient of the other half of D_v (the points of other parity), which does not hold its own loss: with it,
         a point's score would count the rise of its own loss on D_v, which says nothing of unseen data."""
-        with _eval_mode(self.defender) as model:
+        with eval_mode(self.defender) as model:
             params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
             if not pool_is_val:
                 return self._scores_along(params, x, y, self._val_gradient(params, x_val, y_val, batch_size), batch_size)
@@ -284,7 +279,7 @@ class LabelFlipAttack(PoisoningAttack):
     def _defender_labels(self, x_p, y_p, batch_size=2000):
         """The wrong class of the smallest logit ("largest-loss") or of the largest ("nearest") under the defender."""
         ref = next(self.defender.parameters())
-        with _eval_mode(self.defender) as model:
+        with eval_mode(self.defender) as model:
             logits = torch.cat([model(x_p[i:i + batch_size].to(ref.device, ref.dtype))
                                 for i in range(0, len(y_p), batch_size)])
         if logits.shape[1] != self.num_classes:

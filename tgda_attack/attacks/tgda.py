@@ -260,6 +260,7 @@ class TGDAAttack(PoisoningAttack):
 
         self._start = [weights_digest(defender), weights_digest(attacker),  # what a kept checkpoint started from
                        *(tensor_digest(t) for t in (x, y, x_val, y_val))]
+        self.history, self.earlier_seconds_ = [], 0.0  # a second poison() call starts its own record
         start_epoch, start_batch, partial = self._resume(defender, attacker)
         n_batches = math.ceil(len(y) / self.batch_size)
         rank, world = (data_parallel.rank(), data_parallel.world_size()) if self.data_parallel else (0, 1)

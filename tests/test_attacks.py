@@ -274,6 +274,16 @@ def test_reverse_on_an_odd_number_of_classes_says_how_many_poisons_keep_their_la
     assert not any("onto itself" in str(w.message) for w in caught)  # the data lack: said so too)
 
 
+def test_images_in_zero_one_under_the_default_pixel_range_are_said():
+    x, y, xv, yv, defender, attacker = _tiny(seed=2)
+    with pytest.warns(UserWarning, match=r"range over \[0.\d+, 0.\d+\] but the attack keeps its poisons in pixel_range "
+                                         r"\[-1, 1\].*pass pixel_range=\(0, 1\)"):
+        _attack(defender, attacker).poison((x + 1) / 2, y, x_val=(xv + 1) / 2, y_val=yv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _attack(defender, attacker, pixel_range=(0.0, 1.0)).poison((x + 1) / 2, y, x_val=(xv + 1) / 2, y_val=yv)
+
+
 def test_labels_the_data_lack_are_said_and_all_the_classes_give_none():
     x, y = torch.rand(20, 1, 2, 2) * 2 - 1, torch.arange(20) % 2  # binary data, num_classes left at 10
     with pytest.warns(RuntimeWarning, match=r"up to 9, which no point of the data has \(its labels are 0 .. 1; "

@@ -76,6 +76,7 @@ def test_the_defense_trains_with_maxup_loss_and_its_settings():
     defense = MaxUpTraining(copies=3, noise=0.3)
     kw = dict(epochs=2, batch_size=8, lr=0.1, seed=5)
     trained = defense.train(_model(), x, y, **kw)
+    assert not trained.training  # returned in eval mode, as train_classifier returns its model
     loss = lambda model, xb, yb, g=noise_generator(5, x.device): maxup_loss(model, xb, yb, copies=3, noise=0.3,
                                                                               generator=g)
     assert _same(trained, train_classifier(_model(), x, y, loss_fn=loss, **kw))

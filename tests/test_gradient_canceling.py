@@ -486,6 +486,19 @@ def test_a_signal_stops_the_descent_at_a_step_end_with_its_progress_saved(tmp_pa
     resumed = GradientCancelingAttack(defender, 0.1, checkpoint=checkpoint, **options).poison(x, y)
     assert torch.equal(resumed[0], whole[0]) and torch.equal(resumed[1], whole[1])  # the chosen labels kept
     assert len(evaluations) == 13 - 5
+    calls.clear()  # a signal in the last step stops the attack too (it went on into the retrainings), its end saved
+
+    def signalled_last(self, *args):
+        calls.append(1)
+        if len(calls) == 13:
+            signal.raise_signal(signal.SIGTERM)
+        return objective(self, *args)
+    monkeypatch.setattr(GradientCancelingAttack, "objective", signalled_last)
+    last = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt, match="at the end of Gradient Canceling \\(step 12 of 12\\)"):
+        GradientCancelingAttack(defender, 0.1, checkpoint=last, **options).poison(x, y)
+    monkeypatch.setattr(GradientCancelingAttack, "objective", objective)
+    assert torch.equal(GradientCancelingAttack(defender, 0.1, checkpoint=last, **options).poison(x, y)[0], whole[0])
 
 
 def test_a_descent_checkpoint_is_resumed_only_by_the_attack_that_wrote_it(tmp_path, monkeypatch):

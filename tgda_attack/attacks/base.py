@@ -197,7 +197,7 @@ def check_inputs_first(cls, names):
     """Wraps each method of `names` that `cls` defines itself so that it first calls self._check_inputs(x, y, x_val,
     y_val, model) with its arguments of those names (None where it has none) and goes on with the x that returns and
     the labels as int64 (int32 or uint8 class indices pass the checks; cross-entropy reads int64 only); a `model`
-    given is left in the mode it was in (PoisoningAttack's poison, Defense's detect_poison and train: the one place every attack's and defense's data is
+    given is left in the mode it was in, unless the method returns it (a training) (PoisoningAttack's poison, Defense's detect_poison and train: the one place every attack's and defense's data is
     checked, from __init_subclass__)."""
     for name in names:
         own = cls.__dict__.get(name)
@@ -221,11 +221,18 @@ def _checking_inputs(method):
         if not isinstance(model, torch.nn.Module):
             return method(*bound.args, **bound.kwargs)
         modes = [(m, m.training) for m in model.modules()]
-        try:
-            return method(*bound.args, **bound.kwargs)
-        finally:  # a defense evaluates the caller's model (eval mode) and gives it back in the mode it was in
+
+        def restore():
             for m, training in modes:
                 m.training = training
+        try:
+            result = method(*bound.args, **bound.kwargs)
+        except BaseException:
+            restore()
+            raise
+        if result is not model:  # a filter evaluated the caller's model: back in its mode; a training returns the
+            restore()  # model it trained in the mode the training leaves (eval, as train_classifier)
+        return result
     checked.checks_inputs = True
     return checked
 
@@ -326,16 +333,21 @@ def kept_progress(path, settings, required):
 def check_defender(model, x, labels, gradients=True):
     """ValueError naming what makes `model` unfit to be attacked on images like x with class indices below `labels`:
     no parameters, none that requires grad where the attack differentiates through them (`gradients`; MetaPoison
-    returned its sources unchanged, the others stopped inside torch), or an output that is not one score per class
-    (one image's forward, in eval mode: a batch-norm layer in training mode cannot take one image)."""
+    returned its sources unchanged, the others stopped inside torch), a forward that fails on the images, or an output
+    that is not one score per class (a forward of two images in eval mode)."""
     params = list(model.parameters())
     if not params:
         raise ValueError("the defender has no parameters: an attack needs a model that training changes")
     if gradients and not any(p.requires_grad for p in params):
         raise ValueError("none of the defender's parameters requires grad (is it frozen?): the attack differentiates "
                          "the defender's training through them; call requires_grad_(True) on those it trains")
-    with torch.no_grad(), eval_mode(model):
-        out = model(x[:1].to(params[0].device, params[0].dtype))
-    if out.dim() != 2 or out.shape[1] < labels:
+    probe = x[:2].to(params[0].device, params[0].dtype)  # two images: a layer of batch statistics needs more than one
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(probe)
+    except RuntimeError as exc:
+        raise ValueError(f"the defender cannot take the images (shape {list(x.shape[1:])}): its forward on "
+                         f"{len(probe)} of them raised {str(exc).splitlines()[0]}") from exc
+    if out.dim() != 2 or out.shape[0] != len(probe) or out.shape[1] < labels:
         raise ValueError(f"the defender outputs {list(out.shape[1:])} for one image, but the labels need "
                          f"{labels} class scores: give it an output layer of one score per class")

@@ -209,8 +209,9 @@ class GradientCancelingAttack(PoisoningAttack):
         ref = next(model.parameters())
         x, y = x.to(ref.device, ref.dtype), y.to(ref.device)
         idx = self._craft_sources(len(y)).to(ref.device)  # a budget of no poison is refused before any training
-        self._start = [weights_digest(model), tensor_digest(x), tensor_digest(y),  # a given target: part of the start
-                       None if self.target is None else weights_digest(self.target)]
+        self._start = None if not self.checkpoint else [  # what a kept checkpoint began from (a given target too)
+            weights_digest(model), tensor_digest(x), tensor_digest(y),
+            None if self.target is None else weights_digest(self.target)]
         self._began, self.earlier_seconds_ = time.perf_counter(), 0.0
         kept = self._resume(model)
         if self.recipe == "authors":
@@ -504,8 +505,12 @@ class _Saver:
                                     "checkpoint holds it")
 
     def finish(self, step, poisons, optimizer=None):
-        if self.signals is not None:
-            self._save(step, poisons, optimizer)
+        if self.signals is None:
+            return
+        self._save(step, poisons, optimizer)
+        if self.signals.flag:  # asked during the last step: the run stops here too (its poisons are in the checkpoint)
+            raise KeyboardInterrupt(f"stopped by a signal at the end of Gradient Canceling (step {step} of {self.steps}); "
+                                    "the checkpoint holds it")
 
     def _save(self, step, poisons, optimizer):
         attack = self.attack

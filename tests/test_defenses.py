@@ -94,6 +94,17 @@ def test_a_filter_gives_the_callers_model_back_in_the_mode_it_was_in(name):
     assert torch.equal(reports[0], reports[1])  # evaluated with dropout off both times
 
 
+@pytest.mark.parametrize("name", sorted(n for n, cls in DEFENSES.items() if getattr(cls, "uses_model", False)))
+def test_a_fit_that_returns_a_float32_model_scores_float64_images(name):
+    x, y = _blobs()  # float64
+
+    def fit(xk, yk):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))  # float32
+    report, is_clean = DEFENSES[name](fraction=0.05).detect_poison(x, y, fit=fit, x_val=x[:30], y_val=y[:30])
+    assert int((~is_clean).sum()) == 6  # was torch's "mat1 and mat2 must have the same dtype"
+
+
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, "3%", True])
 def test_filters_refuse_a_share_outside_zero_one(fraction):
     with pytest.raises(ValueError, match="share of the training set"):

@@ -66,8 +66,7 @@ class Defense:
         check_points(x, y, "training", pixel_range=self.pixel_range)
         if x_val is not None and y_val is not None:
             check_points(x_val, y_val, "defender's validation", pixel_range=self.pixel_range)
-        ref = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-        return x.to(ref.dtype) if ref is not None and ref.is_floating_point() else x
+        return in_dtype_of(model, x) if isinstance(model, torch.nn.Module) else x
 
     def _check_params(self):
         """Raises ValueError naming the first parameter out of range. Subclasses extend it."""
@@ -108,11 +107,12 @@ class PoisonFilter(Defense):
                                     f"{smallest_share(n):g}")
 
     def _model(self, x, y, model, fit):
-        if model is not None:
-            return model
-        if fit is None:
+        """The model the filter scores (x, y) with: `model`, or the one fit(x, y) trains; and x in its dtype (a fit
+        that returns a float32 model for float64 images was torch's "mat1 and mat2 must have the same dtype")."""
+        if model is None and fit is None:
             raise ValueError(f"the {self.name} filter scores points with a defender trained on (x, y): pass model= or fit=")
-        return fit(x, y)
+        model = model if model is not None else fit(x, y)
+        return model, in_dtype_of(model, x)
 
     def detect_poison(self, x, y, *, model=None, fit=None, x_val=None, y_val=None):
         """(report, is_clean): a dict of what the filter did, and a bool tensor, True for the points kept."""
@@ -146,3 +146,9 @@ def keep_all_but_largest(scores, fraction):
 def registry(*classes):
     """{name: class} of the defense classes, checked as the attacks' are (attacks.base.registry)."""
     return _registry(*classes, base=(PoisonFilter, RobustTraining), kind="defense")
+
+
+def in_dtype_of(model, x):
+    """x (None stays None) in the floating dtype of `model`'s parameters, where it has floating ones."""
+    ref = next(model.parameters(), None)
+    return x.to(ref.dtype) if x is not None and ref is not None and ref.is_floating_point() else x

@@ -40,7 +40,7 @@ from torch.func import functional_call
 from hypergrad import METHODS, flatten, hessian_operator, solve
 
 from ..attacks.base import Setting
-from .base import FRACTION, PoisonFilter, keep_all_but_largest
+from .base import FRACTION, PoisonFilter, in_dtype_of, keep_all_but_largest
 from .gradients import batches, directional_derivatives
 
 
@@ -169,8 +169,8 @@ class InfluenceFilter(PoisonFilter):
             raise ValueError(f"rtol is the solver's relative tolerance, a number >= 0; got {self.rtol!r}")
 
     def detect_poison(self, x, y, *, model=None, fit=None, x_val=None, y_val=None):
-        model = self._model(x, y, model, fit)
-        scores, info = influence_scores(model, x, y, x_val, y_val, damping=self.damping, method=self.solver,
+        model, x = self._model(x, y, model, fit)
+        scores, info = influence_scores(model, x, y, in_dtype_of(model, x_val), y_val, damping=self.damping, method=self.solver,
                                         maxiter=self.iterations, rtol=self.rtol, batch_size=self.batch_size)
         is_clean = keep_all_but_largest(scores, self.fraction)
         removed = scores[~is_clean.to(scores.device)]

@@ -23,7 +23,7 @@ class LossFilter(PoisonFilter):
     settings = (FRACTION,)
 
     def detect_poison(self, x, y, *, model=None, fit=None, x_val=None, y_val=None):
-        model = self._model(x, y, model, fit)
+        model, x = self._model(x, y, model, fit)
         losses = per_example_loss(model, x, y)
         is_clean = keep_all_but_largest(losses, self.fraction)
         removed = losses[~is_clean.to(losses.device)]

@@ -53,7 +53,7 @@ from hypergrad import flatten
 
 from ..attacks.base import Setting
 from ..data import DataTooSmallError
-from .base import FRACTION, PoisonFilter
+from .base import FRACTION, PoisonFilter, in_dtype_of
 from .gradients import directional_derivatives
 
 
@@ -227,8 +227,8 @@ class SeverFilter(PoisonFilter):
             if share == 0:
                 continue
             x_kept, y_kept = x[kept.to(x.device)], y[kept.to(y.device)]
-            defender = self._model(x, y, model, fit) if r == 0 else fit(x_kept, y_kept)
-            scores, info = sever_scores(defender, x_kept, y_kept, iterations=self.iterations, rtol=self.rtol,
+            defender = self._model(x, y, model, fit)[0] if r == 0 else fit(x_kept, y_kept)
+            scores, info = sever_scores(defender, in_dtype_of(defender, x_kept), y_kept, iterations=self.iterations, rtol=self.rtol,
                                         batch_size=self.batch_size, seed=self.seed)
             scores = scores.double().cpu()
             scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("inf")))

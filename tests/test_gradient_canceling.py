@@ -516,6 +516,11 @@ def test_a_descent_checkpoint_is_resumed_only_by_the_attack_that_wrote_it(tmp_pa
         GradientCancelingAttack(other, 0.1, radius=0.1, steps=10, checkpoint=checkpoint, num_classes=3).poison(x, y)
     with pytest.raises(RunFolderError, match=r"other settings \(radius, recipe, schedule, stop\)"):
         GradientCancelingAttack(defender, 0.1, recipe="authors", checkpoint=checkpoint, num_classes=3).poison(x, y)
+    state = torch.load(checkpoint, weights_only=True)
+    state["target"] = {"weight": torch.zeros(2, 2)}  # a crafted file under the right settings
+    torch.save(state, checkpoint)
+    with pytest.raises(RunFolderError, match="holds the target of another model"):
+        GradientCancelingAttack(defender, 0.1, radius=0.1, steps=10, checkpoint=checkpoint, num_classes=3).poison(x, y)
     torch.save({"step": "3"}, checkpoint)
     with pytest.raises(RunFolderError, match="lacks 'step'"):
         GradientCancelingAttack(defender, 0.1, radius=0.1, steps=10, checkpoint=checkpoint, num_classes=3).poison(x, y)

@@ -284,13 +284,22 @@ def _diverged(desc, what, epoch, epochs, lr):
 def eval_mode(model):
     """`model` in eval mode for the block (dropout off, batch norm on its running statistics), then back in the
     mode each of its modules was in: a caller's model is not left switched."""
-    modes = [(m, m.training) for m in model.modules()]
+    restore = modes_restorer(model)
     model.eval()
     try:
         yield model
     finally:
+        restore()
+
+
+def modes_restorer(model):
+    """A function that puts each of `model`'s modules back in the mode (training or eval) it is in now."""
+    modes = [(m, m.training) for m in model.modules()]
+
+    def restore():
         for m, training in modes:
             m.training = training
+    return restore
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 
 from ..data import NUM_CLASSES, check_points, poison_budget, poison_sources, split_train_val
 from ..rundir import RunFolderError, load_state
-from ..training import eval_mode
+from ..training import eval_mode, modes_restorer
 
 INITS = ("first", "random")  # D_p^0: the first epsilon*N points of D_tr (the paper's) or a seeded choice
 SOURCE_POOLS = ("train", "val")  # the split an attack's source_indices_ index: D_tr, or the attacker's D_v
@@ -197,8 +197,9 @@ def check_inputs_first(cls, names):
     """Wraps each method of `names` that `cls` defines itself so that it first calls self._check_inputs(x, y, x_val,
     y_val, model) with its arguments of those names (None where it has none) and goes on with the x that returns and
     the labels as int64 (int32 or uint8 class indices pass the checks; cross-entropy reads int64 only); a `model`
-    given is left in the mode it was in, unless the method returns it (a training) (PoisoningAttack's poison, Defense's detect_poison and train: the one place every attack's and defense's data is
-    checked, from __init_subclass__)."""
+    given is left in the mode it was in, unless the method returns it (a training) (PoisoningAttack's poison,
+    Defense's detect_poison and train: the one place every attack's and defense's data is checked, from
+    __init_subclass__)."""
     for name in names:
         own = cls.__dict__.get(name)
         if own is not None and not getattr(own, "checks_inputs", False):
@@ -220,11 +221,7 @@ def _checking_inputs(method):
         model = given.get("model")
         if not isinstance(model, torch.nn.Module):
             return method(*bound.args, **bound.kwargs)
-        modes = [(m, m.training) for m in model.modules()]
-
-        def restore():
-            for m, training in modes:
-                m.training = training
+        restore = modes_restorer(model)
         try:
             result = method(*bound.args, **bound.kwargs)
         except BaseException:

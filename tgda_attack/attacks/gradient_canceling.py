@@ -291,11 +291,11 @@ class GradientCancelingAttack(PoisoningAttack):
                               {**required, **({"optimizer": dict} if self.recipe == "valid" else {})})
         if state is None:
             return None
-        try:
-            copy.deepcopy(model).load_state_dict(state["target"])
-        except RuntimeError as exc:
-            raise RunFolderError(f"{self.checkpoint} holds the target of another model ({str(exc).splitlines()[0]}); "
-                                 "remove it to restart the attack") from None
+        shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731 (what load_state_dict checks)
+        if not all(isinstance(v, torch.Tensor) for v in state["target"].values()) or \
+                shapes(state["target"]) != shapes(model.state_dict()):
+            raise RunFolderError(f"{self.checkpoint} holds the target of another model (other parameters or shapes); "
+                                 "remove it to restart the attack")
         self.earlier_seconds_ = state["seconds"]
         logger.info("resuming Gradient Canceling from %s at step %d", self.checkpoint, state["step"])
         return state

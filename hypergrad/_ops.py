@@ -13,6 +13,7 @@ the pieces of the structured Hessian-vector product behind the total derivative 
 (TMLR 2022), eq. 15-17.
 """
 import contextlib
+import importlib.util
 import inspect
 import os
 import warnings
@@ -27,7 +28,8 @@ try:
     from . import _C  # loading the library registers torch.ops.hypergrad.*
 except ImportError as exc:  # not built, or built against another torch
     _C = None
-    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+    EXTENSION_ERROR = (f"{type(exc).__name__}: {exc}" if importlib.util.find_spec(f"{__package__}._C") is not None
+                       else "hypergrad._C is not built (pip install . builds it; the pure-PyTorch twins run meanwhile)")
 else:
     EXTENSION_ERROR = None
     if _C.compiled_torch_version() != torch.__version__:

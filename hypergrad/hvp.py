@@ -12,6 +12,7 @@ Batched products (v of shape [B, n]) run as one vectorised backward (is_grads_ba
 where the model's operations allow it and fall back to a loop over the rows otherwise.
 """
 import functools
+import inspect
 import warnings
 
 import torch
@@ -41,6 +42,9 @@ def as_tuple(params, what="params"):
     """A tensor or a sequence of tensors as a tuple; raises a clear error for anything else."""
     if isinstance(params, torch.Tensor):
         return (params,)
+    if isinstance(params, dict):  # iterating would give the names
+        raise TypeError(f"{what} must be a tensor or a sequence of tensors, got a dict: pass list(d.values()) "
+                        "(e.g. list(model.parameters()))")
     try:
         params = tuple(params)
     except TypeError:
@@ -119,6 +123,10 @@ class HessianOperator:
         """Reverse-over-reverse operator of the scalar tensor `loss` (its graph must reach params)."""
         params = as_tuple(params)
         _check_scalar_loss(loss)
+        frozen = [f"params[{i}] (shape {list(p.shape)})" for i, p in enumerate(params) if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"{', '.join(frozen)} does not require grad: reverse mode differentiates the loss by every "
+                             "tensor of params; leave frozen ones out of params, or set requires_grad_(True)")
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         if any(g is None for g in grads):
             raise ValueError("the loss does not depend on every tensor in params")
@@ -130,6 +138,7 @@ class HessianOperator:
         params = as_tuple(params)
         if not callable(loss_fn):
             raise TypeError("forward mode needs the loss as a function of the parameters: loss_fn(*params)")
+        check_takes_params(loss_fn, len(params), "loss_fn")
         _forward_mode_loaded()
         primals = tuple(p.detach() for p in params)
         _check_reads_its_arguments(loss_fn, primals)
@@ -155,6 +164,21 @@ class HessianOperator:
         return self._product(v)
 
     __call__ = matvec
+
+
+def check_takes_params(loss_fn, count, name):
+    """TypeError unless loss_fn can be called with `count` positional tensors (forward mode calls it as
+    loss_fn(*params)); a callable whose signature Python cannot read is let through."""
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        raise TypeError(f"forward mode calls {name}(*params) with the {count} parameter tensor(s), but {name} takes "
+                        f"{signature}: write it as a function of them (e.g. lambda *w: loss at w through "
+                        "torch.func.functional_call), or use the reverse mode, which calls it with no arguments") from None
 
 
 def _check_reads_its_arguments(loss_fn, primals):

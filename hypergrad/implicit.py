@@ -14,10 +14,16 @@ solve is hypergrad.solve (a hypergrad.Solver, any method and preconditioner) on 
 Hessian-vector products of the inner loss; a network's loss at given parameters is written with
 torch.func.functional_call (README, "Implicit differentiation").
 """
+import warnings
+
 import torch
 
 from .hvp import HessianOperator, as_tuple, flatten, unflatten
 from .solvers import Solver, warn_negative_curvature
+
+
+UNSOLVED = 1e-3  # a solve that ends above its rtol and this relative residual is warned about (rounding keeps a
+# float64 CG of 100 iterations near 1e-7 on the README's problem, short of the default rtol 1e-8: not worth a warning)
 
 
 class _ImplicitSolution(torch.autograd.Function):
@@ -44,6 +50,13 @@ class _ImplicitSolution(torch.autograd.Function):
             v, info = ctx.solver(hessian, b)
             warn_negative_curvature(info, "implicit_argmin", "grad2_ww f + damping I",
                                     "w_star is not at a minimum of inner_loss", stacklevel=4)
+            relative = float(info.residual_norm.max()) / max(float(b.norm()), 1e-300)
+            if not info.negative_curvature.any() and not bool(info.converged.all()) and relative > UNSOLVED:
+                warnings.warn(f"implicit_argmin: the solve of (grad2_ww f + damping I) v = dL/dw* stopped after "
+                              f"{int(info.iterations.max())} iterations with relative residual {relative:.2g}, above "
+                              f"the solver's rtol {ctx.solver.rtol:g}: the gradient to theta is approximate; give the "
+                              "Solver a larger maxiter, damping, or method='minres' for an indefinite or singular "
+                              "Hessian", RuntimeWarning, stacklevel=2)
             mixed = torch.autograd.grad(g_w, th, unflatten(v, w), allow_unused=True)
         grads = tuple(None if m is None else -m for m in mixed)
         return (None, None, None, *([None] * ctx.n_w), *grads)
@@ -57,8 +70,9 @@ def implicit_argmin(inner_loss, w_star, theta, *, solver=None):
             shaped like w_star and theta); called in the backward pass.
         w_star: the inner solution, a tensor or a sequence of tensors (its graph, if any, is ignored).
         theta: the outer parameters, a tensor or a sequence of tensors that require grad.
-        solver: the hypergrad.Solver of (grad2_ww f + damping I) v = dL/dw*. (default: cg, 100
-            iterations, rtol 1e-8)
+        solver: the hypergrad.Solver of (grad2_ww f + damping I) v = dL/dw*. A solve ending above its rtol
+            and a relative residual of 1e-3 is warned about (RuntimeWarning) in the backward pass. (default:
+            cg, 100 iterations, rtol 1e-8)
 
     Returns:
         A tuple of tensors equal to w_star whose gradient flows to theta.

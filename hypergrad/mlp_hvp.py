@@ -37,8 +37,18 @@ class ClassifierLoss:
         if isinstance(inputs, (list, tuple)):
             if not isinstance(targets, (list, tuple)) or len(targets) != len(inputs) or not inputs:
                 raise ValueError("inputs given as a sequence of parts need targets as a sequence of as many parts")
+            for i, (x, y) in enumerate(zip(inputs, targets)):
+                if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                    raise TypeError(f"part {i} of inputs and targets must be tensors, got {type(x).__name__} and "
+                                    f"{type(y).__name__}")
+                if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):  # the totals alone would let labels shift parts
+                    raise ValueError(f"part {i} has {len(x) if x.dim() else 'no'} input rows and "
+                                     f"{len(y) if y.dim() else 'no'} targets: every part needs one target a row")
             self.parts = list(zip(inputs, targets))
             inputs, targets = torch.cat(list(inputs)), torch.cat(list(targets))
+        elif not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be a tensor of class indices (or a sequence of parts when inputs is one), "
+                            f"got {type(targets).__name__}")
         if isinstance(targets, torch.Tensor) and targets.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
             targets = targets.long()  # cross-entropy reads int64 class indices (int32 ones: "expected Long")
         self.model, self.inputs, self.targets = model, inputs, targets

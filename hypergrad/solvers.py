@@ -81,7 +81,14 @@ class _Counted:
 
     def __call__(self, v):
         self.calls += 1
-        out = self.matvec(v)
+        try:
+            out = self.matvec(v)
+        except RuntimeError as exc:  # at the first product: b of a length, dtype or device matvec does not take
+            if self.calls > 1 or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise ValueError(f"matvec failed on a {v.dtype} vector of shape {list(v.shape)} on {v.device}, shaped, "
+                             f"typed and placed like b ({str(exc).splitlines()[0]}): give b the length, dtype and "
+                             "device of the vectors matvec takes") from exc
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"matvec returned a {type(out).__name__}; it must return A v as a tensor shaped like v")
         if out.shape != v.shape:
@@ -244,7 +251,10 @@ class Solver:
     OPTIONS = ("check_every", "neumann_scale", "jacobi_samples", "jacobi_floor", "jacobi_seed")
 
     def __post_init__(self):
-        unknown = sorted(set(self.options) - set(self.OPTIONS))
+        unknown = sorted(set(self.options) - set(self.OPTIONS)) if isinstance(self.options, dict) else []
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a dict of a method's options (e.g. {{'check_every': 4}}), "
+                             f"got {self.options!r}")
         if unknown:
             raise ValueError(f"unknown solver option(s) {', '.join(unknown)}; known: {', '.join(self.OPTIONS)}")
         _check_settings(method=self.method, maxiter=self.maxiter, rtol=self.rtol, atol=self.atol, damping=self.damping,

@@ -20,7 +20,7 @@ Flow of one call (shared/DESIGN.md, "one TGDA leader step"):
 """
 import torch
 
-from .hvp import HessianOperator, as_tuple, flatten, unflatten
+from .hvp import HessianOperator, as_tuple, check_takes_params, flatten, unflatten
 from .mlp_hvp import ClassifierLoss, structured_hessian
 from .solvers import Solver, warn_negative_curvature
 
@@ -53,7 +53,10 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
             (reverse-over-reverse, reusing the gradient graph) or "forward" (forward-over-reverse
             through torch.func). (default: "auto")
         x0: warm start for v, e.g. info.x of the previous call. (default: zeros)
-        return_info: also return the solver's SolveInfo. (default: False)
+        return_info: also return the solver's SolveInfo. A solve that stops at maxiter above its
+            tolerance is not warned about (a truncated solve, as TGDA's 16 iterations, is a choice):
+            read info.converged and info.residual_norm. Nor is a w away from the follower's optimum
+            (TGDA evaluates D_theta l at its current w). (default: False)
         check_every: solver iterations between host synchronisations. (default: 4)
         graphs: a hypergrad.SolveGraphCache: the solve runs exactly maxiter iterations, recorded as a
             CUDA graph on the first call of each layout and replayed on later calls (eager on a
@@ -98,6 +101,8 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
     if hvp_mode == "forward" and isinstance(follower_loss, ClassifierLoss):
         raise ValueError("hvp_mode='forward' calls follower_loss(*w) with the follower's parameters; a ClassifierLoss "
                          "takes none (it reads its model's): use hvp_mode 'auto' (its structured product) or 'reverse'")
+    if hvp_mode == "forward":
+        check_takes_params(follower_loss, len(w), "follower_loss")
     for name, group in (("leader_params", theta), ("follower_params", w)):
         if not all(p.requires_grad for p in group):
             raise ValueError(f"every tensor of {name} must require grad")
@@ -126,8 +131,8 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
 
     if hvp_mode == "forward":
         hessian = HessianOperator.forward(follower_loss, w)
-    elif hessian is None:
-        hessian = HessianOperator.from_gradient(g_w, w)
+    elif hessian is None:  # g_w is ours, built with create_graph: a tensor of it without a graph is constant (f is
+        hessian = HessianOperator.from_gradient(g_w, w, constant_ok=True)  # linear in that w: its rows of H are zero)
     b = flatten(dl_w)
     if sharded is not None:  # the global right-hand side, and a matvec of the global Hessian
         dl_theta, b = tuple(sharded.leader(d) for d in dl_theta), sharded.leader(b)
@@ -142,30 +147,35 @@ def total_grad(leader_loss, follower_loss, leader_params, follower_params, *, me
         v, info = graphs.solve(hessian, b, solver=solver, x0=x0)
     else:
         v, info = solver(hessian, b, x0=x0)
-    if g_w is None:  # no row of the follower loss carries a graph: it does not depend on theta
+    live = [] if g_w is None else [i for i, g in enumerate(g_w) if g.requires_grad]  # a constant g: no theta in it
+    if not live:  # no row of the follower loss carries a graph: it does not depend on theta
         mixed = (None,) * len(theta)
     else:
-        mixed = torch.autograd.grad(g_w, theta, unflatten(v, w), allow_unused=True)
+        vs = unflatten(v, w)
+        mixed = torch.autograd.grad([g_w[i] for i in live], theta, [vs[i] for i in live], allow_unused=True)
     if sharded is not None:  # a rank without poison rows still joins the sum, with zeros
         mixed = tuple(sharded.follower(torch.zeros_like(p) if m is None else m) for m, p in zip(mixed, theta))
     out = tuple(d if m is None else d - m for d, m in zip(dl_theta, mixed))
     if check_finite:
-        _check_finite(None if sharded is not None else l, b, v, info.residual_norm, out)  # l: this rank's alone
+        _check_finite(None if sharded is not None else l, b, x0, v, info.residual_norm, out)  # l: this rank's alone
         warn_negative_curvature(info, "total_grad", "H_ww + damping I", "w is not at a minimum of the follower loss")
     return (out, info) if return_info else out
 
 
-def _check_finite(l, b, v, residual, out):
+def _check_finite(l, b, x0, v, residual, out):
     """One host synchronisation when all is finite; on failure names the first non-finite term. (A Hessian
     product that is NaN can leave the solution at zero with a NaN residual: the residual is checked too.)"""
-    terms = (("the leader loss l", b.new_zeros(()) if l is None else l.detach()), ("grad_w l (the solve's right-hand side)", b), ("the solve's solution "
-             "(H_ww + damping I)^-1 grad_w l", v), ("the solve's residual", residual), ("D_theta l", flatten(out)))
+    zero = b.new_zeros(())
+    terms = (("the leader loss l", zero if l is None else l.detach()), ("grad_w l (the solve's right-hand side)", b),
+             ("the warm start x0", zero if x0 is None else x0), ("the solve's solution (H_ww + damping I)^-1 grad_w l", v),
+             ("the solve's residual", residual), ("D_theta l", flatten(out)))
     sums = torch.stack([t.detach().sum().to(torch.float64) for _, t in terms])
     if bool(torch.isfinite(sums).all()):
         return
     first = next(name for name, t in terms if not bool(torch.isfinite(t).all()))
     advice = ("the losses overflowed or took a NaN input: check the data and parameters for NaN/inf" if "loss" in first
-              or "right-hand" in first else "the follower loss's Hessian products are not finite, or the Hessian is "
+              or "right-hand" in first else "pass a finite x0 (info.x of an earlier call that was finite) or none"
+              if "x0" in first else "the follower loss's Hessian products are not finite, or the Hessian is "
               "singular or indefinite for this solver: check the follower loss, add damping, or use method='minres' or 'cgnr'")
     raise FloatingPointError(f"total_grad: {first} is not finite; {advice}")
 

@@ -153,3 +153,16 @@ def test_a_loss_linear_in_some_parameters_has_zero_rows_in_its_hessian(batched):
     torch.testing.assert_close(torch.cat(got, dim=-1), flat_v @ dense)
     (only_linear,) = (hypergrad.hvp((2 * c).sum(), c, v[1]),)
     assert not only_linear.any() and only_linear.shape == v[1].shape
+
+
+def test_params_that_reverse_mode_cannot_differentiate_by_are_named():
+    layer = torch.nn.Linear(3, 1).double()
+    layer.bias.requires_grad_(False)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    params = list(layer.parameters())
+    with pytest.raises(ValueError, match=r"params\[1\] \(shape \[1\]\) does not require grad"):
+        hypergrad.hvp(layer(x).pow(2).sum(), params, [torch.ones_like(p) for p in params])
+    with pytest.raises(TypeError, match=r"got a dict: pass list\(d.values\(\)\)"):
+        hypergrad.hvp(lambda w, b: w.sum(), dict(layer.named_parameters()), [torch.ones_like(p) for p in params])
+    with pytest.raises(TypeError, match=r"calls loss_fn\(\*params\) with the 2 parameter"):
+        hypergrad.hvp(lambda w: w.sum(), params, [torch.ones_like(p) for p in params], mode="forward")

@@ -128,3 +128,13 @@ def test_cg_warns_when_the_inner_hessian_is_not_positive_definite():
     exact_log_lam = log_lam.detach().requires_grad_()
     (exact,) = torch.autograd.grad(0.5 * ((Xv @ _ridge_solution(X, y, exact_log_lam) - yv) ** 2).sum(), exact_log_lam)
     torch.testing.assert_close(got, exact, rtol=1e-7, atol=1e-10)
+
+
+def test_a_solve_stopped_short_of_its_tolerance_is_warned_about():
+    X, y, Xv, yv = _ridge()
+    lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    w_star = torch.linalg.solve(X.T @ X + 0.5 * torch.eye(4, dtype=torch.float64), X.T @ y)
+    inner = lambda w, th: 0.5 * ((X @ w[0] - y) ** 2).sum() + 0.5 * th[0] * (w[0] ** 2).sum()  # noqa: E731
+    (w,) = hypergrad.implicit_argmin(inner, w_star, lam, solver=hypergrad.Solver(maxiter=1))
+    with pytest.warns(RuntimeWarning, match="stopped after 1 iterations with relative residual"):
+        (0.5 * ((Xv @ w - yv) ** 2).sum()).backward()

@@ -314,6 +314,11 @@ def test_graph_part_is_the_share_of_the_rows_with_a_graph():
     torch.testing.assert_close(single.graph_part(), single())
     with pytest.raises(ValueError, match="parts"):
         ClassifierLoss(model, (x_c, x_p), y_c)
+    # the totals match (9 = 9) but the labels would shift from one part to the next
+    with pytest.raises(ValueError, match="part 0 has 6 input rows and 5 targets"):
+        ClassifierLoss(model, (x_c, x_p), (y_c[:5], torch.cat([y_c[5:], y_p])))
+    with pytest.raises(TypeError, match="targets must be a tensor"):
+        ClassifierLoss(model, x_c, [y_c[:3], y_c[3:]])
 
 
 def test_total_grad_through_parts_equals_the_whole_batch_and_autograd():

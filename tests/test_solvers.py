@@ -260,3 +260,15 @@ def test_matvec_of_wrong_shape_is_reported():
     # a matvec that returns float32 for a float64 b: the matvec named, not the solver's kernels' view of b
     with pytest.raises(ValueError, match="matvec returned a torch.float32 tensor on cpu for a torch.float64 input"):
         hypergrad.solve(lambda v: (2 * v).float(), torch.ones(4, dtype=torch.float64))
+
+
+def test_a_right_hand_side_the_matvec_cannot_take_is_named():
+    A = 2 * torch.eye(5, dtype=torch.float64)
+    for b in (torch.ones(6, dtype=torch.float64), torch.ones(5, dtype=torch.float32)):
+        with pytest.raises(ValueError, match="matvec failed on a .* vector of shape .* like b"):
+            hypergrad.solve(lambda v: v @ A, b)
+
+
+def test_solver_options_must_be_a_dict():
+    with pytest.raises(ValueError, match="options must be a dict"):
+        hypergrad.Solver(options=None)

@@ -209,3 +209,28 @@ def test_a_leader_loss_that_shares_a_graph_with_the_followers_inputs():
     torch.testing.assert_close(results["auto", 0.1], results["reverse", 0.1])
     t = torch.tanh(theta.detach())
     torch.testing.assert_close(results["auto", 0.1] - results["auto", 0.0], 0.1 * 2 * t * (1 - t ** 2))
+
+
+def test_a_follower_loss_linear_in_one_follower_tensor_against_its_closed_form():
+    """f = 0.5 ||u - a||^2 + 2 sum(c) has a constant gradient in c (its rows of H are zero): with damping 0.1,
+    H = diag(1.1 on u, 0.1 on c), v_u = grad_u l / 1.1 and D_a l = -grad_a <g_u, v_u> = v_u, in every mode."""
+    g = torch.Generator().manual_seed(0)
+    u, c, a = (torch.randn(n, generator=g, dtype=torch.float64, requires_grad=True) for n in (3, 2, 3))
+    expected = 2 * u.detach() / 1.1
+    for mode, follower in (("reverse", lambda: 0.5 * ((u - a) ** 2).sum() + 2 * c.sum()),
+                           ("forward", lambda uu, cc: 0.5 * ((uu - a) ** 2).sum() + 2 * cc.sum())):
+        (d,) = hypergrad.total_grad(lambda: (u ** 2).sum() + c.sum(), follower, a, [u, c], damping=0.1, hvp_mode=mode)
+        torch.testing.assert_close(d, expected)
+
+
+def test_a_forward_mode_follower_loss_that_takes_no_parameters_is_named():
+    a, u = (torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with pytest.raises(TypeError, match=r"calls follower_loss\(\*params\) with the 1 parameter"):
+        hypergrad.total_grad(lambda: (u ** 2).sum(), lambda: ((u - a) ** 2).sum(), a, u, hvp_mode="forward")
+
+
+def test_a_non_finite_warm_start_is_named():
+    *_, theta, w, follower, leader = _ridge_problem()
+    x0 = torch.full((w.numel(),), float("nan"), dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="the warm start x0 is not finite"):
+        hypergrad.total_grad(leader, follower, theta, w, x0=x0, maxiter=2)

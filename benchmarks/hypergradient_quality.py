@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--reference-iterations", type=int, default=200)
     args = parser.parse_args(argv)
-    cfg = protocol._config_from(args.run_dir)
+    cfg = protocol.run_config(args.run_dir)
     splits = protocol.load_splits(cfg)
     defender = protocol.new_defender(cfg, splits.image_shape)
     defender.load_state_dict(torch.load(f"{args.run_dir}/defender_pretrained.pt", weights_only=True))

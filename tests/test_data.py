@@ -103,7 +103,7 @@ def test_a_cifar_batch_of_another_shape_is_a_clear_error(tmp_path):
     (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]})[:40], "truncated"),
     (pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}), r"is \[2, 100\], not \[2, 3072\]"),
     (pickle.dumps({"data": [[256] * 3072], "labels": [0]}), "must be uint8 pixels"),
-    (pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": np.array("x")}), "'labels' one integer a image"),
+    (pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": np.array("x")}), "'labels' one integer an image"),
     # what a cast once read silently: pixels in [0, 1] as black images, HWC arrays with their channels striped,
     # a label 1.7 as 1; and labels beyond the ten classes
     (pickle.dumps({"data": np.full((2, 3072), 0.5, np.float32), "labels": [0, 1]}), "got float32"),
@@ -220,3 +220,64 @@ def test_missing_files_are_named_one_by_one_and_a_root_one_level_too_deep_is_poi
 def test_an_epsilon_that_is_no_number_is_one_value_error(epsilon):
     with pytest.raises(ValueError, match="a number in \\[0, 1\\]"):
         data.poison_budget(100, epsilon)
+
+
+def test_files_in_a_flat_folder_the_tilde_and_an_empty_root_are_named(tmp_path, monkeypatch):
+    _write_mnist(tmp_path / "flat")
+    with pytest.raises(data.DataNotFoundError, match=r"the files are in .*flat itself: move them into .*flat/MNIST/raw"):
+        data.load_dataset("mnist", data_root=str(tmp_path / "flat"))
+    _write_mnist(tmp_path / "home" / "mine" / "MNIST" / "raw")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~/mine" as a shell would not expand it (--data-root=~/mine)
+    assert len(data.load_dataset("mnist", data_root="~/mine").y_test) == 10
+    with pytest.raises(data.DataNotFoundError, match="the data root is empty"):
+        data.load_dataset("mnist", data_root=" ")
+
+
+def test_damaged_mnist_files_are_named_with_download_too(tmp_path):
+    """--download over files already there: torchvision skips the download and read them unchecked (its traceback)."""
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist(raw)
+    (raw / "train-images-idx3-ubyte").write_bytes((raw / "train-images-idx3-ubyte").read_bytes()[:1000])
+    with pytest.raises(data.DataUnreadableError, match="bytes where its header promises"):
+        data.load_dataset("mnist", data_root=str(tmp_path), download=True)
+
+
+def test_a_cifar_batch_asking_for_a_buffer_of_a_size_is_refused_before_it_is_allocated(tmp_path):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"cbuiltins\nbytes\n(J\x00e\xcd\x1dtR.")  # bytes(500000000): 500 MB from a pickle of 20 bytes
+    with pytest.raises(data.DataUnreadableError, match=r"refusing to load bytes\(500000000\)"):
+        data.read_cifar_batch(str(path))
+
+
+def test_custom_tensors_of_another_layout_or_split_to_nothing_are_named():
+    x, y = torch.rand(20, 1, 28, 28) * 2 - 1, torch.arange(20) % 10
+    with pytest.raises(ValueError, match=r"channels last; pass them as \(N, C, H, W\)"):
+        data.from_tensors("mine", x.permute(0, 2, 3, 1), y, x.permute(0, 2, 3, 1), y)
+    with pytest.raises(ValueError, match=r"the test images are \[3, 28, 28\] but the training images \[1, 28, 28\]"):
+        data.from_tensors("mine", x, y, x.expand(-1, 3, -1, -1), y)
+    with pytest.raises(data.DataTooSmallError, match="val_fraction 0.01 of 20 training points leaves D_v empty"):
+        data.from_tensors("mine", x, y, x, y, val_fraction=0.01)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        data.from_tensors("mine", x, y, x, y, seed=1.5)
+    with pytest.raises(ValueError, match="the test dataset is empty"):
+        data.from_dataset("mine", torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(x[:0], y[:0]))
+
+
+def test_a_run_refuses_data_replaced_under_its_data_root(tmp_path, capsys):
+    """Other MNIST files under the same --data-root: stage 3 retrained on the new D_tr and tested on the new test set
+    beside the clean accuracy of the old, without a word."""
+    from tgda_attack import cli
+    raw, out = tmp_path / "MNIST" / "raw", str(tmp_path / "run")
+    _write_mnist(raw, n_train=100, n_test=20)
+    assert cli.main(["run", "--dataset", "mnist", "--data-root", str(tmp_path), "--defender", "lr", "--attack",
+                     "label-flip", "--epsilon", "0.1", "--pretrain-epochs", "1", "--threads", "1", "--quiet",
+                     "--out", out]) == 0
+    capsys.readouterr()
+    write_idx(str(raw / "t10k-labels-idx1-ubyte"), (np.arange(20) + 1) % 10)  # the same sizes, other contents
+    assert cli.main(["evaluate", "--out", out, "--quiet"]) == 2
+    assert "are not those the run in" in capsys.readouterr().err
+    _write_mnist(raw, n_train=120, n_test=20)  # other sizes: named
+    assert cli.main(["attack", "--out", out, "--quiet"]) == 2
+    assert "n_train 70 then, 84 now" in capsys.readouterr().err
+    _write_mnist(raw, n_train=100, n_test=20)  # its own data back
+    assert cli.main(["evaluate", "--out", out, "--quiet"]) == 0

@@ -120,7 +120,7 @@ def test_independent_partitions_are_the_attacks_of_each_partition_gathered(tmp_p
                            "-m", "tgda_attack", "run", *SMALL, "--dp-mode", "partitions", "--out", spread], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    cfg = protocol._config_from(spread)
+    cfg = protocol.run_config(spread)
     splits = protocol.load_splits(cfg)
     parts = []
     for rank in (0, 1):

@@ -121,9 +121,9 @@ def test_the_filter_removes_planted_mislabelled_points_far_from_the_data():
 def test_without_a_model_or_fit_it_says_what_to_pass():
     x, y = _data(10)
     with pytest.raises(ValueError, match="model= or fit="):
-        InfluenceFilter().detect_poison(x, y)
+        InfluenceFilter(fraction=0.1).detect_poison(x, y)
     with pytest.raises(ValueError, match="both x_val and y_val"):
-        InfluenceFilter().detect_poison(x, y, model=_model("lr"), x_val=x)
+        InfluenceFilter(fraction=0.1).detect_poison(x, y, model=_model("lr"), x_val=x)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -153,7 +153,7 @@ def test_every_defense_runs_in_the_test_stage_and_reports_what_it_removed(name, 
 
 def test_the_defended_model_is_trained_on_the_kept_points(label_flip_run):
     metrics = protocol.stage_defend(label_flip_run, DefenseConfig(defense="sphere"), overwrite=True)
-    cfg = protocol._config_from(label_flip_run)
+    cfg = protocol.run_config(label_flip_run)
     splits = protocol.load_splits(cfg)
     poisons = protocol.load_state(os.path.join(label_flip_run, "poisons.pt"))
     x, y = protocol.poisoned_training_set(splits.x_train, splits.y_train, poisons, poisons["x_poison"], poisons["y_poison"])
@@ -202,9 +202,11 @@ def test_stage_3_run_again_removes_the_defense_results_of_its_former_retraining(
 @pytest.mark.parametrize("argv, message", [
     (["--defense", "fgsm"], "invalid choice"), (["--defense-fraction", "0.1"], "add --defense"),
     (["--defense", "loss", "--defense-fraction", "2"], "defense-fraction"),
+    (["--defense", "loss", "--defense-fraction", "1"], "defense-fraction must be a fraction in (0, 1), got 1.0"),
     # ranges the Setting lets through and the defense itself refuses: before the run, not after its stage 3
-    (["--defense", "loss", "--defense-fraction", "1"], "--defense-fraction 1.0): fraction is the share"),
     (["--defense", "maxup", "--maxup-noise", "inf"], "finite number"),
+    (["--defense", "influence", "--influence-rtol", "inf"], "a finite number >= 0; got inf"),
+    (["--defense", "influence", "--influence-damping", "inf"], "a finite number >= 0; got inf"),
     # a filter that would remove no point (mnist-sample's 2,800: 0.0001 rounds to 0), or Sever rounds of none
     (["--defense", "loss", "--defense-fraction", "0.0001"], "removes no point, so the loss defense would change nothing"),
     (["--defense", "sever", "--defense-fraction", "0.001", "--sever-rounds", "3"], "use at most 2 rounds"),
@@ -226,6 +228,25 @@ def test_a_filter_that_removes_no_point_is_refused_before_its_training(label_fli
     with pytest.raises(protocol.data_mod.DataTooSmallError, match="removes no point"):
         protocol.stage_defend(label_flip_run, DefenseConfig(defense="slab", defense_fraction=1e-4), overwrite=True)
     assert LossFilter(0.001).points_removed(2884) == 2 and LossFilter(0.001).check_size(1000) is None
+
+
+def test_evaluate_refuses_a_filter_that_removes_no_point_before_stage_3(label_flip_run, tmp_path, monkeypatch, capsys):
+    import shutil
+    folder = str(tmp_path / "copy")
+    shutil.copytree(label_flip_run, folder)
+    os.remove(os.path.join(folder, "metrics.json"))  # stage 3 not run yet: evaluate retrains it first
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("stage 3 ran before the check")
+    monkeypatch.setattr(protocol, "stage_evaluate", no_training)
+    assert cli.main(["evaluate", "--out", folder, "--defense", "loss", "--defense-fraction", "0.0001", "--quiet"]) == 2
+    assert "removes no point, so the loss defense would change nothing" in capsys.readouterr().err
+
+
+def test_a_filter_called_on_too_few_points_to_remove_one_says_so():
+    x, y = torch.rand(30, 1, 2, 2) * 2 - 1, torch.arange(30) % 3
+    with pytest.raises(protocol.data_mod.DataTooSmallError, match="0.03 of 30 training points removes no point"):
+        LossFilter(0.03).detect_poison(x, y, model=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
 
 
 def test_a_config_file_can_hold_the_defense_and_the_command_line_wins(tmp_path, capsys):

@@ -292,7 +292,7 @@ def _print_defense(metrics, out):
 
 def _print_run(metrics, out):
     print(f"\n{metrics['attack']} against {tested_defender(metrics)} on {metrics['dataset']} "
-          f"(epsilon {metrics['epsilon']}, {metrics['n_poison']} poisons, seed {metrics['seed']}):")
+          f"(epsilon {metrics['epsilon']}, {_count(metrics['n_poison'], 'poison')}, seed {metrics['seed']}):")
     print(metrics_table(metrics))
     print(f"results: {os.path.join(out, 'metrics.json')}; figure: {os.path.join(out, 'poisons.png')}")
 
@@ -449,6 +449,11 @@ def main(argv=None):
         warnings.formatwarning = python_format  # cli.main called from Python leaves the caller's format
 
 
+def _count(n, noun):
+    """'1 poison', '2 poisons'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _command(argv):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -523,10 +528,12 @@ def _command(argv):
         _record_execution_options(args)
         if args.command == "attack":
             result = protocol.stage_attack(args.out, verbose)
-            print(f"{result['n_poison']} poisons in {result['attack_seconds']:.1f} s -> {os.path.join(args.out, 'poisons.pt')}")
+            print(f"{_count(result['n_poison'], 'poison')} in {result['attack_seconds']:.1f} s -> {os.path.join(args.out, 'poisons.pt')}")
             _drop_stale_summary(args.out)
             return 0
         finished = protocol.finished_evaluation(args.out) if defense else None
+        if defense and finished is None:  # before stage 3's training: a fraction of the run's data that removes no point
+            protocol.check_defense_size(protocol.run_config(args.out), defense)
         if finished is not None:
             print(f"stage 3 of these poisons is finished ({os.path.join(args.out, 'metrics.json')}): kept; "
                   "evaluate without --defense retrains it")

@@ -15,6 +15,7 @@ x / 127.5 - 1; CIFAR-10: per-channel mean 0.5 and std 0.5, the same map). The po
 seeded random choice.
 """
 import functools
+import hashlib
 import io
 import math
 import numbers
@@ -105,6 +106,16 @@ def smallest_share(n, points=1):
     return share
 
 
+def digest(splits):
+    """sha256 of the images and labels of D_tr, D_v and D_test as loaded (float32 on the CPU): what a run folder
+    records of its data, to refuse files replaced under the same path."""
+    h = hashlib.sha256()
+    for t in (splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test):
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().cpu().contiguous().numpy())  # its buffer, not a copy
+    return h.hexdigest()
+
+
 def poison_budget(n_train, epsilon):
     """|D_p| = floor(epsilon * n_train) (a tolerance keeps 0.03 * 2800 at 84, not 83)."""
     if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool) or not 0 <= epsilon <= 1:
@@ -132,6 +143,9 @@ def split_train_val(x, y, val_fraction=VAL_FRACTION, seed=0):
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * len(y)))
+    if not 0 < n_val < len(y):
+        raise DataTooSmallError(f"val_fraction {val_fraction} of {len(y)} training points leaves "
+                                f"{'D_v' if n_val == 0 else 'D_tr'} empty; use a fraction that leaves both a point")
     return x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
 
 
@@ -146,6 +160,14 @@ def from_tensors(name, x_train, y_train, x_test, y_test, *, val_fraction=VAL_FRA
     y_train, y_test = torch.as_tensor(y_train), torch.as_tensor(y_test)  # checked as given: 1.7 is no class 1
     if x_train.dim() != 4 or x_test.dim() != 4:
         raise ValueError("images must be shaped (N, C, H, W)")
+    if x_train.shape[-1] in (1, 3) and x_train.shape[1] not in (1, 3):  # (N, H, W, C): CNNs would read rows as channels
+        raise ValueError(f"the training images are shaped {list(x_train.shape)}, channels last; pass them as "
+                         "(N, C, H, W): x.permute(0, 3, 1, 2)")
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise ValueError(f"the test images are {list(x_test.shape[1:])} but the training images "
+                         f"{list(x_train.shape[1:])}: both sets need images of one shape (C, H, W)")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     check_points(x_train, y_train, "training", several_classes=True)
     check_points(x_test, y_test, "test")
     y_train, y_test = y_train.long(), y_test.long()
@@ -187,6 +209,8 @@ def check_points(x, y, what, classes=NUM_CLASSES, pixel_range=PIXEL_RANGE, sever
 def from_dataset(name, train, test, *, val_fraction=VAL_FRACTION, seed=0):
     """Splits from torch Datasets yielding (image tensor, label) pairs."""
     def stack(ds):
+        if len(ds) == 0:
+            raise ValueError(f"the {'training' if ds is train else 'test'} dataset is empty")
         xs, ys = zip(*(ds[i] for i in range(len(ds))))
         return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys)
     return from_tensors(name, *stack(train), *stack(test), val_fraction=val_fraction, seed=seed)
@@ -238,8 +262,12 @@ def check_available(name, root):
     for _ in inner.split(os.sep):
         above = os.path.dirname(above)
     here = all(os.path.exists(os.path.join(root, f)) or os.path.exists(os.path.join(root, f + ".gz")) for f in files)
-    hint = (f"; --data-root is the folder above {inner}: --data-root {above}" if here
-            else "; fetch them with `tgda-attack run|pretrain --download`, or point --data-root elsewhere")
+    if here and os.path.normpath(root).endswith(os.sep + inner):
+        hint = f"; --data-root is the folder above {inner}: --data-root {above}"
+    elif here:  # the files themselves in root: not the layout the loaders read
+        hint = f"; the files are in {root} itself: move them into {folder} (the layout the loader reads)"
+    else:
+        hint = "; fetch them with `tgda-attack run|pretrain --download`, or point --data-root elsewhere"
     raise DataNotFoundError(f"{what} not found in {folder}: {', '.join(missing)} missing"
                             + (" (optionally .gz)" if name == "mnist" else "") + hint)
 
@@ -314,14 +342,29 @@ def load_mnist(root, download=False, seed=0, val_fraction=VAL_FRACTION):
     import torchvision
 
     raw = os.path.join(root, "MNIST", "raw")
-    if not download:
-        check_readable("mnist", root)  # unpacks .gz files; names a damaged file (torchvision would only assert)
-    train = torchvision.datasets.MNIST(root, train=True, download=download)
-    test = torchvision.datasets.MNIST(root, train=False, download=download)
+    if download:
+        try:
+            check_available("mnist", root)
+        except DataNotFoundError:  # fetches the four files (torchvision checks their MD5)
+            torchvision.datasets.MNIST(root, train=True, download=True)
+    check_readable("mnist", root)  # unpacks .gz files; names a damaged file (torchvision would only assert)
+    train = torchvision.datasets.MNIST(root, train=True)
+    test = torchvision.datasets.MNIST(root, train=False)
     splits = from_tensors("mnist", _scale_uint8(train.data.unsqueeze(1)), train.targets,
                           _scale_uint8(test.data.unsqueeze(1)), test.targets, val_fraction=val_fraction, seed=seed)
     splits.info["source"] = raw
     return splits
+
+
+def _from_data(constructor):
+    """bytes / bytearray built from what the pickle holds, never from a size: bytes(500000000) is a pickle of
+    a few bytes that allocates 500 MB."""
+    def build(*args):
+        if args and isinstance(args[0], numbers.Integral):
+            raise pickle.UnpicklingError(f"refusing to load {constructor.__name__}({args[0]}) from a CIFAR-10 batch "
+                                         "(a buffer of a size, not of data)")
+        return constructor(*args)
+    return build
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -336,7 +379,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
+            return _from_data(found) if found in (bytes, bytearray) else found
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
 
 
@@ -373,7 +417,7 @@ def read_cifar_batch(path):
     # [0, 1] into black images, 999 into 231, a label 1.7 into 1, and an (N, 32, 32, 3) array's channels into stripes
     if images is None or images.dtype != np.uint8 or labels.dtype.kind not in "iu" or labels.ndim != 1:
         raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' must be uint8 pixels and its 'labels' "
-                                  f"one integer a image (got {getattr(images, 'dtype', '?')} and "
+                                  f"one integer an image (got {getattr(images, 'dtype', '?')} and "
                                   f"{getattr(labels, 'dtype', '?')} of shape {list(getattr(labels, 'shape', []))})")
     if images.shape != (len(labels), 3 * 32 * 32):
         raise DataUnreadableError(f"{path} is not a CIFAR-10 batch: its 'data' is {list(images.shape)}, not "
@@ -408,7 +452,10 @@ def load_dataset(name, data_root=None, download=False, seed=0, val_fraction=VAL_
         return load_mnist_sample(seed=seed, val_fraction=val_fraction)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    root = data_root or os.path.join(os.path.expanduser("~"), ".cache", "tgda_attack", "data")
+    if data_root is not None and not str(data_root).strip():
+        raise DataNotFoundError(f"the data root is empty: give the folder that holds the {name} files, or leave it "
+                                "out for the default ~/.cache/tgda_attack/data")
+    root = os.path.expanduser(data_root or os.path.join("~", ".cache", "tgda_attack", "data"))
     loader = load_mnist if name == "mnist" else load_cifar10
     try:
         return loader(root, download=download, seed=seed, val_fraction=val_fraction)

@@ -80,12 +80,33 @@ def load_splits(cfg):
     as the defender's own validation set."""
     cfg = cfg.resolved()
     splits = data_mod.load_dataset(cfg.dataset, cfg.data_root, cfg.download, seed=cfg.split_seed)
+    splits.info["data_sha256"] = data_mod.digest(splits)  # on the CPU, before the run's device and dtype
     dt = _torch_dtype(cfg)
     for name in ("x_train", "x_val", "x_test"):
         setattr(splits, name, getattr(splits, name).to(cfg.device, dt))
     for name in ("y_train", "y_val", "y_test"):
         setattr(splits, name, getattr(splits, name).to(cfg.device))
     return splits.hold_out_defender_val(cfg.defender_val_fraction)
+
+
+SAME_DATA = ("n_train", "n_val", "n_test", "image_shape", "data_sha256")  # of config.json's "split" (the digest where
+# recorded: run folders older than it are compared by their sizes)
+
+
+def run_splits(out, cfg, splits=None):
+    """load_splits(cfg) (or `splits`, loaded already) for a later stage of the run in `out`; RunFolderError where
+    they are not the data its stage 1 split (config.json's "split"): files replaced under the same --data-root would
+    mix two datasets in one result (clean accuracy on the old test set, poisoned on the new)."""
+    splits = load_splits(cfg) if splits is None else splits
+    recorded = read_json_object(os.path.join(out, "config.json"), {}).get("split")
+    now = splits.summary()
+    differ = [k for k in SAME_DATA if isinstance(recorded, dict) and k in recorded and recorded[k] != now.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {recorded[k]} then, {now.get(k)} now" for k in differ if k != "data_sha256")
+        raise RunFolderError(f"the {cfg.dataset} data under {cfg.data_root or 'the default folder'} are not those "
+                             f"the run in {out} was made from ({shown or 'the same sizes, other contents'}): put "
+                             "its data back, or start a new run with --out elsewhere")
+    return splits
 
 
 def new_defender(cfg, image_shape, name=None, seed=None):
@@ -365,6 +386,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
         if not missing:
             kept = _pretrain_result(out, cfg)
             check_made_with(out, cfg)
+            run_splits(out, cfg, splits)
             if keep_execution:
                 _kept_execution(out, cfg)
             remove_training_checkpoints(out, "pretrain")
@@ -423,7 +445,7 @@ def use_threads(cfg):
         torch.set_num_threads(cfg.threads)
 
 
-def _config_from(out):
+def run_config(out):
     """The resolved settings recorded in out/config.json; RunFolderError if they are unreadable or invalid."""
     need(out, "config.json")
     try:
@@ -442,12 +464,12 @@ def stage_attack(out, verbose=False):
             redo_from_stage_1(out) if made else f"stage 1 did not finish; `tgda-attack pretrain --out {out} --resume` "
                                                 "with the run's settings continues it"))
     check_writable(out)
-    cfg = _config_from(out)
+    cfg = run_config(out)
     _pretrain_result(out, cfg)
     check_made_with(out, cfg, files=("pretrain.json",))  # attack.json is this stage's to write
     use_threads(cfg)
     attack_cls = ATTACKS[cfg.attack]
-    splits = load_splits(cfg)
+    splits = run_splits(out, cfg)
     defender = new_defender(cfg, splits.image_shape)
     load_weights(defender, os.path.join(out, "defender_pretrained.pt"))
     attacker = None
@@ -565,12 +587,12 @@ def stage_evaluate(out, verbose=False):
     """Stage 3: retrains the defender from scratch on D_tr U D_p; writes metrics.json and the PNG."""
     need(out, "config.json", "pretrain.json", "attack.json", "poisons.pt")
     check_writable(out)
-    cfg = _config_from(out)
+    cfg = run_config(out)
     use_threads(cfg)
     pre = _pretrain_result(out, cfg)
     att = read_json_object(os.path.join(out, "attack.json"), {"attack_seconds": (int, float)})  # before any work
     check_made_with(out, cfg)
-    splits = load_splits(cfg)
+    splits = run_splits(out, cfg)
     poisons = _read_poisons(out, cfg, splits)
     if isinstance(att.get("n_poison"), int) and att["n_poison"] != len(poisons["y_poison"]):
         raise RunFolderError(f"{os.path.join(out, 'poisons.pt')} holds {len(poisons['y_poison'])} poisons where the "
@@ -922,12 +944,12 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
         remove_training_checkpoints(folder)
         return recorded
     check_writable(out)  # after the kept results above: reading them from a read-only folder writes nothing
-    cfg = _config_from(out)
+    cfg = run_config(out)
     check_made_with(out, cfg)
     use_threads(cfg)
     undefended = read_json_object(os.path.join(out, "metrics.json"), {"clean_accuracy": (int, float),
                                                                       "poisoned_accuracy": (int, float)})
-    splits = load_splits(cfg)
+    splits = run_splits(out, cfg)
     poisons = _read_poisons(out, cfg, splits)
     x_p, y_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg)), poisons["y_poison"].to(cfg.device)
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
@@ -1005,7 +1027,7 @@ def run(cfg, out, verbose=False, *, overwrite=False, resume=False, shared_pretra
         poisons = load_state(os.path.join(out, "poisons.pt"), POISON_FILE)
         remove_training_checkpoints(out, "retrain")
         if data_parallel.is_main() and not os.path.exists(os.path.join(out, "poisons.png")):  # deleted since: drawn again
-            cfg = _config_from(out)
-            _draw_poisons(out, cfg, load_splits(cfg), poisons)
+            cfg = run_config(out)
+            _draw_poisons(out, cfg, run_splits(out, cfg), poisons)
         return kept
     return data_parallel.on_main(stage_evaluate, out, verbose)

@@ -14,7 +14,7 @@ def save_poison_figure(x_clean, x_poison, y_clean, y_poison, path, k=8):
     """Top row: clean starting points; bottom row: their poisons; the k with the largest change."""
     change = (x_poison - x_clean).flatten(1).norm(dim=1)
     order = change.argsort(descending=True)[:k]
-    fig, axes = plt.subplots(2, len(order), figsize=(1.6 * len(order), 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(order), figsize=(1.6 * max(len(order), 4), 4.2), squeeze=False)  # room for the title
     for col, i in enumerate(order.tolist()):
         for row, (img, label) in enumerate(((x_clean[i], y_clean[i]), (x_poison[i], y_poison[i]))):
             ax = axes[row][col]

@@ -203,6 +203,8 @@ def check_out(out):
                                      "create that folder, or choose another --out") from None
             except OSError:  # a link into a folder this user cannot read: the stage's own error names it
                 pass
+        elif os.path.exists(path) and not os.path.isdir(path):
+            raise RunFolderError(f"--out {out}: {path} is a file, not a folder; choose another --out")
 
 
 def seed_runs(out):

@@ -51,6 +51,7 @@ SETTING_CHECKS = {
     "positive": (lambda v: v > 0, "a number > 0"),
     "non-negative": (lambda v: v >= 0, "a number >= 0"),
     "fraction": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "open-fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "batch-copies": (lambda v: 1 <= v <= MAX_BATCH_COPIES, f"an integer from 1 to {MAX_BATCH_COPIES} (the copies of "
                                                            "every batch held in memory at once; MaxUp's own m is 4)"),
 }

@@ -35,7 +35,7 @@ from ..attacks.base import registry as _registry
 KINDS = ("filter", "training")
 
 # The share of the training set a filter removes: the paper's 3% for every filter (Section 5.6).
-FRACTION = Setting("defense_fraction", float, 0.03, "fraction",
+FRACTION = Setting("defense_fraction", float, 0.03, "open-fraction",
                    "share of the (poisoned) training set a filter removes (the paper: 3%)")
 
 
@@ -105,6 +105,11 @@ class PoisonFilter(Defense):
             raise DataTooSmallError(f"--defense-fraction {self.fraction} of {n} training points removes no point, so "
                                     f"the {self.name} defense would change nothing: use a fraction of at least "
                                     f"{smallest_share(n):g}")
+
+    def _check_inputs(self, x, y, x_val=None, y_val=None, model=None):
+        x = super()._check_inputs(x, y, x_val, y_val, model)
+        PoisonFilter.check_size(self, len(y))  # a share of x that rounds to no point removed nothing, without a word
+        return x  # (the share alone: Sever's rounds beyond it remove nothing here, refused only before a run)
 
     def _model(self, x, y, model, fit):
         """The model the filter scores (x, y) with: `model`, or the one fit(x, y) trains; and x in its dtype (a fit

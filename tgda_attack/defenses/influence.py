@@ -33,6 +33,8 @@ Adapted (and why):
     loss, g_val = grad L(w). At an exact minimiser of L that gradient is zero and every score is zero, so
     the filter is only meaningful with a validation set; the protocol always passes the defender's D_v.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -156,8 +158,8 @@ class InfluenceFilter(PoisonFilter):
 
     def _check_params(self):
         super()._check_params()
-        if not _is_number(self.damping) or not self.damping >= 0:
-            raise ValueError(f"damping is the lambda added to the Hessian's diagonal, a number >= 0; "
+        if not _is_number(self.damping) or not 0 <= self.damping < math.inf:
+            raise ValueError(f"damping is the lambda added to the Hessian's diagonal, a finite number >= 0; "
                              f"got {self.damping!r}")
         if self.solver not in METHODS:
             raise ValueError(f"solver must be one of {METHODS} (hypergrad.solve's methods), got {self.solver!r}")
@@ -165,8 +167,8 @@ class InfluenceFilter(PoisonFilter):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not _is_number(self.rtol) or not self.rtol >= 0:
-            raise ValueError(f"rtol is the solver's relative tolerance, a number >= 0; got {self.rtol!r}")
+        if not _is_number(self.rtol) or not 0 <= self.rtol < math.inf:
+            raise ValueError(f"rtol is the solver's relative tolerance, a finite number >= 0; got {self.rtol!r}")
 
     def detect_poison(self, x, y, *, model=None, fit=None, x_val=None, y_val=None):
         model, x = self._model(x, y, model, fit)

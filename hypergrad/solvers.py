@@ -86,9 +86,9 @@ class _Counted:
         except RuntimeError as exc:  # at the first product: b of a length, dtype or device matvec does not take
             if self.calls > 1 or isinstance(exc, torch.OutOfMemoryError):
                 raise
-            raise ValueError(f"matvec failed on a {v.dtype} vector of shape {list(v.shape)} on {v.device}, shaped, "
-                             f"typed and placed like b ({str(exc).splitlines()[0]}): give b the length, dtype and "
-                             "device of the vectors matvec takes") from exc
+            raise ValueError(f"matvec failed at the solve's first product, on a {v.dtype} vector of shape "
+                             f"{list(v.shape)} on {v.device} (b's): {str(exc).splitlines()[0]}; if matvec takes vectors "
+                             "of another length, dtype or device, give b those") from exc
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"matvec returned a {type(out).__name__}; it must return A v as a tensor shaped like v")
         if out.shape != v.shape:
@@ -159,9 +159,9 @@ def solve(matvec, b, *, method="cg", x0=None, maxiter=None, rtol=1e-5, atol=0.0,
         raise ValueError("b must be a tensor of shape [n] or [B, n]")
     if b.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"b must be float32 or float64, got {b.dtype}")
-    if x0 is not None and (not isinstance(x0, torch.Tensor) or x0.shape != b.shape):
-        raise ValueError(f"x0 must be a tensor shaped like b {list(b.shape)}, got "
-                         f"{list(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
+    if x0 is not None and (not isinstance(x0, torch.Tensor) or x0.shape != b.shape or x0.device != b.device):
+        raise ValueError(f"x0 must be a tensor shaped like b {list(b.shape)} on b's device {b.device}, got "
+                         + (f"{list(x0.shape)} on {x0.device}" if isinstance(x0, torch.Tensor) else type(x0).__name__))
     if maxiter is None:
         maxiter = 100 if method == "neumann" else b.shape[-1]
     b = b.detach()  # A is an operator here, not differentiated: total_grad and implicit_argmin differentiate solves

@@ -1,5 +1,6 @@
 """Datasets, splits and the poison budget (tgda_attack.data), on small files in the real formats."""
 import gzip
+import json
 import os
 import pickle
 
@@ -229,6 +230,10 @@ def test_files_in_a_flat_folder_the_tilde_and_an_empty_root_are_named(tmp_path, 
     _write_mnist(tmp_path / "home" / "mine" / "MNIST" / "raw")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~/mine" as a shell would not expand it (--data-root=~/mine)
     assert len(data.load_dataset("mnist", data_root="~/mine").y_test) == 10
+    monkeypatch.chdir(tmp_path / "home" / "mine")  # a relative root that is the files' own folder: pointed up
+    with pytest.raises(data.DataNotFoundError, match=f"--data-root is the folder above MNIST/raw: --data-root "
+                                                     f"{tmp_path / 'home' / 'mine'}$"):
+        data.load_dataset("mnist", data_root="MNIST/raw")
     with pytest.raises(data.DataNotFoundError, match="the data root is empty"):
         data.load_dataset("mnist", data_root=" ")
 
@@ -279,5 +284,14 @@ def test_a_run_refuses_data_replaced_under_its_data_root(tmp_path, capsys):
     _write_mnist(raw, n_train=120, n_test=20)  # other sizes: named
     assert cli.main(["attack", "--out", out, "--quiet"]) == 2
     assert "n_train 70 then, 84 now" in capsys.readouterr().err
+    assert cli.main(["run", "--dataset", "mnist", "--data-root", str(tmp_path), "--defender", "lr", "--attack",
+                     "label-flip", "--epsilon", "0.1", "--pretrain-epochs", "1", "--threads", "1", "--quiet",
+                     "--out", out, "--resume"]) == 2  # stage 1 kept: the later stages refuse the new data
+    assert "n_train 70 then, 84 now" in capsys.readouterr().err
     _write_mnist(raw, n_train=100, n_test=20)  # its own data back
+    assert cli.main(["evaluate", "--out", out, "--quiet"]) == 0
+    config = os.path.join(out, "config.json")  # a folder from before the digest: its sizes are compared
+    recorded = json.load(open(config))
+    del recorded["split"]["data_sha256"]
+    json.dump(recorded, open(config, "w"))
     assert cli.main(["evaluate", "--out", out, "--quiet"]) == 0

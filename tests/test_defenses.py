@@ -210,9 +210,11 @@ def test_stage_3_run_again_removes_the_defense_results_of_its_former_retraining(
     # a filter that would remove no point (mnist-sample's 2,800: 0.0001 rounds to 0), or Sever rounds of none
     (["--defense", "loss", "--defense-fraction", "0.0001"], "removes no point, so the loss defense would change nothing"),
     (["--defense", "sever", "--defense-fraction", "0.001", "--sever-rounds", "3"], "use at most 2 rounds"),
-    # 2,800 + 84 poisons: the share run checks is that of the set stage_defend retrains on, and the advice takes a point
-    (["--defense", "loss", "--defense-fraction", "0.00034"], "of 2884 training points removes no point, so the loss "
-                                                             "defense would change nothing: use a fraction of at least 0.00035"),
+    # 2,800 + 84 poisons: the share is checked on the smaller set a filter runs on, the clean side's D_tr (0.00035
+    # takes a point of the 2,884 and none of the 2,800: it stopped after the poisoned side's retraining), and the
+    # advice takes a point
+    (["--defense", "loss", "--defense-fraction", "0.00035"], "of 2800 training points removes no point, so the loss "
+                                                             "defense would change nothing: use a fraction of at least 0.00036"),
 ])
 def test_defense_usage_errors_are_one_line_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "r"

@@ -1,6 +1,8 @@
 """hypergrad.implicit_argmin: the derivative of an outer loss through an inner solution against the closed
 form of ridge regression and finite differences, and the worked problem of the README: per-parameter L2
 regularisation of a logistic-regression defender learned by hypergradient descent on the validation loss."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,11 +132,15 @@ def test_cg_warns_when_the_inner_hessian_is_not_positive_definite():
     torch.testing.assert_close(got, exact, rtol=1e-7, atol=1e-10)
 
 
-def test_a_solve_stopped_short_of_its_tolerance_is_warned_about():
+def test_a_solve_stopped_short_of_its_tolerance_is_warned_about_and_only_then():
     X, y, Xv, yv = _ridge()
     lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     w_star = torch.linalg.solve(X.T @ X + 0.5 * torch.eye(4, dtype=torch.float64), X.T @ y)
     inner = lambda w, th: 0.5 * ((X @ w[0] - y) ** 2).sum() + 0.5 * th[0] * (w[0] ** 2).sum()  # noqa: E731
     (w,) = hypergrad.implicit_argmin(inner, w_star, lam, solver=hypergrad.Solver(maxiter=1))
     with pytest.warns(RuntimeWarning, match="stopped after 1 iterations with relative residual"):
+        (0.5 * ((Xv @ w - yv) ** 2).sum()).backward()
+    (w,) = hypergrad.implicit_argmin(inner, w_star, lam)  # the default solver: to rounding, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         (0.5 * ((Xv @ w - yv) ** 2).sum()).backward()

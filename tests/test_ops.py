@@ -366,3 +366,12 @@ def test_every_build_switch_reads_yes_no_the_same_way():
         switch({"HYPERGRAD_SKIP_COMPILER_PROBE": "2"}, "HYPERGRAD_SKIP_COMPILER_PROBE")
     with pytest.raises(ValueError, match="FORCE_CUDA='maybe': HYPERGRAD_FORCE_CUDA takes"):
         switch({"FORCE_CUDA": "maybe"}, "FORCE_CUDA", read_as="HYPERGRAD_FORCE_CUDA")
+
+
+def test_build_info_says_when_the_extension_is_not_built():
+    import importlib.util
+    if importlib.util.find_spec("hypergrad._C") is not None:
+        pytest.skip("the extension is built here")
+    info = hypergrad.build_info()
+    assert info["extension_loaded"] is False  # it read "most likely due to a circular import"
+    assert info["extension_error"].startswith("hypergrad._C is not built (pip install . builds it")

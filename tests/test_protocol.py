@@ -754,6 +754,21 @@ def test_an_unfinished_shared_entry_is_trained_again_not_copied(tmp_path):
     assert "pretrained_in" not in protocol.stage_pretrain(cfg, str(tmp_path / "c"), shared=shared)
 
 
+def test_a_shared_pretraining_of_other_data_is_not_copied_and_one_stored_before_the_digest_is(tmp_path):
+    """The entry's name does not hold the data (files replaced under the same --data-root): its key.json's digest
+    does; an entry stored before keys held it is taken as the run folders of then are (by their settings)."""
+    shared = str(tmp_path / "shared")
+    cfg = protocol.Config.from_dict({**TINY, "attack": "label-flip"})
+    protocol.stage_pretrain(cfg, str(tmp_path / "a"), shared=shared)
+    key_file = os.path.join(shared, os.listdir(shared)[0], "key.json")
+    key = json.load(open(key_file))
+    assert len(key["data_sha256"]) == 64
+    json.dump({**key, "data_sha256": "0" * 64}, open(key_file, "w"))
+    assert "pretrained_in" not in protocol.stage_pretrain(cfg, str(tmp_path / "b"), shared=shared)
+    json.dump({k: v for k, v in key.items() if k != "data_sha256"}, open(key_file, "w"))
+    assert "pretrained_in" in protocol.stage_pretrain(cfg, str(tmp_path / "c"), shared=shared)
+
+
 class _Stopped(Exception):
     pass
 

@@ -13,7 +13,7 @@ DEVICES = [
                                                                      reason="needs a CUDA device")]),
 ]
 needs_extension = pytest.mark.skipif(not hypergrad.has_extension(),
-                                     reason="hypergrad._C is not built: " + str(hypergrad.build_info()["extension_error"]))
+                                     reason="needs hypergrad._C: " + str(hypergrad.build_info()["extension_error"]))
 # Implementations of the ops: the compiled kernels and their pure-PyTorch twins.
 BACKENDS = [pytest.param(True, id="extension", marks=needs_extension), pytest.param(False, id="reference")]
 

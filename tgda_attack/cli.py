@@ -533,7 +533,9 @@ def _command(argv):
             return 0
         finished = protocol.finished_evaluation(args.out) if defense else None
         if defense and finished is None:  # before stage 3's training: a fraction of the run's data that removes no point
-            protocol.check_defense_size(protocol.run_config(args.out), defense)
+            cfg = protocol.run_config(args.out)  # a folder without a run: named here
+            recorded = protocol.recorded_split(args.out).get("n_train")
+            protocol.check_defense_size(cfg, defense, recorded if isinstance(recorded, int) else None)
         if finished is not None:
             print(f"stage 3 of these poisons is finished ({os.path.join(args.out, 'metrics.json')}): kept; "
                   "evaluate without --defense retrains it")

@@ -243,7 +243,8 @@ CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
 def check_available(name, root):
-    """Raises DataNotFoundError unless the files of dataset `name` ("mnist", "cifar10") are in `root`."""
+    """Raises DataNotFoundError unless the files of dataset `name` ("mnist", "cifar10") are in `root` (~ expanded)."""
+    root = os.path.expanduser(root)
     if name == "mnist":
         folder, files = os.path.join(root, "MNIST", "raw"), MNIST_FILES
         missing = [f for f in files if not (os.path.exists(os.path.join(folder, f))
@@ -258,11 +259,11 @@ def check_available(name, root):
     if not missing:
         return
     # --data-root pointed at the files' own folder (DIR/MNIST/raw instead of DIR): name the folder above
-    above = os.path.normpath(root)
+    above = os.path.abspath(root)
     for _ in inner.split(os.sep):
         above = os.path.dirname(above)
     here = all(os.path.exists(os.path.join(root, f)) or os.path.exists(os.path.join(root, f + ".gz")) for f in files)
-    if here and os.path.normpath(root).endswith(os.sep + inner):
+    if here and os.path.abspath(root).endswith(os.sep + inner):
         hint = f"; --data-root is the folder above {inner}: --data-root {above}"
     elif here:  # the files themselves in root: not the layout the loaders read
         hint = f"; the files are in {root} itself: move them into {folder} (the layout the loader reads)"
@@ -275,6 +276,7 @@ def check_available(name, root):
 def check_readable(name, root):
     """check_available, then DataNotFoundError / DataUnreadableError unless each file can be read as the dataset's
     (MNIST: the IDX headers and sizes; CIFAR-10: each batch unpickled safely): what a bench checks before any run."""
+    root = os.path.expanduser(root)
     check_available(name, root)
     if name == "mnist":
         raw = os.path.join(root, "MNIST", "raw")

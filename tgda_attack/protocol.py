@@ -98,9 +98,9 @@ def run_splits(out, cfg, splits=None):
     they are not the data its stage 1 split (config.json's "split"): files replaced under the same --data-root would
     mix two datasets in one result (clean accuracy on the old test set, poisoned on the new)."""
     splits = load_splits(cfg) if splits is None else splits
-    recorded = read_json_object(os.path.join(out, "config.json"), {}).get("split")
+    recorded = recorded_split(out)
     now = splits.summary()
-    differ = [k for k in SAME_DATA if isinstance(recorded, dict) and k in recorded and recorded[k] != now.get(k)]
+    differ = [k for k in SAME_DATA if k in recorded and recorded[k] != now.get(k)]
     if differ:
         shown = ", ".join(f"{k} {recorded[k]} then, {now.get(k)} now" for k in differ if k != "data_sha256")
         raise RunFolderError(f"the {cfg.dataset} data under {cfg.data_root or 'the default folder'} are not those "
@@ -267,8 +267,11 @@ def _from_shared(entry, key, files, out):
     (missing, unfinished, or another key)."""
     try:
         with open(os.path.join(entry, "key.json")) as fh:
-            if json.load(fh) != key:
-                return False
+            stored = json.load(fh)
+        if isinstance(stored, dict) and "data_sha256" not in stored:  # stored before keys held the data's digest:
+            stored["data_sha256"] = key.get("data_sha256")  # taken as the run folders of then are (by their sizes)
+        if stored != key:
+            return False
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     if not all(os.path.exists(os.path.join(entry, name)) for name in files):
@@ -399,6 +402,7 @@ def stage_pretrain(cfg, out, verbose=False, *, overwrite=False, resume=False, sh
     if shared is not None:
         key = pretrain_key(cfg)
         entry = _shared_entry(shared, key)
+        key["data_sha256"] = splits.info["data_sha256"]  # in key.json, not the entry's name: older entries stay found
         copied = _shared_copy(entry, key, done, out, cfg)
         if copied is not None:
             result = {**copied, "pretrained_in": entry, "stage_1_settings": stage_1_settings(cfg)}
@@ -895,12 +899,19 @@ def _clean_defense(out, cfg, dcfg, splits, train, sanitise, place):
     return result
 
 
-def check_defense_size(cfg, dcfg):
-    """DataTooSmallError before stage 1 where the defense would do nothing on this run's poisoned training set (a
-    filter's share of it rounds to no point), D_tr and the run's poison budget: the set stage_defend checks again (an
-    attack that replaces points of D_tr, EMN's unlearnable mode, leaves it at D_tr's size: checked there)."""
-    n_train = len(load_splits(cfg).y_train)
-    DEFENSES[dcfg.defense].from_config(dcfg).check_size(n_train + data_mod.poison_budget(n_train, cfg.epsilon))
+def check_defense_size(cfg, dcfg, n_train=None):
+    """DataTooSmallError before any training where the defense would do nothing on a set it filters (its share of it
+    rounds to no point): checked on D_tr (`n_train`, or loaded), the smaller of the two, the clean side's; the
+    poisoned set D_tr U D_p is larger (or as large: EMN's unlearnable mode replaces points)."""
+    n_train = len(load_splits(cfg).y_train) if n_train is None else n_train
+    DEFENSES[dcfg.defense].from_config(dcfg).check_size(n_train)
+
+
+def recorded_split(out):
+    """config.json's "split" of the run in `out`: the sizes (and digest) of the data its stage 1 split ({} where
+    none is recorded)."""
+    recorded = read_json_object(os.path.join(out, "config.json"), {}).get("split")
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def kept_defense(out, dcfg, *, overwrite=False, resume=False):
@@ -953,7 +964,7 @@ def stage_defend(out, dcfg, verbose=False, *, overwrite=False, resume=False):
     poisons = _read_poisons(out, cfg, splits)
     x_p, y_p = poisons["x_poison"].to(cfg.device, _torch_dtype(cfg)), poisons["y_poison"].to(cfg.device)
     x_all, y_all = poisoned_training_set(splits.x_train, splits.y_train, poisons, x_p, y_p)
-    defense.check_size(len(y_all))
+    defense.check_size(min(len(y_all), len(splits.y_train)))  # the clean side filters D_tr alone
     tested = cfg.eval_defender if _transfers(cfg) else cfg.defender
     train, sanitise = _defended_training(cfg, dcfg, defense, tested, splits, verbose)
     place = _clean_defense_place(out, cfg, dcfg)  # before any work: a damaged file is a clean side computed

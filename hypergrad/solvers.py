@@ -251,10 +251,10 @@ class Solver:
     OPTIONS = ("check_every", "neumann_scale", "jacobi_samples", "jacobi_floor", "jacobi_seed")
 
     def __post_init__(self):
-        unknown = sorted(set(self.options) - set(self.OPTIONS)) if isinstance(self.options, dict) else []
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a dict of a method's options (e.g. {{'check_every': 4}}), "
                              f"got {self.options!r}")
+        unknown = sorted(set(self.options) - set(self.OPTIONS))
         if unknown:
             raise ValueError(f"unknown solver option(s) {', '.join(unknown)}; known: {', '.join(self.OPTIONS)}")
         _check_settings(method=self.method, maxiter=self.maxiter, rtol=self.rtol, atol=self.atol, damping=self.damping,
